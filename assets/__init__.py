@@ -1,0 +1,1 @@
+"""Things that persist: preference data, models, reports, their checks and schemas."""

@@ -1,0 +1,1 @@
+"""Actions that produce no asset: registry promotion, rollback, pruning."""
