@@ -4,7 +4,9 @@ Real RLHF data has no ground truth, so nothing downstream of the reward model ca
 measured. This task has one. It is the embedded default of the pipeline and the yardstick
 for every stage:
 
-* Prompts ask about one of ``TOPICS``: ``"tell me about the river ."``
+* Prompts ask about one of ``TOPICS`` in one of many phrasings (``OPENERS`` x ``CLOSERS``),
+  e.g. ``"describe the river please ."``; 360 distinct prompts, so hash splits keep every
+  topic in every split while no prompt text is shared between splits.
 * Responses are 1-5 short sentences ``"the <topic> is <adjective> ."`` (sometimes about
   another topic), written by a noisy "labeller" policy ``sample_response``.
 * :func:`gold_reward` scores a response. Each adjective has a hidden quality in [-1, 1]
@@ -48,19 +50,32 @@ ADJECTIVE_QUALITY: dict[str, float] = {
 }
 MAX_USEFUL_SENTENCES = 3
 BT_TEMPERATURE = 0.5
-PROMPT_TEMPLATE = "tell me about the {topic} ."
+OPENERS: tuple[str, ...] = (
+    "tell me about", "describe", "what do you think of", "say something about",
+    "give me your view of", "talk about",
+)
+CLOSERS: tuple[str, ...] = (".", "please .", "today .", "for me .", "briefly .")
 # Sampling weight of an adjective falls with its quality: exp(-ADJ_SKEW * quality).
 ADJ_SKEW = 1.5
 ON_TOPIC_PROB = 0.75
 
 _SENTENCE = re.compile(r"^the (\w+) is (\w+)$")
-_PROMPT = re.compile(r"tell me about the (\w+) \.")
+_PROMPT = re.compile(r"\bthe (\w+)\b")
+
+
+def make_prompt(topic: str, opener: str = "tell me about", closer: str = ".") -> str:
+    return f"{opener} the {topic} {closer}"
+
+
+def all_prompts() -> list[str]:
+    """Every distinct prompt of the task (360)."""
+    return [make_prompt(t, o, c) for t in TOPICS for o in OPENERS for c in CLOSERS]
 
 
 def prompt_topic(prompt: str) -> str | None:
     """The topic a prompt asks about, or None when the prompt is not of this task."""
     m = _PROMPT.search(prompt)
-    return m.group(1) if m else None
+    return m.group(1) if m and m.group(1) in TOPICS else None
 
 
 def gold_reward(prompt: str, response: str) -> float:
@@ -126,7 +141,7 @@ def generate_preferences(
     rows = []
     for i in range(n_pairs):
         topic = str(rng.choice(TOPICS))
-        prompt = PROMPT_TEMPLATE.format(topic=topic)
+        prompt = make_prompt(topic, str(rng.choice(OPENERS)), str(rng.choice(CLOSERS)))
         a, b = sample_response(topic, rng), sample_response(topic, rng)
         while b == a:
             b = sample_response(topic, rng)
