@@ -114,16 +114,22 @@ def best_possible_reward() -> float:
     return sum(1.0 + q for q in top)
 
 
+_ADJECTIVES: tuple[str, ...] = tuple(ADJECTIVE_QUALITY)
+# Cumulative sampling weights, computed once: inverse-CDF sampling with searchsorted is ~50x
+# cheaper than rng.choice(p=...) per draw, which dominated data generation.
+_ADJ_CDF = np.cumsum([math.exp(-ADJ_SKEW * ADJECTIVE_QUALITY[a]) for a in _ADJECTIVES])
+_ADJ_CDF /= _ADJ_CDF[-1]
+
+
 def sample_response(topic: str, rng: np.random.Generator) -> str:
     """The labeller policy: 1-5 sentences, mostly on topic, adjectives skewed to mediocre."""
-    adjs = list(ADJECTIVE_QUALITY)
-    w = np.array([math.exp(-ADJ_SKEW * ADJECTIVE_QUALITY[a]) for a in adjs])
-    w /= w.sum()
     n = int(rng.integers(1, 6))
+    u = rng.random((n, 3))
     sentences = []
-    for _ in range(n):
-        noun = topic if rng.random() < ON_TOPIC_PROB else str(rng.choice(TOPICS))
-        sentences.append(f"the {noun} is {adjs[int(rng.choice(len(adjs), p=w))]} .")
+    for on_topic, other, pick in u:
+        noun = topic if on_topic < ON_TOPIC_PROB else TOPICS[int(other * len(TOPICS))]
+        adj = _ADJECTIVES[min(int(np.searchsorted(_ADJ_CDF, pick, side="right")), len(_ADJECTIVES) - 1)]
+        sentences.append(f"the {noun} is {adj} .")
     return " ".join(sentences)
 
 
@@ -140,8 +146,9 @@ def generate_preferences(
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_pairs):
-        topic = str(rng.choice(TOPICS))
-        prompt = make_prompt(topic, str(rng.choice(OPENERS)), str(rng.choice(CLOSERS)))
+        t, o, c = rng.integers(0, [len(TOPICS), len(OPENERS), len(CLOSERS)])
+        topic = TOPICS[t]
+        prompt = make_prompt(topic, OPENERS[o], CLOSERS[c])
         a, b = sample_response(topic, rng), sample_response(topic, rng)
         while b == a:
             b = sample_response(topic, rng)

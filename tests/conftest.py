@@ -1,0 +1,39 @@
+"""Shared pytest fixtures: an isolated RLHF_HOME / DAGSTER_HOME and the data fixtures."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# `pytest` (unlike `python -m pytest`) does not put the checkout on sys.path.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HH_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test-first1500.jsonl.gz"
+
+
+@pytest.fixture
+def rlhf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh RLHF_HOME (and DAGSTER_HOME inside it) so tests never touch the real state."""
+    home = tmp_path / "rlhf_home"
+    (home / "dagster_home").mkdir(parents=True)
+    monkeypatch.setenv("RLHF_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+    monkeypatch.delenv("RLHF_LANDING_DIR", raising=False)
+    return home
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture
+def hh_sample() -> Path:
+    if not HH_SAMPLE.exists():
+        pytest.skip(f"HH-RLHF sample not found at {HH_SAMPLE}")
+    return HH_SAMPLE
