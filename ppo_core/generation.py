@@ -1,0 +1,178 @@
+"""Batched sampling with a KV cache for left-padded prompts.
+
+A lean replacement for ``model.generate`` in the PPO rollout. ``generate`` runs a stack of
+logits processors, stopping criteria and cache bookkeeping per token; on the tiny models of
+this project that Python overhead is a large share of the step (``bench/ppo_core_bench.py``
+measures both). Here one token costs one forward plus a handful of tensor ops, all buffers
+are preallocated, and the log-probs of the sampled tokens come for free from the logits the
+sampler already has (so PPO needs no extra forward for the old-policy log-probs).
+
+Works with any Hugging Face causal LM that accepts ``position_ids``, ``past_key_values`` and
+``logits_to_keep`` (GPT-2, Llama, Qwen, ...) and with a DeepSpeed engine wrapping one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`sample`. ``T`` is the number of steps actually run (<= max_new_tokens)."""
+
+    sequences: torch.Tensor
+    """(B, P + T) left-padded prompt followed by the right-padded response"""
+    attention_mask: torch.Tensor
+    """(B, P + T) long, 1 on real prompt and response tokens"""
+    responses: torch.Tensor
+    """(B, T) response tokens, ``pad_token_id`` after the first EOS"""
+    response_mask: torch.Tensor
+    """(B, T) bool, True on response tokens up to and including the first EOS"""
+    ended: torch.Tensor
+    """(B,) bool, True when the response contains EOS (False = cut by the length limit)"""
+    logprobs: torch.Tensor | None
+    """(B, T) float32 log-probs of the sampled tokens under softmax(logits / temperature),
+    0 on padding; None unless requested"""
+    prompt_length: int
+    """P, the padded prompt width"""
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: (B, L) mask -> (B, L) with 0 at the first real token.
+
+    Padded slots get 0 (they are masked out anyway); TRL's ``forward`` uses the same rule.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DeepSpeed engine -> HF model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering; removed entries become -inf. (B, V) -> (B, V)."""
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first is always kept)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _sample_step(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from (B, V) float logits -> (tokens (B,), logprobs (B,)).
+
+    The log-prob is taken under softmax(logits / temperature) *before* top-k/top-p, which is
+    the distribution the trainer recomputes (TRL and OpenRLHF do the same).
+    """
+    if temperature <= 0.0:  # greedy decoding, for evaluation
+        logp = F.log_softmax(logits, dim=-1)
+        tokens = logp.argmax(-1)
+    else:
+        logp = F.log_softmax(logits / temperature, dim=-1)
+        filtered = filter_logits(logp, top_k, top_p) if (top_k > 0 or top_p < 1.0) else logp
+        tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _all_finished(finished: torch.Tensor, sync_ranks: bool) -> bool:
+    """True when every row (on every rank, if ``sync_ranks``) has emitted EOS.
+
+    Under ZeRO-3 each forward gathers parameters collectively, so all ranks must run the same
+    number of forwards: a rank that is done keeps stepping until all are.
+    """
+    done = torch.tensor([int(bool(finished.all()))], device=finished.device)
+    if sync_ranks:
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+    return bool(done.item())
+
+
+def sample(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    return_logprobs: bool = True,
+    sync_ranks: bool | None = None,
+) -> GenerationOutput:
+    """Sample up to ``max_new_tokens`` per left-padded prompt, stopping each row at EOS.
+
+    input_ids, attention_mask: (B, P), left-padded. ``temperature <= 0`` is greedy.
+    ``sync_ranks`` (default: when torch.distributed has more than one rank) keeps all ranks
+    in lockstep so ZeRO-3 collective forwards match. Stops early once every row has ended.
+    """
+    if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids and attention_mask must both be (B, P); got "
+                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if sync_ranks is None:
+        sync_ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    device = input_ids.device
+    B, P = input_ids.shape
+    T = max_new_tokens
+    attention_mask = attention_mask.to(torch.long)
+
+    mask = torch.zeros(B, P + T, dtype=torch.long, device=device)    # (B, P+T), grows per step
+    mask[:, :P] = attention_mask
+    tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, T, dtype=torch.float32, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    next_position = attention_mask.sum(-1, keepdim=True)             # (B, 1)
+    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+
+    with torch.inference_mode():
+        out = model(input_ids=input_ids.masked_fill(attention_mask == 0, pad_token_id),
+                    attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=True, **keep)
+        steps = 0
+        for t in range(T):
+            tok, lp = _sample_step(out.logits[:, -1, :].float(), temperature, top_k, top_p,
+                                   generator)
+            tok = tok.masked_fill(finished, pad_token_id)
+            tokens[:, t] = tok
+            logprobs[:, t] = lp.masked_fill(finished, 0.0)
+            mask[:, P + t] = (~finished).long()
+            finished |= tok == eos_token_id
+            steps = t + 1
+            if t == T - 1 or _all_finished(finished, sync_ranks):
+                break
+            out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask[:, : P + t + 1],
+                        position_ids=next_position + t, past_key_values=out.past_key_values,
+                        use_cache=True, **keep)
+        del out  # free the KV cache before the caller's scoring forwards
+
+    # buffers were written outside inference mode, so the results are ordinary tensors that
+    # the trainer may use in autograd (inference tensors cannot be saved for backward)
+    responses, response_mask = tokens[:, :steps], mask[:, P:P + steps].bool()
+    return GenerationOutput(
+        sequences=torch.cat([input_ids.masked_fill(attention_mask == 0, pad_token_id), responses], 1),
+        attention_mask=mask[:, : P + steps].clone(),
+        responses=responses.clone(),
+        response_mask=response_mask.clone(),
+        ended=(responses == eos_token_id).any(-1),
+        logprobs=logprobs[:, :steps].clone() if return_logprobs else None,
+        prompt_length=P,
+    )

@@ -1,0 +1,360 @@
+"""Tokenizers and models: the embedded tiny default and loading from hub ids or local paths.
+
+* Policy / reference: any ``AutoModelForCausalLM``.
+* Reward model / critic: ``AutoModelForSequenceClassification`` with ``num_labels=1`` on a
+  causal-LM trunk. :func:`token_values` returns the head's output at *every* position (the
+  critic's values); :func:`last_token_scores` picks the one at the last non-pad token (the
+  reward model's score). Both use the attention mask, not ``pad_token_id``, so a tokenizer whose
+  pad token equals its EOS token still scores at the EOS.
+* The embedded default: :func:`build_base_model` trains a byte-level BPE tokenizer on the
+  task's texts and builds a tiny Llama-style model from a config, then ``save_pretrained``\\ s
+  both. Every later stage loads it by path, exactly like a hub model.
+
+Safe defaults: safetensors on save, ``trust_remote_code=False`` unless asked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"  # GPT-2's EOS spelling, so hub-trained habits read naturally
+BOS_TOKEN = "<|startoftext|>"
+
+# Model sizes for build_tiny_causal_lm. "tiny" is sized for the bundled task on a 2-core CPU:
+# a full SFT run over ~3200 examples takes well under a minute, yet it learns the task's
+# grammar and the reward model on top of it ranks held-out pairs correctly (see the report).
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 256},
+    "small": {"n_layer": 4, "n_embd": 256, "n_head": 8, "n_positions": 512},
+}
+
+# Config attributes that hold dropout probabilities across GPT-2, Llama, Mistral, OPT, ...
+_DROPOUT_ATTRS = (
+    "dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
+    "embd_pdrop", "attn_pdrop", "summary_first_dropout", "classifier_dropout", "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+)
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message names the path and the fix."""
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def train_tokenizer(
+    texts: Iterable[str], out_dir: str | Path | None = None, vocab_size: int = 1024
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style) with pad, EOS and BOS special tokens.
+
+    Byte-level BPE never produces an unknown token, so any text round-trips. ``add_prefix_space``
+    is on so that a word is the same token at the start of a prompt or response as in the
+    middle of a text (prompt and response are tokenized separately, see ``ppo_core.data``).
+    The result is a normal Hugging Face ``PreTrainedTokenizerFast``; when ``out_dir`` is given it
+    is saved there with ``save_pretrained``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, EOS_TOKEN, BOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((t for t in texts if t), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, bos_token=BOS_TOKEN,
+        padding_side="right",
+    )
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTrainedTokenizerBase:
+    """Require an EOS token (responses end with it); use EOS as pad when there is no pad token.
+
+    Using EOS as pad is what TRL and OpenRLHF do for tokenizers that lack a pad token; scores
+    and losses here are masked by the attention mask, so it is safe.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(
+            f"tokenizer at {source!r} has no EOS token: responses must end with EOS. Add one "
+            f"(tokenizer.add_special_tokens({{'eos_token': '{EOS_TOKEN}'}}) and save_pretrained) "
+            f"or point model_name_or_path at a tokenizer that has one."
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(
+    path_or_id: str | Path, *, trust_remote_code: bool = False, revision: str | None = None
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local directory or a hub id; it must have an EOS token."""
+    source = _resolve_source(path_or_id)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_load_failure(path_or_id, "tokenizer", exc)) from exc
+    return check_tokenizer(tok, str(path_or_id))
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_tiny_causal_lm(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    arch: str = "llama",
+    n_layer: int = 2,
+    n_embd: int = 128,
+    n_head: int = 4,
+    n_positions: int = 256,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A randomly initialised causal LM sized for CPU tests and the bundled task.
+
+    ``arch="llama"`` (default: rotary positions, so left padding only needs correct
+    ``position_ids``, no learned position table) or ``"gpt2"``. Dropout is 0 in both: RLHF
+    stages disable it anyway (see :func:`disable_dropout`), and the tiny models do not overfit
+    the generated data within the default epochs.
+    """
+    if n_embd % n_head:
+        raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+    common = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": True,  # halves the parameters of a model whose vocab dominates
+    }
+    if arch == "llama":
+        config: Any = LlamaConfig(
+            hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, num_key_value_heads=n_head,
+            max_position_embeddings=n_positions, attention_dropout=0.0, **common,
+        )
+    elif arch == "gpt2":
+        config = GPT2Config(
+            n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+        )
+    else:
+        raise ValueError(f"arch={arch!r}: choose 'llama' or 'gpt2'")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def build_base_model(
+    texts: Iterable[str], out_dir: str | Path, size: str = "tiny", *, vocab_size: int = 1024,
+    arch: str = "llama", seed: int = 0,
+) -> Path:
+    """Train a tokenizer on ``texts``, build the ``size`` model, ``save_pretrained`` both.
+
+    This is the embedded default base model (the Dagster ``base_model`` asset calls it
+    in-process); SFT then loads ``out_dir`` like any hub model. Returns ``out_dir``.
+    """
+    if size not in MODEL_SIZES:
+        raise ValueError(f"size={size!r}: choose one of {sorted(MODEL_SIZES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(texts, None, vocab_size=vocab_size)
+    model = build_tiny_causal_lm(tokenizer, arch=arch, seed=seed, **MODEL_SIZES[size])
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def load_causal_lm(
+    path_or_id: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+    revision: str | None = None, dropout: bool = False,
+) -> PreTrainedModel:
+    """Load an ``AutoModelForCausalLM`` (policy / reference); dropout off unless ``dropout``."""
+    source = _resolve_source(path_or_id)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_load_failure(path_or_id, "causal LM", exc)) from exc
+    return model if dropout else disable_dropout(model)
+
+
+def load_sequence_scorer(
+    path_or_id: str | Path, *, pad_token_id: int | None = None, dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False, revision: str | None = None, dropout: bool = False,
+) -> PreTrainedModel:
+    """Load a scalar scorer (reward model / critic): ``AutoModelForSequenceClassification``, 1 label.
+
+    Loading a plain causal-LM checkpoint this way keeps the trunk and adds a new, randomly
+    initialised ``score`` head; prefer :func:`build_scorer_from_causal_lm` for that, which
+    initialises the head small. ``pad_token_id`` is written to the config because the HF head
+    needs it to pool (our :func:`last_token_scores` uses the attention mask instead).
+    """
+    source = _resolve_source(path_or_id)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+        config.num_labels = 1
+        if pad_token_id is not None:
+            config.pad_token_id = pad_token_id
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = config.eos_token_id
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_load_failure(path_or_id, "sequence scorer", exc)) from exc
+    return model if dropout else disable_dropout(model)
+
+
+def build_scorer_from_causal_lm(
+    path_or_id: str | Path, *, pad_token_id: int | None = None, trust_remote_code: bool = False,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A reward model / critic initialised from an (SFT) causal LM: its trunk plus a new scalar head.
+
+    The head is re-initialised with std ``1/sqrt(hidden_size + 1)`` and zero bias, as
+    OpenRLHF's value head and InstructGPT's reward model do, so initial scores are near zero.
+    """
+    torch.manual_seed(seed)
+    model = load_sequence_scorer(
+        path_or_id, pad_token_id=pad_token_id, trust_remote_code=trust_remote_code
+    )
+    head = score_head(model)
+    hidden = head.in_features
+    with torch.no_grad():
+        nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        if head.bias is not None:
+            head.bias.zero_()
+    return model
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0 (modules and config).
+
+    RLHF needs the log-probs of the acting policy and of the trained policy to agree on the
+    same weights; dropout breaks that (TRL's and OpenRLHF's PPO disable it the same way).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(config, attr, None), float):
+                setattr(config, attr, 0.0)
+    return model
+
+
+# --------------------------------------------------------------------------- scoring helpers
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DeepSpeed engine (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def score_head(model: nn.Module) -> nn.Linear:
+    """The linear head of a sequence-classification model (``score`` in GPT-2/Llama/Mistral)."""
+    model = unwrap(model)
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise TypeError(f"{type(model).__name__} has no linear 'score' head")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so left-padded rows start at position 0.
+
+    ``attention_mask``: (b, t) of 0/1 -> (b, t) long; pad positions get 0.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_values(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The scalar head at every position: (b, t) float. Critic values; RM scores via the last one.
+
+    Calls the trunk (``base_model``) and the head directly instead of the HF forward, which
+    pools at ``pad_token_id`` and so cannot return per-token values. Works on a DeepSpeed
+    engine's module too (ZeRO-3 gathers parameters in each submodule's forward hook).
+    """
+    inner = unwrap(model)
+    trunk = getattr(inner, inner.base_model_prefix)
+    hidden = trunk(
+        input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+    ).last_hidden_state  # (b, t, h)
+    return score_head(inner)(hidden).squeeze(-1).float()  # (b, t)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for right *or* left padding: (b, t) -> (b,)."""
+    t = attention_mask.shape[-1]
+    positions = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def last_token_scores(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Reward-model score at the last non-pad token: (b,) float."""
+    values = token_values(model, input_ids, attention_mask)  # (b, t)
+    idx = last_token_index(attention_mask)
+    return values.gather(1, idx.unsqueeze(1)).squeeze(1)
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _resolve_source(path_or_id: str | Path) -> str:
+    """Local directories load as themselves; something that looks like a path but does not
+    exist fails now, with a message, instead of after a hub lookup."""
+    text = str(path_or_id)
+    if not text:
+        raise ModelLoadError("model_name_or_path is empty: set it to a local directory or a hub id")
+    path = Path(os.path.expanduser(text))
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {text!r} is a file; point it at a save_pretrained directory")
+        return str(path)
+    looks_local = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local:
+        raise ModelLoadError(
+            f"model path {text!r} does not exist. Set model_name_or_path to an existing "
+            f"save_pretrained directory or to a hub id such as 'gpt2'."
+        )
+    return text
+
+
+def _load_failure(path_or_id: str | Path, what: str, exc: Exception) -> str:
+    return (
+        f"cannot load {what} from {str(path_or_id)!r}: it is not a local directory and could not "
+        f"be loaded as a hub id ({type(exc).__name__}: {exc}). Check model_name_or_path (and "
+        f"network access / HF_HOME cache for hub ids)."
+    )

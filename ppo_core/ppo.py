@@ -1,0 +1,871 @@
+"""PPO for language models: actor, critic, frozen reference and a reward source.
+
+One PPO iteration ("step"):
+
+1. **rollout** - sample ``rollout_batch_size`` responses per rank with the KV-cache sampler
+   (:mod:`ppo_core.generation`), which also returns the old-policy log-probs, so there is no
+   separate old-policy forward;
+2. **scoring** - one batched forward each of the reference (log-probs on response positions
+   only), the critic (values) and the reward model (score at the last token), or the user's
+   ``module:function``; per-token KL folded into the reward, score at the last token, GAE and
+   whitened advantages;
+3. **training** - ``ppo_epochs`` passes over ``num_mini_batches`` shuffled mini-batches with
+   the clipped policy and value losses and gradient clipping; separate AdamW optimizers and
+   LR schedules (stepped per optimizer step) for actor and critic, as OpenRLHF does.
+
+Defaults reproduce TRL's ``PPOConfig`` (``trl/experimental/ppo/ppo_config.py``) where the two
+agree with the bundled task's budget; every default names its source. Metrics use TRL's names.
+
+Run: ``python -m ppo_core.ppo --config FILE`` or ``torchrun --nproc-per-node N -m ppo_core.ppo
+--config FILE`` with ``strategy: {zero_stage: 2}`` (DeepSpeed ZeRO through
+:mod:`ppo_core.strategy`; every rank samples its own ``rollout_batch_size`` episodes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ppo_core import checkpoint as ckpt
+from ppo_core import ppo_utils as U
+from ppo_core.callbacks import Callback, CallbackList, ProgressPrinter
+from ppo_core.config import ConfigError, parse_cli, to_dict
+from ppo_core.generation import GenerationOutput, position_ids_from_mask, sample
+from ppo_core.kl_controller import build_kl_controller
+from ppo_core.models import (
+    build_scorer_from_causal_lm,
+    disable_dropout,
+    load_causal_lm,
+    load_sequence_scorer,
+    load_tokenizer,
+    token_values,
+    unwrap,
+)
+from ppo_core.rewards import FunctionReward, ModelReward, RewardNormalizer, RewardSource
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, replace_dir
+
+
+# =============================================================================================
+# configuration
+# =============================================================================================
+@dataclass(frozen=True)
+class PPOConfig:
+    """Everything a PPO run needs; loadable from JSON/YAML with ``ppo_core.config.load_config``."""
+
+    # ---- inputs / outputs ----
+    policy_path: str = ""
+    """SFT output (``<sft_out>/final``): initial policy and frozen reference; also the tokenizer"""
+    train_file: str = ""
+    """Parquet file with a ``prompt`` column (``ppo_train.parquet``)"""
+    output_dir: str = ""
+    """where ``final/``, ``checkpoints/`` and ``summary.json`` go"""
+    reward_model_path: str | None = None
+    """trained reward model (``<rm_out>/final``); exactly one of this and ``reward_function``"""
+    reward_function: str | None = None
+    """``module:function`` taking (prompts, responses) -> list[float] (rule-based rewards, as
+    OpenRLHF and veRL allow), used instead of a reward model"""
+    eval_file: str | None = None
+    """optional Parquet ``prompt`` file scored every ``eval_every`` steps and at the end"""
+    critic_path: str | None = None
+    """critic initialisation; default: the reward model (OpenRLHF and DeepSpeed-Chat initialise
+    the critic from the RM), or the policy with a fresh head when rewards come from a function"""
+
+    # ---- budget ----
+    num_steps: int = 40
+    """PPO iterations (rollout + update); sized so PPO takes ~2-3 minutes on 2 CPU cores"""
+    rollout_batch_size: int = 64
+    """episodes sampled per iteration per rank (TRL's ``local_batch_size``; TRL's default is
+    per_device_train_batch_size 8 x grad-accum; 64 gives stable advantages on the tiny task)"""
+    num_mini_batches: int = 2
+    """mini-batches per PPO epoch (TRL default 1; 2 doubles the updates per rollout)"""
+    ppo_epochs: int = 4
+    """passes over each rollout (TRL ``num_ppo_epochs`` 4; OpenRLHF default 1)"""
+    seed: int = 0
+    """seeds weights of new heads, sampling, shuffling and the data order"""
+
+    # ---- generation ----
+    response_length: int = 32
+    """maximum new tokens per response (TRL default 53; the bundled task's best answer is ~20
+    tokens)"""
+    max_prompt_length: int = 64
+    """prompts longer than this many tokens are an error (never silently cut)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are corrected for it (TRL default 0.7; 1.0 samples the
+    policy itself, so the KL to the reference is the true one)"""
+    top_k: int = 0
+    """0 disables top-k (TRL samples with top_k 0)"""
+    top_p: float = 1.0
+    """1.0 disables nucleus sampling (TRL samples with top_p 1.0)"""
+
+    # ---- optimisation ----
+    learning_rate: float = 1e-4
+    """policy Adam LR; TRL's 3e-6 is for pretrained 100M+ models, the tiny task model needs more"""
+    critic_learning_rate: float = 3e-4
+    """critic Adam LR (OpenRLHF uses a separate, larger critic LR: 9e-6 vs 5e-7 actor)"""
+    lr_scheduler: Literal["linear", "constant", "cosine"] = "linear"
+    """LR decay to 0 over all optimizer steps (TRL's ``lr_scheduler_type`` default linear);
+    gradient clipping is ``strategy.gradient_clipping`` (1.0)"""
+    warmup_steps: int = 0
+    """linear warm-up steps (TRL default 0)"""
+    adam_eps: float = 1e-5
+    """Adam epsilon (CleanRL / OpenAI baselines PPO use 1e-5)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (TRL default 0)"""
+
+    # ---- PPO ----
+    clip_range: float = 0.2
+    """policy ratio clip (Schulman et al. 2017; TRL ``cliprange`` 0.2)"""
+    value_clip_range: float = 0.2
+    """value clip around the rollout values (TRL ``cliprange_value`` 0.2)"""
+    vf_coef: float = 0.1
+    """value-loss weight (TRL ``vf_coef`` 0.1); scales the critic's loss before clipping"""
+    gamma: float = 1.0
+    """discount (TRL and OpenRLHF default 1.0)"""
+    lam: float = 0.95
+    """GAE lambda (TRL and OpenRLHF default 0.95)"""
+    whiten_advantages: bool = True
+    """normalise advantages over the batch (TRL and OpenRLHF always do)"""
+    whiten_rewards: bool = False
+    """scale per-token rewards to unit variance (TRL ``whiten_rewards`` default False)"""
+
+    # ---- KL ----
+    kl_coef: float = 0.05
+    """initial KL penalty beta (TRL ``kl_coef`` 0.05)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """per-token KL estimator (TRL ``kl_estimator`` default k1; k3 is unbiased and >= 0)"""
+    kl_target: float | None = None
+    """if set, adapt beta to this KL per episode (Ziegler et al. 2019 adaptive controller)"""
+    kl_horizon: int = 10000
+    """adaptive controller horizon in episodes (Ziegler et al. 2019 / OpenRLHF 10000)"""
+
+    # ---- reward shaping ----
+    normalize_reward: bool = True
+    """rescale scores to mean 0 / std 1 on reference-policy samples before PPO (Ziegler et al.
+    2019, section 2.2)"""
+    reward_norm_samples: int = 256
+    """reference samples used for that normalisation"""
+    missing_eos_penalty: float | None = 1.0
+    """subtracted from the score of responses cut without EOS (TRL option; its PPO example
+    script uses 1.0)"""
+    reward_clip: float | None = 10.0
+    """clip the (normalised) score to +-this (OpenRLHF ``reward_clip_range`` (-10, 10)); None off"""
+
+    # ---- LoRA ----
+    lora_rank: int = 0
+    """0 trains all policy weights; >0 trains LoRA adapters of this rank (peft)"""
+    lora_alpha: int = 16
+    """LoRA alpha (peft's and OpenRLHF's default 16)"""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj")
+    """modules that get adapters (Llama and GPT-2 attention names; missing names are skipped)"""
+
+    # ---- checkpoints / logging ----
+    save_every: int = 20
+    """full resumable checkpoint every N steps (0: only the final model)"""
+    keep_last_checkpoints: int = 2
+    """older checkpoints are deleted (as the SFT and RM stages do); 0 keeps all"""
+    resume_from: str | None = None
+    """checkpoint directory, or ``"latest"`` for the newest one under ``output_dir`` (fresh
+    start when there is none)"""
+    eval_every: int = 0
+    """score ``eval_file`` every N steps (0: only at the end)"""
+    log_every: int = 1
+    """progress line every N steps on stderr"""
+    num_threads: int | None = None
+    """torch intra-op threads per rank (None: torch's default)"""
+    strategy: StrategyConfig = field(default_factory=lambda: StrategyConfig(zero_stage=0))
+    """DeepSpeed options (ZeRO stage, offload, clipping). Stage 0 by default: on one CPU rank
+    ZeRO only adds bookkeeping; use 2 under torchrun (DeepSpeed-Chat's training default)"""
+
+    def __post_init__(self) -> None:
+        errors = _validate(self)
+        if errors:
+            raise ConfigError("invalid PPOConfig:\n  - " + "\n  - ".join(errors))
+
+
+def _validate(cfg: PPOConfig) -> list[str]:
+    """Every problem at once, each saying what to change."""
+    e: list[str] = []
+    if not cfg.policy_path:
+        e.append("policy_path is empty: set it to the SFT output's final/ directory")
+    if not cfg.train_file:
+        e.append("train_file is empty: set it to ppo_train.parquet (column 'prompt')")
+    if not cfg.output_dir:
+        e.append("output_dir is empty: set a directory for final/, checkpoints/ and summary.json")
+    if (cfg.reward_model_path is None) == (cfg.reward_function is None):
+        e.append("set exactly one of reward_model_path (a trained RM) and reward_function "
+                 "('module:function')")
+    if cfg.reward_function is not None and ":" not in cfg.reward_function:
+        e.append(f"reward_function {cfg.reward_function!r} must look like 'package.module:function'")
+    for name in ("num_steps", "rollout_batch_size", "num_mini_batches", "ppo_epochs",
+                 "response_length", "max_prompt_length", "kl_horizon", "log_every"):
+        if getattr(cfg, name) < 1:
+            e.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.num_mini_batches >= 1 and cfg.rollout_batch_size % cfg.num_mini_batches:
+        e.append(f"rollout_batch_size {cfg.rollout_batch_size} is not divisible by num_mini_batches "
+                 f"{cfg.num_mini_batches}: change one so each mini-batch has the same size")
+    elif cfg.num_mini_batches >= 1 and cfg.rollout_batch_size // cfg.num_mini_batches < 2:
+        e.append("each mini-batch needs >= 2 episodes: raise rollout_batch_size or lower "
+                 "num_mini_batches")
+    for name in ("learning_rate", "critic_learning_rate", "adam_eps", "clip_range",
+                 "value_clip_range"):
+        if not getattr(cfg, name) > 0:
+            e.append(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.temperature < 0:
+        e.append(f"temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
+    if cfg.temperature == 0:
+        e.append("temperature 0 (greedy) gives PPO no exploration and undefined ratios: use > 0")
+    if not 0 < cfg.top_p <= 1:
+        e.append(f"top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k < 0:
+        e.append(f"top_k must be >= 0, got {cfg.top_k}")
+    if not 0 <= cfg.gamma <= 1 or not 0 <= cfg.lam <= 1:
+        e.append(f"gamma and lam must be in [0, 1], got {cfg.gamma}, {cfg.lam}")
+    if cfg.kl_coef < 0 or cfg.vf_coef <= 0:
+        e.append(f"kl_coef must be >= 0 and vf_coef > 0, got {cfg.kl_coef}, {cfg.vf_coef}")
+    if cfg.kl_target is not None and cfg.kl_target <= 0:
+        e.append(f"kl_target must be > 0 or null, got {cfg.kl_target}")
+    if cfg.normalize_reward and cfg.reward_norm_samples < 2:
+        e.append("reward_norm_samples must be >= 2 when normalize_reward is true")
+    if cfg.reward_clip is not None and cfg.reward_clip <= 0:
+        e.append(f"reward_clip must be > 0 or null, got {cfg.reward_clip}")
+    if cfg.lora_rank < 0:
+        e.append(f"lora_rank must be >= 0, got {cfg.lora_rank}")
+    if min(cfg.save_every, cfg.eval_every, cfg.warmup_steps, cfg.keep_last_checkpoints) < 0:
+        e.append("save_every, eval_every, warmup_steps and keep_last_checkpoints must be >= 0")
+    if cfg.lora_rank > 0 and cfg.strategy.zero_stage == 3:
+        e.append("lora_rank > 0 with strategy.zero_stage 3 is not supported (the final merge "
+                 "needs whole weights): use zero_stage 2 or lora_rank 0")
+    if cfg.strategy.bf16:
+        e.append("strategy.bf16 is not supported by PPO on this engine yet: set it to false")
+    return e
+
+
+def check_inputs(cfg: PPOConfig) -> None:
+    """File-system checks that need no model: fail before any training starts."""
+    problems = []
+    for name in ("policy_path", "reward_model_path", "critic_path"):
+        value = getattr(cfg, name)
+        if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().is_dir():
+            problems.append(f"{name} {value!r} is not a directory (expected a save_pretrained dir)")
+    for name in ("train_file", "eval_file"):
+        value = getattr(cfg, name)
+        if value and not Path(value).is_file():
+            problems.append(f"{name} {value!r} does not exist (expected a Parquet file with a "
+                            "'prompt' column)")
+    if problems:
+        raise ConfigError("invalid PPOConfig:\n  - " + "\n  - ".join(problems))
+
+
+# =============================================================================================
+# distributed helpers (plain torch.distributed; DeepSpeed wraps the models when enabled)
+# =============================================================================================
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks (every rank calls it)."""
+    _, world = _world()
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+# =============================================================================================
+# data
+# =============================================================================================
+def read_prompts(path: str, column: str = "prompt") -> list[str]:
+    """The ``prompt`` column of a Parquet file; empty or non-string rows are an error."""
+    import pandas as pd  # only needed here; keeps import of the module light
+
+    df = pd.read_parquet(path)
+    if column not in df.columns:
+        raise ConfigError(f"{path}: no '{column}' column (columns: {list(df.columns)}); PPO "
+                          "reads prompts from ppo_train.parquet / ppo_eval.parquet")
+    prompts = df[column].tolist()
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ConfigError(f"{path}: {len(bad)} empty or non-string '{column}' value(s), first at "
+                          f"rows {bad[:5]}; fix or drop them upstream")
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts")
+    return prompts
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_len: int, where: str) -> list[list[int]]:
+    """Token ids per prompt, as SFT saw them (``add_special_tokens=False``: the prompt is plain
+    text followed directly by the response, see ``ppo_core.data``)."""
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_len]
+    if too_long:
+        longest = max(len(ids[i]) for i in too_long)
+        raise ConfigError(f"{where}: {len(too_long)} prompt(s) exceed max_prompt_length="
+                          f"{max_len} tokens (longest {longest}, first at row {too_long[0]}); "
+                          "raise max_prompt_length")
+    empty = [i for i, x in enumerate(ids) if not x]
+    if empty:
+        raise ConfigError(f"{where}: prompt(s) at rows {empty[:5]} tokenize to nothing")
+    return ids
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, P) ids and mask from ragged id lists."""
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    return ids, mask
+
+
+class PromptStream:
+    """Endless shuffled prompt order: epoch ``e`` is ``randperm(n)`` seeded with seed + e.
+
+    The position is two integers (``epoch``, ``index``), so a checkpoint restores it exactly.
+    Each global batch is ``world * batch`` prompts; rank ``r`` takes its contiguous slice.
+    """
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
+        self.epoch, self.index = 0, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def next_indices(self) -> list[int]:
+        want, out = self.batch * self.world, []
+        while len(out) < want:
+            order = self._order(self.epoch)
+            take = order[self.index: self.index + want - len(out)]
+            out.extend(take)
+            self.index += len(take)
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+        return out[self.rank * self.batch: (self.rank + 1) * self.batch]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "n": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n"] != self.n:
+            raise ConfigError(f"checkpoint was taken with {state['n']} training prompts, the "
+                              f"train_file now has {self.n}: resume with the same data")
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+# =============================================================================================
+# models being trained: plain torch or DeepSpeed
+# =============================================================================================
+class Trainee:
+    """A trained model as a DeepSpeed engine with its AdamW optimizer and LR schedule."""
+
+    def __init__(self, strategy: DeepSpeedStrategy, model: torch.nn.Module, lr: float,
+                 cfg: PPOConfig) -> None:
+        mb = cfg.rollout_batch_size // cfg.num_mini_batches
+        total = cfg.num_steps * cfg.ppo_epochs * cfg.num_mini_batches
+        grouped = strategy.create_optimizer(model, lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        # same decay grouping, but the fused kernel: torch's default on CPU is a per-tensor
+        # Python loop, a visible share of a tiny model's update time
+        optimizer = torch.optim.AdamW(
+            [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in grouped.param_groups],
+            lr=lr, eps=cfg.adam_eps, fused=True)
+        scheduler = strategy.create_scheduler(optimizer, cfg.lr_scheduler, total, cfg.warmup_steps)
+        # one mini-batch per optimizer step on each rank: no gradient accumulation
+        self.engine = strategy.prepare_train(model, optimizer, scheduler,
+                                             train_batch_size=mb * strategy.world_size,
+                                             micro_batch_size=mb)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return unwrap(self.engine)
+
+    def backward_and_step(self, loss: torch.Tensor) -> float:
+        """Backward, clip (DeepSpeed's ``gradient_clipping``), step, zero grads; grad norm."""
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return DeepSpeedStrategy.current_lr(self.engine)
+
+
+# =============================================================================================
+# the engine
+# =============================================================================================
+@dataclass
+class Rollout:
+    """One batch of scored episodes; response-aligned tensors are (B, T)."""
+
+    gen: GenerationOutput
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor         # (B,) after normalisation, EOS penalty and clipping
+    raw_scores: torch.Tensor     # (B,) straight from the reward source
+    kl: torch.Tensor             # (B, T) per-token estimator, 0 on padding
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    texts: list[str] = field(default_factory=list)
+
+
+class PPOTrainer:
+    """Owns the models, optimizers, KL controller, data position and RNGs of one PPO run."""
+
+    def __init__(self, cfg: PPOConfig, strategy: DeepSpeedStrategy) -> None:
+        self.cfg = cfg
+        self.strategy = strategy
+        strategy.setup_distributed()
+        self.rank, self.world = _world()
+        self.step = 0
+        self.episodes = 0
+
+        self.tokenizer = load_tokenizer(cfg.policy_path)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        prompts = read_prompts(cfg.train_file)
+        self.prompts = prompts
+        self.prompt_ids = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, cfg.train_file)
+        self.eval_prompts = read_prompts(cfg.eval_file) if cfg.eval_file else []
+        self.eval_ids = (encode_prompts(self.tokenizer, self.eval_prompts, cfg.max_prompt_length,
+                                        cfg.eval_file) if cfg.eval_file else [])
+        self.stream = PromptStream(len(prompts), cfg.rollout_batch_size, cfg.seed, self.rank, self.world)
+
+        torch.manual_seed(cfg.seed)
+        policy = load_causal_lm(cfg.policy_path)
+        self.ref = strategy.prepare_eval(load_causal_lm(cfg.policy_path))
+        self.reward: RewardSource
+        if cfg.reward_model_path is not None:
+            self._check_same_tokenizer(cfg.reward_model_path)
+            rm = load_sequence_scorer(cfg.reward_model_path, pad_token_id=self.pad_id)
+            self.reward = ModelReward(strategy.prepare_eval(rm))
+        else:
+            self.reward = FunctionReward(cfg.reward_function or "")
+        critic_src = cfg.critic_path or cfg.reward_model_path
+        if critic_src is not None:
+            critic = load_sequence_scorer(critic_src, pad_token_id=self.pad_id)
+        else:
+            critic = build_scorer_from_causal_lm(cfg.policy_path, pad_token_id=self.pad_id, seed=cfg.seed)
+        if cfg.lora_rank > 0:
+            policy = _add_lora(policy, cfg)
+        policy.config.use_cache = True
+        # dropout stays off for good: eval() mode everywhere, gradients still flow
+        for m in (policy, critic):
+            disable_dropout(m).eval()
+        self.actor = Trainee(strategy, policy, cfg.learning_rate, cfg)
+        self.critic = Trainee(strategy, critic, cfg.critic_learning_rate, cfg)
+        for t in (self.actor, self.critic):
+            t.engine.eval()
+        self.kl_ctl = build_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.normalizer: RewardNormalizer | None = None
+        self.sample_rng = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.shuffle_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + self.rank)
+        self.timings: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- setup helpers
+    def _check_same_tokenizer(self, path: str) -> None:
+        try:
+            other = load_tokenizer(path)
+        except Exception:  # an RM dir without tokenizer files: trust the caller
+            return
+        if other.get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(f"reward_model_path {path!r} uses a different tokenizer from "
+                              f"policy_path {self.cfg.policy_path!r}; PPO scores token ids "
+                              "directly, so train the RM from the same SFT/base tokenizer")
+
+    # ---------------------------------------------------------------- rollout
+    def next_prompts(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        idx = self.stream.next_indices()
+        ids, mask = left_pad([self.prompt_ids[i] for i in idx], self.pad_id)
+        return [self.prompts[i] for i in idx], ids, mask
+
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, model: torch.nn.Module | None = None,
+                 temperature: float | None = None) -> GenerationOutput:
+        if model is None:
+            # below ZeRO-3 the weights are whole on every rank: call the module and skip the
+            # engine's per-forward bookkeeping, which is paid once per generated token
+            model = self.actor.engine if self.cfg.strategy.zero_stage == 3 else self.actor.module
+        return sample(model, ids, mask,
+                      max_new_tokens=self.cfg.response_length, eos_token_id=self.eos_id,
+                      pad_token_id=self.pad_id,
+                      temperature=self.cfg.temperature if temperature is None else temperature,
+                      top_k=self.cfg.top_k, top_p=self.cfg.top_p, generator=self.sample_rng)
+
+    def decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return self.tokenizer.batch_decode(responses.masked_fill(~mask, self.pad_id),
+                                           skip_special_tokens=True)
+
+    def raw_scores(self, prompts: list[str], gen: GenerationOutput) -> tuple[torch.Tensor, list[str]]:
+        texts = self.decode(gen.responses, gen.response_mask)
+        return self.reward(prompts, texts, gen.sequences, gen.attention_mask).float(), texts
+
+    def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        """Normalise, penalise missing EOS, clip (in that order, so the penalty is in units
+        of the normalised score as in TRL, where RM scores are ~unit scale)."""
+        scores = self.normalizer(raw) if self.normalizer is not None else raw.clone()
+        scores = U.apply_missing_eos_penalty(scores, ended, self.cfg.missing_eos_penalty)
+        if self.cfg.reward_clip is not None:
+            scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        return scores
+
+    def policy_logprobs(self, model: torch.nn.Module, gen: GenerationOutput,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Temperature-corrected log-probs of the response tokens: one forward whose LM head
+        runs on the response positions only (``logits_to_keep``)."""
+        T = gen.responses.shape[1]
+        logits = model(input_ids=gen.sequences, attention_mask=gen.attention_mask,
+                       position_ids=position_ids_from_mask(gen.attention_mask),
+                       logits_to_keep=T + 1, use_cache=False).logits[:, :-1]   # (B, T, V)
+        logp = U.logprobs_from_logits(logits, gen.responses, self.cfg.temperature)
+        ent = None
+        if with_entropy:
+            with torch.no_grad():
+                ent = U.entropy_from_logits(logits.detach(), self.cfg.temperature)
+        return logp, ent
+
+    def critic_values(self, model: torch.nn.Module, gen: GenerationOutput) -> torch.Tensor:
+        """V before each response token: the head at positions P-1 .. P+T-2. (B, T)"""
+        P, T = gen.prompt_length, gen.responses.shape[1]
+        return token_values(model, gen.sequences, gen.attention_mask)[:, P - 1: P + T - 1]
+
+    @torch.no_grad()
+    def rollout(self) -> Rollout:
+        cfg = self.cfg
+        prompts, ids, mask = self.next_prompts()
+        t0 = time.perf_counter()
+        gen = self.generate(ids, mask)
+        t1 = time.perf_counter()
+        m = gen.response_mask
+        logprobs = gen.logprobs * m
+        ref_logprobs, _ = self.policy_logprobs(self.ref, gen)
+        ref_logprobs = ref_logprobs * m
+        values = self.critic_values(self.critic.module, gen) * m
+        raw, texts = self.raw_scores(prompts, gen)
+        scores = self.shape_scores(raw, gen.ended)
+        kl = U.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * m
+        rewards = U.place_score_at_last_token(-self.kl_ctl.value * kl, scores, m)
+        if cfg.whiten_rewards:
+            rewards = U.masked_whiten(rewards, m, shift_mean=False)
+        advantages, returns = U.gae_advantages(values, rewards, m, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = U.masked_whiten(advantages, m)
+        t2 = time.perf_counter()
+        self.timings.update({"time/generation": t1 - t0, "time/scoring": t2 - t1})
+        return Rollout(gen, logprobs, ref_logprobs, values, scores, raw, kl, rewards, advantages,
+                       returns, texts)
+
+    # ---------------------------------------------------------------- update
+    def train_on(self, ro: Rollout) -> dict[str, float]:
+        cfg = self.cfg
+        B = ro.gen.responses.shape[0]
+        mb = B // cfg.num_mini_batches
+        stats: dict[str, list[float]] = {k: [] for k in (
+            "approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio",
+            "grad_norm", "critic_grad_norm")}
+        t0 = time.perf_counter()
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(B, generator=self.shuffle_rng)
+            for start in range(0, B, mb):
+                idx = order[start:start + mb]
+                g = _select(ro.gen, idx)
+                m = g.response_mask
+                new_logp, ent = self.policy_logprobs(self.actor.engine, g, with_entropy=True)
+                pg_loss, pg = U.policy_loss(new_logp, ro.logprobs[idx],
+                                            ro.advantages[idx], m, cfg.clip_range)
+                stats["grad_norm"].append(self.actor.backward_and_step(pg_loss))
+                vpred = self.critic_values(self.critic.engine, g)
+                vf_loss, vf = U.value_loss(vpred, ro.values[idx], ro.returns[idx], m,
+                                           cfg.value_clip_range)
+                stats["critic_grad_norm"].append(self.critic.backward_and_step(cfg.vf_coef * vf_loss))
+                stats["approxkl"].append(float(pg["approxkl"]))
+                stats["clipfrac"].append(float(pg["clipfrac"]))
+                stats["ratio"].append(float(pg["ratio"]))
+                stats["pg_loss"].append(float(pg_loss.detach()))
+                stats["vf_loss"].append(float(vf_loss.detach()))
+                stats["vf_clipfrac"].append(float(vf["clipfrac"]))
+                stats["entropy"].append(float(U.masked_mean(ent, m)))
+        self.timings["time/training"] = time.perf_counter() - t0
+        ratio = torch.tensor(stats["ratio"])
+        return {
+            "policy/approxkl_avg": float(np.mean(stats["approxkl"])),
+            "policy/clipfrac_avg": float(np.mean(stats["clipfrac"])),
+            "policy/entropy_avg": float(np.mean(stats["entropy"])),
+            "loss/policy_avg": float(np.mean(stats["pg_loss"])),
+            "loss/value_avg": float(np.mean(stats["vf_loss"])),
+            "val/clipfrac_avg": float(np.mean(stats["vf_clipfrac"])),
+            "val/ratio": float(ratio.mean()),
+            "val/ratio_var": float(ratio.var()) if ratio.numel() > 1 else 0.0,
+            "policy/grad_norm": float(np.mean(stats["grad_norm"])),
+            "val/grad_norm": float(np.mean(stats["critic_grad_norm"])),
+        }
+
+    def rollout_metrics(self, ro: Rollout) -> dict[str, float]:
+        m = ro.gen.response_mask
+        kl_sum = ro.kl.sum(1)
+        non_score = (-self.kl_ctl.value * ro.kl).sum(1)
+        lengths = m.sum(1).float()
+        return {
+            "objective/kl": float(kl_sum.mean()),
+            "objective/entropy": float((-ro.logprobs * m).sum(1).mean()),
+            "objective/non_score_reward": float(non_score.mean()),
+            "objective/rlhf_reward": float((non_score + ro.scores).mean()),
+            "objective/scores": float(ro.scores.mean()),
+            "objective/raw_scores": float(ro.raw_scores.mean()),
+            "objective/kl_coef": float(self.kl_ctl.value),
+            "val/explained_variance": U.explained_variance(ro.values, ro.returns, m),
+            "val/num_eos_tokens": float(ro.gen.ended.sum()),
+            "val/ended_frac": float(ro.gen.ended.float().mean()),
+            "val/response_length": float(lengths.mean()),
+        }
+
+    def train_step(self) -> dict[str, float]:
+        """One PPO iteration; returns the metrics of this step (averaged over ranks)."""
+        t0 = time.perf_counter()
+        ro = self.rollout()
+        metrics = self.rollout_metrics(ro)
+        metrics.update(self.train_on(ro))
+        metrics["lr"] = self.actor.lr()
+        # the KL controller sees the rollout's mean KL over all ranks' episodes
+        mean_kl = _mean_across_ranks({"kl": metrics["objective/kl"]})["kl"]
+        self.kl_ctl.update(mean_kl, self.cfg.rollout_batch_size * self.world)
+        self.step += 1
+        self.episodes += self.cfg.rollout_batch_size * self.world
+        elapsed = time.perf_counter() - t0
+        tokens = float(ro.gen.response_mask.sum())
+        metrics.update(self.timings)
+        metrics.update({
+            "episode": float(self.episodes),
+            "eps": self.cfg.rollout_batch_size / elapsed,
+            "time/step": elapsed,
+            "perf/generated_tokens_per_s": tokens / max(self.timings["time/generation"], 1e-9),
+            "perf/sequence_tokens": float(ro.gen.attention_mask.numel()),
+        })
+        metrics = _mean_across_ranks(metrics)
+        metrics["eps"] *= self.world
+        return metrics
+
+    # ---------------------------------------------------------------- reward normalisation
+    @torch.no_grad()
+    def fit_normalizer(self) -> None:
+        """Score ``reward_norm_samples`` reference-policy samples; mean/std over all ranks."""
+        cfg = self.cfg
+        n_local = max(2, math.ceil(cfg.reward_norm_samples / self.world))
+        rng = torch.Generator().manual_seed(cfg.seed * 1000 + 900 + self.rank)
+        order = torch.randperm(len(self.prompts), generator=rng).tolist()
+        chosen = [order[i % len(order)] for i in range(n_local)]
+        scores = []
+        for start in range(0, n_local, cfg.rollout_batch_size):
+            idx = chosen[start:start + cfg.rollout_batch_size]
+            ids, mask = left_pad([self.prompt_ids[i] for i in idx], self.pad_id)
+            gen = sample(self.ref, ids, mask, max_new_tokens=cfg.response_length,
+                         eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=rng)
+            raw, _ = self.raw_scores([self.prompts[i] for i in idx], gen)
+            scores.append(raw)
+        s = torch.cat(scores).double()
+        stats = _mean_across_ranks({"sum": float(s.sum()), "sq": float((s * s).sum()),
+                                    "n": float(s.numel())})
+        n = stats["n"] * self.world
+        mean = stats["sum"] * self.world / n
+        var = max(stats["sq"] * self.world / n - mean * mean, 0.0) * n / max(n - 1, 1)
+        self.normalizer = RewardNormalizer(mean=mean, std=max(math.sqrt(var), 1e-6))
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy responses of the current policy on ``eval_file``: shaped scores and EOS rate."""
+        if not self.eval_ids:
+            return {}
+        bs = self.cfg.rollout_batch_size
+        mine = list(range(self.rank, len(self.eval_ids), self.world))
+        # every rank runs the same number of batches (ZeRO-3 forwards are collective); a
+        # rank with fewer prompts repeats one and leaves the repeats out of the sums
+        per_rank = math.ceil(len(self.eval_ids) / self.world)
+        padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
+        total = {"score": 0.0, "ended": 0.0, "n": 0.0}
+        for start in range(0, per_rank, bs):
+            idx = padded[start:start + bs]
+            valid = max(0, min(len(mine) - start, len(idx)))
+            ids, mask = left_pad([self.eval_ids[i] for i in idx], self.pad_id)
+            gen = self.generate(ids, mask, temperature=0.0)
+            raw, _ = self.raw_scores([self.eval_prompts[i] for i in idx], gen)
+            scores = self.normalizer(raw) if self.normalizer else raw
+            total["score"] += float(scores[:valid].sum())
+            total["ended"] += float(gen.ended[:valid].float().sum())
+            total["n"] += valid
+        total = _mean_across_ranks(total)   # the means of sums keep the ratio right
+        n = max(total["n"], 1e-9)
+        return {"eval/scores": total["score"] / n, "eval/ended_frac": total["ended"] / n}
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_dir(self) -> Path:
+        return Path(self.cfg.output_dir) / "checkpoints"
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-able state beyond engines and global RNGs (per-rank generators included)."""
+        gens = {"sample_rng": self.sample_rng.get_state().tolist(),
+                "shuffle_rng": self.shuffle_rng.get_state().tolist()}
+        all_gens = [gens]
+        if self.world > 1:
+            all_gens = [None] * self.world
+            dist.all_gather_object(all_gens, gens)
+        return {"kl_controller": self.kl_ctl.state_dict(),
+                "reward_normalizer": self.normalizer.state_dict() if self.normalizer else None,
+                "episodes": self.episodes, "generators_by_rank": all_gens}
+
+    def save_checkpoint(self) -> Path:
+        """Full checkpoint: actor/critic engines (weights, optimizer, scheduler), RNGs, KL
+        controller, reward normalisation, data position, step; atomic (tmp dir + rename)."""
+        return ckpt.save_checkpoint(
+            self.strategy, self.checkpoint_dir(), self.step,
+            {"actor": self.actor.engine, "critic": self.critic.engine},
+            stage="ppo", config=to_dict(self.cfg), data_position=self.stream.state_dict(),
+            extra=self.extra_state(), keep_last=self.cfg.keep_last_checkpoints or None)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(self.strategy, path,
+                                     {"actor": self.actor.engine, "critic": self.critic.engine})
+        if state.get("stage") != "ppo":
+            raise ConfigError(f"resume_from {str(path)!r} is a {state.get('stage')!r} checkpoint, "
+                              "not a PPO one")
+        extra = state["extra"]
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["data_position"])
+        self.kl_ctl.load_state_dict(extra["kl_controller"])
+        norm = extra.get("reward_normalizer")
+        self.normalizer = RewardNormalizer(**norm) if norm else None
+        self.episodes = int(extra["episodes"])
+        gens = extra["generators_by_rank"][self.rank]
+        self.sample_rng.set_state(torch.tensor(gens["sample_rng"], dtype=torch.uint8))
+        self.shuffle_rng.set_state(torch.tensor(gens["shuffle_rng"], dtype=torch.uint8))
+        for t in (self.actor, self.critic):
+            t.engine.eval()
+
+    def save_final(self) -> Path:
+        """``<output_dir>/final``: the policy (LoRA merged) + tokenizer, safetensors, atomic."""
+        out = Path(self.cfg.output_dir) / "final"
+        if self.cfg.lora_rank == 0:
+            return self.strategy.save_pretrained(self.actor.engine, self.tokenizer, out)
+        if self.rank == 0:
+            import copy
+
+            merged = copy.deepcopy(self.actor.module).merge_and_unload()
+            tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(tmp))
+            replace_dir(tmp, out)
+        self.strategy.barrier()
+        return out
+
+
+def _select(gen: GenerationOutput, idx: torch.Tensor) -> GenerationOutput:
+    """Rows ``idx`` of a rollout, keeping the full width (the logits slice needs fixed P/T)."""
+    return GenerationOutput(
+        sequences=gen.sequences[idx], attention_mask=gen.attention_mask[idx],
+        responses=gen.responses[idx], response_mask=gen.response_mask[idx], ended=gen.ended[idx],
+        logprobs=None, prompt_length=gen.prompt_length)
+
+
+def _add_lora(policy: torch.nn.Module, cfg: PPOConfig) -> torch.nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # optional dependency
+        raise ConfigError("lora_rank > 0 needs peft: pip install 'rlhf-pipeline[lora]'") from exc
+    names = {n.rsplit(".", 1)[-1] for n, _ in policy.named_modules()}
+    targets = [t for t in cfg.lora_target_modules if t in names]
+    if not targets:
+        raise ConfigError(f"lora_target_modules {list(cfg.lora_target_modules)} match no module of "
+                          f"{type(policy).__name__}; pick from e.g. {sorted(names)[:20]}")
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(policy, lcfg)
+
+
+# =============================================================================================
+# entry points
+# =============================================================================================
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run PPO as configured; returns (and writes to ``summary.json``) the final metrics."""
+    check_inputs(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    strategy = DeepSpeedStrategy(cfg.strategy)
+    _seed_everything(cfg.seed)
+    trainer = PPOTrainer(cfg, strategy)
+    default = [ProgressPrinter(every=cfg.log_every, keys=(
+        "objective/scores", "objective/kl", "val/ended_frac", "eps"))] if trainer.rank == 0 else []
+    cb = CallbackList(list(callbacks) or default)
+    try:
+        resume = ckpt.resolve_resume(cfg.resume_from, trainer.checkpoint_dir())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+    elif cfg.normalize_reward:
+        trainer.fit_normalizer()
+    cb.on_train_begin("ppo", cfg.num_steps, to_dict(cfg))
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    while trainer.step < cfg.num_steps:
+        metrics = trainer.train_step()
+        cb.on_log(trainer.step, metrics)
+        if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.num_steps:
+            cb.on_evaluate(trainer.step, trainer.evaluate())
+        if cfg.save_every and trainer.step % cfg.save_every == 0:
+            path = trainer.save_checkpoint()
+            cb.on_checkpoint(trainer.step, str(path))
+    eval_metrics = trainer.evaluate()
+    if eval_metrics:
+        cb.on_evaluate(trainer.step, eval_metrics)
+    final = trainer.save_final()
+    summary: dict[str, Any] = {**metrics, **eval_metrics, "step": trainer.step,
+                               "train_seconds": time.perf_counter() - t0,
+                               "output_dir": str(Path(cfg.output_dir)), "final_dir": str(final)}
+    if trainer.normalizer is not None:
+        summary.update({"reward_norm/mean": trainer.normalizer.mean,
+                        "reward_norm/std": trainer.normalizer.std})
+    if trainer.rank == 0:
+        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    cb.on_train_end(summary)
+    return summary
+
+
+def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
+    """``python -m ppo_core.ppo --config FILE``; 0 on success, 2 on a bad configuration."""
+    try:
+        cfg = parse_cli(PPOConfig, argv, prog="python -m ppo_core.ppo")
+        check_inputs(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    train(cfg, callbacks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Reward model: Bradley-Terry loss on preference pairs, score at the last non-pad token.
+
+Reads ``<data_dir>/rm_train.parquet`` and ``rm_eval.parquet`` (columns ``prompt``, ``chosen``,
+``rejected``, optional ``margin``), initialises the model from the SFT model's trunk with a new
+scalar head, writes ``<output_dir>/final/`` (an ``AutoModelForSequenceClassification``
+save_pretrained dir + tokenizer), checkpoints and ``summary.json``.
+
+Loss per pair (InstructGPT, Ouyang et al. 2022; margin as Llama 2, Touvron et al. 2023)::
+
+    -log sigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)^2
+
+The second term is the optional reward-centering auxiliary loss (Eisenstein et al. 2023,
+"Helping or Herding?"; OpenRLHF's ``--aux_loss_coef``-style regulariser), off by default.
+Normalising scores on reference-policy samples happens in the PPO engine, not here.
+
+    python -m ppo_core.reward --config rm.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ppo_core.callbacks import Callback, CallbackList, ProgressPrinter
+from ppo_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ppo_core.config import ConfigError, parse_cli, to_dict
+from ppo_core.data import (
+    EncodedPair,
+    StepSampler,
+    collate_pairs,
+    encode_pair,
+    eval_shards,
+    rank_micro_batches,
+    read_table,
+)
+from ppo_core.models import ModelLoadError, build_scorer_from_causal_lm, last_token_scores, load_tokenizer
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward-model training on ``prompt`` / ``chosen`` / ``rejected`` pairs."""
+
+    data_dir: str
+    """Directory holding rm_train.parquet and rm_eval.parquet."""
+    output_dir: str
+    """Where final/, checkpoints/ and summary.json go."""
+    model_name_or_path: str
+    """The SFT model (save_pretrained dir or hub id); its trunk initialises the reward model."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the hub (off: safe default)."""
+    max_length: int = 128
+    """Max tokens of prompt + response (+EOS) per side; longer pairs are truncated and counted."""
+    num_epochs: float = 2.0
+    """Passes over the pairs. InstructGPT and OpenRLHF use 1 for large pretrained models; the
+    tiny model needs 2 to rank held-out pairs well (measured on the bundled task)."""
+    max_steps: int = 0
+    """If > 0, the number of optimizer steps (overrides num_epochs)."""
+    batch_size: int = 32
+    """Global pairs per optimizer step (= micro_batch_size x world_size x accumulation)."""
+    micro_batch_size: int = 32
+    """Pairs per forward pass per rank (each pair is two sequences)."""
+    learning_rate: float = 5e-4
+    """Peak LR, tuned for the tiny model on the bundled task; use ~9e-6 (OpenRLHF's RM default)
+    for a pretrained hub model."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (HF TrainingArguments default 0)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (PyTorch / HF TrainingArguments default)."""
+    lr_scheduler: str = "cosine"
+    """HF scheduler name (cosine with warmup, as OpenRLHF's reward-model trainer)."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps of linear warmup (OpenRLHF's default 0.03)."""
+    use_margin: bool = True
+    """Subtract the data's ``margin`` column inside the sigmoid (Llama 2) when the column exists."""
+    center_coef: float = 0.0
+    """Reward-centering auxiliary loss coefficient on (r_c + r_r)^2; Eisenstein et al. use 0.01.
+    0 disables it."""
+    eval_steps: int = 50
+    """Evaluate every N optimizer steps (and at the end); 0 = only at the end."""
+    eval_batch_size: int = 64
+    """Pairs per eval forward pass per rank."""
+    max_eval_examples: int = 0
+    """If > 0, evaluate on the first N eval pairs only."""
+    save_steps: int = 100
+    """Full checkpoint every N optimizer steps; 0 = none."""
+    keep_last_checkpoints: int = 2
+    """Older checkpoints are deleted."""
+    resume_from: str | None = None
+    """"latest", a checkpoint path, or null."""
+    stop_after_steps: int = 0
+    """If > 0, stop after this step (with a checkpoint) without changing the schedule."""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    """DeepSpeed options (ZeRO stage, offload, bf16, clipping, seed)."""
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is empty: set it to the SFT model directory")
+        for name in ("max_length", "batch_size", "micro_batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("set num_epochs > 0 or max_steps > 0")
+        if self.center_coef < 0:
+            raise ConfigError(f"center_coef={self.center_coef} must be >= 0")
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, center_coef: float = 0.0
+) -> torch.Tensor:
+    """Per-pair loss ``-logsigmoid(r_c - r_r - m) + coef * (r_c + r_r)^2``: (b,) -> (b,)."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if center_coef:
+        loss = loss + center_coef * (chosen + rejected) ** 2
+    return loss
+
+
+class RewardTrainer:
+    """The reward-model loop; ``train()`` is the public entry point."""
+
+    stage = "reward"
+
+    def __init__(self, cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> None:
+        self.cfg = cfg
+        self.cb = CallbackList(callbacks)
+        self.out = Path(cfg.output_dir)
+        self.strategy = DeepSpeedStrategy(cfg.strategy)
+        self.grad_accum = self.strategy.gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
+        self.resume_path = resolve_resume(cfg.resume_from, self.out / "checkpoints")
+
+    def _encode(self, rows: list[dict[str, Any]]) -> list[EncodedPair]:
+        use_margin = self.cfg.use_margin
+        return [
+            encode_pair(self.tokenizer, r["prompt"], r["chosen"], r["rejected"], self.cfg.max_length,
+                        float(r.get("margin") or 0.0) if use_margin else 0.0)
+            for r in rows
+        ]
+
+    def setup(self) -> None:
+        cfg, s = self.cfg, self.strategy
+        data = Path(cfg.data_dir)
+        cols = ("prompt", "chosen", "rejected")
+        train_rows = read_table(data / "rm_train.parquet", cols, ("margin",), text_columns=cols)
+        eval_rows = read_table(data / "rm_eval.parquet", cols, ("margin",), text_columns=cols)
+        if cfg.max_eval_examples > 0:
+            eval_rows = eval_rows[: cfg.max_eval_examples]
+        s.setup_distributed()
+        s.set_seed()
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        model = build_scorer_from_causal_lm(
+            cfg.model_name_or_path, pad_token_id=self.tokenizer.pad_token_id,
+            trust_remote_code=cfg.trust_remote_code, seed=cfg.strategy.seed,
+        )
+        self.train_data, self.eval_data = self._encode(train_rows), self._encode(eval_rows)
+        self.sampler = StepSampler(len(self.train_data), cfg.batch_size, cfg.strategy.seed)
+        self.total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * self.sampler.steps_per_epoch))
+        optimizer = s.create_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_betas)
+        scheduler = s.create_scheduler(optimizer, cfg.lr_scheduler, self.total_steps, warmup_ratio=cfg.warmup_ratio)
+        self.engine = s.prepare_train(model, optimizer, scheduler, train_batch_size=cfg.batch_size,
+                                      micro_batch_size=cfg.micro_batch_size)
+        self.start_step = 0
+        if self.resume_path is not None:
+            state = load_checkpoint(s, self.resume_path, {"model": self.engine})
+            self.sampler.check_position(state["data_position"], str(self.resume_path))
+            self.start_step = int(state["step"])
+
+    def _scores(self, pairs: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(chosen scores (b,), rejected scores (b,), margins (b,)) from one forward pass."""
+        s = self.strategy
+        batch = {k: v.to(s.device) for k, v in collate_pairs(pairs, self.tokenizer.pad_token_id).items()}
+        scores = last_token_scores(self.engine, batch["input_ids"], batch["attention_mask"])  # (2b,)
+        b = len(pairs)
+        return scores[:b], scores[b:], batch["margin"]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step; the loss is the mean over the global batch's pairs (see SFT)."""
+        cfg, s, engine = self.cfg, self.strategy, self.engine
+        indices = self.sampler.batch(step)
+        scale = self.grad_accum * s.world_size / len(indices)
+        engine.train()
+        lr = s.current_lr(engine)
+        loss_sum, correct, gap_sum = 0.0, 0.0, 0.0
+        for mb in rank_micro_batches(indices, s.rank, s.world_size, cfg.micro_batch_size):
+            rc, rr, margin = self._scores([self.train_data[i] for i in mb])
+            loss = bradley_terry_loss(rc, rr, margin, cfg.center_coef).sum()
+            s.backward(loss * scale, engine)
+            s.step(engine)
+            loss_sum += float(loss.detach())
+            correct += float((rc > rr).sum())
+            gap_sum += float((rc - rr).detach().sum())
+        n = len(indices)
+        return {"train/loss": s.all_reduce_sum(loss_sum) / n, "train/accuracy": s.all_reduce_sum(correct) / n,
+                "train/margin_mean": s.all_reduce_sum(gap_sum) / n, "train/lr": lr,
+                "train/epoch": (step + 1) / self.sampler.steps_per_epoch}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy (chosen scored above rejected), mean score gap, loss, score stats."""
+        cfg, s = self.cfg, self.strategy
+        self.engine.eval()
+        sums = torch.zeros(6, dtype=torch.float64)  # n, correct, gap, loss, score sum, score^2 sum
+        for idx in eval_shards(len(self.eval_data), s.rank, s.world_size, cfg.eval_batch_size):
+            rows = [self.eval_data[i] for i in idx] or [self.eval_data[0]]  # same forward count (ZeRO-3)
+            rc, rr, margin = self._scores(rows)
+            if not idx:
+                continue
+            both = torch.cat([rc, rr]).double()
+            sums += torch.tensor([
+                len(idx), float((rc > rr).sum()), float((rc - rr).sum()),
+                float(bradley_terry_loss(rc, rr, margin).sum()), float(both.sum()), float((both**2).sum()),
+            ], dtype=torch.float64)
+        sums = s.all_reduce_sum(sums)
+        n = max(float(sums[0]), 1.0)
+        mean = float(sums[4]) / (2 * n)
+        var = max(float(sums[5]) / (2 * n) - mean**2, 0.0)
+        return {"eval/accuracy": float(sums[1]) / n, "eval/margin_mean": float(sums[2]) / n,
+                "eval/loss": float(sums[3]) / n, "eval/score_mean": mean, "eval/score_std": var**0.5}
+
+    def _checkpoint(self, step: int) -> None:
+        path = save_checkpoint(
+            self.strategy, self.out / "checkpoints", step, {"model": self.engine}, stage=self.stage,
+            config=to_dict(self.cfg), data_position=self.sampler.position(step),
+            keep_last=self.cfg.keep_last_checkpoints,
+        )
+        self.cb.on_checkpoint(step, str(path))
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.monotonic()
+        self.setup()
+        self.cb.on_train_begin(self.stage, self.total_steps, to_dict(cfg))
+        last, metrics = self.start_step, {}
+        for step in range(self.start_step, self.total_steps):
+            metrics = self.train_step(step)
+            last = step + 1
+            self.cb.on_log(last, metrics)
+            if cfg.eval_steps and last % cfg.eval_steps == 0 and last < self.total_steps:
+                self.cb.on_evaluate(last, self.evaluate())
+            saved = bool(cfg.save_steps and last % cfg.save_steps == 0 and last < self.total_steps)
+            if saved:
+                self._checkpoint(last)
+            if cfg.stop_after_steps and last == cfg.stop_after_steps and last < self.total_steps:
+                if not saved:
+                    self._checkpoint(last)
+                return self._finish(last, metrics, {}, t0, final=False)
+        eval_metrics = self.evaluate()
+        self.cb.on_evaluate(last, eval_metrics)
+        self.strategy.save_pretrained(self.engine, self.tokenizer, self.out / "final")
+        return self._finish(last, metrics, eval_metrics, t0, final=True)
+
+    def _finish(self, step: int, train_metrics: dict[str, float], eval_metrics: dict[str, float],
+                t0: float, final: bool) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "stage": self.stage, "output_dir": str(self.out), "step": step, "total_steps": self.total_steps,
+            "completed": final, "final_model_dir": str(self.out / "final") if final else "",
+            "train_pairs": len(self.train_data), "eval_pairs": len(self.eval_data),
+            "train_truncated": sum(p.truncated for p in self.train_data), "runtime_s": time.monotonic() - t0,
+            **train_metrics, **eval_metrics,
+        }
+        if self.strategy.is_rank_zero():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        self.strategy.barrier()
+        self.cb.on_train_end(summary)
+        return summary
+
+
+def train(cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train the reward model; returns the summary (incl. ``eval/accuracy``), also in summary.json."""
+    return RewardTrainer(cfg, callbacks).train()
+
+
+def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
+    """``python -m ppo_core.reward --config FILE``; progress lines on rank 0's stderr."""
+    from ppo_core.strategy import is_rank_zero
+
+    try:
+        cfg = parse_cli(RewardConfig, argv, prog="python -m ppo_core.reward")
+        progress = [ProgressPrinter(every=10, keys=("train/loss", "train/accuracy"))] if is_rank_zero() else []
+        train(cfg, [*progress, *callbacks])
+    except (ConfigError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Reward sources for PPO and their normalization.
+
+Two kinds, one interface (:class:`RewardSource`):
+
+* :class:`ModelReward` - a trained sequence scorer (the reward model): the score of a response
+  is the scorer head's output at its last real token, as in TRL's ``get_reward`` and
+  OpenRLHF's ``RewardModel``.
+* :class:`FunctionReward` - a user function given as ``"module:function"`` with signature
+  ``(prompts: list[str], responses: list[str]) -> list[float]`` (rule-based rewards, as
+  OpenRLHF's ``--remote_rm_url`` and veRL's ``custom_reward_function`` allow).
+
+:class:`RewardNormalizer` maps raw scores to mean 0, std 1 over samples of the *reference*
+policy, measured once before PPO (Ziegler et al. 2019, section 2.2 normalise the reward model
+"to have mean 0 and variance 1" on samples of the initial policy), so ``kl_coef`` means the
+same thing whatever the scorer's scale.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ppo_core.models import last_token_scores
+
+
+class RewardSource(Protocol):
+    """Scores a batch of finished episodes -> (B,) float32 tensor on CPU or the batch device."""
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+class ModelReward:
+    """A trained reward model (``AutoModelForSequenceClassification``, 1 label) scoring at the
+    last real token; it must share the policy's tokenizer (``ppo.py`` checks)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.eval()
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # sequences are left-padded prompts + right-padded responses; the mask finds the end
+        return last_token_scores(self.model, sequences, attention_mask).float()
+
+
+def load_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
+    """Import ``"package.module:function"``; errors say which part is wrong."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ValueError(f"reward function {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} "
+                         f"({exc}); check the name and that it is on PYTHONPATH") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable "
+                         f"{func_name!r}")
+    return func
+
+
+class FunctionReward:
+    """A rule-based reward ``(prompts, responses) -> list[float]`` loaded from ``module:function``."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.func = load_function(spec)
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        values = self.func(list(prompts), list(responses))
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"reward function {self.spec!r} must return a list of floats; got "
+                             f"{type(values).__name__} ({exc})") from exc
+        if len(values) != len(prompts):
+            raise ValueError(f"reward function {self.spec!r} returned {len(values)} scores for "
+                             f"{len(prompts)} responses")
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"reward function {self.spec!r} returned non-finite scores at "
+                             f"positions {bad[:10]}")
+        return torch.tensor(values, dtype=torch.float32)
+
+
+@dataclass
+class RewardNormalizer:
+    """``(score - mean) / std``, fitted on reference-policy samples (Ziegler et al. 2019)."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    @classmethod
+    def fit(cls, scores: torch.Tensor, eps: float = 1e-6) -> RewardNormalizer:
+        """From raw scores of reference samples; needs at least two."""
+        if scores.numel() < 2:
+            raise ValueError("reward normalization needs at least 2 reference samples; raise "
+                             "reward_norm_samples")
+        return cls(mean=float(scores.mean()), std=max(float(scores.std()), eps))
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        return (scores - self.mean) / self.std
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std}

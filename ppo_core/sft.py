@@ -1,0 +1,300 @@
+"""Supervised fine-tuning: causal-LM loss on the response tokens only.
+
+Reads ``<data_dir>/sft_train.parquet`` and ``sft_eval.parquet`` (columns ``prompt``,
+``completion``), writes ``<output_dir>/final/`` (save_pretrained, safetensors + tokenizer),
+``<output_dir>/checkpoints/step_<N>/`` and ``<output_dir>/summary.json``.
+
+    python -m ppo_core.sft --config sft.json
+    torchrun --nproc-per-node 2 -m ppo_core.sft --config sft.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ppo_core.callbacks import Callback, CallbackList, ProgressPrinter
+from ppo_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ppo_core.config import ConfigError, parse_cli, to_dict
+from ppo_core.data import (
+    IGNORE_INDEX,
+    Encoded,
+    StepSampler,
+    collate_sft,
+    encode_prompt_response,
+    eval_shards,
+    rank_micro_batches,
+    read_table,
+)
+from ppo_core.models import MODEL_SIZES, ModelLoadError, build_base_model, load_causal_lm, load_tokenizer, position_ids_from_mask
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on ``prompt`` -> ``completion``."""
+
+    data_dir: str
+    """Directory holding sft_train.parquet and sft_eval.parquet (columns prompt, completion)."""
+    output_dir: str
+    """Where final/, checkpoints/ and summary.json go."""
+    model_name_or_path: str = ""
+    """Base model: a hub id or a save_pretrained directory. Empty => build_base_model must be set."""
+    build_base_model: str | None = None
+    """Build the embedded tiny base model ("tiny" or "small") into <output_dir>/base from the
+    training texts (tokenizer trained on them) instead of loading model_name_or_path."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the hub (off: safe default)."""
+    max_length: int = 128
+    """Max tokens of prompt + response (+EOS); longer examples are truncated and counted."""
+    num_epochs: float = 3.0
+    """Passes over the training data (TRL/HF Trainer default 3)."""
+    max_steps: int = 0
+    """If > 0, the number of optimizer steps (overrides num_epochs)."""
+    batch_size: int = 32
+    """Global examples per optimizer step (= micro_batch_size x world_size x accumulation)."""
+    micro_batch_size: int = 32
+    """Examples per forward pass per rank."""
+    learning_rate: float = 1e-3
+    """Peak LR. 1e-3 suits the tiny model trained from scratch (nanoGPT's shakespeare_char);
+    use ~2e-5 (TRL SFTConfig) for a pretrained hub model."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (HF TrainingArguments default 0)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (PyTorch / HF TrainingArguments default)."""
+    lr_scheduler: str = "cosine"
+    """HF scheduler name; cosine with warmup as in Stanford Alpaca's SFT recipe."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps of linear warmup (Stanford Alpaca's 0.03)."""
+    eval_steps: int = 50
+    """Evaluate every N optimizer steps (and at the end); 0 = only at the end."""
+    eval_batch_size: int = 64
+    """Examples per eval forward pass per rank."""
+    max_eval_examples: int = 0
+    """If > 0, evaluate on the first N eval rows only (faster periodic evals)."""
+    save_steps: int = 100
+    """Full checkpoint every N optimizer steps; 0 = none."""
+    keep_last_checkpoints: int = 2
+    """Older checkpoints are deleted; keeps disk bounded on long runs."""
+    resume_from: str | None = None
+    """"latest" (newest checkpoint under output_dir, or fresh), a checkpoint path, or null."""
+    stop_after_steps: int = 0
+    """If > 0, stop once step N is reached (with a checkpoint) without changing the schedule, so a
+    later run with resume_from continues the same trajectory. For pre-emptible jobs and tests."""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    """DeepSpeed options (ZeRO stage, offload, bf16, clipping, seed)."""
+
+    def __post_init__(self) -> None:
+        if bool(self.model_name_or_path) == bool(self.build_base_model):
+            raise ConfigError(
+                "set exactly one of model_name_or_path (hub id or local directory) and "
+                f"build_base_model ({' or '.join(MODEL_SIZES)})"
+            )
+        if self.build_base_model and self.build_base_model not in MODEL_SIZES:
+            raise ConfigError(f"build_base_model={self.build_base_model!r}: choose one of {sorted(MODEL_SIZES)}")
+        for name in ("max_length", "batch_size", "micro_batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("set num_epochs > 0 or max_steps > 0")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
+
+
+def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over labelled (response) tokens and their count.
+
+    ``logits``: (b, t, V); ``labels``: (b, t) with IGNORE_INDEX on prompt and padding.
+    """
+    shift_logits = logits[:, :-1].float()  # (b, t-1, V): position i predicts token i+1
+    shift_labels = labels[:, 1:]  # (b, t-1)
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return nll, (shift_labels != IGNORE_INDEX).sum()
+
+
+class SFTTrainer:
+    """The SFT loop; ``train()`` is the public entry point."""
+
+    stage = "sft"
+
+    def __init__(self, cfg: SFTConfig, callbacks: Sequence[Callback] = ()) -> None:
+        self.cfg = cfg
+        self.cb = CallbackList(callbacks)
+        self.out = Path(cfg.output_dir)
+        self.strategy = DeepSpeedStrategy(cfg.strategy)
+        # Fail on an impossible batch split before touching data or models.
+        self.grad_accum = self.strategy.gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
+        self.resume_path = resolve_resume(cfg.resume_from, self.out / "checkpoints")
+
+    # ------------------------------------------------------------------ setup
+
+    def _model_source(self, train_rows: list[dict[str, Any]]) -> str:
+        if self.cfg.model_name_or_path:
+            return self.cfg.model_name_or_path
+        base = self.out / "base"
+        if self.strategy.is_rank_zero() and not (base / "config.json").is_file():
+            texts = [r["prompt"] for r in train_rows] + [r["completion"] for r in train_rows]
+            build_base_model(texts, base, size=str(self.cfg.build_base_model), seed=self.cfg.strategy.seed)
+        self.strategy.barrier()
+        return str(base)
+
+    def _encode(self, rows: list[dict[str, Any]]) -> list[Encoded]:
+        return [encode_prompt_response(self.tokenizer, r["prompt"], r["completion"], self.cfg.max_length) for r in rows]
+
+    def setup(self) -> None:
+        cfg, s = self.cfg, self.strategy
+        data = Path(cfg.data_dir)
+        cols = ("prompt", "completion")
+        train_rows = read_table(data / "sft_train.parquet", cols, text_columns=cols)
+        eval_rows = read_table(data / "sft_eval.parquet", cols, text_columns=cols)
+        if cfg.max_eval_examples > 0:
+            eval_rows = eval_rows[: cfg.max_eval_examples]
+        s.setup_distributed()
+        s.set_seed()
+        source = self._model_source(train_rows)
+        self.tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
+        model = load_causal_lm(source, trust_remote_code=cfg.trust_remote_code)
+        self.train_data, self.eval_data = self._encode(train_rows), self._encode(eval_rows)
+        self.sampler = StepSampler(len(self.train_data), cfg.batch_size, cfg.strategy.seed)
+        self.total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * self.sampler.steps_per_epoch))
+        optimizer = s.create_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_betas)
+        scheduler = s.create_scheduler(optimizer, cfg.lr_scheduler, self.total_steps, warmup_ratio=cfg.warmup_ratio)
+        self.engine = s.prepare_train(model, optimizer, scheduler, train_batch_size=cfg.batch_size,
+                                      micro_batch_size=cfg.micro_batch_size)
+        self.start_step = 0
+        if self.resume_path is not None:
+            state = load_checkpoint(s, self.resume_path, {"model": self.engine})
+            self.sampler.check_position(state["data_position"], str(self.resume_path))
+            self.start_step = int(state["step"])
+
+    # ------------------------------------------------------------------ loop
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over the global batch of ``step``; returns its metrics.
+
+        The loss is the mean over all response tokens of the *global* batch: each micro-batch's
+        summed NLL is divided by the global token count and multiplied by accumulation x world
+        size, which undoes DeepSpeed's averaging over micro-batches and ranks.
+        """
+        s, engine = self.strategy, self.engine
+        indices = self.sampler.batch(step)
+        global_tokens = sum(sum(1 for x in self.train_data[i].labels[1:] if x != IGNORE_INDEX) for i in indices)
+        scale = self.grad_accum * s.world_size / max(global_tokens, 1)
+        engine.train()
+        lr = s.current_lr(engine)  # the LR this step uses (the scheduler moves it after the step)
+        nll_sum = 0.0
+        for mb in rank_micro_batches(indices, s.rank, s.world_size, self.cfg.micro_batch_size):
+            batch = {k: v.to(s.device) for k, v in collate_sft([self.train_data[i] for i in mb],
+                                                                 self.tokenizer.pad_token_id).items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits
+            nll, _ = response_nll(logits, batch["labels"])
+            s.backward(nll * scale, engine)
+            s.step(engine)
+            nll_sum += float(nll.detach())
+        loss = s.all_reduce_sum(nll_sum) / max(global_tokens, 1)
+        return {"train/loss": loss, "train/lr": lr,
+                "train/epoch": (step + 1) / self.sampler.steps_per_epoch}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-mean response NLL on the eval split and its perplexity (all ranks)."""
+        s, engine = self.strategy, self.engine
+        engine.eval()
+        nll_sum, tokens = 0.0, 0
+        for idx in eval_shards(len(self.eval_data), s.rank, s.world_size, self.cfg.eval_batch_size):
+            # An empty shard still runs a forward (ZeRO-3 needs the same count on every rank).
+            rows = [self.eval_data[i] for i in idx] or [self.eval_data[0]]
+            batch = {k: v.to(s.device) for k, v in collate_sft(rows, self.tokenizer.pad_token_id).items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits
+            nll, n = response_nll(logits, batch["labels"])
+            if idx:
+                nll_sum, tokens = nll_sum + float(nll), tokens + int(n)
+        nll_sum, tokens = s.all_reduce_sum(nll_sum), s.all_reduce_sum(float(tokens))
+        loss = nll_sum / max(tokens, 1.0)
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+    def _checkpoint(self, step: int) -> None:
+        path = save_checkpoint(
+            self.strategy, self.out / "checkpoints", step, {"model": self.engine}, stage=self.stage,
+            config=to_dict(self.cfg), data_position=self.sampler.position(step),
+            keep_last=self.cfg.keep_last_checkpoints,
+        )
+        self.cb.on_checkpoint(step, str(path))
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.monotonic()
+        self.setup()
+        self.cb.on_train_begin(self.stage, self.total_steps, to_dict(cfg))
+        last = self.start_step
+        metrics: dict[str, float] = {}
+        for step in range(self.start_step, self.total_steps):
+            metrics = self.train_step(step)
+            last = step + 1
+            self.cb.on_log(last, metrics)
+            if cfg.eval_steps and last % cfg.eval_steps == 0 and last < self.total_steps:
+                self.cb.on_evaluate(last, self.evaluate())
+            if cfg.save_steps and last % cfg.save_steps == 0 and last < self.total_steps:
+                self._checkpoint(last)
+            if cfg.stop_after_steps and last == cfg.stop_after_steps and last < self.total_steps:
+                if not (cfg.save_steps and last % cfg.save_steps == 0):
+                    self._checkpoint(last)
+                return self._finish(last, metrics, {}, t0, final=False)
+        eval_metrics = self.evaluate()
+        self.cb.on_evaluate(last, eval_metrics)
+        self.strategy.save_pretrained(self.engine, self.tokenizer, self.out / "final")
+        return self._finish(last, metrics, eval_metrics, t0, final=True)
+
+    def _finish(self, step: int, train_metrics: dict[str, float], eval_metrics: dict[str, float],
+                t0: float, final: bool) -> dict[str, Any]:
+        truncated = sum(e.truncated for e in self.train_data)
+        summary: dict[str, Any] = {
+            "stage": self.stage, "output_dir": str(self.out), "step": step, "total_steps": self.total_steps,
+            "completed": final, "final_model_dir": str(self.out / "final") if final else "",
+            "train_examples": len(self.train_data), "eval_examples": len(self.eval_data),
+            "train_truncated": truncated, "runtime_s": time.monotonic() - t0,
+            **train_metrics, **eval_metrics,
+        }
+        if self.strategy.is_rank_zero():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        self.strategy.barrier()
+        self.cb.on_train_end(summary)
+        return summary
+
+
+def train(cfg: SFTConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run SFT; returns the summary (final metrics, ``output_dir``), also in summary.json."""
+    return SFTTrainer(cfg, callbacks).train()
+
+
+def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
+    """``python -m ppo_core.sft --config FILE``; progress lines on rank 0's stderr."""
+    from ppo_core.strategy import is_rank_zero
+
+    try:
+        cfg = parse_cli(SFTConfig, argv, prog="python -m ppo_core.sft")
+        progress = [ProgressPrinter(every=10, keys=("train/loss", "train/lr"))] if is_rank_zero() else []
+        train(cfg, [*progress, *callbacks])
+    except (ConfigError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The one DeepSpeed strategy: distributed setup, config building, engines, saving (OpenRLHF style).
+
+Everything DeepSpeed-specific lives here, so the engines (SFT, reward model, PPO) read as plain
+PyTorch loops. The same code runs in one process on a CPU (gloo backend; the rank/world
+variables are set here when no launcher set them) and under ``torchrun`` or the ``deepspeed``
+launcher with N ranks (nccl on GPUs).
+
+Batch vocabulary (DeepSpeed's): ``train_batch_size`` is the global number of examples per
+optimizer step = ``micro_batch_size`` x ``world_size`` x ``gradient_accumulation_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ppo_core.config import ConfigError
+from ppo_core.models import unwrap
+
+if not torch.cuda.is_available():
+    # DeepSpeed picks its accelerator at first use; without CUDA it must be told "cpu" or it
+    # guesses wrong on some machines. setdefault keeps an operator's explicit choice.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """DeepSpeed options shared by every stage (the ``strategy`` block of a stage config)."""
+
+    zero_stage: int = 2
+    """ZeRO stage 0-3 (0 = plain data parallel). Default 2, DeepSpeed-Chat's training default."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO-Offload); needs zero_stage >= 1."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (ZeRO-Infinity); needs zero_stage == 3."""
+    bf16: bool = False
+    """Train in bfloat16 with fp32 master weights (DeepSpeed ``bf16.enabled``)."""
+    gradient_clipping: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables. 1.0 as TRL, OpenRLHF, DeepSpeed-Chat."""
+    backend: str = "auto"
+    """torch.distributed backend: ``auto`` = nccl with CUDA, gloo otherwise."""
+    seed: int = 42
+    """Seed for python/numpy/torch RNGs (42: TRL's and HF Trainer's default)."""
+    cpu_threads: int = 1
+    """torch intra-op threads per rank when training on CPU; 0 keeps torch's default. 1 because
+    the tiny models gain nothing from intra-op parallelism and ranks share the cores (measured:
+    2 threads per process on a loaded 2-core machine made a step 5x slower)."""
+
+
+class DeepSpeedStrategy:
+    """Builds DeepSpeed configs and engines; rank-aware saving and collectives.
+
+    Typical use::
+
+        strategy = DeepSpeedStrategy(cfg.strategy)
+        strategy.setup_distributed()
+        strategy.validate_batch(cfg.batch_size, cfg.micro_batch_size)   # before loading models
+        engine = strategy.prepare_train(model, optimizer, scheduler,
+                                        train_batch_size=..., micro_batch_size=...)
+        loss = ...; strategy.backward(loss, engine); strategy.step(engine)
+        strategy.save_pretrained(engine, tokenizer, out_dir)
+    """
+
+    def __init__(self, cfg: StrategyConfig | None = None) -> None:
+        self.cfg = cfg or StrategyConfig()
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> None:
+        """Reject option combinations the chosen ZeRO stage cannot do, saying what to change."""
+        c = self.cfg
+        if c.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"strategy.zero_stage={c.zero_stage}: choose 0, 1, 2 or 3")
+        if c.offload_optimizer and c.zero_stage == 0:
+            raise ConfigError(
+                "strategy.offload_optimizer=true needs ZeRO stage 1, 2 or 3 (zero_stage is 0): "
+                "set strategy.zero_stage to 2 (or 3), or set offload_optimizer to false"
+            )
+        if c.offload_params and c.zero_stage != 3:
+            raise ConfigError(
+                f"strategy.offload_params=true needs ZeRO stage 3 (zero_stage is {c.zero_stage}): "
+                f"set strategy.zero_stage to 3, or set offload_params to false"
+            )
+        if c.gradient_clipping < 0:
+            raise ConfigError(f"strategy.gradient_clipping={c.gradient_clipping}: must be >= 0 (0 disables)")
+        if c.cpu_threads < 0:
+            raise ConfigError(f"strategy.cpu_threads={c.cpu_threads}: must be >= 0 (0 = torch default)")
+        if c.backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError(f"strategy.backend={c.backend!r}: choose 'auto', 'gloo' or 'nccl'")
+        if c.backend == "nccl" and not torch.cuda.is_available():
+            raise ConfigError("strategy.backend='nccl' needs CUDA; set it to 'auto' or 'gloo' on a CPU machine")
+
+    def gradient_accumulation_steps(self, train_batch_size: int, micro_batch_size: int) -> int:
+        """Accumulation steps for a global batch; ValueError when the split is impossible."""
+        world = self.world_size
+        if micro_batch_size < 1 or train_batch_size < 1:
+            raise ConfigError(
+                f"batch_size={train_batch_size} and micro_batch_size={micro_batch_size} must be >= 1"
+            )
+        per_step = micro_batch_size * world
+        if train_batch_size % per_step:
+            lower = max(per_step, train_batch_size // per_step * per_step)
+            raise ConfigError(
+                f"batch_size={train_batch_size} is not divisible by micro_batch_size x world_size = "
+                f"{micro_batch_size} x {world} = {per_step}; set batch_size to a multiple of {per_step} "
+                f"(e.g. {lower} or {lower + per_step}) or change micro_batch_size"
+            )
+        return train_batch_size // per_step
+
+    validate_batch = gradient_accumulation_steps
+
+    # ------------------------------------------------------------------ distributed
+
+    @property
+    def rank(self) -> int:
+        return get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return get_world_size()
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", 0))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def is_rank_zero(self) -> bool:
+        return self.rank == 0
+
+    def setup_distributed(self) -> None:
+        """Initialise torch.distributed through DeepSpeed (idempotent).
+
+        Without a launcher, the env variables a launcher would set are filled in for a world of
+        one, so ``python -m ppo_core.sft`` and ``torchrun -m ppo_core.sft`` run the same code.
+        """
+        if self.cfg.cpu_threads > 0 and not torch.cuda.is_available():
+            torch.set_num_threads(self.cfg.cpu_threads)
+        if dist.is_initialized():
+            return
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        backend = self.cfg.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+    def set_seed(self, seed: int | None = None, per_rank: bool = False) -> None:
+        """Seed python, numpy and torch; ``per_rank`` adds the rank (for sampling diversity)."""
+        import random
+
+        import numpy as np
+
+        s = (self.cfg.seed if seed is None else seed) + (self.rank if per_rank else 0)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def all_reduce_mean(self, value: float | torch.Tensor) -> Any:
+        """Mean over ranks; returns a float for a float, a tensor for a tensor."""
+        return self._all_reduce(value, mean=True)
+
+    def all_reduce_sum(self, value: float | torch.Tensor) -> Any:
+        """Sum over ranks; returns a float for a float, a tensor for a tensor."""
+        return self._all_reduce(value, mean=False)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s value of a picklable object on every rank."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def _all_reduce(self, value: float | torch.Tensor, mean: bool) -> Any:
+        is_tensor = isinstance(value, torch.Tensor)
+        t = value.detach().clone().double() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
+        if dist.is_initialized() and self.world_size > 1:
+            backend_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            t = t.to(backend_device)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            if mean:
+                t = t / self.world_size
+        return t.to(value.device).to(value.dtype) if is_tensor else float(t.item())
+
+    # ------------------------------------------------------------------ configs
+
+    def train_ds_config(self, train_batch_size: int, micro_batch_size: int) -> dict[str, Any]:
+        """DeepSpeed config for a trainable model (as DeepSpeed-Chat's ``get_train_ds_config``)."""
+        c = self.cfg
+        zero: dict[str, Any] = {"stage": c.zero_stage}
+        if c.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if c.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if c.zero_stage == 3:
+            # Gather full weights on save so save_pretrained on rank 0 writes real tensors.
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        return {
+            "train_batch_size": train_batch_size,
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps(train_batch_size, micro_batch_size),
+            "gradient_clipping": c.gradient_clipping,
+            "zero_optimization": zero,
+            "bf16": {"enabled": c.bf16},
+            # A plain torch optimizer with ZeRO-Offload (DeepSpeed's CPU-Adam would JIT-compile first).
+            "zero_force_ds_cpu_optimizer": False,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,  # progress goes through callbacks, not DeepSpeed's logger
+            "wall_clock_breakdown": False,
+        }
+
+    def eval_ds_config(self, micro_batch_size: int = 1) -> dict[str, Any]:
+        """DeepSpeed config for a frozen model (as DeepSpeed-Chat's ``get_eval_ds_config``):
+        ZeRO-3 sharding (and parameter offload) only when training uses stage 3."""
+        c = self.cfg
+        zero: dict[str, Any] = {"stage": 3 if c.zero_stage == 3 else 0}
+        if c.zero_stage == 3 and c.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        return {
+            "train_batch_size": micro_batch_size * self.world_size,
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "zero_optimization": zero,
+            "bf16": {"enabled": c.bf16},
+            "steps_per_print": 10**9,
+        }
+
+    # ------------------------------------------------------------------ engines
+
+    def create_optimizer(
+        self, model: nn.Module, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> torch.optim.Optimizer:
+        """torch AdamW; biases and norm weights get no weight decay (DeepSpeed-Chat's grouping).
+
+        A torch optimizer, not DeepSpeed's FusedAdam/CPU-Adam, which JIT-compile on first use.
+        """
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+
+    @staticmethod
+    def create_scheduler(
+        optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """An HF ``get_scheduler`` schedule (``cosine``, ``linear``, ``constant_with_warmup`` ...)."""
+        from transformers import get_scheduler
+
+        warmup = warmup_steps or math.ceil(warmup_ratio * total_steps)  # HF TrainingArguments rounds up
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
+
+    def prepare_train(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
+        train_batch_size: int, micro_batch_size: int,
+    ) -> Any:
+        """Wrap a trainable model as a DeepSpeed engine; the engine steps the scheduler."""
+        import deepspeed
+
+        self.setup_distributed()
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=self.train_ds_config(train_batch_size, micro_batch_size), dist_init_required=False,
+        )
+        return engine
+
+    def prepare_eval(self, model: nn.Module, micro_batch_size: int = 1) -> Any:
+        """A frozen model for inference: a ZeRO-3 engine under stage 3, else the module itself
+        on the device (no DeepSpeed overhead for a model that never steps)."""
+        model.requires_grad_(False)
+        model.eval()
+        if self.cfg.bf16:
+            model = model.to(torch.bfloat16)
+        if self.cfg.zero_stage != 3:
+            return model.to(self.device)
+        import deepspeed
+
+        self.setup_distributed()
+        engine, *_ = deepspeed.initialize(
+            model=model, config=self.eval_ds_config(micro_batch_size), dist_init_required=False
+        )
+        engine.eval()
+        return engine
+
+    @staticmethod
+    def backward(loss: torch.Tensor, engine: Any) -> None:
+        """Backward through the engine (it scales the loss for gradient accumulation)."""
+        engine.backward(loss)
+
+    @staticmethod
+    def step(engine: Any) -> bool:
+        """Optimizer + scheduler step at an accumulation boundary; returns whether it stepped."""
+        boundary = bool(engine.is_gradient_accumulation_boundary())
+        engine.step()
+        return boundary
+
+    @staticmethod
+    def current_lr(engine: Any) -> float:
+        return float(engine.optimizer.param_groups[0]["lr"]) if engine.optimizer is not None else 0.0
+
+    # ------------------------------------------------------------------ saving
+
+    def full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:
+        """The unsharded state dict on rank 0 (``None`` elsewhere). Call it on every rank:
+        under ZeRO-3 it is a collective that gathers the partitioned parameters."""
+        if self.cfg.zero_stage == 3 and hasattr(model, "_zero3_consolidated_16bit_state_dict"):
+            sd = model._zero3_consolidated_16bit_state_dict()
+            return sd if self.is_rank_zero() else None
+        if not self.is_rank_zero():
+            return None
+        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+    def save_pretrained(self, model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+        """``save_pretrained`` (safetensors) of model + tokenizer on rank 0, atomically.
+
+        All ranks must call it (ZeRO-3 gathers). The directory is written under a temporary
+        name and renamed, so a crash never leaves a half-written model behind.
+        """
+        out = Path(out_dir)
+        state = self.full_state_dict(model)
+        if self.is_rank_zero():
+            tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir(parents=True)
+            module = unwrap(model)
+            module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            replace_dir(tmp, out)
+        self.barrier()
+        return out
+
+    @staticmethod
+    def save_engine_state(engine: Any, ckpt_dir: str | Path) -> None:
+        """Model, optimizer and scheduler states of a training engine (DeepSpeed's format,
+        sharded per rank under ZeRO). Every rank calls it."""
+        engine.save_checkpoint(str(ckpt_dir), tag="state", save_latest=False)
+
+    @staticmethod
+    def load_engine_state(engine: Any, ckpt_dir: str | Path) -> None:
+        """Restore what :meth:`save_engine_state` wrote (model, optimizer, scheduler)."""
+        path, _ = engine.load_checkpoint(
+            str(ckpt_dir), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed engine state under {ckpt_dir}")
+
+
+def get_rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_rank_zero() -> bool:
+    """True on the process that logs and writes shared files (callbacks use this)."""
+    return get_rank() == 0
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` to ``dst``, replacing an existing ``dst`` (rename is atomic;
+    an existing target is first renamed aside, because rename(2) cannot replace a non-empty dir)."""
+    if dst.exists():
+        old = dst.with_name(f"{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

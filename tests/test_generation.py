@@ -1,0 +1,148 @@
+"""The KV-cache sampler against Hugging Face generate and a full recompute (tiny random models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from ppo_core.generation import filter_logits, position_ids_from_mask, sample
+from ppo_core.ppo_utils import logprobs_from_logits
+
+PAD, VOCAB = 0, 64
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                     pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+
+
+def test_position_ids_skip_left_padding():
+    _, mask = left_padded([[5, 6, 7], [8]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama])
+def test_greedy_matches_hf_generate(factory):
+    model = factory()
+    ids, mask = left_padded(PROMPTS)
+    # eos id that no row emits, so both run the full length
+    out = sample(model, ids, mask, max_new_tokens=8, eos_token_id=VOCAB + 1, pad_token_id=PAD,
+                 temperature=0.0)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                         eos_token_id=None, pad_token_id=PAD)
+    assert torch.equal(out.responses, ref[:, ids.shape[1]:])
+    assert out.response_mask.all() and not out.ended.any()
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama])
+def test_left_padding_does_not_change_a_row(factory):
+    model = factory()
+    ids, mask = left_padded(PROMPTS)
+    batched = sample(model, ids, mask, max_new_tokens=6, eos_token_id=VOCAB + 1, pad_token_id=PAD,
+                     temperature=0.0)
+    alone_ids, alone_mask = left_padded([PROMPTS[1]])
+    alone = sample(model, alone_ids, alone_mask, max_new_tokens=6, eos_token_id=VOCAB + 1,
+                   pad_token_id=PAD, temperature=0.0)
+    assert torch.equal(batched.responses[1], alone.responses[0])
+    torch.testing.assert_close(batched.logprobs[1], alone.logprobs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_match_full_forward_with_temperature():
+    model = tiny_gpt2()
+    ids, mask = left_padded(PROMPTS)
+    torch.manual_seed(1)
+    out = sample(model, ids, mask, max_new_tokens=7, eos_token_id=VOCAB + 1, pad_token_id=PAD,
+                 temperature=0.7)
+    with torch.no_grad():
+        logits = model(input_ids=out.sequences, attention_mask=out.attention_mask,
+                       position_ids=position_ids_from_mask(out.attention_mask)).logits
+    P = out.prompt_length
+    recomputed = logprobs_from_logits(logits[:, P - 1:-1], out.responses, temperature=0.7)
+    torch.testing.assert_close(out.logprobs, recomputed, atol=1e-5, rtol=1e-5)
+    # the temperature matters: without it the log-probs differ
+    assert not torch.allclose(out.logprobs, logprobs_from_logits(logits[:, P - 1:-1], out.responses))
+
+
+def test_stops_each_row_at_eos_and_pads_after():
+    model = tiny_gpt2()
+    ids, mask = left_padded(PROMPTS)
+    free = sample(model, ids, mask, max_new_tokens=8, eos_token_id=VOCAB + 1, pad_token_id=PAD,
+                  temperature=0.0)
+    eos = int(free.responses[0, 2])  # row 0 emits this token at step 2: call it EOS
+    out = sample(model, ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=PAD,
+                 temperature=0.0)
+    for row in range(len(PROMPTS)):
+        hits = (free.responses[row] == eos).nonzero()
+        cut = int(hits[0]) + 1 if len(hits) else free.responses.shape[1]
+        assert out.response_mask[row].sum().item() == cut
+        assert out.ended[row].item() == bool(len(hits))
+        assert torch.equal(out.responses[row, :cut], free.responses[row, :cut])
+        assert (out.responses[row, cut:] == PAD).all()
+        assert (out.logprobs[row, cut:] == 0).all()
+    assert out.attention_mask[:, ids.shape[1]:].bool().equal(out.response_mask)
+
+
+def test_stops_early_when_every_row_ended():
+    model = tiny_gpt2()
+    ids, mask = left_padded(PROMPTS)
+    first = sample(model, ids, mask, max_new_tokens=1, eos_token_id=VOCAB + 1, pad_token_id=PAD,
+                   temperature=0.0)
+    if len(set(first.responses[:, 0].tolist())) != 1:
+        ids, mask = left_padded([PROMPTS[0], PROMPTS[0]])
+        first = sample(model, ids, mask, max_new_tokens=1, eos_token_id=VOCAB + 1,
+                       pad_token_id=PAD, temperature=0.0)
+    out = sample(model, ids, mask, max_new_tokens=10, eos_token_id=int(first.responses[0, 0]),
+                 pad_token_id=PAD, temperature=0.0)
+    assert out.responses.shape[1] == 1 and out.ended.all()
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy():
+    model = tiny_gpt2()
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(max_new_tokens=6, eos_token_id=VOCAB + 1, pad_token_id=PAD, temperature=1.0)
+    a = sample(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    b = sample(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a.responses, b.responses)
+    greedy = sample(model, ids, mask, max_new_tokens=6, eos_token_id=VOCAB + 1, pad_token_id=PAD,
+                    temperature=0.0)
+    top1 = sample(model, ids, mask, top_k=1, **kw)
+    assert torch.equal(top1.responses, greedy.responses)
+
+
+def test_filter_logits_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))
+    # 0.5 < 0.7 so the second token is needed; 0.8 >= 0.7 so the rest go
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_k=3)).sum().item() == 3
+
+
+def test_bad_shapes_rejected():
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sample(model, torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), max_new_tokens=0,
+               eos_token_id=2, pad_token_id=PAD)
+    with pytest.raises(ValueError, match=r"\(B, P\)"):
+        sample(model, torch.ones(1, 3, dtype=torch.long), torch.ones(1, 4), max_new_tokens=2,
+               eos_token_id=2, pad_token_id=PAD)

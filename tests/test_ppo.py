@@ -1,0 +1,199 @@
+"""PPO engine: smoke runs, resume equivalence, bad configs, function rewards, 2-rank ZeRO-2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from assets import bundled_task as bt
+from ppo_core.callbacks import Callback
+from ppo_core.config import ConfigError, from_dict
+from ppo_core.models import build_scorer_from_causal_lm, build_tiny_causal_lm, train_tokenizer
+from ppo_core.ppo import PPOConfig, main, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny tokenizer + policy + reward model and prompt files (random weights)."""
+    root = tmp_path_factory.mktemp("ppo")
+    prompts = bt.all_prompts()
+    texts = prompts + [f"the {t} is {a} ." for t in bt.TOPICS for a in bt.ADJECTIVE_QUALITY]
+    tok = train_tokenizer(texts, vocab_size=300)
+    model = build_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, n_positions=128)
+    model.save_pretrained(root / "policy")
+    tok.save_pretrained(root / "policy")
+    rm = build_scorer_from_causal_lm(root / "policy", seed=1)
+    rm.save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    pd.DataFrame({"prompt": prompts[:48]}).to_parquet(root / "train.parquet")
+    pd.DataFrame({"prompt": prompts[300:308]}).to_parquet(root / "eval.parquet")
+    return {"policy_path": str(root / "policy"), "reward_model_path": str(root / "rm"),
+            "train_file": str(root / "train.parquet"), "eval_file": str(root / "eval.parquet"),
+            "root": str(root)}
+
+
+def small_cfg(tiny_run: dict[str, str], out: Path, **over) -> PPOConfig:
+    base = {k: v for k, v in tiny_run.items() if k != "root"}
+    base.update(output_dir=str(out), num_steps=2, rollout_batch_size=8, num_mini_batches=2,
+                ppo_epochs=2, response_length=8, reward_norm_samples=8, save_every=0,
+                num_threads=1)
+    base.update(over)
+    return from_dict(PPOConfig, base)
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.logs: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self.checkpoints: list[str] = []
+
+    def on_log(self, step, metrics):
+        self.logs.append(dict(metrics))
+
+    def on_evaluate(self, step, metrics):
+        self.evals.append(dict(metrics))
+
+    def on_checkpoint(self, step, path):
+        self.checkpoints.append(path)
+
+
+TRL_METRICS = ("objective/kl", "objective/entropy", "objective/scores", "policy/approxkl_avg",
+               "policy/clipfrac_avg", "val/ratio", "eps", "val/explained_variance",
+               "val/ended_frac", "time/generation", "time/scoring", "time/training")
+
+
+def test_smoke_run_logs_metrics_and_saves(tiny_run, tmp_path):
+    rec = Recorder()
+    cfg = small_cfg(tiny_run, tmp_path / "out", save_every=1)
+    summary = train(cfg, [rec])
+    assert len(rec.logs) == 2
+    for key in TRL_METRICS:
+        assert key in rec.logs[-1], key
+        assert rec.logs[-1][key] == rec.logs[-1][key] or key == "val/explained_variance", key
+    assert 0.0 <= rec.logs[-1]["val/ended_frac"] <= 1.0
+    # first step: policy == reference and logprobs come from the same weights
+    assert abs(rec.logs[0]["objective/kl"]) < 1e-3
+    assert rec.evals and "eval/scores" in rec.evals[-1]
+    final = Path(summary["final_dir"])
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["step"] == 2
+    assert [Path(p).name for p in rec.checkpoints] == ["step_1", "step_2"]
+    state = json.loads((Path(rec.checkpoints[-1]) / "trainer_state.json").read_text())
+    assert state["stage"] == "ppo" and state["step"] == 2
+    assert {"kl_controller", "reward_normalizer", "generators_by_rank"} <= set(state["extra"])
+    assert not list((tmp_path / "out" / "checkpoints").glob("*.tmp-*"))
+    # weights moved away from the initial policy
+    before = load_file(Path(tiny_run["policy_path"]) / "model.safetensors")
+    after = load_file(final / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+class StopAt(Callback):
+    """Simulates a crash right after a checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_checkpoint(self, step, path):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_the_same_trajectory(tiny_run, tmp_path):
+    over = dict(num_steps=4, save_every=2, kl_target=0.5, eval_file=None)
+    straight = train(small_cfg(tiny_run, tmp_path / "a", **over), [Recorder()])
+    with pytest.raises(KeyboardInterrupt):
+        train(small_cfg(tiny_run, tmp_path / "b", **over), [StopAt(2)])
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = train(small_cfg(tiny_run, tmp_path / "b", resume_from="latest", **over), [Recorder()])
+    a = load_file(Path(straight["final_dir"]) / "model.safetensors")
+    b = load_file(Path(resumed["final_dir"]) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert resumed["objective/kl_coef"] == pytest.approx(straight["objective/kl_coef"])
+    assert resumed["episode"] == straight["episode"] == 32
+
+
+def test_function_reward_and_critic_from_policy(tiny_run, tmp_path):
+    rec = Recorder()
+    cfg = small_cfg(tiny_run, tmp_path / "f", reward_model_path=None,
+                    reward_function="assets.bundled_task:gold_score_batch", kl_estimator="k3",
+                    lora_rank=4)
+    summary = train(cfg, [rec])
+    assert all(log["objective/kl"] >= 0 for log in rec.logs)   # k3 is never negative
+    assert "reward_norm/std" in summary and summary["reward_norm/std"] > 0
+    assert (Path(summary["final_dir"]) / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"num_mini_batches": 3}, "not divisible by num_mini_batches"),
+        ({"reward_function": "assets.bundled_task:gold_score_batch"}, "exactly one of"),
+        ({"reward_model_path": None}, "exactly one of"),
+        ({"reward_model_path": None, "reward_function": "no_colon"}, "module:function"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"clip_range": -1.0}, "clip_range"),
+    ],
+)
+def test_bad_config_fails_before_training(tiny_run, tmp_path, over, message):
+    with pytest.raises(ConfigError, match=message):
+        small_cfg(tiny_run, tmp_path / "x", **over)
+
+
+def test_main_reports_bad_files_and_keys(tiny_run, tmp_path, capsys):
+    cfg = {k: v for k, v in tiny_run.items() if k != "root"}
+    cfg.update(output_dir=str(tmp_path / "o"), train_file=str(tmp_path / "missing.parquet"))
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["--config", str(path)]) == 2
+    assert "missing.parquet" in capsys.readouterr().err
+    cfg.update(train_file=tiny_run["train_file"], learning_rte=1.0)
+    path.write_text(json.dumps(cfg))
+    assert main(["--config", str(path)]) == 2
+    assert "learning_rte" in capsys.readouterr().err
+
+
+def test_bad_reward_function_module_named(tiny_run, tmp_path):
+    cfg = small_cfg(tiny_run, tmp_path / "r", reward_model_path=None,
+                    reward_function="no_such_module_xyz:score")
+    with pytest.raises(ValueError, match="no_such_module_xyz"):
+        train(cfg, [Recorder()])
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun not installed next to python")
+def test_torchrun_two_ranks_zero2(tiny_run, tmp_path):
+    cfg = {k: v for k, v in tiny_run.items() if k != "root"}
+    cfg.update(output_dir=str(tmp_path / "ddp"), num_steps=2, rollout_batch_size=4,
+               num_mini_batches=1, ppo_epochs=1, response_length=6, reward_norm_samples=8,
+               save_every=2, num_threads=1, strategy={"zero_stage": 2})
+    path = tmp_path / "ddp.json"
+    path.write_text(json.dumps(cfg))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    with socket.socket() as s:  # torchrun passes --master-port 0 to the workers verbatim
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", port, "-m",
+                           "ppo_core.ppo", "--config", str(path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["episode"] == 2 * 4 * 2   # 2 steps x 4 x 2 ranks
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["zero_stage"] == 2
+    assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
