@@ -1,0 +1,820 @@
+"""PPO speed, ours against TRL's ``trl.experimental.ppo.PPOTrainer``, on the same work (issue 5).
+
+Both stacks get the same tokenizer, the same initial policy / reference / critic / reward
+weights (loaded from one set of safetensors files), the same prompts and the same
+hyperparameters, and run the same number of iterations, each in its own subprocess (so peak
+RSS is per stack and neither inherits the other's allocator state; ``--tiny`` runs them in
+one process to fit the test budget). Then one table:
+episodes/s, generated tokens/s, time split, peak RSS, gold-reward gain and KL to the
+reference, with a ratio column. Extra sections: our sampler against ``model.generate``,
+training FLOP/s against the measured matmul peak, step time against response length and
+batch size.
+
+    .venv/bin/python bench/ppo_vs_trl.py --out bench/results/latest.json
+    .venv/bin/python bench/ppo_vs_trl.py --tiny --out /tmp/tiny.json     # ~1 min, for tests
+
+TRL is timed from outside: its module-level ``batch_generation``, ``forward`` (no-grad calls
+only) and ``get_reward`` are wrapped with timers; training time is the rest of each
+iteration (PPO epochs, GAE, logging), measured by a ``TrainerCallback``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` and the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench.common import (
+    REPO_ROOT,
+    TINY_SIZE,
+    Fixture,
+    ModelSize,
+    build_fixture,
+    eval_prompts,
+    evaluate_policy,
+    matmul_peak_flops,
+    peak_rss_mb,
+    set_seed,
+    training_flops,
+    untrained_policy_dir,
+)
+
+# Targets of issue 5.
+TARGET_SPEEDUP = 3.0
+TARGET_PEAK_FRACTION = 0.40
+# Step time may grow at most this much faster than the response length before we call it
+# super-linear; 10% absorbs timing noise on a shared CPU.
+LINEAR_TOLERANCE = 1.10
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one PPO run needs; identical for both stacks except ``stack``."""
+
+    stack: str
+    """"ours" or "trl\""""
+    fixture: dict[str, Any]
+    """:class:`bench.common.Fixture` as a dict"""
+    iterations: int
+    """PPO iterations (rollout + update)"""
+    batch_size: int
+    """episodes per iteration (rollout batch)"""
+    response_length: int
+    """max new tokens per response"""
+    num_ppo_epochs: int = 4
+    """passes over each rollout batch; TRL PPOConfig default"""
+    num_mini_batches: int = 2
+    """optimizer steps per PPO epoch; 2 so the minibatch path is exercised (TRL default is 1)"""
+    kl_coef: float = 0.05
+    """fixed KL penalty coefficient; TRL PPOConfig default"""
+    kl_estimator: str = "k1"
+    """per-token KL estimator; TRL PPOConfig default"""
+    temperature: float = 0.7
+    """sampling temperature; TRL PPOConfig default"""
+    learning_rate: float = 5e-5
+    """AdamW LR for policy and critic. TRL's 3e-6 is tuned for 1B-parameter models; 5e-5 (the
+    transformers TrainingArguments default) moves a 0.6M-parameter policy within a few steps"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response without EOS; TRL's PPO example uses 1.0"""
+    cliprange: float = 0.2
+    """policy ratio clip; Schulman et al. 2017, TRL default"""
+    cliprange_value: float = 0.2
+    """value clip; TRL default"""
+    vf_coef: float = 0.1
+    """value-loss weight; TRL default"""
+    gamma: float = 1.0
+    """discount; TRL default"""
+    lam: float = 0.95
+    """GAE lambda; TRL default"""
+    seed: int = 0
+    """seed for data order and sampling"""
+    threads: int = 1
+    """torch intra-op threads (same for both stacks)"""
+    n_prompts: int = 360
+    """training prompts (the bundled task has 360)"""
+    eval_prompts: int = 96
+    """prompts for the gold / KL evaluation"""
+    evaluate: bool = True
+    """score the final policy with the gold reward (off for the scaling sweep)"""
+    sweep: tuple[tuple[int, int], ...] = ()
+    """(batch_size, response_length) pairs: run ours once per pair, without the gold evaluation"""
+    out: str = ""
+    """JSON file the worker writes its result to"""
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: less sensitive than wall time to other
+    processes competing for the same cores."""
+    t = os.times()
+    return t.user + t.system
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase (phases must not nest)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# shared model loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(fx: Fixture):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fx.tokenizer_dir)
+    tok.padding_side = "left"  # generation needs left padding (TRL's collator pads this way too)
+    return tok
+
+
+def load_policy(fx: Fixture):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(fx.policy_dir)
+
+
+def load_scorer(fx: Fixture):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(fx.reward_dir)
+
+
+def train_prompts(n: int) -> list[str]:
+    from assets.bundled_task import all_prompts
+
+    return all_prompts()[:n]
+
+
+def _finish(spec: RunSpec, timer: PhaseTimer, step_times: list[float], cpu_s: float,
+            gen_tokens: int, policy, n_params_policy: int, n_params_critic: int,
+            train_tokens: int, padded_tokens: int) -> dict:
+    """Common summary of one run (both stacks)."""
+    fx = Fixture(**spec.fixture)
+    total = sum(step_times)
+    gen, score = timer.seconds["generation"], timer.seconds["scoring"]
+    train = max(total - gen - score, 0.0)
+    result = {
+        "stack": spec.stack,
+        "iterations": spec.iterations,
+        "batch_size": spec.batch_size,
+        "response_length": spec.response_length,
+        "episodes": spec.iterations * spec.batch_size,
+        "wall_s": total,
+        "step_s": step_times,
+        "median_step_s": statistics.median(step_times),
+        "episodes_per_s": spec.iterations * spec.batch_size / total,
+        "cpu_s": cpu_s,
+        "episodes_per_cpu_s": spec.iterations * spec.batch_size / cpu_s,
+        "generated_tokens": gen_tokens,
+        "generated_tokens_per_s": gen_tokens / gen if gen > 0 else float("nan"),
+        "generation_s": gen,
+        "scoring_s": score,
+        "training_s": train,
+        "train_tokens": train_tokens,
+        # positions the update's forwards computed, padding included
+        "train_tokens_padded": padded_tokens,
+        "training_flops": training_flops(n_params_policy, n_params_critic, train_tokens),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if spec.evaluate:
+        tok = load_tokenizer(fx)
+        ref = load_policy(fx)
+        ev = evaluate_policy(policy, ref, tok, eval_prompts(spec.eval_prompts), spec.response_length,
+                             spec.temperature, seed=spec.seed + 7)
+        result.update({"gold_after": ev["gold"], "gold_after_se": ev["gold_se"],
+                       "kl_to_ref": ev["kl"],
+                       "eval_response_tokens": ev["response_tokens"]})
+    return result
+
+
+def _count_until_eos(responses: torch.Tensor, eos_token_id: int) -> int:
+    """Generated tokens per row up to and including the first EOS, summed. (B, T) -> int."""
+    is_eos = responses == eos_token_id
+    before = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+    return int(before.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL
+# ---------------------------------------------------------------------------------------------
+
+
+def run_trl(spec: RunSpec) -> dict:
+    """TRL's PPOTrainer on the fixture, timed by wrapping its module-level functions."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    fx = Fixture(**spec.fixture)
+    tok = load_tokenizer(fx)
+    timer = PhaseTimer()
+    gen_tokens = [0]
+    train_tokens = [0]
+    padded_tokens = [0]
+
+    orig_generation, orig_forward, orig_reward = (trl_ppo.batch_generation, trl_ppo.forward,
+                                                  trl_ppo.get_reward)
+
+    context = [0]
+
+    def timed_generation(model, queries, *args, **kwargs):
+        with timer.phase("generation"):
+            query_responses, logits = orig_generation(model, queries, *args, **kwargs)
+        context[0] = queries.shape[1]
+        gen_tokens[0] += _count_until_eos(query_responses[:, queries.shape[1]:], tok.eos_token_id)
+        return query_responses, logits
+
+    def timed_forward(model, query_responses, pad_token_id):
+        if torch.is_grad_enabled():  # the PPO update's forward: counted in training
+            # real tokens only (prompt + response through EOS), as for ours
+            P = context[0]
+            train_tokens[0] += int((query_responses[:, :P] != pad_token_id).sum())
+            train_tokens[0] += _count_until_eos(query_responses[:, P:], tok.eos_token_id)
+            padded_tokens[0] += query_responses.numel()
+            return orig_forward(model, query_responses, pad_token_id)
+        with timer.phase("scoring"):  # reference log-probs in the rollout
+            return orig_forward(model, query_responses, pad_token_id)
+
+    def timed_reward(*args, **kwargs):
+        with timer.phase("scoring"):  # critic values and reward-model scores
+            return orig_reward(*args, **kwargs)
+
+    trl_ppo.batch_generation, trl_ppo.forward, trl_ppo.get_reward = (
+        timed_generation, timed_forward, timed_reward)
+
+    step_times: list[float] = []
+    cpu = [0.0]
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t, self.cpu0 = time.perf_counter(), cpu_seconds()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            step_times.append(now - self.t)
+            self.t = now
+            cpu[0] = cpu_seconds() - self.cpu0
+
+    prompts = train_prompts(spec.n_prompts)
+    dataset = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in prompts]})
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = PPOConfig(
+            output_dir=out_dir,
+            # rollout batch = per_device_train_batch_size x accumulation; with accumulation 1
+            # TRL's micro-batch loop runs once per minibatch and steps the optimizer
+            # num_mini_batches times per PPO epoch, like ours
+            per_device_train_batch_size=spec.batch_size,
+            gradient_accumulation_steps=1,
+            num_mini_batches=spec.num_mini_batches,
+            total_episodes=spec.iterations * spec.batch_size,
+            num_ppo_epochs=spec.num_ppo_epochs,
+            local_rollout_forward_batch_size=spec.batch_size,
+            response_length=spec.response_length,
+            temperature=spec.temperature,
+            kl_coef=spec.kl_coef,
+            kl_estimator=spec.kl_estimator,
+            missing_eos_penalty=spec.missing_eos_penalty,
+            stop_token="eos",
+            learning_rate=spec.learning_rate,
+            lr_scheduler_type="constant",
+            cliprange=spec.cliprange,
+            cliprange_value=spec.cliprange_value,
+            vf_coef=spec.vf_coef,
+            gamma=spec.gamma,
+            lam=spec.lam,
+            seed=spec.seed,
+            # CPU, fp32, nothing but training: no eval, no saving, no reporting
+            use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            report_to="none", save_strategy="no", eval_strategy="no",
+            num_sample_generations=0, logging_steps=1, disable_tqdm=True,
+        )
+        trainer = PPOTrainer(
+            args=cfg, processing_class=tok, model=load_policy(fx), ref_model=load_policy(fx),
+            reward_model=load_scorer(fx), value_model=load_scorer(fx),
+            train_dataset=dataset, eval_dataset=dataset.select(range(spec.batch_size)),
+            callbacks=[StepClock()],
+        )
+        trainer.train()
+    policy = trainer.model.policy
+    return _finish(spec, timer, step_times, cpu[0], gen_tokens[0], policy,
+                   sum(p.numel() for p in policy.parameters()),
+                   sum(p.numel() for p in trainer.model.value_model.parameters()), train_tokens[0],
+                   padded_tokens[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# ours
+# ---------------------------------------------------------------------------------------------
+
+
+def run_ours(spec: RunSpec) -> dict:
+    """Our ``ppo_core.ppo`` engine on the fixture, configured to do exactly TRL's work.
+
+    Phase times come from the engine's own ``time/generation`` / ``time/scoring`` metrics;
+    training is the rest of each iteration, as for TRL. Training tokens are counted by
+    wrapping ``PPOTrainer.policy_logprobs`` (the update's forward when grad is on).
+    """
+    import pandas as pd
+
+    from ppo_core import ppo
+    from ppo_core.callbacks import Callback
+
+    fx = Fixture(**spec.fixture)
+    timer = PhaseTimer()
+    step_times: list[float] = []
+    cpu = [0.0]
+    gen_tokens = [0.0]
+    train_tokens = [0]
+    padded_tokens = [0]
+
+    orig_logprobs = ppo.PPOTrainer.policy_logprobs
+
+    def counted_logprobs(self, model, gen, with_entropy=False):
+        if torch.is_grad_enabled():
+            train_tokens[0] += int(gen.attention_mask.sum())
+            padded_tokens[0] += gen.attention_mask.numel()
+        return orig_logprobs(self, model, gen, with_entropy=with_entropy)
+
+    ppo.PPOTrainer.policy_logprobs = counted_logprobs
+
+    class StepClock(Callback):
+        def on_train_begin(self, stage, total_steps, config):
+            self.t, self.cpu0 = time.perf_counter(), cpu_seconds()
+
+        def on_log(self, step, metrics):
+            now = time.perf_counter()
+            step_times.append(now - self.t)
+            self.t = now
+            cpu[0] = cpu_seconds() - self.cpu0
+            timer.seconds["generation"] += metrics["time/generation"]
+            timer.seconds["scoring"] += metrics["time/scoring"]
+            gen_tokens[0] += metrics["val/response_length"] * spec.batch_size
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file = Path(tmp) / "ppo_train.parquet"
+        pd.DataFrame({"prompt": train_prompts(spec.n_prompts)}).to_parquet(train_file)
+        cfg = ppo.PPOConfig(
+            policy_path=fx.policy_dir, reward_model_path=fx.reward_dir, critic_path=fx.reward_dir,
+            train_file=str(train_file), output_dir=str(Path(tmp) / "out"),
+            num_steps=spec.iterations, rollout_batch_size=spec.batch_size,
+            num_mini_batches=spec.num_mini_batches, ppo_epochs=spec.num_ppo_epochs,
+            response_length=spec.response_length, temperature=spec.temperature,
+            kl_coef=spec.kl_coef, kl_estimator=spec.kl_estimator,
+            missing_eos_penalty=spec.missing_eos_penalty,
+            # TRL's PPOTrainer has one AdamW (eps 1e-8, transformers default) for policy and
+            # critic, a constant LR here, and no reward normalisation or clipping
+            learning_rate=spec.learning_rate, critic_learning_rate=spec.learning_rate,
+            adam_eps=1e-8, lr_scheduler="constant", normalize_reward=False, reward_clip=None,
+            clip_range=spec.cliprange, value_clip_range=spec.cliprange_value,
+            vf_coef=spec.vf_coef, gamma=spec.gamma, lam=spec.lam, seed=spec.seed,
+            save_every=0, num_threads=spec.threads,
+        )
+        summary = ppo.train(cfg, callbacks=[StepClock()])
+        policy = load_policy(replace(fx, policy_dir=summary["final_dir"]))
+        result = _finish(spec, timer, step_times, cpu[0], int(round(gen_tokens[0])), policy,
+                         fx.n_params_policy, fx.n_params_reward, train_tokens[0], padded_tokens[0])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# extra sections
+# ---------------------------------------------------------------------------------------------
+
+
+def compare_generation(fx: Fixture, batch_size: int, response_length: int, temperature: float,
+                       seed: int, repeats: int = 3) -> dict:
+    """Our sampler (``ppo_core.generation.sample``) against plain ``model.generate``.
+
+    Same model, same left-padded batch, same sampling settings, both stop at EOS; each is
+    timed ``repeats`` times after one warm-up call and the best time is kept (the least
+    disturbed by other processes on a shared CPU).
+    """
+    from bench.common import _left_pad
+    from ppo_core.generation import sample
+
+    tok, policy = load_tokenizer(fx), load_policy(fx)
+    policy.eval()
+    ids, mask = _left_pad(tok, train_prompts(360)[:batch_size])
+
+    def ours() -> int:
+        out = sample(policy, ids, mask, max_new_tokens=response_length, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id, temperature=temperature)
+        return int(out.response_mask.sum())
+
+    @torch.no_grad()
+    def hf() -> int:
+        out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                              temperature=temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=response_length, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+        return _count_until_eos(out[:, ids.shape[1]:], tok.eos_token_id)
+
+    result = {"batch_size": batch_size, "response_length": response_length}
+    for name, fn in (("ours", ours), ("hf_generate", hf)):
+        set_seed(seed)
+        fn()
+        best, tokens = math.inf, 0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            tokens = fn()
+            best = min(best, time.perf_counter() - t0)
+        result[f"{name}_s"] = best
+        result[f"{name}_tokens"] = tokens
+        result[f"{name}_tokens_per_s"] = tokens / best
+    result["speedup"] = result["ours_tokens_per_s"] / result["hf_generate_tokens_per_s"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestration
+# ---------------------------------------------------------------------------------------------
+
+
+def run_worker(spec: RunSpec, log_dir: Path) -> dict:
+    """Run one stack in a fresh interpreter; returns its result dict."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"{spec.stack}_b{spec.batch_size}_r{spec.response_length}_n{spec.iterations}"
+    tag += "_sweep" if spec.sweep else ""
+    spec = replace(spec, out=str(log_dir / f"{tag}.json"))
+    spec_path = log_dir / f"{tag}.spec.json"
+    spec_path.write_text(json.dumps(asdict(spec)))
+    log_path = log_dir / f"{tag}.log"
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    print(f"  running {tag} ...", file=sys.stderr, flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"{spec.stack} run failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    return json.loads(Path(spec.out).read_text())
+
+
+def execute(spec: RunSpec) -> dict:
+    """Run one stack (or our sweep) in this process."""
+    # Both stacks import DeepSpeed lazily (accelerate's unwrap_model in TRL's first rollout,
+    # ppo_core.strategy at set-up), ~8 s with its mlflow import; pay it here, outside the clocks.
+    import deepspeed  # noqa: F401
+
+    torch.set_num_threads(spec.threads)
+    set_seed(spec.seed)
+    runner: Callable[[RunSpec], dict] = {"ours": run_ours, "trl": run_trl}[spec.stack]
+    if spec.sweep:  # one process for the whole sweep: interpreter start-up is paid once
+        return {"sweep": [runner(replace(spec, batch_size=b, response_length=r, sweep=(),
+                                         evaluate=False))
+                          for b, r in spec.sweep]}
+    return runner(spec)
+
+
+def worker_main(spec_path: str) -> int:
+    spec = RunSpec(**json.loads(Path(spec_path).read_text()))
+    spec = replace(spec, sweep=tuple(tuple(p) for p in spec.sweep))
+    Path(spec.out).write_text(json.dumps(execute(spec), indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def _status(ok: bool) -> str:
+    return "MET" if ok else "MISSED"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def steady_step_s(result: dict) -> float:
+    """Mean step time without the first iteration (warm-up: allocator, thread pools)."""
+    steps = result["step_s"]
+    return statistics.fmean(steps[1:]) if len(steps) > 1 else steps[0]
+
+
+def comparison_rows(ours: dict, trl: dict, gold_before: float) -> list[dict]:
+    """The main table: one row per metric with ours / TRL / ratio / target / status."""
+    rows = []
+
+    def add(metric: str, key: str | None = None, o: float | None = None, t: float | None = None,
+            target: str = "", status: str = "", higher_is_better: bool = True) -> None:
+        o = ours[key] if key else o
+        t = trl[key] if key else t
+        rows.append({"metric": metric, "ours": o, "trl": t, "ratio": _ratio(o, t),
+                     "higher_is_better": higher_is_better, "target": target, "status": status})
+
+    speedup = _ratio(ours["episodes_per_s"], trl["episodes_per_s"])
+    add("episodes/s", "episodes_per_s", target=f">= {TARGET_SPEEDUP:g}x TRL",
+        status=_status(speedup >= TARGET_SPEEDUP))
+    add("episodes per CPU-second (contention-robust)", "episodes_per_cpu_s")
+    add("generated tokens/s (generation phase)", "generated_tokens_per_s")
+    add("step time s (steady, mean)", o=steady_step_s(ours), t=steady_step_s(trl),
+        higher_is_better=False)
+    for phase in ("generation", "scoring", "training"):
+        add(f"{phase} s (total)", f"{phase}_s", higher_is_better=False)
+    for phase in ("generation", "scoring", "training"):
+        add(f"{phase} share of wall time", o=ours[f"{phase}_s"] / ours["wall_s"],
+            t=trl[f"{phase}_s"] / trl["wall_s"], higher_is_better=False)
+    add("peak RSS MiB", "peak_rss_mb", higher_is_better=False)
+    add("padding share of training forward positions",
+        o=1 - ours["train_tokens"] / ours["train_tokens_padded"],
+        t=1 - trl["train_tokens"] / trl["train_tokens_padded"], higher_is_better=False)
+    add("training GFLOP/s (6N rule)", o=ours["training_flops"] / ours["training_s"] / 1e9,
+        t=trl["training_flops"] / trl["training_s"] / 1e9)
+    gain_o, gain_t = ours["gold_after"] - gold_before, trl["gold_after"] - gold_before
+    kl_matched = ours["kl_to_ref"] <= 1.5 * trl["kl_to_ref"] + 0.1
+    gain_ok = gain_o >= gain_t and kl_matched
+    note = "" if kl_matched else " (KL not matched)"
+    add("gold reward after", "gold_after")
+    add(f"gold-reward gain (from {gold_before:.3f})", o=gain_o, t=gain_t,
+        target=">= TRL at matched KL", status=_status(gain_ok) + note)
+    add("KL to reference (nats/response)", "kl_to_ref", higher_is_better=False,
+        target="matched: ours <= 1.5 x TRL + 0.1", status=_status(kl_matched))
+    add("eval response tokens", "eval_response_tokens")
+    return rows
+
+
+def scaling_section(sweep: list[dict], batch_size: int, response_length: int) -> dict:
+    """Step time against response length (at ``batch_size``) and against batch size."""
+    by_len = sorted((r for r in sweep if r["batch_size"] == batch_size),
+                    key=lambda r: r["response_length"])
+    by_batch = sorted((r for r in sweep if r["response_length"] == response_length),
+                      key=lambda r: r["batch_size"])
+
+    def row(r: dict) -> dict:
+        return {"batch_size": r["batch_size"], "response_length": r["response_length"],
+                "step_s": steady_step_s(r),
+                "generated_tokens_per_episode": r["generated_tokens"] / r["episodes"],
+                "generation_s_per_step": r["generation_s"] / r["iterations"],
+                "scoring_s_per_step": r["scoring_s"] / r["iterations"],
+                "training_s_per_step": r["training_s"] / r["iterations"]}
+
+    lengths = [row(r) for r in by_len]
+    # super-linear = the step-time ratio between two lengths exceeds the length ratio
+    growth = [(b["step_s"] / a["step_s"]) / (b["response_length"] / a["response_length"])
+              for a, b in zip(lengths, lengths[1:])]
+    return {"by_response_length": lengths, "by_batch_size": [row(r) for r in by_batch],
+            "growth_vs_linear": growth,
+            "status": _status(all(g <= LINEAR_TOLERANCE for g in growth))}
+
+
+def _fmt(x: float) -> str:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "n/a"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def render(report: dict) -> str:
+    """The report as Markdown (printed, and pasted into BENCHMARKS.md)."""
+    cfg = report["config"]
+    lines = [
+        f"PPO, ours vs TRL {report['machine']['trl']} -- {cfg['iterations']} iterations x "
+        f"{cfg['batch_size']} episodes, response length {cfg['response_length']}, "
+        f"{cfg['num_ppo_epochs']} PPO epochs x {cfg['num_mini_batches']} minibatches, "
+        f"kl_coef {cfg['kl_coef']}, temperature {cfg['temperature']}, "
+        f"policy {report['fixture']['n_params_policy']:,} params, "
+        f"{report['machine']['threads']} threads",
+        "",
+        "| metric | ours | TRL | ours/TRL | target | status |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for r in report["comparison"]:
+        lines.append(f"| {r['metric']} | {_fmt(r['ours'])} | {_fmt(r['trl'])} | "
+                     f"{_fmt(r['ratio'])} | {r['target']} | {r['status']} |")
+    g = report["generation"]
+    lines += [
+        "",
+        f"Generation, batch {g['batch_size']}, up to {g['response_length']} new tokens (best of 3):",
+        "",
+        "| sampler | s | tokens | tokens/s |",
+        "|---|---:|---:|---:|",
+        f"| ours (ppo_core.generation.sample) | {_fmt(g['ours_s'])} | {g['ours_tokens']} | "
+        f"{_fmt(g['ours_tokens_per_s'])} |",
+        f"| model.generate | {_fmt(g['hf_generate_s'])} | {g['hf_generate_tokens']} | "
+        f"{_fmt(g['hf_generate_tokens_per_s'])} |",
+        f"| speed-up | | | {_fmt(g['speedup'])}x |",
+    ]
+    f = report["flops"]
+    lines += [
+        "",
+        f"Training FLOP/s: {f['formula']}",
+        "",
+        "| | GFLOP/s | share of peak | target | status |",
+        "|---|---:|---:|---|---|",
+        f"| matmul peak ({f['peak_matmul_n']}^2 fp32 torch.mm) | {_fmt(f['peak_gflops'])} | 1.00 | | |",
+        f"| ours, training phase | {_fmt(f['ours_gflops'])} | {_fmt(f['ours_fraction'])} | "
+        f">= {TARGET_PEAK_FRACTION:.0%} | {f['status']} |",
+        f"| TRL, training phase | {_fmt(f['trl_gflops'])} | {_fmt(f['trl_fraction'])} | | |",
+    ]
+    s = report["scaling"]
+    lines += [
+        "",
+        f"Scaling (ours, untrained policy so responses run to the limit; growth = step-time "
+        f"ratio / length ratio, <= {LINEAR_TOLERANCE} is linear or better): {s['status']}",
+        "",
+        "| batch | response length | step s | gen tokens/episode | gen s | scoring s | training s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    seen = set()
+    for r in s["by_response_length"] + s["by_batch_size"]:
+        if (r["batch_size"], r["response_length"]) in seen:
+            continue
+        seen.add((r["batch_size"], r["response_length"]))
+        lines.append(f"| {r['batch_size']} | {r['response_length']} | {_fmt(r['step_s'])} | "
+                     f"{_fmt(r['generated_tokens_per_episode'])} | {_fmt(r['generation_s_per_step'])} | "
+                     f"{_fmt(r['scoring_s_per_step'])} | {_fmt(r['training_s_per_step'])} |")
+    lines.append(f"\ngrowth vs linear between consecutive lengths: "
+                 f"{', '.join(_fmt(x) for x in s['growth_vs_linear'])}")
+    if report["missed"]:
+        lines += ["", "MISSED: " + "; ".join(report["missed"])]
+    return "\n".join(lines)
+
+
+def closing_notes(report: dict) -> list[str]:
+    """One line per missed target, naming the measured bottleneck."""
+    missed = []
+    rows = {r["metric"]: r for r in report["comparison"]}
+    eps = rows["episodes/s"]
+    if eps["status"] != "MET":
+        o, t = report["ours"], report["trl"]
+        phases = {p: o[f"{p}_s"] / max(t[f"{p}_s"], 1e-9) for p in ("generation", "scoring", "training")}
+        worst = max(phases, key=lambda p: o[f"{p}_s"])
+        missed.append(
+            f"episodes/s is {eps['ratio']:.2f}x TRL (target {TARGET_SPEEDUP:g}x); our largest "
+            f"phase is {worst} ({o[worst + '_s'] / o['wall_s']:.0%} of wall time); phase time "
+            "ours/TRL: " + ", ".join(f"{p} {v:.2f}x" for p, v in phases.items()))
+    gain = next(r for r in report["comparison"] if r["metric"].startswith("gold-reward gain"))
+    if gain["status"] != "MET":
+        o, t = report["ours"], report["trl"]
+        # both gains share gold_before, so the difference's noise is that of the two "after"s
+        se = math.hypot(o["gold_after_se"], t["gold_after_se"])
+        noise = ("within" if abs(gain["ours"] - gain["trl"]) <= 2 * se else "outside")
+        missed.append(f"gold-reward gain {gain['ours']:.3f} vs TRL {gain['trl']:.3f} "
+                      f"({gain['status']}); the difference is {noise} 2 standard errors "
+                      f"({2 * se:.3f}) of the evaluation")
+    f = report["flops"]
+    if f["status"] != "MET":
+        missed.append(f"training phase at {f['ours_fraction']:.1%} of the matmul peak (target "
+                      f"{TARGET_PEAK_FRACTION:.0%}): {f['ours_gflops']:.2f} of {f['peak_gflops']:.1f} "
+                      "GFLOP/s; tiny matrices (width "
+                      f"{report['size']['n_embd']}) cannot fill the BLAS kernels")
+    if report["scaling"]["status"] != "MET":
+        missed.append("step time grows faster than the response length: growth factors "
+                      + ", ".join(f"{g:.2f}" for g in report["scaling"]["growth_vs_linear"]))
+    return missed
+
+
+def build_report(args: argparse.Namespace, size: ModelSize, fx: Fixture, base: RunSpec,
+                 gold_before: dict, ours: dict, trl: dict, sweep: list[dict], generation: dict,
+                 peak: float, peak_n: int) -> dict:
+    import transformers
+    import trl as trl_pkg
+
+    train_s = {"ours": ours["training_s"], "trl": trl["training_s"]}
+    flops = {
+        "formula": "6 x (N_policy + N_critic) x training tokens / training-phase seconds; tokens = "
+                   "real (non-pad) prompt + response tokens in every PPO-epoch forward; 6N = 2N "
+                   "forward + 4N backward per token (Kaplan et al. 2020)",
+        "peak_matmul_n": peak_n,
+        "peak_gflops": peak / 1e9,
+        "ours_gflops": ours["training_flops"] / train_s["ours"] / 1e9,
+        "trl_gflops": trl["training_flops"] / train_s["trl"] / 1e9,
+    }
+    flops["ours_fraction"] = flops["ours_gflops"] / flops["peak_gflops"]
+    flops["trl_fraction"] = flops["trl_gflops"] / flops["peak_gflops"]
+    flops["status"] = _status(flops["ours_fraction"] >= TARGET_PEAK_FRACTION)
+    report = {
+        "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/ppo_vs_trl.py",
+                                                     *sys.argv[1:]]),
+        "config": {k: v for k, v in asdict(base).items()
+                   if k not in ("fixture", "stack", "out", "sweep", "evaluate")},
+        "size": asdict(size),
+        "fixture": asdict(fx),
+        "machine": {"threads": args.threads, "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "trl": trl_pkg.__version__,
+                    "load_avg_1m": os.getloadavg()[0]},
+        "gold_before": gold_before,
+        "ours": ours,
+        "trl": trl,
+        "comparison": comparison_rows(ours, trl, gold_before["gold"]),
+        "generation": generation,
+        "flops": flops,
+        "scaling": scaling_section(sweep, args.batch_size, args.response_length),
+    }
+    report["missed"] = closing_notes(report)
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iterations", type=int, default=None, help="PPO iterations per stack (8; tiny 2)")
+    ap.add_argument("--batch-size", type=int, default=None, help="episodes per iteration (32; tiny 4)")
+    ap.add_argument("--response-length", type=int, default=None, help="max new tokens (64; tiny 16)")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "latest.json",
+                    help="where to write the JSON report")
+    ap.add_argument("--tiny", action="store_true",
+                    help="seconds-long run on a 2-layer width-64 model (the test uses it)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both stacks and the matmul peak (default 1: on a shared "
+                         "machine one thread per process gives the steadiest numbers)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    defaults = (2, 4, 16) if args.tiny else (8, 32, 64)
+    for name, d in zip(("iterations", "batch_size", "response_length"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, d)
+    if args.iterations < 1 or args.batch_size < 4 or args.batch_size % 2:
+        ap.error("--iterations must be >= 1 and --batch-size an even number >= 4 (2 minibatches "
+                 "of >= 2 episodes)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    torch.set_num_threads(args.threads)
+    size = TINY_SIZE if args.tiny else ModelSize()
+    lengths = (8, 16, 32) if args.tiny else (32, 64, 128)
+    t_start = time.perf_counter()
+    print(f"fixture ({'tiny' if args.tiny else 'full'}) ...", file=sys.stderr, flush=True)
+    fx = build_fixture(size, seed=args.seed)
+    base = RunSpec(stack="ours", fixture=asdict(fx), iterations=args.iterations,
+                   batch_size=args.batch_size, response_length=args.response_length,
+                   seed=args.seed, threads=args.threads,
+                   eval_prompts=16 if args.tiny else 192)
+
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(fx)
+    initial = AutoModelForCausalLM.from_pretrained(fx.policy_dir)
+    gold_before = evaluate_policy(initial, initial, tok, eval_prompts(base.eval_prompts),
+                                  base.response_length, base.temperature, seed=base.seed + 7)
+    log_dir = args.out.parent / (args.out.stem + "_logs")
+    # --tiny runs in this process (the test's time budget cannot pay three interpreter
+    # start-ups); its peak RSS is then the whole benchmark's, not per stack
+    run: Callable[[RunSpec], dict] = (
+        execute if args.tiny else lambda spec: run_worker(spec, log_dir))
+    trl = run(replace(base, stack="trl"))
+    ours = run(base)
+    pairs = [(args.batch_size, n) for n in sorted({*lengths, args.response_length})]
+    pairs.append((2 * args.batch_size, args.response_length))
+    # the untrained policy runs every response to the limit (see untrained_policy_dir)
+    sweep_fx = replace(fx, policy_dir=untrained_policy_dir(fx, args.seed))
+    sweep = run(replace(base, fixture=asdict(sweep_fx), iterations=1 if args.tiny else 2,
+                        evaluate=False, sweep=tuple(pairs)))["sweep"]
+    print("  generation vs model.generate, matmul peak ...", file=sys.stderr, flush=True)
+    generation = compare_generation(fx, args.batch_size, args.response_length, base.temperature,
+                                    args.seed)
+    peak_n = 512 if args.tiny else 2048
+    peak = matmul_peak_flops(peak_n)
+    report = build_report(args, size, fx, base, gold_before, ours, trl, sweep, generation,
+                          peak, peak_n)
+    report["total_bench_s"] = time.perf_counter() - t_start
+    text = render(report)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.out} ({report['total_bench_s']:.0f}s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The PPO-vs-TRL benchmark runs end to end (issue 5), so it cannot rot.
+
+A ``--tiny`` run of ``bench/ppo_vs_trl.py`` in a subprocess writes its JSON report; the test
+checks the report's structure and that every measured number is finite and positive where it
+must be. No timing assertions: speed is what the benchmark reports, not what a test enforces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "ppo_vs_trl.py"
+
+pytest.importorskip("trl.experimental.ppo", reason="the bench extra (trl==1.12.0) is not installed")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert out.exists(), "the script did not write the --out JSON"
+    data = json.loads(out.read_text())
+    data["_stdout"] = proc.stdout
+    return data
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_report_has_every_section(report: dict) -> None:
+    for key in ("command", "config", "fixture", "machine", "gold_before", "ours", "trl",
+                "comparison", "generation", "flops", "scaling", "missed"):
+        assert key in report, f"report lacks {key!r}"
+    assert "--tiny" in report["command"]
+    # the same work on both sides
+    for side in ("ours", "trl"):
+        run = report[side]
+        assert run["iterations"] == report["config"]["iterations"]
+        assert run["batch_size"] == report["config"]["batch_size"]
+        assert run["episodes"] == run["iterations"] * run["batch_size"]
+
+
+@pytest.mark.parametrize("side", ["ours", "trl"])
+def test_run_numbers_are_positive_and_finite(report: dict, side: str) -> None:
+    run = report[side]
+    for key in ("wall_s", "episodes_per_s", "episodes_per_cpu_s", "generated_tokens",
+                "generated_tokens_per_s", "generation_s", "scoring_s", "training_s",
+                "train_tokens", "training_flops", "peak_rss_mb"):
+        assert _positive(run[key]), f"{side}.{key} = {run[key]!r}"
+    assert len(run["step_s"]) == run["iterations"] and all(map(_positive, run["step_s"]))
+    # the phases partition the wall time
+    assert run["generation_s"] + run["scoring_s"] + run["training_s"] == pytest.approx(
+        run["wall_s"], rel=1e-6)
+    for key in ("gold_after", "kl_to_ref"):
+        assert math.isfinite(run[key])
+    # responses are never longer than the configured limit
+    assert 0 < run["eval_response_tokens"] <= report["config"]["response_length"]
+    assert run["generated_tokens"] <= run["episodes"] * report["config"]["response_length"]
+
+
+def test_comparison_table_rows(report: dict) -> None:
+    rows = {r["metric"]: r for r in report["comparison"]}
+    assert "episodes/s" in rows and rows["episodes/s"]["status"] in ("MET", "MISSED")
+    gain = [r for r in report["comparison"] if r["metric"].startswith("gold-reward gain")]
+    assert len(gain) == 1 and gain[0]["status"].split()[0] in ("MET", "MISSED")
+    eps = rows["episodes/s"]
+    assert eps["ratio"] == pytest.approx(eps["ours"] / eps["trl"])
+    # the printed table carries the same rows, and a MISSED target is spelled out
+    for metric in rows:
+        assert f"| {metric} |" in report["_stdout"]
+    missed_rows = [r for r in report["comparison"] if r["status"].startswith("MISSED")]
+    assert len(report["missed"]) >= len(missed_rows)
+
+
+def test_generation_flops_and_scaling_sections(report: dict) -> None:
+    g = report["generation"]
+    for key in ("ours_s", "hf_generate_s", "ours_tokens_per_s", "hf_generate_tokens_per_s",
+                "speedup"):
+        assert _positive(g[key]), f"generation.{key} = {g[key]!r}"
+    f = report["flops"]
+    assert "6 x" in f["formula"]
+    for key in ("peak_gflops", "ours_gflops", "trl_gflops", "ours_fraction"):
+        assert _positive(f[key]), f"flops.{key} = {f[key]!r}"
+    assert f["ours_fraction"] == pytest.approx(f["ours_gflops"] / f["peak_gflops"])
+    s = report["scaling"]
+    lengths = [r["response_length"] for r in s["by_response_length"]]
+    assert len(lengths) >= 3 and lengths == sorted(lengths)
+    assert len({r["batch_size"] for r in s["by_batch_size"]}) == 2
+    assert len(s["growth_vs_linear"]) == len(lengths) - 1
+    for r in s["by_response_length"] + s["by_batch_size"]:
+        assert _positive(r["step_s"])
+        assert r["generated_tokens_per_episode"] <= r["response_length"]
+    assert s["status"] in ("MET", "MISSED")
