@@ -1,0 +1,409 @@
+"""``evaluation_report``: SFT against PPO on held-out prompts, and the ``ppo_beats_sft`` gate.
+
+Both policies answer every prompt of ``test_prompts.parquet`` (sampled, same seed). Each
+answer is scored by the reward model, by the gold scorer when the data has one, against the
+``chosen`` response of ``test_pairs.parquet`` (ROUGE-L F1), and by length and whether it ended
+with EOS. KL to the reference is the per-token mean of ``logp_ppo - logp_sft`` on PPO's own
+samples (SFT is PPO's reference policy), the same estimator PPO's KL penalty uses
+(Ziegler et al. 2019; TRL's ``objective/kl``).
+"""
+
+
+import importlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from pipelines import settings
+from pipelines.resources import MLflowResource
+
+BUNDLED_GOLD_SCORER = "assets.bundled_task:gold_score_batch"
+GoldScorer = Callable[[list[str], list[str]], list[float]]
+
+
+# ---------------------------------------------------------------- pure metrics
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (O(len(a) * len(b)) dynamic programme, one row)."""
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, start=1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased whitespace tokens (Lin 2004, beta = 1 as in ``rouge-score``)."""
+    c, r = candidate.lower().split(), reference.lower().split()
+    lcs = lcs_length(c, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(c), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
+    """Fraction of items where ``a`` beats ``b``; a tie counts half (AlpacaEval's convention)."""
+    if len(a) != len(b):
+        raise ValueError(f"win_rate: {len(a)} scores against {len(b)}")
+    if not a:
+        return float("nan")
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+
+
+def mean(values: Sequence[float]) -> float:
+    vals = [float(v) for v in values]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def load_gold_scorer(spec: str) -> GoldScorer:
+    """``"package.module:function"`` -> the function ``(prompts, responses) -> list[float]``."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ValueError(f"gold_scorer {spec!r}: expected 'module:function', e.g. '{BUNDLED_GOLD_SCORER}'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"gold_scorer {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ValueError(f"gold_scorer {spec!r}: module {module_name!r} has no function {func_name!r}")
+    return func
+
+
+def resolve_gold_scorer(configured: str, data_source: str | None) -> str | None:
+    """The scorer to use: the configured one, ``none`` for none, else the bundled one on bundled data."""
+    spec = configured.strip()
+    if spec.lower() == "none":
+        return None
+    if spec:
+        return spec
+    return BUNDLED_GOLD_SCORER if (data_source or "").strip().lower() == "bundled" else None
+
+
+def policy_metrics(
+    responses: Sequence[str],
+    rm_scores: Sequence[float],
+    lengths: Sequence[int],
+    ended: Sequence[bool],
+    references: Sequence[str | None],
+    gold: Sequence[float] | None,
+) -> dict[str, float]:
+    """Headline numbers of one policy's answers."""
+    refs = [(r, ref) for r, ref in zip(responses, references) if ref is not None]
+    out = {
+        "rm_score_mean": mean(rm_scores),
+        "length_mean": mean(lengths),
+        "ended_eos_frac": mean([1.0 if e else 0.0 for e in ended]),
+        "rouge_l_mean": mean([rouge_l(r, ref) for r, ref in refs]) if refs else float("nan"),
+    }
+    if gold is not None:
+        out["gold_mean"] = mean(gold)
+    return out
+
+
+def compare(sft: dict[str, list], ppo: dict[str, list]) -> dict[str, float]:
+    """PPO-against-SFT win rates (by RM score and, when present, by gold score)."""
+    out = {"win_rate_rm": win_rate(ppo["rm"], sft["rm"])}
+    if ppo.get("gold") is not None and sft.get("gold") is not None:
+        out["win_rate_gold"] = win_rate(ppo["gold"], sft["gold"])
+    return out
+
+
+def samples_markdown(df: pd.DataFrame, n: int) -> str:
+    """A markdown table of the first ``n`` samples (cells shortened, pipes escaped)."""
+    def cell(v: Any) -> str:
+        text = f"{v:.3g}" if isinstance(v, float) else str(v)
+        text = text.replace("|", "\\|").replace("\n", " ")
+        return text if len(text) <= 120 else text[:117] + "..."
+
+    cols = [c for c in ("prompt", "sft_response", "ppo_response", "sft_rm", "ppo_rm", "sft_gold", "ppo_gold")
+            if c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in cols) + " |" for _, row in df.head(n).iterrows()]
+    return "\n".join(lines)
+
+
+def json_safe(d: dict[str, float]) -> dict[str, float | None]:
+    return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in d.items()}
+
+
+
+# ---------------------------------------------------------------- model side
+def generate(model_dir: str, prompts: list[str], cfg: "EvaluationConfig") -> dict[str, list]:
+    """Sample one answer per prompt; returns responses, token ids, lengths and whether EOS ended them."""
+    import torch
+
+    from ppo_core import generation, models
+
+    tok = models.load_tokenizer(model_dir)
+    model = models.load_causal_lm(model_dir).eval()
+    tok.padding_side = "left"  # generation.sample takes left-padded prompts
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out: dict[str, list] = {"responses": [], "lengths": [], "ended": [], "ids": []}
+    for i in range(0, len(prompts), cfg.batch_size):
+        # add_special_tokens=False: prompts are plain text, as SFT and PPO encode them (ppo_core.data)
+        enc = tok(prompts[i : i + cfg.batch_size], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+        res = generation.sample(
+            model, enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            temperature=cfg.temperature, generator=gen, return_logprobs=False,
+        )
+        for row, mask, ended in zip(res.responses.tolist(), res.response_mask.tolist(), res.ended.tolist()):
+            ids = [t for t, m in zip(row, mask) if m]  # up to and including the first EOS
+            out["ids"].append(ids)
+            out["lengths"].append(len(ids))
+            out["ended"].append(bool(ended))
+            out["responses"].append(tok.decode(ids, skip_special_tokens=True).strip())
+    return out
+
+
+def _prompt_response_batches(tok: Any, prompts: list[str], response_ids: list[list[int]], batch_size: int):
+    """Yield right-padded ``(ids (b, t), mask (b, t), prompt lengths, sequence lengths)`` batches."""
+    import torch
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for i in range(0, len(prompts), batch_size):
+        seqs, starts = [], []
+        for p, r in zip(prompts[i : i + batch_size], response_ids[i : i + batch_size]):
+            p_ids = tok(p, add_special_tokens=False)["input_ids"]
+            seqs.append(p_ids + list(r))
+            starts.append(len(p_ids))
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        yield ids, mask, starts, [len(s) for s in seqs]
+
+
+def sequence_logprobs(model_dir: str, prompts: list[str], response_ids: list[list[int]],
+                      batch_size: int) -> list[list[float]]:
+    """Per-token log-probabilities of ``response_ids`` given each prompt, under the model at ``model_dir``."""
+    import torch
+
+    from ppo_core import models
+
+    tok = models.load_tokenizer(model_dir)
+    model = models.load_causal_lm(model_dir).eval()
+    result: list[list[float]] = []
+    for ids, mask, starts, lengths in _prompt_response_batches(tok, prompts, response_ids, batch_size):
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (b, t, v)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (b, t-1)
+        for b, (start, n) in enumerate(zip(starts, lengths)):
+            result.append(logp[b, start - 1 : n - 1].tolist())  # token j is predicted at j - 1
+    return result
+
+
+def rm_scores(rm_dir: str, prompts: list[str], response_ids: list[list[int]], batch_size: int) -> list[float]:
+    """Reward-model score of each prompt + response, read at the last real token as in PPO."""
+    import torch
+
+    from ppo_core import models, rewards
+
+    tok = models.load_tokenizer(rm_dir)
+    scorer = rewards.ModelReward(models.load_sequence_scorer(rm_dir))
+    out: list[float] = []
+    for ids, mask, _, _ in _prompt_response_batches(tok, prompts, response_ids, batch_size):
+        n = ids.size(0)
+        with torch.inference_mode():
+            # ModelReward reads the token ids only; the text arguments serve function rewards.
+            out += scorer([""] * n, [""] * n, ids, mask).tolist()
+    return [float(x) for x in out]
+
+
+def kl_per_token(logp_policy: list[list[float]], logp_ref: list[list[float]]) -> float:
+    """Mean over all response tokens of ``logp_policy - logp_ref`` (a Monte-Carlo KL estimate)."""
+    diffs = [a - b for pa, pr in zip(logp_policy, logp_ref) for a, b in zip(pa, pr)]
+    return mean(diffs)
+
+
+# ---------------------------------------------------------------- asset
+class EvaluationConfig(dg.Config):
+    """What an operator tunes in the evaluation."""
+
+    max_prompts: int = Field(default=96, description="Held-out prompts evaluated (0 = all).")
+    max_new_tokens: int = Field(
+        default=32, description="Answer length cap, in tokens; ppo_core.ppo's response_length default, so "
+        "'ended with EOS' is measured under the limit PPO trained with.")
+    temperature: float = Field(
+        default=1.0, description="Sampling temperature; 1.0 = the distribution PPO optimised (0 = greedy)."
+    )
+    batch_size: int = Field(default=32, description="Prompts per generation / scoring batch.")
+    seed: int = Field(default=0, description="Sampling seed, the same for both policies.")
+    gold_scorer: str = Field(
+        default="",
+        description="'module:function' scoring (prompts, responses); '' = the bundled task's on "
+        "bundled data, 'none' = no gold scores.",
+    )
+    n_table_samples: int = Field(default=8, description="Rows of the samples table in the metadata.")
+
+
+def _read_split(splits: dict, name: str) -> pd.DataFrame:
+    path = Path(splits["split_dir"]) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation_report: {path} is missing; re-materialize dataset_splits")
+    return pd.read_parquet(path)
+
+
+def _model_dir(manifest: dict, asset: str) -> str:
+    path = manifest.get("model_path")
+    if not path or not Path(path).exists():
+        raise FileNotFoundError(f"evaluation_report: {asset} manifest has no existing model_path ({path!r})")
+    return str(path)
+
+
+def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: EvaluationConfig,
+             out_dir: Path, data_source: str | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole comparison; writes ``report.json`` and ``samples.parquet`` under ``out_dir``."""
+    prompts_df = _read_split(splits, "test_prompts.parquet")
+    pairs = _read_split(splits, "test_pairs.parquet")
+    prompts = [str(p) for p in prompts_df["prompt"].tolist()]
+    if cfg.max_prompts > 0:
+        prompts = prompts[: cfg.max_prompts]
+    if not prompts:
+        raise ValueError(f"evaluation_report: {splits['split_dir']}/test_prompts.parquet has no prompts")
+    chosen = dict(zip(pairs["prompt"].astype(str), pairs["chosen"].astype(str)))
+    refs = [chosen.get(p) for p in prompts]
+    scorer_spec = resolve_gold_scorer(cfg.gold_scorer, data_source)
+    scorer = load_gold_scorer(scorer_spec) if scorer_spec else None
+
+    per: dict[str, dict[str, list]] = {}
+    for name, model_dir in (("sft", sft_dir), ("ppo", ppo_dir)):
+        log(f"evaluation: sampling {len(prompts)} answers from {name}")
+        gen = generate(model_dir, prompts, cfg)
+        log(f"evaluation: scoring {name} answers with the reward model")
+        gen["rm"] = rm_scores(rm_dir, prompts, gen["ids"], cfg.batch_size)
+        gen["gold"] = [float(x) for x in scorer(prompts, gen["responses"])] if scorer else None
+        if gen["gold"] is not None and len(gen["gold"]) != len(prompts):
+            raise ValueError(f"gold_scorer {scorer_spec}: returned {len(gen['gold'])} scores for "
+                             f"{len(prompts)} responses")
+        per[name] = gen
+    log("evaluation: KL of PPO to the SFT reference on PPO samples")
+    lp_ppo = sequence_logprobs(ppo_dir, prompts, per["ppo"]["ids"], cfg.batch_size)
+    lp_ref = sequence_logprobs(sft_dir, prompts, per["ppo"]["ids"], cfg.batch_size)
+
+    metrics: dict[str, float] = {}
+    for name, gen in per.items():
+        pm = policy_metrics(gen["responses"], gen["rm"], gen["lengths"], gen["ended"], refs, gen["gold"])
+        metrics.update({f"{name}/{k}": v for k, v in pm.items()})
+    metrics.update(compare(per["sft"], per["ppo"]))
+    metrics["ppo/kl_to_ref"] = kl_per_token(lp_ppo, lp_ref)
+    metrics["n_prompts"] = float(len(prompts))
+
+    samples = pd.DataFrame({
+        "prompt": prompts, "chosen": [r or "" for r in refs],
+        "sft_response": per["sft"]["responses"], "ppo_response": per["ppo"]["responses"],
+        "sft_rm": per["sft"]["rm"], "ppo_rm": per["ppo"]["rm"],
+        "sft_ended_eos": per["sft"]["ended"], "ppo_ended_eos": per["ppo"]["ended"],
+    })
+    if scorer:
+        samples["sft_gold"], samples["ppo_gold"] = per["sft"]["gold"], per["ppo"]["gold"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples.to_parquet(out_dir / "samples.parquet", index=False)
+    report = {
+        "metrics": metrics, "gold_scorer": scorer_spec, "data_version": splits.get("data_version"),
+        "sft_model": sft_dir, "ppo_model": ppo_dir, "reward_model": rm_dir,
+        "config": cfg.model_dump(), "samples_path": str(out_dir / "samples.parquet"),
+    }
+    # NaN is not JSON: a metric that does not apply (no gold scorer) is written as null.
+    report["metrics"] = json_safe(metrics)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False))
+    return {"report": report, "samples": samples}
+
+
+@dg.asset(
+    group_name="evaluation",
+    kinds={"pytorch", "mlflow"},
+    description="SFT against PPO on held-out prompts: RM and gold scores, win rates, KL, length, ROUGE-L.",
+)
+def evaluation_report(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    mlflow: MLflowResource,
+    raw_preferences: dict,
+    dataset_splits: dict,
+    sft_model: dict,
+    reward_model: dict,
+    ppo_policy: dict,
+) -> dg.MaterializeResult:
+    out_dir = settings.models_root() / "evaluation_report" / context.run.run_id
+    with mlflow.run(context, "evaluation_report",
+                    {"data_version": str(dataset_splits.get("data_version", ""))}) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(run_id, {"eval": config.model_dump(), "sft_model": sft_model.get("model_path"),
+                                   "ppo_model": ppo_policy.get("model_path"),
+                                   "reward_model": reward_model.get("model_path")})
+        result = evaluate(
+            dataset_splits, _model_dir(sft_model, "sft_model"), _model_dir(ppo_policy, "ppo_policy"),
+            _model_dir(reward_model, "reward_model"), config, out_dir,
+            data_source=raw_preferences.get("source"), log=context.log.info,
+        )
+        metrics = result["report"]["metrics"]  # json-safe: None where a metric does not apply
+        mlflow.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})
+        mlflow.log_artifacts(run_id, out_dir, "evaluation")
+        url = mlflow.run_url(run)
+    table = samples_markdown(result["samples"], config.n_table_samples)
+    manifest = {
+        "report_path": str(out_dir / "report.json"), "samples_path": str(out_dir / "samples.parquet"),
+        "metrics": metrics,
+        "gold_scorer": result["report"]["gold_scorer"], "mlflow_run_id": run_id,
+        "data_version": dataset_splits.get("data_version"), "ppo_model_path": ppo_policy.get("model_path"),
+        "sft_model_path": sft_model.get("model_path"),
+    }
+    return dg.MaterializeResult(
+        value=manifest,
+        metadata={
+            "mlflow_run": dg.MetadataValue.url(url), "mlflow_run_id": run_id,
+            "report_path": dg.MetadataValue.path(str(out_dir / "report.json")),
+            **{k: v for k, v in metrics.items() if v is not None},
+            "samples": dg.MetadataValue.md(table),
+        },
+    )
+
+
+class PPOBeatsSFTConfig(dg.Config):
+    min_win_rate: float = Field(
+        default=0.5, description="PPO's win rate over SFT must reach this (gold when present, else RM)."
+    )
+
+
+def ppo_beats_sft_result(metrics: dict[str, float | None], min_win_rate: float) -> dg.AssetCheckResult:
+    """Pass when PPO's mean score is above SFT's and its win rate reaches ``min_win_rate``.
+
+    Gold scores decide when the data has a gold scorer; otherwise the reward model does.
+    """
+    basis = "gold" if metrics.get("win_rate_gold") is not None else "rm"
+    key = "gold_mean" if basis == "gold" else "rm_score_mean"
+    ppo, sft = metrics.get(f"ppo/{key}"), metrics.get(f"sft/{key}")
+    rate = metrics.get(f"win_rate_{basis}")
+    if ppo is None or sft is None or rate is None:
+        return dg.AssetCheckResult(passed=False, description=f"report has no {key} / win rate to compare")
+    passed = ppo > sft and rate >= min_win_rate
+    return dg.AssetCheckResult(
+        passed=bool(passed),
+        description=f"PPO {key} {ppo:.3f} vs SFT {sft:.3f}; win rate ({basis}) {rate:.3f} "
+        f"(needs > SFT and >= {min_win_rate})",
+        metadata={"basis": basis, f"ppo_{key}": ppo, f"sft_{key}": sft, "win_rate": rate,
+                  "min_win_rate": min_win_rate},
+    )
+
+
+@dg.asset_check(asset=evaluation_report, blocking=True,
+                description="Gate before registration: PPO beats SFT on held-out prompts.")
+def ppo_beats_sft(config: PPOBeatsSFTConfig, evaluation_report: dict) -> dg.AssetCheckResult:
+    return ppo_beats_sft_result(evaluation_report["metrics"], config.min_win_rate)
+
+
+EVAL_ASSETS = [evaluation_report]
+EVAL_CHECKS = [ppo_beats_sft]

@@ -1,0 +1,240 @@
+"""Resources the model assets use: the MLflow tracking store and the out-of-process launcher.
+
+``MLflowResource`` owns one MLflow run per materialization, tagged so that an MLflow run
+leads back to the Dagster run, asset, data version and code version that made it.
+``TrainingLauncher`` runs a ppo_core stage under ``torchrun`` through Dagster Pipes, so the
+asset code is the same on this CPU (``nproc_per_node=1``) and on a multi-GPU node.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from pipelines import settings
+
+# MLflow's limits for one log_batch call (mlflow.utils.validation.MAX_METRICS_PER_BATCH etc.).
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_VALUE_LENGTH = 6000
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+REDACTED = "***redacted***"
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git sha of the checkout (``-dirty`` when it has local changes), else the package version."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=settings.REPO_ROOT,
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=settings.REPO_ROOT,
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.SubprocessError):
+        try:
+            return importlib_metadata.version("rlhf-pipeline")
+        except importlib_metadata.PackageNotFoundError:
+            return "unknown"
+
+
+def redact_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Stringified params with secret-looking keys masked (kept, so nothing silently disappears)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        text = REDACTED if _SECRET_KEY.search(key) else str(value)
+        out[key] = text[:MAX_PARAM_VALUE_LENGTH]
+    return out
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+class MLflowResource(dg.ConfigurableResource):
+    """The MLflow tracking store: a local SQLite file by default, a server in production."""
+
+    tracking_uri: str = Field(
+        default_factory=settings.mlflow_tracking_uri,
+        description="MLflow tracking URI; default from pipelines/settings.py (env MLFLOW_TRACKING_URI).",
+    )
+    artifact_root: str = Field(
+        default_factory=settings.mlflow_artifact_root,
+        description="Where new experiments store artifacts (a file:// URI for the local store).",
+    )
+    experiment_name: str = Field(default="rlhf-pipeline", description="MLflow experiment of every run.")
+    ui_url: str = Field(
+        default="http://127.0.0.1:5000",
+        description="Base URL of the MLflow UI, used to build the run links shown in Dagster.",
+    )
+
+    def client(self) -> Any:
+        import mlflow
+
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+
+    def experiment_id(self) -> str:
+        """Id of ``experiment_name``, created with ``artifact_root`` when it does not exist yet."""
+        client = self.client()
+        exp = client.get_experiment_by_name(self.experiment_name)
+        if exp is not None:
+            return exp.experiment_id
+        if self.artifact_root.startswith("file://"):
+            Path(self.artifact_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        location = f"{self.artifact_root.rstrip('/')}/{self.experiment_name}"
+        return client.create_experiment(self.experiment_name, artifact_location=location)
+
+    def start_run(
+        self,
+        context: dg.AssetExecutionContext,
+        asset_key: str,
+        tags: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Create the MLflow run of one materialization and return it (an ``mlflow.entities.Run``).
+
+        Tags: ``dagster.run_id``, ``dagster.asset_key``, ``code_version`` and whatever ``tags``
+        adds (the assets pass ``data_version``).
+        """
+        all_tags = {
+            "dagster.run_id": context.run.run_id,
+            "dagster.job": context.run.job_name,
+            "dagster.asset_key": asset_key,
+            "code_version": code_version(),
+            "mlflow.runName": f"{asset_key}-{context.run.run_id[:8]}",
+            **{k: str(v) for k, v in (tags or {}).items()},
+        }
+        return self.client().create_run(self.experiment_id(), tags=all_tags,
+                                        run_name=all_tags["mlflow.runName"])
+
+    @contextmanager
+    def run(
+        self, context: dg.AssetExecutionContext, asset_key: str, tags: Mapping[str, str] | None = None
+    ) -> Iterator[Any]:
+        """``start_run`` that ends the run FINISHED, or FAILED when the body raises."""
+        run = self.start_run(context, asset_key, tags)
+        try:
+            yield run
+        except BaseException:
+            self.client().set_terminated(run.info.run_id, status="FAILED")
+            raise
+        self.client().set_terminated(run.info.run_id, status="FINISHED")
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Flattened, redacted params, in batches within MLflow's per-call limit."""
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in redact_params(flatten(params)).items()]
+        client = self.client()
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if batch:
+            self.client().log_batch(run_id, metrics=batch)
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.client().log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client().log_artifact(run_id, str(local_path), artifact_path)
+
+    def run_url(self, run: Any) -> str:
+        """Link to the run in the MLflow UI (``mlflow ui`` on ``ui_url``)."""
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def _default_accelerator() -> str:
+    import torch
+
+    # DeepSpeed picks CUDA when it sees no override; on a CPU-only machine that fails to import.
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TrainingLauncher(dg.ConfigurableResource):
+    """Runs ``torchrun --nproc-per-node N -m pipelines.pipes_launcher STAGE --config FILE`` via Pipes."""
+
+    nproc_per_node: int = Field(default=1, description="Processes (one per GPU) on this node.")
+    ds_accelerator: str = Field(
+        default="", description="DS_ACCELERATOR for DeepSpeed; empty = cuda when visible, else cpu."
+    )
+    omp_num_threads: int = Field(
+        default=0, description="OMP_NUM_THREADS for each process; 0 leaves torch's own choice."
+    )
+    extra_env: dict[str, str] = Field(default_factory=dict, description="More env vars for the run.")
+
+    def command(self, stage: str, config_path: str | Path) -> list[str]:
+        """The launch command; ``python -m torch.distributed.run`` is ``torchrun`` from this venv."""
+        if self.nproc_per_node < 1:
+            raise ValueError(f"TrainingLauncher.nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            # --standalone: a private rendezvous on a free port, so parallel runs never collide.
+            "--standalone", "--nproc-per-node", str(self.nproc_per_node),
+            "-m", "pipelines.pipes_launcher", stage, "--config", str(config_path),
+        ]
+
+    def env(self, mlflow_tracking_uri: str, mlflow_run_id: str, metrics_file: str | Path) -> dict[str, str]:
+        """Environment of the launched processes (inherits this process's, plus what the run needs)."""
+        env = dict(os.environ)
+        root = str(settings.REPO_ROOT)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        env.update({
+            "MLFLOW_TRACKING_URI": mlflow_tracking_uri,
+            "MLFLOW_RUN_ID": mlflow_run_id,
+            "RLHF_METRICS_FILE": str(metrics_file),
+            "DS_ACCELERATOR": self.ds_accelerator or _default_accelerator(),
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        })
+        if self.omp_num_threads > 0:
+            env["OMP_NUM_THREADS"] = str(self.omp_num_threads)
+        env.update(self.extra_env)
+        return env
+
+    def launch(
+        self,
+        context: dg.AssetExecutionContext,
+        stage: str,
+        config_path: str | Path,
+        *,
+        mlflow_tracking_uri: str,
+        mlflow_run_id: str,
+        metrics_file: str | Path,
+        extras: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Run the stage and return the completed Pipes invocation (raises when it fails)."""
+        command = self.command(stage, config_path)
+        context.log.info(f"launching {stage}: {' '.join(command)}")
+        client = dg.PipesSubprocessClient(cwd=str(settings.REPO_ROOT))
+        return client.run(
+            context=context, command=command, extras=dict(extras or {}),
+            env=self.env(mlflow_tracking_uri, mlflow_run_id, metrics_file),
+        )

@@ -1,0 +1,156 @@
+"""Evaluation metrics against hand-computed values, gold-scorer loading, and the ppo_beats_sft gate."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from assets.evaluation import (
+    BUNDLED_GOLD_SCORER,
+    compare,
+    kl_per_token,
+    lcs_length,
+    load_gold_scorer,
+    policy_metrics,
+    ppo_beats_sft_result,
+    resolve_gold_scorer,
+    rouge_l,
+    samples_markdown,
+    win_rate,
+)
+
+
+def test_lcs_and_rouge_l_hand_computed() -> None:
+    assert lcs_length("a b c d".split(), "a c d e".split()) == 3
+    assert lcs_length([], ["a"]) == 0
+    # candidate 4 tokens, reference 5, LCS 3 ("the", "is", "."): P=3/4, R=3/5, F=2PR/(P+R)
+    assert rouge_l("the river is nice .", "the garden is very ugly") == pytest.approx(0.4)  # LCS "the is"
+    assert rouge_l("the river is .", "the garden is ugly .") == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    assert rouge_l("Same Text .", "same text .") == pytest.approx(1.0)
+    assert rouge_l("", "anything") == 0.0
+
+
+def test_rouge_l_agrees_with_rouge_score_package() -> None:
+    rs = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rs.RougeScorer(["rougeL"], use_stemmer=False)
+    for cand, ref in [("the river is nice .", "the river is lovely . the river is nice ."),
+                      ("a b c d e", "e d c b a"), ("the cat sat", "the cat sat on the mat")]:
+        assert rouge_l(cand, ref) == pytest.approx(scorer.score(ref, cand)["rougeL"].fmeasure)
+
+
+def test_win_rate_counts_ties_half() -> None:
+    assert win_rate([3, 1, 2, 5], [1, 1, 4, 0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert math.isnan(win_rate([], []))
+    with pytest.raises(ValueError, match="3 scores against 2"):
+        win_rate([1, 2, 3], [1, 2])
+
+
+def test_kl_per_token_is_mean_over_all_tokens() -> None:
+    # two sequences of different length: mean over the 3 tokens, not over sequences
+    assert kl_per_token([[-1.0, -2.0], [-0.5]], [[-1.5, -2.0], [-1.5]]) == pytest.approx((0.5 + 0 + 1.0) / 3)
+
+
+def test_policy_metrics_and_compare() -> None:
+    m = policy_metrics(["the river is nice .", "x"], [1.0, 3.0], [6, 2], [True, False],
+                       ["the river is nice .", None], [2.0, -1.0])
+    assert m == {"rm_score_mean": 2.0, "length_mean": 4.0, "ended_eos_frac": 0.5,
+                 "rouge_l_mean": 1.0, "gold_mean": 0.5}
+    c = compare({"rm": [1.0, 2.0], "gold": [0.0, 0.0]}, {"rm": [2.0, 1.0], "gold": [1.0, 0.0]})
+    assert c == {"win_rate_rm": 0.5, "win_rate_gold": 0.75}
+    assert "win_rate_gold" not in compare({"rm": [1.0], "gold": None}, {"rm": [2.0], "gold": None})
+
+
+def test_gold_scorer_resolution_and_loading() -> None:
+    assert resolve_gold_scorer("", "bundled") == BUNDLED_GOLD_SCORER
+    assert resolve_gold_scorer("", "/data/mine.jsonl") is None
+    assert resolve_gold_scorer("none", "bundled") is None
+    assert resolve_gold_scorer(" pkg.mod:fn ", None) == "pkg.mod:fn"
+    gold = load_gold_scorer(BUNDLED_GOLD_SCORER)
+    assert gold(["tell me about the river ."], ["the river is wonderful ."]) == [2.0]
+    with pytest.raises(ValueError, match="expected 'module:function'"):
+        load_gold_scorer("assets.bundled_task.gold_score_batch")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_mod'"):
+        load_gold_scorer("no_such_mod:f")
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        load_gold_scorer("assets.bundled_task:nope")
+
+
+def test_samples_markdown_escapes_and_truncates() -> None:
+    df = pd.DataFrame({"prompt": ["a|b"], "sft_response": ["x" * 200], "ppo_response": ["y"],
+                       "sft_rm": [0.123456], "ppo_rm": [1.0]})
+    md = samples_markdown(df, 5)
+    lines = md.splitlines()
+    assert lines[0] == "| prompt | sft_response | ppo_response | sft_rm | ppo_rm |"
+    assert "a\\|b" in lines[2] and "x" * 117 + "..." in lines[2] and "0.123" in lines[2]
+
+
+@pytest.mark.parametrize("ppo_gold, win, expected", [(2.0, 0.7, True), (2.0, 0.4, False), (0.5, 0.9, False)])
+def test_ppo_beats_sft_gate_on_gold(ppo_gold: float, win: float, expected: bool) -> None:
+    metrics = {"ppo/gold_mean": ppo_gold, "sft/gold_mean": 1.0, "win_rate_gold": win,
+               "ppo/rm_score_mean": 0.0, "sft/rm_score_mean": 9.0, "win_rate_rm": 0.0}
+    result = ppo_beats_sft_result(metrics, min_win_rate=0.5)
+    assert result.passed is expected
+    assert result.metadata["basis"].value == "gold"  # gold decides when present, not the RM
+
+
+def test_ppo_beats_sft_gate_falls_back_to_rm_and_fails_without_numbers() -> None:
+    rm_only = {"ppo/rm_score_mean": 1.0, "sft/rm_score_mean": 0.0, "win_rate_rm": 0.8, "win_rate_gold": None}
+    assert ppo_beats_sft_result(rm_only, 0.5).passed
+    assert ppo_beats_sft_result(rm_only, 0.9).passed is False
+    assert ppo_beats_sft_result({}, 0.5).passed is False
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny causal LM (as SFT and PPO) and a scorer built on it, plus bundled-task splits."""
+    import torch
+
+    from assets.bundled_task import generate_preferences
+    from assets.splits import write_splits
+    from ppo_core import models
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval")
+    pairs = generate_preferences(300, seed=1, corrupt_fraction=0.0)
+    manifest = write_splits(pairs, root / "splits")
+    texts = (pairs["prompt"] + " " + pairs["chosen"]).tolist()
+    lm = models.build_base_model(texts, root / "lm", size="tiny", vocab_size=300)
+    scorer = models.build_scorer_from_causal_lm(lm)
+    scorer.save_pretrained(root / "rm")
+    models.load_tokenizer(lm).save_pretrained(root / "rm")
+    return {"splits": {"split_dir": str(root / "splits" / manifest["data_version"]), **manifest},
+            "lm": str(lm), "rm": str(root / "rm"), "root": root}
+
+
+def test_evaluate_same_policy_twice_gives_zero_kl_and_even_win_rates(tiny_models: dict) -> None:
+    from assets.evaluation import EvaluationConfig, evaluate
+
+    cfg = EvaluationConfig(max_prompts=6, max_new_tokens=8, batch_size=4, n_table_samples=3)
+    out_dir = tiny_models["root"] / "report"
+    result = evaluate(tiny_models["splits"], tiny_models["lm"], tiny_models["lm"], tiny_models["rm"], cfg,
+                      out_dir, data_source="bundled", log=lambda _: None)
+    metrics = result["report"]["metrics"]
+    # Same weights and the same sampling seed: identical answers, so no KL and only ties.
+    assert metrics["ppo/kl_to_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["win_rate_gold"] == 0.5 and metrics["win_rate_rm"] == 0.5
+    assert metrics["n_prompts"] == 6 and result["report"]["gold_scorer"] == BUNDLED_GOLD_SCORER
+    assert 1 <= metrics["ppo/length_mean"] <= 8 and 0.0 <= metrics["ppo/ended_eos_frac"] <= 1.0
+    samples = pd.read_parquet(out_dir / "samples.parquet")
+    assert list(samples["sft_response"]) == list(samples["ppo_response"]) and len(samples) == 6
+    assert samples["sft_gold"].tolist() == load_gold_scorer(BUNDLED_GOLD_SCORER)(
+        samples["prompt"].tolist(), samples["sft_response"].tolist())
+    import json
+
+    on_disk = json.loads((out_dir / "report.json").read_text())
+    assert on_disk["metrics"]["ppo/gold_mean"] == pytest.approx(metrics["ppo/gold_mean"])
+
+
+def test_evaluate_without_gold_scorer_reports_rm_only(tiny_models: dict) -> None:
+    from assets.evaluation import EvaluationConfig, evaluate
+
+    cfg = EvaluationConfig(max_prompts=3, max_new_tokens=4, batch_size=4, gold_scorer="none")
+    result = evaluate(tiny_models["splits"], tiny_models["lm"], tiny_models["lm"], tiny_models["rm"], cfg,
+                      tiny_models["root"] / "report_rm", log=lambda _: None)
+    metrics = result["report"]["metrics"]
+    assert "win_rate_gold" not in metrics and "ppo/gold_mean" not in metrics
+    assert math.isfinite(metrics["ppo/rm_score_mean"]) and metrics["win_rate_rm"] == 0.5

@@ -1,0 +1,231 @@
+"""Model assets: config mapping, checks passing and failing, plots, and the whole graph on a tiny config.
+
+The whole-graph tests run the real lineage (data -> base -> SFT -> RM -> PPO -> evaluation)
+with a few steps per stage in a temporary DAGSTER_HOME / RLHF_HOME and MLflow store.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.models import (
+    FIELD_MAP,
+    PPOPolicyConfig,
+    SFTModelConfig,
+    core_config,
+    ppo_kl_result,
+    reward_accuracy_result,
+)
+from assets.plots import png_markdown, read_metrics, training_plots
+
+
+def test_sft_config_mapping_puts_seed_in_strategy_and_keeps_defaults(tmp_path: Path) -> None:
+    cfg = SFTModelConfig(steps=7, seed=3, overrides={"batch_size": 8, "strategy": {"zero_stage": 0}})
+    core = core_config("sft", cfg, data_dir=str(tmp_path), output_dir=str(tmp_path / "o"),
+                       model_name_or_path=str(tmp_path))
+    assert core.max_steps == 7 and core.batch_size == 8
+    assert core.strategy.seed == 3 and core.strategy.zero_stage == 0
+    assert core.learning_rate > 0  # 0 in the asset config keeps the engine's default
+    assert FIELD_MAP["sft"]["steps"] == "max_steps"
+
+
+def test_ppo_config_mapping_keeps_nested_defaults(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from ppo_core.ppo import PPOConfig
+
+    for name in ("train.parquet", "eval.parquet"):
+        pd.DataFrame({"prompt": ["a b"]}).to_parquet(tmp_path / name)
+    (tmp_path / "m").mkdir()
+    paths = dict(policy_path=str(tmp_path / "m"), reward_model_path=str(tmp_path / "m"),
+                 train_file=str(tmp_path / "train.parquet"), eval_file=str(tmp_path / "eval.parquet"),
+                 output_dir=str(tmp_path / "o"))
+    cfg = PPOPolicyConfig(steps=5, learning_rate=1e-5, seed=4, overrides={"strategy": {"offload_optimizer": False}})
+    core = core_config("ppo", cfg, **paths)
+    assert isinstance(core, PPOConfig) and core.num_steps == 5 and core.learning_rate == 1e-5 and core.seed == 4
+    # A partial nested override keeps PPO's own strategy default (ZeRO-0), not StrategyConfig's.
+    assert core.strategy.zero_stage == PPOConfig.__dataclass_fields__["strategy"].default_factory().zero_stage
+    with pytest.raises(ValueError, match="eval_file"):  # the engine's input check runs in the asset
+        core_config("ppo", cfg, **{**paths, "eval_file": str(tmp_path / "missing.parquet")})
+
+
+def test_unknown_override_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = SFTModelConfig(overrides={"learning_rte": 0.1})
+    with pytest.raises(ValueError, match="learning_rte"):
+        core_config("sft", cfg, data_dir=str(tmp_path), output_dir=str(tmp_path), model_name_or_path="x")
+
+
+@pytest.mark.parametrize("acc, passed", [(0.9, True), (0.6, True), (0.55, False)])
+def test_reward_accuracy_check(acc: float, passed: bool) -> None:
+    result = reward_accuracy_result({"summary": {"eval/accuracy": acc}}, min_accuracy=0.6)
+    assert result.passed is passed and result.metadata["accuracy"].value == acc
+
+
+def test_reward_accuracy_check_fails_when_metric_missing() -> None:
+    result = reward_accuracy_result({"summary": {"eval/loss": 0.3}}, 0.6)
+    assert result.passed is False and "eval/loss" in result.metadata["summary_keys"].value
+
+
+@pytest.mark.parametrize("kl, passed", [(1.0, True), (30.0, False)])
+def test_ppo_kl_check_warns(kl: float, passed: bool) -> None:
+    result = ppo_kl_result({"summary": {"objective/kl": kl}}, max_kl=25.0)
+    assert result.passed is passed and result.severity == dg.AssetCheckSeverity.WARN
+
+
+def test_training_plots_from_metrics_file(tmp_path: Path) -> None:
+    rows = [{"kind": "train", "step": s, "train/loss": 1 / s, "objective/kl": 0.1 * s,
+             "objective/scores": s ** 0.5, "objective/kl_coef": 0.05} for s in range(1, 11)]
+    rows.append({"kind": "eval", "step": 10, "eval/loss": 0.2})
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in rows))
+    assert len(read_metrics(metrics)) == 11
+    plots = training_plots(metrics, tmp_path / "plots")
+    assert set(plots) == {"loss", "reward", "kl", "frontier"}
+    for png in plots.values():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png_markdown(plots["kl"], "kl").startswith("![kl](data:image/png;base64,iVBOR")
+    assert training_plots(tmp_path / "missing.jsonl", tmp_path / "none") == {}
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl: line 1"):
+        read_metrics(tmp_path / "bad.jsonl")
+
+
+# ---------------------------------------------------------------- the whole graph, tiny config
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lineage_assets() -> list:
+    from assets.data import DATA_ASSETS, DATA_CHECKS
+    from assets.evaluation import EVAL_ASSETS, EVAL_CHECKS
+    from assets.models import MODEL_ASSETS, MODEL_CHECKS
+
+    return [*DATA_ASSETS, *DATA_CHECKS, *MODEL_ASSETS, *MODEL_CHECKS, *EVAL_ASSETS, *EVAL_CHECKS]
+
+
+def local_resources(home: Path) -> dict:
+    from pipelines.io_managers import JsonManifestIOManager
+    from pipelines.resources import MLflowResource, TrainingLauncher
+
+    return {
+        "io_manager": JsonManifestIOManager(base_dir=str(home / "manifests")),
+        "mlflow": MLflowResource(tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+                                 artifact_root=(home / "artifacts").as_uri()),
+        # One thread per process: several test suites share this machine's two cores.
+        "launcher": TrainingLauncher(omp_num_threads=1),
+    }
+
+
+def tiny_run_config() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory: pytest.TempPathFactory):
+    """One tiny materialization of the whole graph, shared by the tests below."""
+    home = tmp_path_factory.mktemp("rlhf_home")
+    (home / "dagster_home").mkdir()
+    saved = {k: os.environ.get(k) for k in ("RLHF_HOME", "DAGSTER_HOME")}
+    os.environ.update(RLHF_HOME=str(home), DAGSTER_HOME=str(home / "dagster_home"))
+    try:
+        with dg.instance_for_test(temp_dir=str(home / "dagster_home")) as instance:
+            result = dg.materialize(lineage_assets(), instance=instance, resources=local_resources(home),
+                                    run_config=tiny_run_config(), raise_on_error=False)
+            yield {"result": result, "instance": instance, "home": home}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_whole_graph_materializes_with_mlflow_runs(lineage: dict) -> None:
+    result, home = lineage["result"], lineage["home"]
+    # A tiny PPO need not beat SFT, so the blocking ppo_beats_sft step may fail; nothing else may.
+    failed = {e.step_key for e in result.all_events if e.is_step_failure}
+    assert failed <= {"evaluation_report_ppo_beats_sft"}, [
+        e.event_specific_data for e in result.all_events if e.is_step_failure]
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert {"base_model", "sft_model", "reward_model", "ppo_policy", "evaluation_report"} <= materialized
+    client = local_resources(home)["mlflow"].client()
+    for asset in ("sft_model", "reward_model", "ppo_policy"):
+        meta = result.asset_materializations_for_node(asset)[0].metadata
+        model_path = Path(meta["model_path"].value)
+        assert model_path.parent.name == result.run_id and model_path.parts[-3] == asset
+        assert list(model_path.glob("*.safetensors")), f"{asset}: no safetensors weights"
+        run = client.get_run(meta["mlflow_run_id"].value)
+        assert run.data.tags["dagster.run_id"] == result.run_id
+        assert run.data.tags["dagster.asset_key"] == asset and run.data.tags["data_version"]
+        assert run.data.metrics, f"{asset}: no metrics reached MLflow"
+        assert any(k.startswith("plot_") for k in meta), f"{asset}: no plot in the metadata"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"plots", "model"} <= artifacts
+    ppo_meta = result.asset_materializations_for_node("ppo_policy")[0].metadata
+    assert "plot_frontier" in ppo_meta and "summary/objective/kl" in ppo_meta
+
+
+def test_evaluation_report_and_checks_in_the_graph(lineage: dict) -> None:
+    from assets.evaluation import ppo_beats_sft_result
+
+    result = lineage["result"]
+    meta = result.asset_materializations_for_node("evaluation_report")[0].metadata
+    report = json.loads(Path(meta["report_path"].value).read_text())
+    m = report["metrics"]
+    assert report["gold_scorer"] == "assets.bundled_task:gold_score_batch"  # bundled data => bundled gold
+    for key in ("sft/gold_mean", "ppo/gold_mean", "win_rate_gold", "win_rate_rm", "ppo/kl_to_ref",
+                "ppo/ended_eos_frac", "ppo/rouge_l_mean", "sft/length_mean"):
+        assert m[key] is not None, key
+    assert m["n_prompts"] == 8 and "| prompt |" in meta["samples"].value
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert {"reward_model_accuracy", "ppo_kl_within_bound", "ppo_beats_sft"} <= set(checks)
+    assert checks["reward_model_accuracy"].passed  # threshold 0 in configs/tiny.yaml
+    assert checks["ppo_beats_sft"].passed == ppo_beats_sft_result(m, 0.0).passed
+
+
+def test_failing_blocking_rm_check_stops_ppo(lineage: dict) -> None:
+    """The reward-model gate re-evaluated with an unreachable threshold keeps PPO from running."""
+    ops = tiny_run_config()["ops"]
+    rc = {"ops": {"ppo_policy": ops["ppo_policy"],
+                  "reward_model_reward_model_accuracy": {"config": {"min_accuracy": 1.01}}}}
+    check_key = dg.AssetCheckKey(dg.AssetKey("reward_model"), "reward_model_accuracy")
+    selection = dg.AssetSelection.checks(check_key) | dg.AssetSelection.assets("ppo_policy")
+    selection = selection - dg.AssetSelection.checks_for_assets("ppo_policy")
+    result = dg.materialize(lineage_assets(), instance=lineage["instance"],
+                            resources=local_resources(lineage["home"]), run_config=rc,
+                            selection=selection, raise_on_error=False)
+    assert not result.success
+    check = result.get_asset_check_evaluations()[0]
+    assert check.check_name == "reward_model_accuracy" and check.passed is False
+    assert result.get_asset_materialization_events() == []  # ppo_policy never ran
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "bundled.yaml", "user_dataset.yaml"])
+def test_config_files_are_valid_run_config_for_the_lineage(name: str) -> None:
+    """Every config file in configs/ is accepted by Dagster for the whole lineage."""
+    import yaml
+
+    from assets.evaluation import load_gold_scorer
+    from pipelines.io_managers import JsonManifestIOManager
+    from pipelines.resources import MLflowResource, TrainingLauncher
+
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
+    job = dg.define_asset_job("lineage", selection=dg.AssetSelection.all())
+    defs = dg.Definitions(assets=lineage_assets(), jobs=[job], resources={
+        "io_manager": JsonManifestIOManager(base_dir="/nonexistent"),
+        "mlflow": MLflowResource(), "launcher": TrainingLauncher()})
+    dg.validate_run_config(defs.resolve_job_def("lineage"), config)
+    ops = config["ops"]
+    source = ops["raw_preferences"]["config"]["source"]
+    if source != "bundled":
+        from assets.ingest import load_preferences
+
+        frame = load_preferences(str(REPO / source), "trl").frame
+        assert {"prompt", "chosen", "rejected"} <= set(frame.columns) and len(frame) >= 1000
+    spec = ops.get("evaluation_report", {}).get("config", {}).get("gold_scorer")
+    if spec:
+        assert load_gold_scorer(spec)(["describe the river ."], ["the river is lovely ."]) == [1.7]

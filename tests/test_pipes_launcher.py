@@ -1,0 +1,141 @@
+"""The out-of-process launch path: callback -> MLflow/metrics file, and torchrun + Dagster Pipes end to end.
+
+The end-to-end test launches a stand-in stage module (same ``main(argv, callbacks)`` contract as
+``ppo_core.sft``) so it checks the wiring in seconds, independent of training speed.
+"""
+
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from pipelines.pipes_launcher import PipesMlflowCallback, stage_module, summary_metadata
+from pipelines.resources import MLflowResource, TrainingLauncher, code_version, flatten, redact_params
+
+FAKE_STAGE = textwrap.dedent('''
+    """A stand-in training stage: logs a loss that halves each step, then writes its summary."""
+    import argparse, json, os
+    from pathlib import Path
+
+    def main(argv=None, callbacks=()):
+        p = argparse.ArgumentParser()
+        p.add_argument("--config", required=True)
+        args = p.parse_args(argv)
+        cfg = json.loads(Path(args.config).read_text())
+        steps, out = cfg["max_steps"], Path(cfg["output_dir"])
+        for cb in callbacks:
+            cb.on_train_begin("fake", steps, cfg)
+        for step in range(1, steps + 1):
+            for cb in callbacks:
+                cb.on_log(step, {"train/loss": 2.0 ** -step, "objective/kl": 0.1 * step,
+                                 "objective/scores": float(step)})
+        for cb in callbacks:
+            cb.on_evaluate(steps, {"eval/loss": 0.5})
+            cb.on_checkpoint(steps, str(out / "checkpoints" / f"step_{steps}"))
+        summary = {"train/loss": 2.0 ** -steps, "output_dir": str(out), "world_size":
+                   int(os.environ.get("WORLD_SIZE", "1"))}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary))
+        for cb in callbacks:
+            cb.on_train_end(summary)
+        return 0
+''')
+
+
+@pytest.fixture()
+def mlflow_res(tmp_path: Path) -> MLflowResource:
+    return MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                          artifact_root=(tmp_path / "artifacts").as_uri(), experiment_name="test")
+
+
+def test_stage_module_maps_names_and_rejects_unknown() -> None:
+    assert stage_module("ppo") == "ppo_core.ppo"
+    assert stage_module("my.pkg.stage") == "my.pkg.stage"
+    with pytest.raises(SystemExit, match="unknown stage 'dpo'"):
+        stage_module("dpo")
+
+
+def test_params_are_flattened_and_secrets_redacted() -> None:
+    flat = flatten({"a": {"b": 1, "hf_token": "xyz"}, "lr": 0.1})
+    assert flat == {"a.b": 1, "a.hf_token": "xyz", "lr": 0.1}
+    red = redact_params(flat)
+    assert red["a.hf_token"] != "xyz" and red["a.b"] == "1" and red["lr"] == "0.1"
+    assert code_version()  # a git sha here, else the package version
+
+
+def test_launcher_command_and_env(tmp_path: Path) -> None:
+    launcher = TrainingLauncher(nproc_per_node=2, ds_accelerator="cpu", extra_env={"FOO": "1"})
+    cmd = launcher.command("sft", tmp_path / "c.json")
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    assert cmd[-3:] == ["sft", "--config", str(tmp_path / "c.json")] and "pipelines.pipes_launcher" in cmd
+    env = launcher.env("sqlite:///x.db", "run123", tmp_path / "m.jsonl")
+    assert env["MLFLOW_RUN_ID"] == "run123" and env["DS_ACCELERATOR"] == "cpu" and env["FOO"] == "1"
+    with pytest.raises(ValueError, match="nproc_per_node"):
+        TrainingLauncher(nproc_per_node=0).command("sft", "c.json")
+
+
+def test_callback_batches_metrics_into_mlflow_and_file(tmp_path: Path, mlflow_res: MLflowResource) -> None:
+    client = mlflow_res.client()
+    run = client.create_run(mlflow_res.experiment_id())
+    cb = PipesMlflowCallback(mlflow_client=client, mlflow_run_id=run.info.run_id,
+                             metrics_file=tmp_path / "m.jsonl", flush_every=4)
+    cb.on_train_begin("sft", 10, {})
+    for step in range(1, 11):
+        cb.on_log(step, {"train/loss": 1.0 / step, "lr": 0.1})
+    cb.on_train_end({"train/loss": 0.1})
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 11))
+    assert {m.step: m.value for m in history}[4] == pytest.approx(0.25)
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11)) and rows[0]["kind"] == "train"
+
+
+def test_summary_metadata_keeps_finite_numbers_and_text() -> None:
+    meta = summary_metadata({"loss": 0.5, "bad": float("nan"), "output_dir": "/x", "flag": True}, ["/c/1"])
+    assert meta["summary/loss"]["raw_value"] == 0.5 and meta["summary/output_dir"]["raw_value"] == "/x"
+    assert "summary/bad" not in meta and "summary/flag" not in meta
+    assert meta["last_checkpoint"]["raw_value"] == "/c/1"
+
+
+def test_torchrun_pipes_end_to_end(tmp_path: Path, mlflow_res: MLflowResource) -> None:
+    """A real torchrun launch through Pipes: metrics reach MLflow, logs and metadata reach Dagster."""
+    (tmp_path / "fake_pkg").mkdir()
+    (tmp_path / "fake_pkg" / "__init__.py").write_text("")
+    (tmp_path / "fake_pkg" / "stage.py").write_text(FAKE_STAGE)
+    out = tmp_path / "out"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"max_steps": 6, "output_dir": str(out)}))
+    launcher = TrainingLauncher(extra_env={"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}"})
+
+    @dg.asset
+    def fake_model(context: dg.AssetExecutionContext, mlflow: MLflowResource,
+                   launcher: TrainingLauncher) -> dg.MaterializeResult:
+        run = mlflow.start_run(context, "fake_model", {"data_version": "dv1"})
+        inv = launcher.launch(context, "fake_pkg.stage", config, mlflow_tracking_uri=mlflow.tracking_uri,
+                              mlflow_run_id=run.info.run_id, metrics_file=tmp_path / "metrics.jsonl")
+        result = inv.get_materialize_result()
+        return dg.MaterializeResult(metadata={**result.metadata, "mlflow_run_id": run.info.run_id})
+
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        res = dg.materialize([fake_model], instance=instance,
+                             resources={"mlflow": mlflow_res, "launcher": launcher})
+        assert res.success
+        meta = res.asset_materializations_for_node("fake_model")[0].metadata
+        assert meta["summary/train/loss"].value == pytest.approx(2.0 ** -6)
+        assert meta["summary/world_size"].value == 1
+        assert meta["last_checkpoint"].value.endswith("step_6")
+        messages = [e.user_message for e in instance.all_logs(res.run_id)]
+        assert any("[fake] step 6/6" in m for m in messages), "progress lines reach the event log"
+        run_id = meta["mlflow_run_id"].value
+    client = mlflow_res.client()
+    run = client.get_run(run_id)
+    assert run.data.tags["dagster.run_id"] == res.run_id and run.data.tags["data_version"] == "dv1"
+    assert run.data.tags["dagster.asset_key"] == "fake_model" and run.data.tags["code_version"]
+    assert len(client.get_metric_history(run_id, "objective/kl")) == 6
+    assert client.get_metric_history(run_id, "eval/loss")[0].value == 0.5
