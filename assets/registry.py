@@ -1,0 +1,237 @@
+"""``registered_policy``: the PPO policy (and its reward model) in the MLflow model registry.
+
+The policy is logged with MLflow's transformers flavor (``task="text-generation"``), so
+``mlflow.transformers.load_model("models:/rlhf-policy@champion")`` returns a pipeline that
+generates. Each new version gets the evaluation metrics as tags (``metric.<name>``), the
+evaluation set it was measured on (``eval.data_version``, ``eval.set``) and the ``challenger``
+alias; ``ops/registry.py`` decides whether it becomes ``champion``.
+
+Registration runs after ``evaluation_report`` and, in the same run, only when the blocking
+``ppo_beats_sft`` check passed (Dagster skips downstream assets of a failed blocking check).
+"""
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from ops.registry import (
+    CHALLENGER,
+    DEFAULT_POLICY_NAME,
+    EVAL_SET_TAG,
+    PROMOTION_METRIC_TAG,
+    metric_tag,
+)
+from pipelines.resources import MLflowResource
+
+DEFAULT_REWARD_MODEL_NAME = "rlhf-reward-model"
+EVAL_DATA_VERSION_TAG = "eval.data_version"
+# Gold reward is the ground truth when the data has a gold scorer; otherwise the only score
+# left is the reward model's (metric names from assets/evaluation.py).
+GOLD_METRIC = "ppo/gold_mean"
+RM_METRIC = "ppo/rm_score_mean"
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of a logged model.
+
+    Explicit, because MLflow's inference for the transformers flavor asks for torchvision,
+    which this project neither needs nor installs.
+    """
+    import tokenizers
+    import torch
+    import transformers
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"transformers=={transformers.__version__}",
+        f"tokenizers=={tokenizers.__version__}",
+        "safetensors",
+    ]
+
+
+# Auto classes the transformers flavor pipelines need, per pipeline task.
+TASK_MODEL_CLASSES = {
+    "text-generation": "AutoModelForCausalLM",
+    "text-classification": "AutoModelForSequenceClassification",
+}
+
+
+def load_components(model_dir: str | Path, task: str) -> dict[str, Any]:
+    """Model and tokenizer of a ``save_pretrained`` directory, as the transformers flavor takes them.
+
+    Loaded objects rather than the path: MLflow's path-based logging reads the pipeline class
+    from transformers' task registry, which transformers 5 fills lazily with class names.
+    """
+    import transformers
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir}: not a save_pretrained directory (no config.json); "
+            "re-materialize the model asset that produced it"
+        )
+    if task not in TASK_MODEL_CLASSES:
+        raise ValueError(f"task {task!r}: expected one of {sorted(TASK_MODEL_CLASSES)}")
+    auto = getattr(transformers, TASK_MODEL_CLASSES[task])
+    model = auto.from_pretrained(model_dir, trust_remote_code=False, use_safetensors=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    return {"model": model, "tokenizer": tokenizer}
+
+
+def log_transformers_model(
+    tracking_uri: str,
+    run_id: str,
+    model_dir: str | Path,
+    name: str,
+    task: str,
+) -> str:
+    """Log a ``save_pretrained`` directory into an existing MLflow run; returns the model URI."""
+    import mlflow
+
+    components = load_components(model_dir, task)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=components,
+            name=name,
+            task=task,
+            pip_requirements=pip_requirements(),
+        )
+    return info.model_uri
+
+
+def register_version(
+    client: Any,
+    name: str,
+    model_uri: str,
+    run_id: str | None,
+    tags: Mapping[str, Any],
+    alias: str | None = CHALLENGER,
+) -> Any:
+    """Create a version of ``name`` (creating the registered model when new), tag it, set ``alias``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Created by the rlhf pipeline (registered_policy).")
+    version = client.create_model_version(
+        name=name, source=model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+    )
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return client.get_model_version(name, version.version)
+
+
+def evaluation_tags(report: Mapping[str, Any]) -> dict[str, str]:
+    """Version tags from an ``evaluation_report`` manifest: metrics, eval set, promotion metric."""
+    metrics = report.get("metrics")
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise ValueError("registered_policy: the evaluation_report manifest has no 'metrics'; "
+                         "re-materialize evaluation_report")
+    data_version = report.get("data_version")
+    if not data_version:
+        raise ValueError("registered_policy: the evaluation_report manifest has no 'data_version'; "
+                         "promotion cannot tell which evaluation set the scores belong to")
+    tags = {metric_tag(k): repr(float(v)) for k, v in metrics.items() if v is not None}
+    n_prompts = int(metrics.get("n_prompts") or 0)
+    promotion_metric = GOLD_METRIC if metrics.get(GOLD_METRIC) is not None else RM_METRIC
+    tags.update({
+        EVAL_DATA_VERSION_TAG: str(data_version),
+        # Same data, prompt count and gold scorer => the same held-out questions and yardstick.
+        EVAL_SET_TAG: f"{data_version}|n={n_prompts}|gold={report.get('gold_scorer') or 'none'}",
+        PROMOTION_METRIC_TAG: promotion_metric,
+    })
+    return tags
+
+
+class RegistryConfig(dg.Config):
+    """Names under which the models are registered."""
+
+    policy_name: str = Field(default=DEFAULT_POLICY_NAME, description="Registered model of the PPO policy.")
+    reward_model_name: str = Field(
+        default=DEFAULT_REWARD_MODEL_NAME, description="Registered model of the reward model."
+    )
+    register_reward_model: bool = Field(
+        default=True, description="Also log and register the reward model (text-classification)."
+    )
+
+
+def _model_path(manifest: Mapping[str, Any], asset: str) -> str:
+    path = manifest.get("model_path")
+    if not path or not Path(str(path)).is_dir():
+        raise FileNotFoundError(
+            f"registered_policy: the {asset} manifest has no existing 'model_path' ({path!r}); "
+            f"re-materialize {asset}"
+        )
+    return str(path)
+
+
+@dg.asset(
+    group_name="registry",
+    kinds={"mlflow"},
+    deps=["ppo_policy"],
+    description="PPO policy (and reward model) registered in MLflow with alias 'challenger'.",
+)
+def registered_policy(
+    context: dg.AssetExecutionContext,
+    config: RegistryConfig,
+    mlflow: MLflowResource,
+    evaluation_report: dict,
+    reward_model: dict,
+) -> dg.Output[dict]:
+    # Model paths come from the evaluation report so the registered weights are exactly the
+    # evaluated ones, even when ppo_policy was re-materialized in between.
+    ppo_dir = _model_path({"model_path": evaluation_report.get("ppo_model_path")}, "ppo_policy")
+    tags = evaluation_tags(evaluation_report)
+    lineage = {
+        "dagster.run_id": context.run.run_id,
+        "evaluation.mlflow_run_id": str(evaluation_report.get("mlflow_run_id", "")),
+        "source_dir": ppo_dir,
+    }
+    client = mlflow.client()
+    with mlflow.run(context, "registered_policy", {"data_version": tags[EVAL_DATA_VERSION_TAG]}) as run:
+        run_id = run.info.run_id
+        reward_version = None
+        if config.register_reward_model:
+            rm_dir = _model_path(reward_model, "reward_model")
+            rm_uri = log_transformers_model(mlflow.tracking_uri, run_id, rm_dir, "reward_model",
+                                            "text-classification")
+            reward_version = register_version(client, config.reward_model_name, rm_uri, run_id,
+                                              {**lineage, "source_dir": rm_dir,
+                                               EVAL_DATA_VERSION_TAG: tags[EVAL_DATA_VERSION_TAG]})
+        policy_uri = log_transformers_model(mlflow.tracking_uri, run_id, ppo_dir, "policy", "text-generation")
+        if reward_version is not None:
+            lineage["reward_model.version"] = reward_version.version
+        version = register_version(client, config.policy_name, policy_uri, run_id, {**tags, **lineage})
+        url = mlflow.run_url(run)
+    context.log.info(f"registered {config.policy_name} v{version.version} as '{CHALLENGER}'")
+    manifest = {
+        "model_name": config.policy_name,
+        "version": version.version,
+        "alias": CHALLENGER,
+        "model_uri": f"models:/{config.policy_name}/{version.version}",
+        "eval_set": tags[EVAL_SET_TAG],
+        "promotion_metric": tags[PROMOTION_METRIC_TAG],
+        "mlflow_run_id": run_id,
+        "reward_model_name": config.reward_model_name if reward_version is not None else None,
+        "reward_model_version": reward_version.version if reward_version is not None else None,
+    }
+    return dg.Output(
+        manifest,
+        metadata={
+            "model_uri": manifest["model_uri"],
+            "version": int(version.version),
+            "alias": CHALLENGER,
+            "eval_set": tags[EVAL_SET_TAG],
+            "mlflow_run": dg.MetadataValue.url(url),
+            "reward_model_version": manifest["reward_model_version"] or "not registered",
+        },
+    )
+
+
+REGISTRY_ASSETS = [registered_policy]

@@ -1,0 +1,370 @@
+"""The ``rlhf`` command: ``rlhf run`` (the whole lineage + promotion + summary) and ``rlhf ui``.
+
+``rlhf run`` sets up the embedded default (``DAGSTER_HOME`` under ``RLHF_HOME`` with a
+``dagster.yaml``, MLflow on a local SQLite file), materializes the ``rlhf_lineage`` job in this
+process against that Dagster instance (so the run shows in the UI afterwards), runs
+``promote_champion_job``, prints a summary and writes it to ``$RLHF_HOME/summary.json``.
+
+``rlhf ui`` starts ``dagster dev`` (127.0.0.1:3000) and ``mlflow server`` (127.0.0.1:5000) on
+the same stores, each in its own session, and stops both on Ctrl-C.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines import settings
+
+LINEAGE_JOB = "rlhf_lineage"
+PROMOTE_JOB = "promote_champion_job"
+# The embedded default instance. One training step at a time (the "training" pool of
+# assets/models.py) and one run at a time: a 2-core machine has no room for two.
+DEFAULT_DAGSTER_YAML = {
+    "telemetry": {"enabled": False},
+    "concurrency": {"pools": {"default_limit": 1}, "runs": {"max_concurrent_runs": 1}},
+}
+STOP_TIMEOUT_SECONDS = 20.0
+
+
+# ---------------------------------------------------------------- environment
+def setup_embedded_env(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> dict[str, str]:
+    """Export RLHF_HOME / DAGSTER_HOME / MLFLOW_TRACKING_URI and create the folders they name.
+
+    Variables already set are kept (the production profile sets them); a ``dagster.yaml`` is
+    written only when the Dagster home has none.
+    """
+    environ.setdefault("RLHF_HOME", str(settings.rlhf_home()))
+    environ.setdefault("DAGSTER_HOME", str(settings.dagster_home()))
+    environ.setdefault("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri())
+    home = Path(environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(
+            "# Embedded default written by `rlhf run`; see README (production profile) to replace it.\n"
+            + yaml.safe_dump(DEFAULT_DAGSTER_YAML, sort_keys=False)
+        )
+    uri = environ["MLFLOW_TRACKING_URI"]
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    settings.landing_dir().mkdir(parents=True, exist_ok=True)
+    return {k: environ[k] for k in ("RLHF_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
+
+
+def load_run_config(path: str | None) -> dict[str, Any]:
+    """A Dagster run config (YAML or JSON) for the lineage job, e.g. to use your own dataset."""
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"rlhf run --config: {file} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"rlhf run --config: {file} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SystemExit(f"rlhf run --config: {file} must hold a mapping with an 'ops' key")
+    return data
+
+
+# ---------------------------------------------------------------- summary
+def read_manifest(asset: str, run_id: str | None = None) -> dict[str, Any] | None:
+    """The JSON manifest an asset wrote (for ``run_id`` when given, else the latest)."""
+    base = settings.rlhf_home() / "manifests"
+    path = base / asset / "runs" / f"{run_id}.json" if run_id else base / f"{asset}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def registry_state(tracking_uri: str, name: str) -> dict[str, Any]:
+    """Aliases and the last promotion decision of a registered model (empty when not registered)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from ops.registry import LAST_DECISION_TAG
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return {}
+    decision = model.tags.get(LAST_DECISION_TAG)
+    return {"aliases": {k: str(v) for k, v in model.aliases.items()},
+            "last_promotion": json.loads(decision) if decision else None}
+
+
+def build_summary(
+    run_id: str,
+    status: str,
+    checks: Mapping[str, bool],
+    failed_steps: Sequence[str],
+    elapsed_seconds: float,
+    registry: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The headline numbers of one lineage run and where to look for the rest."""
+    from assets.models import PPO_KL_KEYS, RM_ACCURACY_KEYS, first_metric
+
+    rm = read_manifest("reward_model", run_id) or {}
+    ppo = read_manifest("ppo_policy", run_id) or {}
+    report = read_manifest("evaluation_report", run_id) or {}
+    registered = read_manifest("registered_policy", run_id) or {}
+    metrics = report.get("metrics") or {}
+    rm_acc = first_metric(rm.get("summary", {}), RM_ACCURACY_KEYS)
+    train_kl = first_metric(ppo.get("summary", {}), PPO_KL_KEYS)
+    home = settings.rlhf_home()
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri())
+    model_name = registered.get("model_name")
+    return {
+        "dagster_run_id": run_id,
+        "status": status,
+        "failed_steps": list(failed_steps),
+        "elapsed_seconds": round(elapsed_seconds, 1),
+        "data_version": report.get("data_version") or ppo.get("data_version"),
+        "reward_model_accuracy": rm_acc[1] if rm_acc else None,
+        "gold_reward_sft": _num(metrics.get("sft/gold_mean")),
+        "gold_reward_ppo": _num(metrics.get("ppo/gold_mean")),
+        "gold_win_rate": _num(metrics.get("win_rate_gold")),
+        "rm_win_rate": _num(metrics.get("win_rate_rm")),
+        "kl_to_sft": _num(metrics.get("ppo/kl_to_ref")),
+        "ppo_train_kl": train_kl[1] if train_kl else None,
+        "ppo_ended_eos_frac": _num(metrics.get("ppo/ended_eos_frac")),
+        "checks": dict(checks),
+        "registered_model": model_name,
+        "registered_version": registered.get("version"),
+        "aliases": registry.get("aliases", {}),
+        "promotion": registry.get("last_promotion"),
+        "where": {
+            "summary": str(home / "summary.json"),
+            "rlhf_home": str(home),
+            "dagster_home": os.environ.get("DAGSTER_HOME", str(settings.dagster_home())),
+            "mlflow_tracking_uri": tracking,
+            "evaluation_report": report.get("report_path"),
+            "samples": report.get("samples_path"),
+            "policy_dir": report.get("ppo_model_path") or ppo.get("model_path"),
+            "ui": "rlhf ui  (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000)",
+            "dagster_run": f"http://127.0.0.1:3000/runs/{run_id}",
+            "load_champion": (f"mlflow.transformers.load_model('models:/{model_name}@champion')"
+                              if model_name else None),
+        },
+    }
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """Human-readable summary (the JSON file has the same content)."""
+    def fmt(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
+
+    aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(summary["aliases"].items())) or "none"
+    promotion = summary.get("promotion") or {}
+    lines = [
+        f"rlhf run {summary['status']} in {summary['elapsed_seconds']:.0f}s "
+        f"(Dagster run {summary['dagster_run_id']})",
+        f"  reward-model accuracy (held-out pairs) : {fmt(summary['reward_model_accuracy'])}",
+        f"  gold reward SFT -> PPO                 : "
+        f"{fmt(summary['gold_reward_sft'])} -> {fmt(summary['gold_reward_ppo'])}",
+        f"  gold win rate PPO vs SFT               : {fmt(summary['gold_win_rate'])}",
+        f"  RM win rate PPO vs SFT                 : {fmt(summary['rm_win_rate'])}",
+        f"  KL(PPO || SFT) per token, held-out     : {fmt(summary['kl_to_sft'])}",
+        f"  PPO responses ended with EOS           : {fmt(summary['ppo_ended_eos_frac'])}",
+        f"  registered                             : {summary['registered_model'] or 'not registered'}"
+        + (f" v{summary['registered_version']}" if summary["registered_version"] else ""),
+        f"  aliases                                : {aliases}",
+    ]
+    if promotion:
+        lines.append(f"  promotion                              : "
+                     f"{'promoted' if promotion.get('promoted') else 'not promoted'} ({promotion.get('reason')})")
+    failed_checks = [name for name, ok in summary["checks"].items() if not ok]
+    if failed_checks:
+        lines.append(f"  FAILED checks                          : {', '.join(failed_checks)}")
+    if summary["failed_steps"]:
+        lines.append(f"  FAILED steps                           : {', '.join(summary['failed_steps'])}")
+    lines.append("where to look:")
+    lines += [f"  {k:<19}: {v}" for k, v in summary["where"].items() if v]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- rlhf run
+def _check_results(result: Any) -> dict[str, bool]:
+    return {f"{e.asset_key.to_user_string()}:{e.check_name}": bool(e.passed)
+            for e in result.get_asset_check_evaluations()}
+
+
+def _failures(result: Any) -> tuple[list[str], list[str]]:
+    events = result.get_step_failure_events()
+    steps = [e.step_key for e in events if e.step_key]
+    errors = [f"{e.step_key}: {e.event_specific_data.error.message.strip()}" for e in events
+              if e.event_specific_data and e.event_specific_data.error]
+    return steps, errors
+
+
+def promote_latest(defs: Any, instance: Any, name: str) -> dict[str, Any]:
+    """Run ``promote_champion_job``; a refusal (e.g. different eval sets) is reported, not raised."""
+    result = defs.resolve_job_def(PROMOTE_JOB).execute_in_process(
+        instance=instance, raise_on_error=False, tags={"rlhf/trigger": "cli"},
+        run_config={"ops": {"promote_champion": {"config": {"model_name": name}}}},
+    )
+    if result.success:
+        return registry_state(os.environ["MLFLOW_TRACKING_URI"], name).get("last_promotion") or {}
+    _, errors = _failures(result)
+    return {"promoted": False, "reason": "refused: " + ("; ".join(errors) or "promote_champion failed"),
+            "dagster_run_id": result.run_id}
+
+
+def run_lineage(run_config: Mapping[str, Any], promote: bool = True) -> int:
+    """Materialize the lineage, promote, summarise; returns the process exit code."""
+    import dagster as dg
+
+    from ops.registry import DEFAULT_POLICY_NAME
+    from pipelines.definitions import defs
+
+    instance = dg.DagsterInstance.get()
+    start = time.monotonic()
+    result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(
+        instance=instance, run_config=dict(run_config), raise_on_error=False,
+        tags={"rlhf/trigger": "cli"},
+    )
+    failed_steps, errors = _failures(result)
+    checks = _check_results(result)
+    registered = read_manifest("registered_policy", result.run_id)
+    name = (registered or {}).get("model_name") or DEFAULT_POLICY_NAME
+    if result.success and not registered:
+        errors.append("registered_policy was not materialized: a blocking check failed (see checks)")
+    promotion: dict[str, Any] | None = None
+    if registered and promote:
+        promotion = promote_latest(defs, instance, name)
+    status = "succeeded" if result.success and registered else "failed"
+    registry = dict(registry_state(os.environ["MLFLOW_TRACKING_URI"], name))
+    registry["last_promotion"] = promotion
+    summary = build_summary(result.run_id, status, checks, failed_steps, time.monotonic() - start, registry)
+    out = settings.rlhf_home() / "summary.json"
+    out.write_text(json.dumps(summary, indent=2, default=str))
+    print(format_summary(summary))
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 0 if status == "succeeded" else 1
+
+
+# ---------------------------------------------------------------- rlhf ui
+def _executable(name: str) -> str:
+    """A console script of this venv (next to the interpreter), else from PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise SystemExit(f"rlhf ui: `{name}` is not installed in this environment (pip install -e .)")
+    return found
+
+
+def _default_signals() -> None:
+    # Runs in the child before exec: a parent that ignores SIGINT must not pass that on,
+    # otherwise `dagster dev` cannot be stopped with SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def start_in_own_session(
+    command: Sequence[str], env: Mapping[str, str], cwd: Path, stdout: Any = None, stderr: Any = None
+) -> subprocess.Popen:
+    """Start a server in its own session so a stop signal reaches all its children."""
+    return subprocess.Popen(list(command), env=dict(env), cwd=str(cwd), start_new_session=True,
+                            preexec_fn=_default_signals, stdout=stdout, stderr=stderr)
+
+
+def stop_session(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
+    """SIGINT to the process group (servers shut down cleanly on it), SIGKILL after ``timeout``."""
+    if proc.poll() is not None:
+        return proc.returncode
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            return proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
+
+
+def ui_commands(host: str, dagster_port: int, mlflow_port: int) -> dict[str, list[str]]:
+    tracking = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow_cmd = [_executable("mlflow"), "server", "--host", host, "--port", str(mlflow_port),
+                  "--backend-store-uri", tracking, "--workers", "1"]
+    if tracking.startswith("sqlite:"):
+        mlflow_cmd += ["--default-artifact-root", settings.mlflow_artifact_root()]
+    return {
+        "dagster": [_executable("dagster"), "dev", "-h", host, "-p", str(dagster_port),
+                    "-w", str(settings.REPO_ROOT / "workspace.yaml")],
+        "mlflow": mlflow_cmd,
+    }
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_ui(host: str, dagster_port: int, mlflow_port: int) -> int:
+    """Start both UIs; return when Ctrl-C (or SIGTERM) arrives or one of them exits."""
+    # Explicit handlers: a shell starts background jobs with SIGINT ignored, and SIGTERM
+    # (a service manager's stop) must stop the servers too, not orphan them.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, command in ui_commands(host, dagster_port, mlflow_port).items():
+            procs[name] = start_in_own_session(command, os.environ, settings.REPO_ROOT)
+        print(f"Dagster UI: http://{host}:{dagster_port}   MLflow UI: http://{host}:{mlflow_port}   "
+              "(Ctrl-C stops both)", flush=True)
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(1.0)
+        exited = [n for n, p in procs.items() if p.poll() is not None]
+        print(f"rlhf ui: {', '.join(exited)} exited; stopping the rest", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rlhf ui: stopping the Dagster and MLflow servers", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        # A second Ctrl-C must not abandon half-stopped servers; stop_session escalates itself.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        for proc in procs.values():
+            stop_session(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="materialize the whole lineage, promote, print the summary")
+    run.add_argument("--config", help="run config (YAML/JSON) of the rlhf_lineage job, e.g. your dataset")
+    run.add_argument("--no-promote", action="store_true", help="register the challenger but do not promote")
+    ui = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI on localhost")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--dagster-port", type=int, default=3000)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_embedded_env()
+    if args.command == "run":
+        return run_lineage(load_run_config(args.config), promote=not args.no_promote)
+    return run_ui(args.host, args.dagster_port, args.mlflow_port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The one ``dg.Definitions`` of the project: assets, checks, jobs, schedules, sensors, resources.
+
+Resources are the embedded default, resolved from ``pipelines/settings.py`` (``RLHF_HOME``,
+``MLFLOW_TRACKING_URI``), never from ``DAGSTER_HOME``: the same code runs against the local
+SQLite Dagster home or a Postgres-backed production instance. The production profile changes
+environment variables only (see the README).
+"""
+
+import dagster as dg
+
+from assets.data import DATA_ASSETS, DATA_CHECKS
+from assets.evaluation import EVAL_ASSETS, EVAL_CHECKS
+from assets.models import MODEL_ASSETS, MODEL_CHECKS
+from assets.registry import REGISTRY_ASSETS
+from pipelines import settings
+from pipelines.automation import SCHEDULES, SENSORS
+from pipelines.io_managers import JsonManifestIOManager
+from pipelines.jobs import ALL_JOBS
+from pipelines.resources import MLflowResource, TrainingLauncher
+
+
+def manifests_dir() -> str:
+    """Where the JSON manifests that assets hand each other live."""
+    return str(settings.rlhf_home() / "manifests")
+
+
+def default_resources() -> dict[str, object]:
+    """Resources of the embedded default (every path under ``RLHF_HOME``)."""
+    return {
+        "io_manager": JsonManifestIOManager(base_dir=manifests_dir()),
+        "mlflow": MLflowResource(),
+        "launcher": TrainingLauncher(),
+    }
+
+
+ASSETS = [*DATA_ASSETS, *MODEL_ASSETS, *EVAL_ASSETS, *REGISTRY_ASSETS]
+ASSET_CHECKS = [*DATA_CHECKS, *MODEL_CHECKS, *EVAL_CHECKS]
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=ASSET_CHECKS,
+    jobs=ALL_JOBS,
+    schedules=SCHEDULES,
+    sensors=SENSORS,
+    resources=default_resources(),
+)

@@ -1,0 +1,120 @@
+"""Schedule and sensors evaluated with Dagster's test contexts (no daemon, no training)."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from pipelines.automation import (
+    landed_files,
+    lineage_run_config,
+    new_files,
+    new_preference_files,
+    parse_cursor,
+    record_run_failure,
+    weekly_retraining,
+)
+
+OLD = time.time() - 3600  # mtime an hour ago: the file is complete
+
+
+def land(folder: Path, name: str, mtime: float = OLD) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def evaluate(cursor: str | None) -> dg.SensorResult:
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, cursor=cursor)
+        return new_preference_files(ctx)
+
+
+def test_sensor_triggers_once_per_file_and_points_raw_preferences_at_the_landing_folder(
+    rlhf_home: Path,
+) -> None:
+    landing = rlhf_home / "landing"
+    first = evaluate(None)
+    assert not first.run_requests and "no new preference files" in first.skip_reason.skip_message
+
+    land(landing, "batch1.jsonl")
+    land(landing, "notes.txt")  # unsupported suffix: never triggers
+    result = evaluate(None)
+    assert len(result.run_requests) == 1
+    request = result.run_requests[0]
+    assert request.run_config == lineage_run_config(landing)
+    assert request.tags["rlhf/new_files"] == "batch1.jsonl"
+    assert set(json.loads(result.cursor)) == {"batch1.jsonl"}
+
+    again = evaluate(result.cursor)
+    assert not again.run_requests
+
+    land(landing, "batch2.jsonl")
+    second = evaluate(result.cursor)
+    assert [r.tags["rlhf/new_files"] for r in second.run_requests] == ["batch2.jsonl"]
+    assert second.run_requests[0].run_key != request.run_key
+    assert set(json.loads(second.cursor)) == {"batch1.jsonl", "batch2.jsonl"}
+
+    land(landing, "batch1.jsonl", mtime=OLD + 60)  # rewritten: one more run
+    third = evaluate(second.cursor)
+    assert [r.tags["rlhf/new_files"] for r in third.run_requests] == ["batch1.jsonl"]
+
+
+def test_sensor_waits_for_files_still_being_written(rlhf_home: Path) -> None:
+    land(rlhf_home / "landing", "fresh.jsonl", mtime=time.time())
+    result = evaluate(None)
+    assert not result.run_requests
+
+
+def test_new_files_and_cursor_parsing() -> None:
+    now = int(time.time() * 1e9)
+    current = {"a.jsonl": 1, "b.jsonl": 2, "c.jsonl": now}
+    assert new_files(current, {"a.jsonl": 1}, now) == {"b.jsonl": 2}
+    assert parse_cursor(None) == {}
+    assert parse_cursor('{"a.jsonl": 5}') == {"a.jsonl": 5}
+    with pytest.raises(ValueError, match="cursor is not JSON"):
+        parse_cursor("not json")
+    assert landed_files(Path("/nonexistent/landing")) == {}
+
+
+def test_weekly_schedule_uses_landing_data_when_present(rlhf_home: Path) -> None:
+    import datetime as dt
+
+    tick = dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.timezone.utc)
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
+        default = weekly_retraining(ctx)
+        assert default.run_config == {} and default.tags["rlhf/source"] == "default"
+        assert default.run_key == "weekly-2026-11-23"
+        land(rlhf_home / "landing", "batch.parquet.jsonl")
+        landed = weekly_retraining(ctx)
+        assert landed.run_config == lineage_run_config(rlhf_home / "landing")
+    assert weekly_retraining.cron_schedule == "0 3 * * 1"
+
+
+def test_run_failure_sensor_writes_a_record(rlhf_home: Path) -> None:
+    @dg.op
+    def explode() -> None:
+        raise ValueError("boom: bad preference file")
+
+    @dg.job
+    def failing_job() -> None:
+        explode()
+
+    with dg.instance_for_test() as instance:
+        result = failing_job.execute_in_process(instance=instance, raise_on_error=False)
+        assert not result.success
+        ctx = dg.build_run_status_sensor_context(
+            sensor_name="record_run_failure", dagster_instance=instance,
+            dagster_run=result.dagster_run, dagster_event=result.get_run_failure_event(),
+        ).for_run_failure()
+        record_run_failure(ctx)
+    record = json.loads((rlhf_home / "failures" / f"{result.run_id}.json").read_text())
+    assert record["job_name"] == "failing_job"
+    assert record["failed_steps"] == ["explode"]
+    assert record["run_id"] == result.run_id

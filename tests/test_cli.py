@@ -1,0 +1,100 @@
+"""The `rlhf` CLI without training: embedded env, run config, summary, server start/stop."""
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import cli
+
+
+def test_setup_writes_dagster_yaml_once_and_keeps_existing_env(tmp_path: Path, monkeypatch) -> None:
+    home = tmp_path / "home"
+    env = {"RLHF_HOME": str(home)}
+    monkeypatch.setenv("RLHF_HOME", str(home))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = cli.setup_embedded_env(env)
+    assert out["DAGSTER_HOME"] == str(home / "dagster_home")
+    assert out["MLFLOW_TRACKING_URI"] == f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    config = yaml.safe_load((home / "dagster_home" / "dagster.yaml").read_text())
+    assert config["concurrency"]["pools"]["default_limit"] == 1
+    assert (home / "landing").is_dir()
+
+    custom = {"RLHF_HOME": str(home), "DAGSTER_HOME": str(tmp_path / "prod"),
+              "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000"}
+    (tmp_path / "prod").mkdir()
+    (tmp_path / "prod" / "dagster.yaml").write_text("storage: {}\n")
+    assert cli.setup_embedded_env(custom)["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
+    assert (tmp_path / "prod" / "dagster.yaml").read_text() == "storage: {}\n"
+
+
+def test_load_run_config_errors_name_the_file(tmp_path: Path) -> None:
+    assert cli.load_run_config(None) == {}
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.load_run_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(SystemExit, match="must hold a mapping"):
+        cli.load_run_config(str(bad))
+    good = tmp_path / "good.yaml"
+    good.write_text("ops: {raw_preferences: {config: {n_pairs: 10}}}\n")
+    assert cli.load_run_config(str(good))["ops"]["raw_preferences"]["config"]["n_pairs"] == 10
+
+
+def write_manifest(home: Path, asset: str, run_id: str, value: dict) -> None:
+    path = home / "manifests" / asset / "runs" / f"{run_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def test_summary_reads_this_runs_manifests(rlhf_home: Path) -> None:
+    run_id = "run-1"
+    write_manifest(rlhf_home, "reward_model", run_id, {"summary": {"eval/accuracy": 0.91}})
+    write_manifest(rlhf_home, "ppo_policy", run_id, {"summary": {"objective/kl": 1.5}, "model_path": "/m"})
+    write_manifest(rlhf_home, "evaluation_report", run_id, {
+        "data_version": "dv1", "report_path": "/r/report.json",
+        "metrics": {"sft/gold_mean": 1.0, "ppo/gold_mean": 2.5, "win_rate_gold": 0.8,
+                    "win_rate_rm": 0.9, "ppo/kl_to_ref": 0.3, "ppo/ended_eos_frac": 0.95}})
+    write_manifest(rlhf_home, "registered_policy", run_id, {"model_name": "rlhf-policy", "version": "3"})
+    registry = {"aliases": {"champion": "3", "challenger": "3"},
+                "last_promotion": {"promoted": True, "reason": "better"}}
+    summary = cli.build_summary(run_id, "succeeded", {"evaluation_report:ppo_beats_sft": True}, [], 12.0,
+                                registry)
+    assert summary["reward_model_accuracy"] == 0.91
+    assert (summary["gold_reward_sft"], summary["gold_reward_ppo"]) == (1.0, 2.5)
+    assert summary["gold_win_rate"] == 0.8 and summary["kl_to_sft"] == 0.3
+    assert summary["registered_version"] == "3" and summary["aliases"]["champion"] == "3"
+    assert summary["where"]["summary"] == str(rlhf_home / "summary.json")
+    text = cli.format_summary(summary)
+    assert "1.000 -> 2.500" in text and "champion=v3" in text and "promoted (better)" in text
+
+
+def test_summary_of_a_run_that_stopped_early(rlhf_home: Path) -> None:
+    summary = cli.build_summary("run-2", "failed", {"reward_model:reward_model_accuracy": False},
+                                ["reward_model"], 3.0, {})
+    assert summary["gold_reward_ppo"] is None and summary["registered_version"] is None
+    text = cli.format_summary(summary)
+    assert "FAILED checks" in text and "reward_model_accuracy" in text and "not registered" in text
+
+
+def test_server_in_own_session_stops_on_sigint_even_when_parent_ignores_it(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    script = f"import pathlib, time; pathlib.Path({str(ready)!r}).touch(); time.sleep(120)"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # ignored dispositions are inherited
+    try:
+        proc = cli.start_in_own_session([sys.executable, "-c", script], {}, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None
+    code = cli.stop_session(proc, timeout=10)
+    # Terminated by SIGINT (KeyboardInterrupt, exit 1 / -SIGINT), not escalated to SIGKILL.
+    assert code in (1, -signal.SIGINT, 128 + signal.SIGINT)
+    assert cli.stop_session(proc) == code

@@ -1,0 +1,204 @@
+"""Registry: register a tiny model as challenger, promote only a strictly better one, roll back,
+and load ``models:/NAME@champion`` as a pipeline that generates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+mlflow = pytest.importorskip("mlflow")
+
+import dagster as dg  # noqa: E402
+
+from assets.registry import evaluation_tags, log_transformers_model, register_version  # noqa: E402
+from ops.registry import (  # noqa: E402
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    IncomparableEvaluationError,
+    RegistryError,
+    alias_version,
+    promote,
+    promote_champion_job,
+    prune,
+    rollback,
+    rollback_champion_job,
+)
+from pipelines.resources import MLflowResource  # noqa: E402
+
+NAME = "test-policy"
+WORDS = "the river garden robot is lovely dull nice . tell me about please".split()
+
+
+def tiny_model_dir(out: Path) -> Path:
+    """A 1-layer GPT-2 and a word-level tokenizer, saved as a save_pretrained directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=len(vocab), n_layer=1, n_head=2, n_embd=32, n_positions=64,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An MLflow SQLite store with one logged tiny policy (logged once, registered many times)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    resource = MLflowResource(tracking_uri=uri, artifact_root=(root / "artifacts").as_uri(),
+                              experiment_name="test-registry")
+    client = resource.client()
+    run = client.create_run(resource.experiment_id())
+    model_uri = log_transformers_model(uri, run.info.run_id, tiny_model_dir(root / "model"), "policy",
+                                       "text-generation")
+    return {"uri": uri, "client": client, "model_uri": model_uri, "run_id": run.info.run_id,
+            "resource": resource}
+
+
+def report(gold: float, data_version: str = "dv1") -> dict:
+    """An evaluation_report manifest as assets/evaluation.py writes it."""
+    return {"data_version": data_version, "gold_scorer": "assets.bundled_task:gold_score_batch",
+            "metrics": {"ppo/gold_mean": gold, "sft/gold_mean": gold - 1.0, "win_rate_gold": 0.7,
+                        "ppo/rm_score_mean": 0.1, "n_prompts": 16.0}}
+
+
+def add_challenger(store: dict, name: str, gold: float, data_version: str = "dv1") -> str:
+    v = register_version(store["client"], name, store["model_uri"], store["run_id"],
+                         evaluation_tags(report(gold, data_version)))
+    return str(v.version)
+
+
+def aliases(store: dict, name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in store["client"].get_registered_model(name).aliases.items()}
+
+
+def test_evaluation_tags_record_metrics_eval_set_and_promotion_metric() -> None:
+    tags = evaluation_tags(report(2.5))
+    assert float(tags["metric.ppo/gold_mean"]) == 2.5
+    assert tags["eval.data_version"] == "dv1"
+    assert tags["promotion_metric"] == "ppo/gold_mean"
+    no_gold = report(1.0)
+    no_gold["metrics"]["ppo/gold_mean"] = None
+    assert evaluation_tags(no_gold)["promotion_metric"] == "ppo/rm_score_mean"
+    with pytest.raises(ValueError, match="data_version"):
+        evaluation_tags({"metrics": {"a": 1.0}})
+
+
+def test_first_challenger_becomes_champion_and_worse_one_is_not_promoted(store: dict) -> None:
+    name = f"{NAME}-worse"
+    v1 = add_challenger(store, name, gold=2.0)
+    first = promote(store["client"], name)
+    assert first.promoted and aliases(store, name)[CHAMPION] == v1
+
+    v2 = add_challenger(store, name, gold=1.5)
+    decision = promote(store["client"], name)
+    assert not decision.promoted
+    assert decision.challenger_version == v2 and decision.champion_version == v1
+    assert aliases(store, name)[CHAMPION] == v1
+    assert aliases(store, name)[CHALLENGER] == v2
+
+    add_challenger(store, name, gold=2.0)  # a tie is not strictly better
+    assert not promote(store["client"], name).promoted
+    assert aliases(store, name)[CHAMPION] == v1
+
+
+def test_better_challenger_is_promoted_then_rolled_back(store: dict) -> None:
+    name = f"{NAME}-rollback"
+    v1 = add_challenger(store, name, gold=1.0)
+    promote(store["client"], name)
+    v2 = add_challenger(store, name, gold=2.0)
+    assert promote(store["client"], name).promoted
+    v3 = add_challenger(store, name, gold=3.0)
+    assert promote(store["client"], name).promoted
+    assert aliases(store, name)[CHAMPION] == v3 and aliases(store, name)[PREVIOUS_CHAMPION] == v2
+
+    back = rollback(store["client"], name)
+    assert (back.demoted_version, back.champion_version) == (v3, v2)
+    assert aliases(store, name)[CHAMPION] == v2 and aliases(store, name)[PREVIOUS_CHAMPION] == v1
+    assert store["client"].get_model_version(name, v3).tags["rolled_back"] == "true"
+
+    rollback(store["client"], name)
+    assert aliases(store, name)[CHAMPION] == v1
+    assert PREVIOUS_CHAMPION not in aliases(store, name)
+    with pytest.raises(RegistryError, match="no previous champion"):
+        rollback(store["client"], name)
+
+
+def test_different_eval_sets_are_refused(store: dict) -> None:
+    name = f"{NAME}-evalset"
+    add_challenger(store, name, gold=1.0, data_version="dv1")
+    promote(store["client"], name)
+    add_challenger(store, name, gold=5.0, data_version="dv2")
+    with pytest.raises(IncomparableEvaluationError, match="not comparable"):
+        promote(store["client"], name)
+    forced = promote(store["client"], name, allow_different_eval_sets=True)
+    assert forced.promoted
+
+
+def test_errors_name_the_missing_piece(store: dict) -> None:
+    with pytest.raises(RegistryError, match="does not exist"):
+        promote(store["client"], "never-registered")
+    name = f"{NAME}-metric"
+    add_challenger(store, name, gold=1.0)
+    with pytest.raises(RegistryError, match="no tag 'metric.eval/accuracy'"):
+        promote(store["client"], name, metric="eval/accuracy")
+
+
+def test_prune_keeps_aliased_and_recent_versions(store: dict) -> None:
+    name = f"{NAME}-prune"
+    v1 = add_challenger(store, name, gold=1.0)
+    promote(store["client"], name)
+    for gold in (0.1, 0.2, 0.3):
+        add_challenger(store, name, gold=gold)
+    deleted = prune(store["client"], name, keep_last=1)
+    remaining = {str(v.version) for v in store["client"].search_model_versions(f"name='{name}'")}
+    assert deleted == ["3", "2"]
+    assert remaining == {v1, "4"}
+
+
+def test_promote_and_rollback_jobs_move_aliases(store: dict) -> None:
+    name = f"{NAME}-jobs"
+    resources = {"mlflow": store["resource"]}
+    v1 = add_challenger(store, name, gold=1.0)
+    cfg = {"ops": {"promote_champion": {"config": {"model_name": name}}}}
+    assert promote_champion_job.execute_in_process(run_config=cfg, resources=resources).success
+    v2 = add_challenger(store, name, gold=2.0)
+    result = promote_champion_job.execute_in_process(run_config=cfg, resources=resources)
+    assert result.success and aliases(store, name)[CHAMPION] == v2
+    rb = {"ops": {"rollback_champion": {"config": {"model_name": name}}}}
+    assert rollback_champion_job.execute_in_process(run_config=rb, resources=resources).success
+    assert aliases(store, name)[CHAMPION] == v1
+    failed = rollback_champion_job.execute_in_process(run_config=rb, resources=resources, raise_on_error=False)
+    assert not failed.success
+    failure = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "no previous champion" in str(failure.event_specific_data.error)
+
+
+def test_champion_loads_and_generates(store: dict) -> None:
+    name = f"{NAME}-load"
+    add_challenger(store, name, gold=1.0)
+    promote(store["client"], name)
+    assert alias_version(store["client"], name, CHAMPION) is not None
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_registry_uri(store["uri"])
+    pipe = mlflow.transformers.load_model(f"models:/{name}@{CHAMPION}")
+    prompt = "tell me about the river"
+    out = pipe(prompt, max_new_tokens=5, do_sample=False, return_full_text=False)
+    assert isinstance(out, list) and isinstance(out[0]["generated_text"], str)
+    generated = pipe(prompt, max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert generated.startswith(prompt) and len(generated.split()) > len(prompt.split())
