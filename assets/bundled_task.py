@@ -21,6 +21,8 @@ for every stage:
 * The labeller rarely uses good adjectives (sampling weight falls with quality), so the
   ``chosen`` responses are better than average but far from the best: SFT on ``chosen``
   leaves headroom that only the reward model and PPO can recover.
+* About 4% of the labeller's sentences are broken (``"the river is ."``); the gold reward
+  charges -2 for each, so the reward model learns what malformed text is worth.
 * A small fraction of rows are corrupted the way scraped data is (empty text, identical
   pair, exact duplicate) so the quarantine path runs on the default too.
 
@@ -58,6 +60,9 @@ CLOSERS: tuple[str, ...] = (".", "please .", "today .", "for me .", "briefly .")
 # Sampling weight of an adjective falls with its quality: exp(-ADJ_SKEW * quality).
 ADJ_SKEW = 1.5
 ON_TOPIC_PROB = 0.75
+# Labellers sometimes write broken sentences ("the river is .", "the river nice ."); the gold
+# reward punishes them, so the reward model learns to as well and PPO cannot drift into them.
+MALFORMED_PROB = 0.04
 
 _SENTENCE = re.compile(r"^the (\w+) is (\w+)$")
 _PROMPT = re.compile(r"\bthe (\w+)\b")
@@ -121,15 +126,21 @@ _ADJ_CDF = np.cumsum([math.exp(-ADJ_SKEW * ADJECTIVE_QUALITY[a]) for a in _ADJEC
 _ADJ_CDF /= _ADJ_CDF[-1]
 
 
+_MALFORMED = ("the {noun} is .", "the {noun} {adj} .", "the {noun} is {adj} {adj} .", "{adj} the {noun} is .")
+
+
 def sample_response(topic: str, rng: np.random.Generator) -> str:
     """The labeller policy: 1-5 sentences, mostly on topic, adjectives skewed to mediocre."""
     n = int(rng.integers(1, 6))
-    u = rng.random((n, 3))
+    u = rng.random((n, 5))
     sentences = []
-    for on_topic, other, pick in u:
+    for on_topic, other, pick, broken, how in u:
         noun = topic if on_topic < ON_TOPIC_PROB else TOPICS[int(other * len(TOPICS))]
         adj = _ADJECTIVES[min(int(np.searchsorted(_ADJ_CDF, pick, side="right")), len(_ADJECTIVES) - 1)]
-        sentences.append(f"the {noun} is {adj} .")
+        if broken < MALFORMED_PROB:
+            sentences.append(_MALFORMED[int(how * len(_MALFORMED))].format(noun=noun, adj=adj))
+        else:
+            sentences.append(f"the {noun} is {adj} .")
     return " ".join(sentences)
 
 

@@ -221,6 +221,32 @@ def rm_scores(rm_dir: str, prompts: list[str], response_ids: list[list[int]], ba
     return [float(x) for x in out]
 
 
+def pair_metrics(rm_dir: str, pairs: pd.DataFrame, scorer: GoldScorer | None,
+                 batch_size: int) -> dict[str, float]:
+    """The reward model on held-out pairs: accuracy against the (noisy) labels and, with a gold
+    scorer, agreement with the noiseless gold ordering (pairs whose gold scores tie are left out)."""
+    from ppo_core import models
+
+    if pairs.empty:
+        return {}
+    tok = models.load_tokenizer(rm_dir)
+    prompts = pairs["prompt"].astype(str).tolist()
+    # responses are scored as PPO scores them: response tokens followed by EOS (ppo_core.data)
+    encode = lambda texts: [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    chosen, rejected = pairs["chosen"].astype(str).tolist(), pairs["rejected"].astype(str).tolist()
+    s_c = rm_scores(rm_dir, prompts, encode(chosen), batch_size)
+    s_r = rm_scores(rm_dir, prompts, encode(rejected), batch_size)
+    out = {"rm/pair_accuracy": mean([1.0 if c > r else 0.0 for c, r in zip(s_c, s_r)]),
+           "rm/n_pairs": float(len(prompts))}
+    if scorer is not None:
+        g_c, g_r = scorer(prompts, chosen), scorer(prompts, rejected)
+        decided = [(c > r) == (gc > gr) for c, r, gc, gr in zip(s_c, s_r, g_c, g_r) if gc != gr]
+        out["rm/gold_agreement"] = mean([1.0 if d else 0.0 for d in decided])
+        out["rm/gold_label_agreement"] = mean(
+            [1.0 if gc > gr else 0.0 for gc, gr in zip(g_c, g_r) if gc != gr])
+    return out
+
+
 def kl_per_token(logp_policy: list[list[float]], logp_ref: list[list[float]]) -> float:
     """Mean over all response tokens of ``logp_policy - logp_ref`` (a Monte-Carlo KL estimate)."""
     diffs = [a - b for pa, pr in zip(logp_policy, logp_ref) for a, b in zip(pa, pr)]
@@ -232,6 +258,9 @@ class EvaluationConfig(dg.Config):
     """What an operator tunes in the evaluation."""
 
     max_prompts: int = Field(default=96, description="Held-out prompts evaluated (0 = all).")
+    samples_per_prompt: int = Field(
+        default=4, description="Answers sampled per prompt and policy; win rates compare the i-th answers "
+        "of SFT and PPO to the same prompt. More samples, less noise on a small test split.")
     max_new_tokens: int = Field(
         default=32, description="Answer length cap, in tokens; ppo_core.ppo's response_length default, so "
         "'ended with EOS' is measured under the limit PPO trained with.")
@@ -273,6 +302,7 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
         prompts = prompts[: cfg.max_prompts]
     if not prompts:
         raise ValueError(f"evaluation_report: {splits['split_dir']}/test_prompts.parquet has no prompts")
+    prompts = [p for p in prompts for _ in range(max(1, cfg.samples_per_prompt))]
     chosen = dict(zip(pairs["prompt"].astype(str), pairs["chosen"].astype(str)))
     refs = [chosen.get(p) for p in prompts]
     scorer_spec = resolve_gold_scorer(cfg.gold_scorer, data_source)
@@ -289,6 +319,8 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
             raise ValueError(f"gold_scorer {scorer_spec}: returned {len(gen['gold'])} scores for "
                              f"{len(prompts)} responses")
         per[name] = gen
+    log(f"evaluation: reward model on {len(pairs)} held-out preference pairs")
+    metrics_rm = pair_metrics(rm_dir, pairs, scorer, cfg.batch_size)
     log("evaluation: KL of PPO to the SFT reference on PPO samples")
     lp_ppo = sequence_logprobs(ppo_dir, prompts, per["ppo"]["ids"], cfg.batch_size)
     lp_ref = sequence_logprobs(sft_dir, prompts, per["ppo"]["ids"], cfg.batch_size)
@@ -299,7 +331,9 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
         metrics.update({f"{name}/{k}": v for k, v in pm.items()})
     metrics.update(compare(per["sft"], per["ppo"]))
     metrics["ppo/kl_to_ref"] = kl_per_token(lp_ppo, lp_ref)
-    metrics["n_prompts"] = float(len(prompts))
+    metrics.update(metrics_rm)
+    metrics["n_prompts"] = float(len(set(prompts)))
+    metrics["n_samples"] = float(len(prompts))
 
     samples = pd.DataFrame({
         "prompt": prompts, "chosen": [r or "" for r in refs],

@@ -134,6 +134,8 @@ def build_summary(
         "elapsed_seconds": round(elapsed_seconds, 1),
         "data_version": report.get("data_version") or ppo.get("data_version"),
         "reward_model_accuracy": rm_acc[1] if rm_acc else None,
+        "reward_model_test_accuracy": _num(metrics.get("rm/pair_accuracy")),
+        "reward_model_gold_agreement": _num(metrics.get("rm/gold_agreement")),
         "gold_reward_sft": _num(metrics.get("sft/gold_mean")),
         "gold_reward_ppo": _num(metrics.get("ppo/gold_mean")),
         "gold_win_rate": _num(metrics.get("win_rate_gold")),
@@ -172,7 +174,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [
         f"rlhf run {summary['status']} in {summary['elapsed_seconds']:.0f}s "
         f"(Dagster run {summary['dagster_run_id']})",
-        f"  reward-model accuracy (held-out pairs) : {fmt(summary['reward_model_accuracy'])}",
+        f"  reward-model accuracy (eval split)     : {fmt(summary['reward_model_accuracy'])}",
+        f"  reward-model accuracy (test pairs)     : {fmt(summary.get('reward_model_test_accuracy'))}",
+        f"  RM agreement with gold ordering (test) : {fmt(summary.get('reward_model_gold_agreement'))}",
         f"  gold reward SFT -> PPO                 : "
         f"{fmt(summary['gold_reward_sft'])} -> {fmt(summary['gold_reward_ppo'])}",
         f"  gold win rate PPO vs SFT               : {fmt(summary['gold_win_rate'])}",

@@ -1,6 +1,7 @@
 """Evaluation metrics against hand-computed values, gold-scorer loading, and the ppo_beats_sft gate."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -136,7 +137,12 @@ def test_evaluate_same_policy_twice_gives_zero_kl_and_even_win_rates(tiny_models
     assert metrics["n_prompts"] == 6 and result["report"]["gold_scorer"] == BUNDLED_GOLD_SCORER
     assert 1 <= metrics["ppo/length_mean"] <= 8 and 0.0 <= metrics["ppo/ended_eos_frac"] <= 1.0
     samples = pd.read_parquet(out_dir / "samples.parquet")
-    assert list(samples["sft_response"]) == list(samples["ppo_response"]) and len(samples) == 6
+    # samples_per_prompt answers per prompt (default 4), all identical between the two policies
+    assert list(samples["sft_response"]) == list(samples["ppo_response"]) and len(samples) == 6 * 4
+    assert metrics["n_samples"] == 24
+    # the reward model on held-out pairs: an accuracy and a gold agreement, both fractions
+    assert 0.0 <= metrics["rm/pair_accuracy"] <= 1.0 and 0.0 <= metrics["rm/gold_agreement"] <= 1.0
+    assert metrics["rm/n_pairs"] == len(pd.read_parquet(Path(tiny_models["splits"]["split_dir"]) / "test_pairs.parquet"))
     assert samples["sft_gold"].tolist() == load_gold_scorer(BUNDLED_GOLD_SCORER)(
         samples["prompt"].tolist(), samples["sft_response"].tolist())
     import json
