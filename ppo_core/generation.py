@@ -90,6 +90,18 @@ def _sample_step(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+# Compact the decode batch once more than this share of its rows has ended: a forward costs
+# in proportion to its rows, and each compaction copies the KV cache once.
+COMPACT_FRACTION = 0.25
+
+
+def _should_compact(finished: torch.Tensor, cache: object) -> bool:
+    """True when enough rows ended, some are still live, and the cache can drop rows."""
+    n_done = int(finished.sum())
+    return (n_done > COMPACT_FRACTION * finished.numel() and n_done < finished.numel()
+            and hasattr(cache, "batch_select_indices"))
+
+
 def _all_finished(finished: torch.Tensor, sync_ranks: bool) -> bool:
     """True when every row (on every rank, if ``sync_ranks``) has emitted EOS.
 
@@ -116,12 +128,15 @@ def sample(
     generator: torch.Generator | None = None,
     return_logprobs: bool = True,
     sync_ranks: bool | None = None,
+    compact: bool = True,
 ) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` per left-padded prompt, stopping each row at EOS.
 
     input_ids, attention_mask: (B, P), left-padded. ``temperature <= 0`` is greedy.
     ``sync_ranks`` (default: when torch.distributed has more than one rank) keeps all ranks
     in lockstep so ZeRO-3 collective forwards match. Stops early once every row has ended.
+    ``compact`` drops ended rows from the batch and the KV cache (see ``COMPACT_FRACTION``);
+    the sampled distribution is the same, the random stream (fewer rows per draw) is not.
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids and attention_mask must both be (B, P); got "
@@ -143,6 +158,10 @@ def sample(
     next_position = attention_mask.sum(-1, keepdim=True)             # (B, 1)
     keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
 
+    # rows[i] is the output row of batch row i: finished rows leave the batch (and the KV
+    # cache) once they are more than COMPACT_FRACTION of it, so late steps run on the rows
+    # still generating; None until the first compaction (then plain slices are used)
+    rows: torch.Tensor | None = None
     with torch.inference_mode():
         out = model(input_ids=input_ids.masked_fill(attention_mask == 0, pad_token_id),
                     attention_mask=attention_mask,
@@ -152,15 +171,23 @@ def sample(
             tok, lp = _sample_step(out.logits[:, -1, :].float(), temperature, top_k, top_p,
                                    generator)
             tok = tok.masked_fill(finished, pad_token_id)
-            tokens[:, t] = tok
-            logprobs[:, t] = lp.masked_fill(finished, 0.0)
-            mask[:, P + t] = (~finished).long()
+            at = slice(None) if rows is None else rows
+            tokens[at, t] = tok
+            logprobs[at, t] = lp.masked_fill(finished, 0.0)
+            mask[at, P + t] = (~finished).long()
             finished |= tok == eos_token_id
             steps = t + 1
             if t == T - 1 or _all_finished(finished, sync_ranks):
                 break
-            out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask[:, : P + t + 1],
-                        position_ids=next_position + t, past_key_values=out.past_key_values,
+            cache = out.past_key_values
+            if compact and _should_compact(finished, cache):
+                live = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(live)
+                rows = live if rows is None else rows[live]
+                tok, finished, next_position = tok[live], finished[live], next_position[live]
+            step_mask = mask[:, : P + t + 1] if rows is None else mask[rows, : P + t + 1]
+            out = model(input_ids=tok.unsqueeze(-1), attention_mask=step_mask,
+                        position_ids=next_position + t, past_key_values=cache,
                         use_cache=True, **keep)
         del out  # free the KV cache before the caller's scoring forwards
 

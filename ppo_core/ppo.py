@@ -29,7 +29,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ppo_core import checkpoint as ckpt
 from ppo_core import ppo_utils as U
@@ -55,6 +56,14 @@ from ppo_core.models import (
 )
 from ppo_core.rewards import FunctionReward, ModelReward, RewardNormalizer, RewardSource
 from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, replace_dir
+
+
+# Forwards over a rollout or mini-batch run in at most this many groups of similar length.
+MAX_FORWARD_GROUPS = 4
+# Fixed cost of one more forward(+backward), in padded positions: on the benchmark's 2-layer
+# width-128 model a forward+backward costs ~100 us per position plus ~6 ms per call
+# (measured with bench/ppo_core_bench.py's model on one thread).
+FORWARD_OVERHEAD_POSITIONS = 64
 
 
 # =============================================================================================
@@ -480,6 +489,13 @@ class PPOTrainer:
         self.sample_rng = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.shuffle_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + self.rank)
         self.timings: dict[str, float] = {}
+        # positions (padding included) and real tokens of the update's policy forwards
+        self.forward_positions: dict[str, int] = {"train_positions": 0, "train_tokens": 0}
+        # ZeRO-3 forwards are collective: every rank must run the same number of them, and
+        # the grouping depends on each rank's own lengths
+        zero3_multi = cfg.strategy.zero_stage == 3 and self.world > 1
+        self.max_forward_groups = 1 if zero3_multi else MAX_FORWARD_GROUPS
+        self.forward_overhead_positions = FORWARD_OVERHEAD_POSITIONS
 
     # ---------------------------------------------------------------- setup helpers
     def _check_same_tokenizer(self, path: str) -> None:
@@ -514,9 +530,18 @@ class PPOTrainer:
         return self.tokenizer.batch_decode(responses.masked_fill(~mask, self.pad_id),
                                            skip_special_tokens=True)
 
-    def raw_scores(self, prompts: list[str], gen: GenerationOutput) -> tuple[torch.Tensor, list[str]]:
+    def raw_scores(self, prompts: list[str], gen: GenerationOutput,
+                   groups: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[str]]:
+        """Reward-source scores (B,) and the decoded responses; a reward model scores by
+        length group (:meth:`_grouped`), a function gets the whole batch."""
         texts = self.decode(gen.responses, gen.response_mask)
-        return self.reward(prompts, texts, gen.sequences, gen.attention_mask).float(), texts
+        if not isinstance(self.reward, ModelReward):
+            return self.reward(prompts, texts, gen.sequences, gen.attention_mask).float(), texts
+        # a reward model reads only the token tensors, so it can score group by group
+        (scores,) = self._grouped(gen, groups, lambda sub: (
+            self.reward([], [], sub.sequences, sub.attention_mask).float(),))
+        assert scores is not None
+        return scores, texts
 
     def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """Normalise, penalise missing EOS, clip (in that order, so the penalty is in units
@@ -527,11 +552,61 @@ class PPOTrainer:
             scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         return scores
 
-    def policy_logprobs(self, model: torch.nn.Module, gen: GenerationOutput,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Temperature-corrected log-probs of the response tokens: one forward whose LM head
-        runs on the response positions only (``logits_to_keep``)."""
+    def length_groups(self, gen: GenerationOutput) -> list[torch.Tensor]:
+        """Row groups of similar length for the forwards over ``gen`` (one group: no split)."""
+        if self.max_forward_groups <= 1 or gen.responses.shape[0] < 2:
+            return [torch.arange(gen.responses.shape[0])]
+        P = gen.prompt_length
+        return plan_length_groups(gen.attention_mask[:, :P].sum(1).tolist(),
+                                  gen.response_mask.sum(1).tolist(), self.max_forward_groups,
+                                  self.forward_overhead_positions)
+
+    def _grouped(self, gen: GenerationOutput, groups: list[torch.Tensor] | None,
+                 fn: Callable[[GenerationOutput], tuple[torch.Tensor | None, ...]],
+                 ) -> tuple[torch.Tensor | None, ...]:
+        """``fn`` on each length group of ``gen`` (each cut to its own width), results put back
+        in row order. (b, T_g) outputs are zero-padded to (b, T); (b,) outputs are stacked.
+
+        A padded forward costs in proportion to rows x width; one rollout mixes 5-token and
+        64-token responses, so splitting it into groups of similar length computes far fewer
+        padding positions. Every row's result is the same as in one big forward (position ids
+        and masks are per row), so the losses and their gradients do not change.
+        """
+        groups = self.length_groups(gen) if groups is None else groups
+        if len(groups) == 1 and groups[0].numel() == gen.responses.shape[0]:
+            return fn(gen)
         T = gen.responses.shape[1]
+        parts = [fn(_rows(gen, rows)) for rows in groups]
+        order = torch.cat(groups)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        merged: list[torch.Tensor | None] = []
+        for k in range(len(parts[0])):
+            outs = [part[k] for part in parts]
+            if outs[0] is None:
+                merged.append(None)
+                continue
+            outs = [F.pad(o, (0, T - o.shape[1])) if o.dim() == 2 else o for o in outs]
+            merged.append(torch.cat(outs)[inverse])
+        return tuple(merged)
+
+    def policy_logprobs(self, model: torch.nn.Module, gen: GenerationOutput,
+                        with_entropy: bool = False, groups: list[torch.Tensor] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Temperature-corrected log-probs of the response tokens (B, T), and the entropy
+        (B, T) if asked, by length group (:meth:`_grouped`); 0 on padding past a group's width."""
+        logp, ent = self._grouped(gen, groups,
+                                  lambda sub: self._policy_logprobs_dense(model, sub, with_entropy))
+        assert logp is not None
+        return logp, ent
+
+    def _policy_logprobs_dense(self, model: torch.nn.Module, gen: GenerationOutput,
+                               with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward whose LM head runs on the response positions only (``logits_to_keep``)."""
+        T = gen.responses.shape[1]
+        if torch.is_grad_enabled():  # the update's forwards: what the padding share counts
+            self.forward_positions["train_positions"] += gen.attention_mask.numel()
+            self.forward_positions["train_tokens"] += int(gen.attention_mask.sum())
         logits = model(input_ids=gen.sequences, attention_mask=gen.attention_mask,
                        position_ids=position_ids_from_mask(gen.attention_mask),
                        logits_to_keep=T + 1, use_cache=False).logits[:, :-1]   # (B, T, V)
@@ -542,10 +617,16 @@ class PPOTrainer:
                 ent = U.entropy_from_logits(logits.detach(), self.cfg.temperature)
         return logp, ent
 
-    def critic_values(self, model: torch.nn.Module, gen: GenerationOutput) -> torch.Tensor:
+    def critic_values(self, model: torch.nn.Module, gen: GenerationOutput,
+                      groups: list[torch.Tensor] | None = None) -> torch.Tensor:
         """V before each response token: the head at positions P-1 .. P+T-2. (B, T)"""
-        P, T = gen.prompt_length, gen.responses.shape[1]
-        return token_values(model, gen.sequences, gen.attention_mask)[:, P - 1: P + T - 1]
+        def dense(sub: GenerationOutput) -> tuple[torch.Tensor]:
+            P, T = sub.prompt_length, sub.responses.shape[1]
+            return (token_values(model, sub.sequences, sub.attention_mask)[:, P - 1: P + T - 1],)
+
+        (values,) = self._grouped(gen, groups, dense)
+        assert values is not None
+        return values
 
     @torch.no_grad()
     def rollout(self) -> Rollout:
@@ -556,10 +637,11 @@ class PPOTrainer:
         t1 = time.perf_counter()
         m = gen.response_mask
         logprobs = gen.logprobs * m
-        ref_logprobs, _ = self.policy_logprobs(self.ref, gen)
+        groups = self.length_groups(gen)
+        ref_logprobs, _ = self.policy_logprobs(self.ref, gen, groups=groups)
         ref_logprobs = ref_logprobs * m
-        values = self.critic_values(self.critic.module, gen) * m
-        raw, texts = self.raw_scores(prompts, gen)
+        values = self.critic_values(self.critic.module, gen, groups) * m
+        raw, texts = self.raw_scores(prompts, gen, groups)
         scores = self.shape_scores(raw, gen.ended)
         kl = U.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * m
         rewards = U.place_score_at_last_token(-self.kl_ctl.value * kl, scores, m)
@@ -586,15 +668,15 @@ class PPOTrainer:
             order = torch.randperm(B, generator=self.shuffle_rng)
             for start in range(0, B, mb):
                 idx = order[start:start + mb]
-                g = _select(ro.gen, idx)
-                m = g.response_mask
-                new_logp, ent = self.policy_logprobs(self.actor.engine, g, with_entropy=True)
-                pg_loss, pg = U.policy_loss(new_logp, ro.logprobs[idx],
-                                            ro.advantages[idx], m, cfg.clip_range)
+                b = _select(ro, idx)
+                g, m = b.gen, b.gen.response_mask
+                groups = self.length_groups(g)
+                new_logp, ent = self.policy_logprobs(self.actor.engine, g, with_entropy=True,
+                                                     groups=groups)
+                pg_loss, pg = U.policy_loss(new_logp, b.logprobs, b.advantages, m, cfg.clip_range)
                 stats["grad_norm"].append(self.actor.backward_and_step(pg_loss))
-                vpred = self.critic_values(self.critic.engine, g)
-                vf_loss, vf = U.value_loss(vpred, ro.values[idx], ro.returns[idx], m,
-                                           cfg.value_clip_range)
+                vpred = self.critic_values(self.critic.engine, g, groups)
+                vf_loss, vf = U.value_loss(vpred, b.values, b.returns, m, cfg.value_clip_range)
                 stats["critic_grad_norm"].append(self.critic.backward_and_step(cfg.vf_coef * vf_loss))
                 stats["approxkl"].append(float(pg["approxkl"]))
                 stats["clipfrac"].append(float(pg["clipfrac"]))
@@ -640,6 +722,7 @@ class PPOTrainer:
     def train_step(self) -> dict[str, float]:
         """One PPO iteration; returns the metrics of this step (averaged over ranks)."""
         t0 = time.perf_counter()
+        self.forward_positions = {"train_positions": 0, "train_tokens": 0}
         ro = self.rollout()
         metrics = self.rollout_metrics(ro)
         metrics.update(self.train_on(ro))
@@ -658,6 +741,8 @@ class PPOTrainer:
             "time/step": elapsed,
             "perf/generated_tokens_per_s": tokens / max(self.timings["time/generation"], 1e-9),
             "perf/sequence_tokens": float(ro.gen.attention_mask.numel()),
+            "perf/train_forward_positions": float(self.forward_positions["train_positions"]),
+            "perf/train_forward_tokens": float(self.forward_positions["train_tokens"]),
         })
         metrics = _mean_across_ranks(metrics)
         metrics["eps"] *= self.world
@@ -777,12 +862,95 @@ class PPOTrainer:
         return out
 
 
-def _select(gen: GenerationOutput, idx: torch.Tensor) -> GenerationOutput:
-    """Rows ``idx`` of a rollout, keeping the full width (the logits slice needs fixed P/T)."""
+@dataclass
+class MiniBatch:
+    """Rows ``idx`` of a rollout, cut to the columns where at least one of them is real.
+
+    ``gen`` spans ``P' + T'`` columns: the prompt columns from the first one any row of the
+    mini-batch uses (left padding shared by all rows is dropped) and the response columns up
+    to the longest response in the mini-batch (right padding shared by all rows is dropped).
+    The (B', T') tensors are the rollout's stored values on the same response columns.
+    Position ids come from the attention mask and every dropped column is masked out for
+    every row, so the losses equal the untrimmed ones (``tests/test_ppo.py`` checks).
+    """
+
+    gen: GenerationOutput
+    logprobs: torch.Tensor      # (B', T') old-policy log-probs
+    values: torch.Tensor        # (B', T') rollout values
+    advantages: torch.Tensor    # (B', T')
+    returns: torch.Tensor       # (B', T')
+
+
+def _rows(gen: GenerationOutput, idx: torch.Tensor, trim: bool = True) -> GenerationOutput:
+    """Rows ``idx`` of ``gen``; with ``trim``, only the columns where one of them is real.
+
+    Prompts are left-padded and never empty, so the prompt columns in use are a suffix; a
+    response is right-padded and has >= 1 real token (the first is never padding). Dropped
+    columns are masked out for every kept row and position ids come from the mask, so each
+    row's forward result is unchanged.
+    """
+    P = gen.prompt_length
+    attention_mask, response_mask = gen.attention_mask[idx], gen.response_mask[idx]
+    first, T = 0, response_mask.shape[1]
+    if trim:
+        first = int(attention_mask[:, :P].any(0).to(torch.long).argmax())
+        T = max(int(response_mask.sum(1).max()), 1)
     return GenerationOutput(
-        sequences=gen.sequences[idx], attention_mask=gen.attention_mask[idx],
-        responses=gen.responses[idx], response_mask=gen.response_mask[idx], ended=gen.ended[idx],
-        logprobs=None, prompt_length=gen.prompt_length)
+        sequences=gen.sequences[idx, first:P + T], attention_mask=attention_mask[:, first:P + T],
+        responses=gen.responses[idx, :T], response_mask=response_mask[:, :T],
+        ended=gen.ended[idx], logprobs=None, prompt_length=P - first)
+
+
+def _select(ro: Rollout, idx: torch.Tensor, trim: bool = True) -> MiniBatch:
+    """Mini-batch ``idx`` of ``ro``; ``trim=False`` keeps the rollout's full width.
+
+    A rollout's width is set by its longest prompt and longest response; the columns that
+    are padding for every row of the mini-batch are dropped here, and the stored (B, T)
+    tensors are cut to the same response columns.
+    """
+    gen = _rows(ro.gen, idx, trim)
+    T = gen.responses.shape[1]
+    return MiniBatch(gen, ro.logprobs[idx, :T], ro.values[idx, :T], ro.advantages[idx, :T],
+                     ro.returns[idx, :T])
+
+
+def plan_length_groups(prompt_lengths: Sequence[int], response_lengths: Sequence[int],
+                       max_groups: int = 4,
+                       overhead_positions: int = FORWARD_OVERHEAD_POSITIONS) -> list[torch.Tensor]:
+    """Split rows into <= ``max_groups`` groups that minimise the positions padded forwards
+    compute: sum over groups of rows x (longest prompt + longest response) plus
+    ``overhead_positions`` per extra forward (its fixed cost in units of positions).
+
+    Rows are ordered by response length (then prompt length) and cut into contiguous runs by
+    dynamic programming. Returns the groups as index tensors (together: every row once).
+    """
+    n = len(prompt_lengths)
+    if n != len(response_lengths) or n == 0:
+        raise ValueError(f"plan_length_groups: {n} prompt lengths vs {len(response_lengths)} "
+                         "response lengths; need the same non-zero number")
+    order = sorted(range(n), key=lambda i: (response_lengths[i], prompt_lengths[i]))
+    p = [int(prompt_lengths[i]) for i in order]
+    r = [int(response_lengths[i]) for i in order]
+    inf = float("inf")
+    # best[g][j]: least cost of the first j ordered rows in g groups; cut[g][j]: last group start
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0.0
+    for j in range(1, n + 1):
+        widest_prompt = 0
+        for i in range(j - 1, -1, -1):      # the last group is ordered rows i .. j-1
+            widest_prompt = max(widest_prompt, p[i])
+            cost = (j - i) * (widest_prompt + r[j - 1]) + overhead_positions
+            for g in range(1, max_groups + 1):
+                if best[g - 1][i] + cost < best[g][j]:
+                    best[g][j], cut[g][j] = best[g - 1][i] + cost, i
+    g = min(range(1, max_groups + 1), key=lambda k: best[k][n])
+    groups, j = [], n
+    while g > 0:
+        i = cut[g][j]
+        groups.append(torch.tensor(order[i:j], dtype=torch.long))
+        j, g = i, g - 1
+    return groups[::-1]
 
 
 def _add_lora(policy: torch.nn.Module, cfg: PPOConfig) -> torch.nn.Module:

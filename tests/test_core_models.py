@@ -1,0 +1,246 @@
+"""ppo_core.models, ppo_core.config and ppo_core.data: tokenizer, tiny models, loading, scoring."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from ppo_core.config import ConfigError, from_dict, load_config, save_config, to_dict
+from ppo_core.data import (
+    IGNORE_INDEX,
+    StepSampler,
+    collate_pairs,
+    encode_pair,
+    encode_prompt,
+    encode_prompt_response,
+    eval_shards,
+    pad_sequences,
+    rank_micro_batches,
+)
+from ppo_core.models import (
+    ModelLoadError,
+    build_base_model,
+    build_scorer_from_causal_lm,
+    build_tiny_causal_lm,
+    disable_dropout,
+    last_token_index,
+    last_token_scores,
+    load_causal_lm,
+    load_sequence_scorer,
+    load_tokenizer,
+    position_ids_from_mask,
+    token_values,
+    train_tokenizer,
+)
+
+torch.set_num_threads(1)
+
+TEXTS = [
+    "tell me about the river .", "the river is nice .", "describe the garden please .",
+    "the garden is lovely . the robot is old .", "what do you think of the coffee today .",
+    "the coffee is awful .",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny save_pretrained dir built the way the base_model asset builds it."""
+    out = tmp_path_factory.mktemp("base")
+    return build_base_model(TEXTS, out, size="tiny", vocab_size=300)
+
+
+def test_train_tokenizer_has_special_tokens_and_roundtrips(tmp_path: Path) -> None:
+    tok = train_tokenizer(TEXTS, tmp_path, vocab_size=300)
+    assert tok.pad_token_id is not None and tok.eos_token_id is not None
+    assert tok.pad_token_id != tok.eos_token_id
+    text = "the robot is lovely ."
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]).strip() == text
+    # Reloads as a normal HF tokenizer with the same special tokens.
+    again = load_tokenizer(tmp_path)
+    assert isinstance(again, PreTrainedTokenizerFast)
+    assert (again.pad_token, again.eos_token) == (tok.pad_token, tok.eos_token)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_build_tiny_causal_lm_forward_and_save_load(tmp_path: Path, arch: str) -> None:
+    tok = train_tokenizer(TEXTS, None, vocab_size=300)
+    model = build_tiny_causal_lm(tok, arch=arch, n_layer=1, n_embd=32, n_head=2, n_positions=64)
+    ids = torch.tensor([tok("the river is nice .")["input_ids"]])
+    logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = load_causal_lm(tmp_path)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, logits)
+
+
+def test_build_tiny_rejects_bad_heads() -> None:
+    tok = train_tokenizer(TEXTS, None, vocab_size=300)
+    with pytest.raises(ValueError, match="divisible"):
+        build_tiny_causal_lm(tok, n_embd=30, n_head=4)
+
+
+def test_scorer_from_causal_lm_scores_last_real_token(base_dir: Path) -> None:
+    tok = load_tokenizer(base_dir)
+    scorer = build_scorer_from_causal_lm(base_dir, pad_token_id=tok.pad_token_id)
+    seqs = [encode_prompt_response(tok, "tell me about the river .", r, 64).input_ids
+            for r in ("the river is nice .", "the river is nice . the coffee is awful .")]
+    right_ids, right_mask = pad_sequences(seqs, tok.pad_token_id, side="right")
+    left_ids, left_mask = pad_sequences(seqs, tok.pad_token_id, side="left")
+    right = last_token_scores(scorer, right_ids, right_mask)
+    left = last_token_scores(scorer, left_ids, left_mask)
+    # Left/right padding must give the same scores (positions come from the mask).
+    torch.testing.assert_close(right, left, atol=1e-5, rtol=1e-4)
+    # And equal the score of each sequence alone, unpadded.
+    alone = torch.stack([last_token_scores(scorer, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
+                         for s in seqs])
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-4)
+    values = token_values(scorer, right_ids, right_mask)
+    assert values.shape == right_ids.shape
+
+
+def test_scorer_saves_and_reloads_as_sequence_classifier(base_dir: Path, tmp_path: Path) -> None:
+    tok = load_tokenizer(base_dir)
+    scorer = build_scorer_from_causal_lm(base_dir, pad_token_id=tok.pad_token_id)
+    scorer.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    again = load_sequence_scorer(tmp_path)
+    ids = torch.tensor([encode_prompt(tok, "the river is nice .")])
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(last_token_scores(again, ids, mask), last_token_scores(scorer, ids, mask))
+    assert again.config.num_labels == 1
+
+
+def test_position_ids_and_last_index() -> None:
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+    assert last_token_index(mask).tolist() == [4, 2]
+
+
+def test_disable_dropout_zeroes_modules_and_config(tmp_path: Path) -> None:
+    tok = train_tokenizer(TEXTS, None, vocab_size=300)
+    model = build_tiny_causal_lm(tok, arch="gpt2", n_layer=1, n_embd=32, n_head=2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
+    model.config.resid_pdrop = 0.3
+    disable_dropout(model)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert model.config.resid_pdrop == 0.0
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_causal_lm(str(missing))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_tokenizer(str(missing))
+
+
+def test_tokenizer_without_eos_is_rejected(tmp_path: Path) -> None:
+    tok = train_tokenizer(TEXTS, None, vocab_size=300)
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, pad_token=tok.pad_token)
+    no_eos.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="no EOS token"):
+        load_tokenizer(tmp_path)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_prompt_is_masked_and_eos_appended(base_dir: Path) -> None:
+    tok = load_tokenizer(base_dir)
+    enc = encode_prompt_response(tok, "tell me about the river .", "the river is nice .", 64)
+    n_prompt = len(encode_prompt(tok, "tell me about the river ."))
+    assert enc.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert enc.labels[n_prompt:] == enc.input_ids[n_prompt:]
+    assert enc.input_ids[-1] == tok.eos_token_id and not enc.truncated
+    short = encode_prompt_response(tok, "tell me about the river .", "the river is nice . " * 10, 12)
+    assert len(short.input_ids) == 12 and short.truncated
+
+
+def test_pad_sequences_sides() -> None:
+    ids, mask = pad_sequences([[5, 6, 7], [8]], pad_value=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_sequences([[5, 6, 7], [8]], pad_value=0, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_collate_pairs_stacks_chosen_then_rejected(base_dir: Path) -> None:
+    tok = load_tokenizer(base_dir)
+    pairs = [encode_pair(tok, "describe the garden .", "the garden is lovely .", "the garden is ugly .", 64, 0.5)]
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 2 and batch["margin"].tolist() == [0.5]
+    assert batch["input_ids"][0, : len(pairs[0].chosen_ids)].tolist() == pairs[0].chosen_ids
+
+
+def test_step_sampler_is_deterministic_and_covers_each_epoch() -> None:
+    sampler = StepSampler(n=10, batch_size=3, seed=7)
+    assert sampler.steps_per_epoch == 3
+    epoch0 = [i for s in range(3) for i in sampler.batch(s)]
+    assert len(set(epoch0)) == 9  # one example dropped per epoch (drop_last)
+    assert StepSampler(10, 3, 7).batch(4) == sampler.batch(4)  # a fresh sampler (resume) agrees
+    assert sampler.batch(3) != sampler.batch(0)  # epochs reshuffle
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        StepSampler(n=2, batch_size=3, seed=0)
+
+
+def test_rank_micro_batches_and_eval_shards() -> None:
+    idx = list(range(8))
+    assert rank_micro_batches(idx, rank=1, world_size=2, micro_batch_size=2) == [[4, 5], [6, 7]]
+    shards = [eval_shards(5, r, 2, batch_size=2) for r in range(2)]
+    assert [len(s) for s in shards] == [2, 2]  # same forward count on every rank
+    assert sorted(i for s in shards for b in s for i in b) == list(range(5))
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class _Inner:
+    stage: int = 2
+    """a nested field"""
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    path: str
+    """required"""
+    lr: float = 1e-3
+    """a float"""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """a tuple"""
+    resume: str | None = None
+    """optional"""
+    inner: _Inner = field(default_factory=_Inner)
+    """nested"""
+
+
+def test_load_config_json_and_yaml(tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text(json.dumps({"path": "x", "lr": 1, "inner": {"stage": 3}}))
+    cfg = load_config(_Cfg, tmp_path / "c.json")
+    assert cfg == _Cfg(path="x", lr=1.0, inner=_Inner(stage=3)) and isinstance(cfg.lr, float)
+    (tmp_path / "c.yaml").write_text("path: y\nbetas: [0.8, 0.9]\nresume: latest\n")
+    cfg = load_config(_Cfg, tmp_path / "c.yaml")
+    assert cfg.betas == (0.8, 0.9) and cfg.resume == "latest"
+    save_config(cfg, tmp_path / "round.json")
+    assert load_config(_Cfg, tmp_path / "round.json") == cfg
+    assert to_dict(cfg)["inner"] == {"stage": 2}
+
+
+def test_load_config_rejects_unknown_and_mistyped_keys(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text(json.dumps({"path": "x", "learning_rte": 0.1}))
+    with pytest.raises(ConfigError, match=r"bad.json.*unknown key.*learning_rte"):
+        load_config(_Cfg, tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match=r"inner.*unknown key.*stag"):
+        from_dict(_Cfg, {"path": "x", "inner": {"stag": 1}})
+    with pytest.raises(ConfigError, match="lr: expected a number"):
+        from_dict(_Cfg, {"path": "x", "lr": "fast"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(_Cfg, tmp_path / "missing.json")

@@ -1,0 +1,213 @@
+"""SFT engine: tiny smoke runs, exact resume, bad configurations, a 2-rank torchrun ZeRO-2 run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from assets.bundled_task import generate_preferences
+from ppo_core.callbacks import Callback
+from ppo_core.config import ConfigError, from_dict
+from ppo_core.models import ModelLoadError, build_tiny_causal_lm, train_tokenizer
+from ppo_core.sft import SFTConfig, main, response_nll, train
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Recorder(Callback):
+    """Keeps every callback event for assertions."""
+
+    def __init__(self) -> None:
+        self.begin: list[tuple[str, int]] = []
+        self.logs: list[tuple[int, dict[str, float]]] = []
+        self.evals: list[tuple[int, dict[str, float]]] = []
+        self.checkpoints: list[tuple[int, str]] = []
+        self.end: list[dict[str, Any]] = []
+
+    def on_train_begin(self, stage, total_steps, config) -> None:
+        self.begin.append((stage, total_steps))
+
+    def on_log(self, step, metrics) -> None:
+        self.logs.append((step, dict(metrics)))
+
+    def on_evaluate(self, step, metrics) -> None:
+        self.evals.append((step, dict(metrics)))
+
+    def on_checkpoint(self, step, path) -> None:
+        self.checkpoints.append((step, path))
+
+    def on_train_end(self, summary) -> None:
+        self.end.append(dict(summary))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sft_*.parquet from the bundled task (completion = chosen)."""
+    out = tmp_path_factory.mktemp("sft_data")
+    df = generate_preferences(80, seed=1, corrupt_fraction=0.0)
+    sft = df[["prompt"]].assign(completion=df["chosen"])
+    sft.iloc[:64].to_parquet(out / "sft_train.parquet")
+    sft.iloc[64:].to_parquet(out / "sft_eval.parquet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A 1-layer, 32-dim model: the smallest thing that still runs every code path."""
+    import pandas as pd
+
+    out = tmp_path_factory.mktemp("base")
+    df = pd.read_parquet(data_dir / "sft_train.parquet")
+    tok = train_tokenizer(list(df.prompt) + list(df.completion), out, vocab_size=300)
+    build_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, n_positions=128).save_pretrained(out)
+    return out
+
+
+def _cfg(data_dir: Path, out: Path, base: Path, **kw: Any) -> SFTConfig:
+    fields = {"data_dir": str(data_dir), "output_dir": str(out), "model_name_or_path": str(base),
+              "batch_size": 16, "micro_batch_size": 8, "learning_rate": 5e-3, "num_epochs": 2,
+              "eval_steps": 4, "save_steps": 0, "strategy": {"zero_stage": 2}}
+    fields.update(kw)
+    return from_dict(SFTConfig, fields)
+
+
+def test_response_nll_counts_only_response_tokens() -> None:
+    vocab = 7
+    logits = torch.zeros(1, 5, vocab)  # uniform prediction: every token costs log(vocab)
+    labels = torch.tensor([[-100, -100, 3, 4, -100]])
+    nll, n = response_nll(logits, labels)
+    assert int(n) == 2  # positions 1 and 2 predict the labelled tokens 3 and 4
+    assert math.isclose(float(nll), 2 * math.log(vocab), rel_tol=1e-6)
+
+
+def test_sft_smoke_run_writes_final_and_reports(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
+    rec = Recorder()
+    summary = train(_cfg(data_dir, tmp_path / "run", base_model, save_steps=4, warmup_ratio=0.25), [rec])
+    final = tmp_path / "run" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["eval/loss"] == summary["eval/loss"]
+    assert rec.begin == [("sft", 8)] and [s for s, _ in rec.logs] == list(range(1, 9))
+    assert {"train/loss", "train/lr", "train/epoch"} <= set(rec.logs[0][1])
+    lrs = [m["train/lr"] for _, m in rec.logs]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(5e-3) and lrs[-1] < max(lrs)  # warmup, then cosine
+    assert [s for s, _ in rec.evals] == [4, 8]
+    last_eval = rec.evals[-1][1]
+    assert math.isclose(last_eval["eval/perplexity"], math.exp(last_eval["eval/loss"]), rel_tol=1e-9)
+    assert last_eval["eval/loss"] < rec.evals[0][1]["eval/loss"]  # it learns
+    assert rec.logs[-1][1]["train/loss"] < rec.logs[0][1]["train/loss"]
+    assert [s for s, _ in rec.checkpoints] == [4]
+    assert (Path(rec.checkpoints[0][1]) / "trainer_state.json").is_file()
+    assert rec.end and rec.end[0]["completed"] is True
+
+
+def test_stop_and_resume_continues_the_same_trajectory(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
+    """K steps straight == K/2 steps, stop, resume from the checkpoint, K/2 steps."""
+    straight = train(_cfg(data_dir, tmp_path / "straight", base_model, eval_steps=0))
+    first = train(_cfg(data_dir, tmp_path / "split", base_model, eval_steps=0, stop_after_steps=4))
+    assert first["completed"] is False and first["step"] == 4
+    assert (tmp_path / "split" / "checkpoints" / "step_4" / "trainer_state.json").is_file()
+    assert not (tmp_path / "split" / "final").exists()
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["data_position"]["examples_seen"] == 4 * 16 and state["stage"] == "sft"
+    resumed = train(_cfg(data_dir, tmp_path / "split", base_model, eval_steps=0, stop_after_steps=4,
+                         resume_from="latest"))
+    assert resumed["completed"] is True and resumed["step"] == 8
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert math.isclose(straight["eval/loss"], resumed["eval/loss"], rel_tol=1e-5)
+
+
+def _write(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_bad_configs_fail_before_training(tmp_path: Path, data_dir: Path, base_model: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    base = {"data_dir": str(data_dir), "output_dir": str(tmp_path / "o"), "model_name_or_path": str(base_model)}
+    cases = {
+        "unknown key": ({**base, "learning_rte": 1e-3}, "unknown key(s) ['learning_rte']"),
+        "batch split": ({**base, "batch_size": 10, "micro_batch_size": 4},
+                        "batch_size=10 is not divisible by micro_batch_size x world_size"),
+        "offload at stage 0": ({**base, "strategy": {"zero_stage": 0, "offload_optimizer": True}},
+                               "set strategy.zero_stage to 2"),
+        "unknown model path": ({**base, "model_name_or_path": str(tmp_path / "missing")}, "does not exist"),
+        "no model": ({k: v for k, v in base.items() if k != "model_name_or_path"},
+                     "set exactly one of model_name_or_path"),
+    }
+    for name, (cfg, message) in cases.items():
+        rc = main(["--config", str(_write(tmp_path / f"{name}.json", cfg))])
+        err = capsys.readouterr().err
+        assert rc == 2, name
+        assert message in err, (name, err)
+        assert not (tmp_path / "o" / "final").exists()
+
+
+def test_tokenizer_without_eos_fails_before_training(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from ppo_core.models import load_causal_lm, load_tokenizer
+
+    bad = tmp_path / "no_eos"
+    load_causal_lm(base_model).save_pretrained(bad)
+    tok = load_tokenizer(base_model)
+    PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, pad_token=tok.pad_token).save_pretrained(bad)
+    with pytest.raises(ModelLoadError, match="no EOS token"):
+        train(_cfg(data_dir, tmp_path / "o", bad))
+    assert not (tmp_path / "o" / "final").exists()
+
+
+def test_config_rejects_impossible_values() -> None:
+    with pytest.raises(ConfigError, match="build_base_model='huge'"):
+        SFTConfig(data_dir="d", output_dir="o", build_base_model="huge")
+
+
+def test_torchrun_two_ranks_zero2(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
+    """The same module under torchrun with 2 ranks and ZeRO-2 (gloo on CPU)."""
+    cfg = _write(tmp_path / "sft.json", {
+        "data_dir": str(data_dir), "output_dir": str(tmp_path / "run"), "model_name_or_path": str(base_model),
+        "batch_size": 8, "micro_batch_size": 2, "max_steps": 3, "eval_steps": 0, "save_steps": 2,
+        "learning_rate": 5e-3, "strategy": {"zero_stage": 2},
+    })
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # this pytest process may have set them for its own in-process runs
+    with socket.socket() as sock:  # torchrun's --master-port 0 is not resolved for the env rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+           "-m", "ppo_core.sft", "--config", str(cfg)]
+    # Own process group, so a hang kills the workers too, not only the torchrun agent.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    final = tmp_path / "run" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["completed"] is True and summary["step"] == 3
+    assert math.isfinite(summary["eval/loss"])
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    ckpt_files = {p.name for p in (final.parent / "checkpoints" / "step_2").iterdir()}
+    assert {"rng_state_rank0.pt", "rng_state_rank1.pt"} <= ckpt_files

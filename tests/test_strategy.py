@@ -1,0 +1,139 @@
+"""ppo_core.strategy and ppo_core.checkpoint: config validation, engines, saving, atomic checkpoints."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ppo_core.checkpoint import (
+    capture_rng_state,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
+from ppo_core.config import ConfigError
+from ppo_core.models import build_tiny_causal_lm, load_causal_lm, train_tokenizer
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
+
+torch.set_num_threads(1)
+
+
+def test_offload_needs_a_zero_stage() -> None:
+    with pytest.raises(ConfigError, match="offload_optimizer=true needs ZeRO stage 1, 2 or 3"):
+        DeepSpeedStrategy(StrategyConfig(zero_stage=0, offload_optimizer=True))
+    with pytest.raises(ConfigError, match="offload_params=true needs ZeRO stage 3.*set strategy.zero_stage to 3"):
+        DeepSpeedStrategy(StrategyConfig(zero_stage=2, offload_params=True))
+    with pytest.raises(ConfigError, match="zero_stage=5"):
+        DeepSpeedStrategy(StrategyConfig(zero_stage=5))
+
+
+def test_impossible_batch_split_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as if launched with 2 ranks (dist not initialised here)
+    strategy = DeepSpeedStrategy(StrategyConfig())
+    if torch.distributed.is_initialized():
+        pytest.skip("torch.distributed already initialised with world size 1 in this process")
+    with pytest.raises(ConfigError, match=r"batch_size=10 is not divisible by .* 4 x 2 = 8.*multiple of 8"):
+        strategy.gradient_accumulation_steps(10, 4)
+    assert strategy.gradient_accumulation_steps(16, 4) == 2
+
+
+def test_train_config_carries_every_option() -> None:
+    strategy = DeepSpeedStrategy(StrategyConfig(zero_stage=3, offload_optimizer=True, offload_params=True,
+                                                bf16=True, gradient_clipping=0.5))
+    cfg = strategy.train_ds_config(train_batch_size=8, micro_batch_size=2)
+    assert cfg["gradient_accumulation_steps"] == 8 // (2 * strategy.world_size)
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert cfg["bf16"] == {"enabled": True} and cfg["gradient_clipping"] == 0.5
+    assert strategy.eval_ds_config()["zero_optimization"]["stage"] == 3
+    assert DeepSpeedStrategy(StrategyConfig(zero_stage=2)).eval_ds_config()["zero_optimization"]["stage"] == 0
+
+
+def test_rng_state_roundtrip() -> None:
+    tensors, plain = capture_rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    restore_rng_state(tensors, plain)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def _tiny_model() -> torch.nn.Module:
+    tok = train_tokenizer(["the river is nice .", "describe the garden ."] * 5, None, vocab_size=280)
+    return build_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, n_positions=32, seed=0), tok
+
+
+def _train_steps(strategy: DeepSpeedStrategy, engine, n: int) -> None:
+    ids = torch.arange(2 * 8).reshape(2, 8) % 50 + 3
+    for _ in range(n):
+        loss = engine(input_ids=ids, labels=ids).loss
+        strategy.backward(loss, engine)
+        strategy.step(engine)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_engine_checkpoint_resume_and_save_pretrained(tmp_path: Path, stage: int) -> None:
+    """2 steps, checkpoint, 2 more == restore the checkpoint into a fresh engine, 2 more."""
+    strategy = DeepSpeedStrategy(StrategyConfig(zero_stage=stage))
+    strategy.setup_distributed()
+
+    def fresh_engine():
+        model, tok = _tiny_model()
+        opt = strategy.create_optimizer(model, lr=1e-2)
+        sched = strategy.create_scheduler(opt, "cosine", total_steps=4, warmup_steps=1)
+        return strategy.prepare_train(model, opt, sched, train_batch_size=2, micro_batch_size=2), tok
+
+    engine, tok = fresh_engine()
+    _train_steps(strategy, engine, 2)
+    ckpt = save_checkpoint(strategy, tmp_path / "ckpts", 2, {"model": engine}, stage="test",
+                           config={"x": 1}, data_position={"step": 2}, extra={"kl": {"value": 0.1}})
+    _train_steps(strategy, engine, 2)
+    straight = strategy.full_state_dict(engine)
+
+    engine2, _ = fresh_engine()
+    state = load_checkpoint(strategy, ckpt, {"model": engine2})
+    assert state["step"] == 2 and state["extra"] == {"kl": {"value": 0.1}} and state["stage"] == "test"
+    _train_steps(strategy, engine2, 2)
+    resumed = strategy.full_state_dict(engine2)
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k])
+
+    out = strategy.save_pretrained(engine2, tok, tmp_path / "final")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    reloaded = load_causal_lm(out).state_dict()
+    for k, v in resumed.items():
+        if k in reloaded:
+            torch.testing.assert_close(reloaded[k], v.to(reloaded[k].dtype))
+
+
+def test_checkpoint_discovery_ignores_partial_writes(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for name in ("step_2", "step_10", "step_12.tmp-abcd"):
+        (root / name).mkdir(parents=True)
+    (root / "step_2" / "trainer_state.json").write_text('{"step": 2}')
+    (root / "step_10" / "trainer_state.json").write_text('{"step": 10}')
+    (root / "step_12.tmp-abcd" / "trainer_state.json").write_text('{"step": 12}')
+    assert [p.name for p in list_checkpoints(root)] == ["step_2", "step_10"]
+    assert find_latest_checkpoint(root) == root / "step_10"
+    assert resolve_resume("latest", root) == root / "step_10"
+    assert resolve_resume(None, root) is None
+    assert resolve_resume("latest", tmp_path / "none") is None
+    assert read_trainer_state(root / "step_2")["step"] == 2
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        resolve_resume(str(tmp_path / "nope"), root)
+
+
+def test_all_reduce_in_one_process() -> None:
+    strategy = DeepSpeedStrategy(StrategyConfig())
+    assert strategy.all_reduce_mean(3.0) == 3.0
+    t = torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(strategy.all_reduce_sum(t), t)
+    assert strategy.broadcast_object({"a": 1}) == {"a": 1}
+    assert strategy.is_rank_zero()
