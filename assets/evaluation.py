@@ -9,7 +9,6 @@ samples (SFT is PPO's reference policy), the same estimator PPO's KL penalty use
 """
 
 
-import importlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -66,18 +65,15 @@ def mean(values: Sequence[float]) -> float:
 
 
 def load_gold_scorer(spec: str) -> GoldScorer:
-    """``"package.module:function"`` -> the function ``(prompts, responses) -> list[float]``."""
-    module_name, sep, func_name = spec.partition(":")
-    if not sep or not module_name or not func_name:
-        raise ValueError(f"gold_scorer {spec!r}: expected 'module:function', e.g. '{BUNDLED_GOLD_SCORER}'")
+    """``"package.module:function"`` -> the function ``(prompts, responses) -> list[float]``.
+
+    The same loader as PPO's rule-based rewards (``ppo_core.rewards.load_function``)."""
+    from ppo_core.rewards import load_function
+
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"gold_scorer {spec!r}: cannot import module {module_name!r} ({exc})") from exc
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ValueError(f"gold_scorer {spec!r}: module {module_name!r} has no function {func_name!r}")
-    return func
+        return load_function(spec)
+    except ValueError as exc:
+        raise ValueError(f"gold_scorer: {exc} (e.g. '{BUNDLED_GOLD_SCORER}')") from exc
 
 
 def resolve_gold_scorer(configured: str, data_source: str | None) -> str | None:

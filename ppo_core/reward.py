@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ppo_core.callbacks import Callback, CallbackList, ProgressPrinter
+from ppo_core.callbacks import Callback, CallbackList
 from ppo_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from ppo_core.config import ConfigError, parse_cli, to_dict
+from ppo_core.config import ConfigError, to_dict
 from ppo_core.data import (
     EncodedPair,
     StepSampler,
@@ -41,7 +41,7 @@ from ppo_core.data import (
     rank_micro_batches,
     read_table,
 )
-from ppo_core.models import ModelLoadError, build_scorer_from_causal_lm, last_token_scores, load_tokenizer
+from ppo_core.models import build_scorer_from_causal_lm, last_token_scores, load_tokenizer
 from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
 
 
@@ -284,16 +284,9 @@ def train(cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> dict[str, An
 
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
     """``python -m ppo_core.reward --config FILE``; progress lines on rank 0's stderr."""
-    from ppo_core.strategy import is_rank_zero
+    from ppo_core.cli import run_stage
 
-    try:
-        cfg = parse_cli(RewardConfig, argv, prog="python -m ppo_core.reward")
-        progress = [ProgressPrinter(every=10, keys=("train/loss", "train/accuracy"))] if is_rank_zero() else []
-        train(cfg, [*progress, *callbacks])
-    except (ConfigError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_stage(RewardConfig, train, argv, callbacks, "python -m ppo_core.reward", ("train/loss", "train/accuracy"))
 
 
 if __name__ == "__main__":

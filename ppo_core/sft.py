@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ppo_core.callbacks import Callback, CallbackList, ProgressPrinter
+from ppo_core.callbacks import Callback, CallbackList
 from ppo_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from ppo_core.config import ConfigError, parse_cli, to_dict
+from ppo_core.config import ConfigError, to_dict
 from ppo_core.data import (
     IGNORE_INDEX,
     Encoded,
@@ -37,7 +37,6 @@ from ppo_core.data import (
 )
 from ppo_core.models import (
     MODEL_SIZES,
-    ModelLoadError,
     build_base_model,
     load_causal_lm,
     load_tokenizer,
@@ -293,16 +292,9 @@ def train(cfg: SFTConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
     """``python -m ppo_core.sft --config FILE``; progress lines on rank 0's stderr."""
-    from ppo_core.strategy import is_rank_zero
+    from ppo_core.cli import run_stage
 
-    try:
-        cfg = parse_cli(SFTConfig, argv, prog="python -m ppo_core.sft")
-        progress = [ProgressPrinter(every=10, keys=("train/loss", "train/lr"))] if is_rank_zero() else []
-        train(cfg, [*progress, *callbacks])
-    except (ConfigError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_stage(SFTConfig, train, argv, callbacks, "python -m ppo_core.sft", ("train/loss", "train/lr"))
 
 
 if __name__ == "__main__":

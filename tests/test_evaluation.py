@@ -68,11 +68,11 @@ def test_gold_scorer_resolution_and_loading() -> None:
     assert resolve_gold_scorer(" pkg.mod:fn ", None) == "pkg.mod:fn"
     gold = load_gold_scorer(BUNDLED_GOLD_SCORER)
     assert gold(["tell me about the river ."], ["the river is wonderful ."]) == [2.0]
-    with pytest.raises(ValueError, match="expected 'module:function'"):
+    with pytest.raises(ValueError, match="must look like 'package.module:function'"):
         load_gold_scorer("assets.bundled_task.gold_score_batch")
     with pytest.raises(ValueError, match="cannot import module 'no_such_mod'"):
         load_gold_scorer("no_such_mod:f")
-    with pytest.raises(ValueError, match="has no function 'nope'"):
+    with pytest.raises(ValueError, match="has no callable 'nope'"):
         load_gold_scorer("assets.bundled_task:nope")
 
 
