@@ -51,7 +51,7 @@ ADJECTIVE_QUALITY: dict[str, float] = {
     "ugly": -0.85, "awful": -0.9, "terrible": -0.95, "horrible": -1.0,
 }
 MAX_USEFUL_SENTENCES = 3
-BT_TEMPERATURE = 0.5
+BT_TEMPERATURE = 0.35
 OPENERS: tuple[str, ...] = (
     "tell me about", "describe", "what do you think of", "say something about",
     "give me your view of", "talk about",

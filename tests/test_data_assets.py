@@ -14,7 +14,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from assets.data import DATA_ASSETS, DATA_CHECKS
+from assets.data import DATA_ASSETS, DATA_CHECKS, RawPreferencesConfig
 from assets.schemas import QuarantineReason
 from assets.splits import SPLIT_FILES
 from pipelines.io_managers import JsonManifestIOManager
@@ -79,12 +79,13 @@ def test_materialize_bundled_default(rlhf_home: Path) -> None:
     result = _run(rlhf_home)
     seconds = time.perf_counter() - start
     assert result.success
-    print(f"bundled 4000 pairs raw -> splits (with checks, in-process Dagster): {seconds:.1f}s")
+    print(f"bundled default raw -> splits (with checks, in-process Dagster): {seconds:.1f}s")
 
     raw = _materialization(result, "raw_preferences")
     pairs = _materialization(result, "preference_pairs")
     splits = _materialization(result, "dataset_splits")
-    assert raw["n_rows"] == pairs["n_input"] > 4000  # the generator appends duplicate rows
+    # the generator appends duplicate rows on top of the configured number of pairs
+    assert raw["n_rows"] == pairs["n_input"] > RawPreferencesConfig().n_pairs
     assert pairs["n_valid"] + pairs["n_quarantined"] == pairs["n_input"]
     assert sum(pairs["reason_counts"].values()) == pairs["n_quarantined"] > 0
     assert "| id " in raw["preview"]
