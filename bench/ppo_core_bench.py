@@ -121,9 +121,9 @@ def run(args: argparse.Namespace) -> dict:
         print(header)
         for it in range(1, args.iterations + 1):
             m = trainer.train_step()
-            # padded prompt+response tokens each training forward/backward processes
-            tokens = m["perf/sequence_tokens"]
-            flops = 6 * (n_policy + n_critic) * tokens * args.ppo_epochs
+            # real prompt+response tokens of every PPO-epoch forward/backward (the engine
+            # counts them; padding positions are not useful work)
+            flops = 6 * (n_policy + n_critic) * m["perf/train_forward_tokens"]
             row = {"iter": it, "gen_s": m["time/generation"], "score_s": m["time/scoring"],
                    "train_s": m["time/training"], "step_s": m["time/step"],
                    "gen_tok_per_s": m["perf/generated_tokens_per_s"], "eps": m["eps"],

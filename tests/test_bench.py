@@ -18,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "ppo_vs_trl.py"
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 pytest.importorskip("trl.experimental.ppo", reason="the bench extra (trl==1.12.0) is not installed")
 
@@ -25,10 +26,14 @@ pytest.importorskip("trl.experimental.ppo", reason="the bench extra (trl==1.12.0
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    # an engine test earlier in the session sets the single-process rendezvous variables
+    # (MASTER_PORT ...) in os.environ and still listens on that port; the benchmark is a fresh
+    # top-level run and must pick its own
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        env={**env, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"},
     )
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert out.exists(), "the script did not write the --out JSON"

@@ -103,6 +103,29 @@ def test_stops_each_row_at_eos_and_pads_after():
     assert out.attention_mask[:, ids.shape[1]:].bool().equal(out.response_mask)
 
 
+def test_dropping_ended_rows_changes_nothing(monkeypatch):
+    import ppo_core.generation as generation
+
+    compactions: list[bool] = []
+    should = generation._should_compact
+    monkeypatch.setattr(generation, "_should_compact",
+                        lambda *a: compactions.append(should(*a)) or compactions[-1])
+    model = tiny_llama()   # the random tiny GPT-2 repeats one token per row under greedy
+    ids, mask = left_padded(PROMPTS + [[7, 8], [20, 21, 22, 23, 24], [30]])
+    kw = dict(max_new_tokens=8, pad_token_id=PAD, temperature=0.0)
+    free = sample(model, ids, mask, eos_token_id=VOCAB + 1, **kw)
+    # call EOS the token that ends the most rows before the last step
+    early = free.responses[:, :-1]
+    eos = max(range(VOCAB), key=lambda v: int((early == v).any(1).sum()))
+    kept = sample(model, ids, mask, eos_token_id=eos, compact=False, **kw)
+    dropped = sample(model, ids, mask, eos_token_id=eos, compact=True, **kw)
+    lengths = kept.response_mask.sum(1)
+    assert lengths.min() < lengths.max() and any(compactions)   # compaction ran
+    for name in ("sequences", "attention_mask", "responses", "response_mask", "ended"):
+        assert torch.equal(getattr(kept, name), getattr(dropped, name)), name
+    torch.testing.assert_close(kept.logprobs, dropped.logprobs, atol=1e-5, rtol=1e-5)
+
+
 def test_stops_early_when_every_row_ended():
     model = tiny_gpt2()
     ids, mask = left_padded(PROMPTS)

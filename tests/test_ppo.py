@@ -19,7 +19,11 @@ from assets import bundled_task as bt
 from ppo_core.callbacks import Callback
 from ppo_core.config import ConfigError, from_dict
 from ppo_core.models import build_scorer_from_causal_lm, build_tiny_causal_lm, train_tokenizer
-from ppo_core.ppo import PPOConfig, main, train
+from ppo_core import ppo_utils as U
+from ppo_core.generation import GenerationOutput
+from ppo_core.ppo import (PPOConfig, PPOTrainer, Rollout, _select, left_pad, main,
+                          plan_length_groups, train)
+from ppo_core.strategy import DeepSpeedStrategy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,6 +102,99 @@ def test_smoke_run_logs_metrics_and_saves(tiny_run, tmp_path):
     before = load_file(Path(tiny_run["policy_path"]) / "model.safetensors")
     after = load_file(final / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def _ragged_rollout(trainer: PPOTrainer, seed: int = 0) -> Rollout:
+    """A rollout whose prompts and responses have very different lengths (random tokens and
+    stored statistics: the test compares two ways of computing the same losses)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 8, 12
+    prompts = [trainer.prompt_ids[i][: 2 + 3 * (i % 4)] for i in range(B)]
+    ids, mask = left_pad(prompts, trainer.pad_id)
+    lengths = torch.tensor([1, 12, 3, 5, 2, 9, 4, 6])
+    response_mask = torch.arange(T)[None, :] < lengths[:, None]
+    responses = torch.randint(3, 200, (B, T), generator=g).masked_fill(~response_mask, trainer.pad_id)
+    gen = GenerationOutput(sequences=torch.cat([ids, responses], 1),
+                           attention_mask=torch.cat([mask, response_mask.long()], 1),
+                           responses=responses, response_mask=response_mask,
+                           ended=lengths < T, logprobs=None, prompt_length=ids.shape[1])
+    m = response_mask.float()
+    stats = [torch.randn(B, T, generator=g) * m for _ in range(4)]
+    logprobs = -torch.rand(B, T, generator=g) * m
+    return Rollout(gen, logprobs, logprobs, stats[0], torch.zeros(B), torch.zeros(B),
+                   torch.zeros(B, T), stats[1], stats[2], stats[3])
+
+
+def _losses(trainer: PPOTrainer, ro: Rollout, idx: torch.Tensor, trim: bool) -> dict[str, torch.Tensor]:
+    """Policy and value loss of mini-batch ``idx`` and their gradients (flattened)."""
+    b = _select(ro, idx, trim=trim)
+    actor, critic = trainer.actor.module, trainer.critic.module
+    for model in (actor, critic):
+        model.zero_grad(set_to_none=True)
+    logp, ent = trainer.policy_logprobs(actor, b.gen, with_entropy=True)
+    pg, _ = U.policy_loss(logp, b.logprobs, b.advantages, b.gen.response_mask)
+    vf, _ = U.value_loss(trainer.critic_values(critic, b.gen), b.values, b.returns, b.gen.response_mask)
+    (pg + vf).backward()
+    grads = torch.cat([p.grad.flatten() for m in (actor, critic) for p in m.parameters()
+                       if p.grad is not None])
+    return {"pg": pg.detach(), "vf": vf.detach(), "grads": grads,
+            "entropy": U.masked_mean(ent, b.gen.response_mask)}
+
+
+def test_trimmed_and_grouped_minibatch_losses_equal_untrimmed(tiny_run, tmp_path):
+    cfg = small_cfg(tiny_run, tmp_path / "t", normalize_reward=False)
+    trainer = PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy))
+    ro = _ragged_rollout(trainer)
+    idx = torch.tensor([0, 2, 4, 6])      # short responses: trimming drops columns
+    b = _select(ro, idx)
+    assert b.gen.responses.shape[1] == 4 < ro.gen.responses.shape[1]
+    assert b.gen.sequences.shape[1] < ro.gen.sequences.shape[1]
+    trainer.max_forward_groups = 1
+    full = _losses(trainer, ro, idx, trim=False)
+    trimmed = _losses(trainer, ro, idx, trim=True)
+    trainer.max_forward_groups, trainer.forward_overhead_positions = 4, 1
+    assert len(trainer.length_groups(ro.gen)) > 1    # the whole ragged batch is split
+    everything = torch.arange(8)
+    grouped_full = _losses(trainer, ro, everything, trim=True)
+    trainer.max_forward_groups = 1
+    single_full = _losses(trainer, ro, everything, trim=False)
+    for a, b_ in ((full, trimmed), (single_full, grouped_full)):
+        for key in a:
+            torch.testing.assert_close(a[key], b_[key], atol=1e-5, rtol=1e-5)
+
+
+def test_parallel_critic_gives_the_same_run(tiny_run, tmp_path):
+    over = dict(num_steps=2, eval_file=None)
+    runs = {}
+    for parallel in (False, True):
+        rec = Recorder()
+        summary = train(small_cfg(tiny_run, tmp_path / str(parallel), parallel_critic=parallel,
+                                  **over), [rec])
+        runs[parallel] = (load_file(Path(summary["final_dir"]) / "model.safetensors"), rec.logs)
+    (seq, seq_logs), (par, par_logs) = runs[False], runs[True]
+    for k in seq:
+        torch.testing.assert_close(seq[k], par[k], rtol=0, atol=0)
+    for key in ("loss/value_avg", "val/clipfrac_avg", "loss/policy_avg", "objective/scores"):
+        assert seq_logs[-1][key] == par_logs[-1][key], key
+
+
+def test_parallel_critic_refused_under_torchrun(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="parallel_critic needs a single process"):
+        small_cfg(tiny_run, tmp_path / "p", parallel_critic=True)
+
+
+def test_plan_length_groups_covers_rows_and_separates_outliers():
+    prompts = [4] * 8
+    responses = [2, 3, 2, 60, 3, 2, 61, 2]
+    groups = plan_length_groups(prompts, responses, max_groups=4, overhead_positions=16)
+    rows = torch.cat(groups).tolist()
+    assert sorted(rows) == list(range(8))
+    assert any(set(g.tolist()) == {3, 6} for g in groups)   # the two long rows together
+    # equal lengths: one forward is cheapest
+    assert len(plan_length_groups([5] * 6, [7] * 6)) == 1
+    with pytest.raises(ValueError, match="same non-zero number"):
+        plan_length_groups([1, 2], [3])
 
 
 class StopAt(Callback):
