@@ -261,7 +261,8 @@ class EvaluationConfig(dg.Config):
         default=32, description="Answer length cap, in tokens; ppo_core.ppo's response_length default, so "
         "'ended with EOS' is measured under the limit PPO trained with.")
     temperature: float = Field(
-        default=1.0, description="Sampling temperature; 1.0 = the distribution PPO optimised (0 = greedy)."
+        default=0.7, description="Sampling temperature; 0.7 = ppo_core's PPO default, the distribution PPO "
+        "optimised (0 = greedy)."
     )
     batch_size: int = Field(default=32, description="Prompts per generation / scoring batch.")
     seed: int = Field(default=0, description="Sampling seed, the same for both policies.")

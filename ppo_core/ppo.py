@@ -116,9 +116,10 @@ class PPOConfig:
     tokens)"""
     max_prompt_length: int = 64
     """prompts longer than this many tokens are an error (never silently cut)"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs are corrected for it (TRL default 0.7; 1.0 samples the
-    policy itself, so the KL to the reference is the true one)"""
+    temperature: float = 0.7
+    """sampling temperature, TRL's PPOConfig default; log-probs are divided by it, so the ratio
+    and the KL are those of the distribution actually sampled. On the bundled task 0.7 keeps the
+    tiny SFT model's junk-token tail out of the rollouts, which 1.0 lets PPO drift into."""
     top_k: int = 0
     """0 disables top-k (TRL samples with top_k 0)"""
     top_p: float = 1.0
@@ -422,11 +423,20 @@ class Trainee:
         return unwrap(self.engine)
 
     def backward_and_step(self, loss: torch.Tensor) -> float:
-        """Backward, clip (DeepSpeed's ``gradient_clipping``), step, zero grads; grad norm."""
+        """Backward, clip (DeepSpeed's ``gradient_clipping``), step, zero grads; grad norm
+        before clipping."""
         self.engine.backward(loss)
+        own_norm = None
+        if self.engine.zero_optimization_stage() == 0:
+            # DeepSpeed reports the global norm only from ZeRO stage 1 up; at stage 0 the whole
+            # gradients sit on the parameters, so measure them before the step zeroes them.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            return own_norm if own_norm is not None else float("nan")
+        return float(norm)
 
     def lr(self) -> float:
         return DeepSpeedStrategy.current_lr(self.engine)
