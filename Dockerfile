@@ -12,12 +12,14 @@ ARG TORCH_VERSION=2.13.0
 # The CPU wheel index keeps the default image free of multi-GB CUDA libraries.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
+# g++: DeepSpeed JIT-compiles its shared-memory collective op on first init on a CPU.
 # CUDA base images carry no Python; python:* images already do.
-RUN if ! command -v python3 >/dev/null 2>&1; then \
-      apt-get update \
-      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
-      && rm -rf /var/lib/apt/lists/*; \
-    fi \
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+    && if ! command -v python3 >/dev/null 2>&1; then \
+         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv python3-pip; \
+       fi \
+    && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
 ENV PATH=/opt/venv/bin:$PATH \
