@@ -13,7 +13,23 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-HH_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test-first1500.jsonl.gz"
+_HH_FILE = Path("data") / "hh-rlhf" / "harmless-base-test-first1500.jsonl.gz"
+
+
+def _find_hh_sample() -> Path:
+    """The real HH-RLHF sample in the read-only ``shared/`` folder beside the checkout
+    (``RLHF_SHARED_DIR`` overrides; /work/shared is where this workplace keeps it)."""
+    import os
+
+    candidates = [Path(os.environ["RLHF_SHARED_DIR"])] if os.environ.get("RLHF_SHARED_DIR") else []
+    candidates += [REPO_ROOT.parent / "shared", Path("/work/shared")]
+    for root in candidates:
+        if (root / _HH_FILE).is_file():
+            return root / _HH_FILE
+    return candidates[0] / _HH_FILE
+
+
+HH_SAMPLE = _find_hh_sample()
 
 
 @pytest.fixture
