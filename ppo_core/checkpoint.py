@@ -216,3 +216,14 @@ def _versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover - deepspeed is a hard dependency of the engines
         pass
     return versions
+
+
+def finish_run(strategy: DeepSpeedStrategy, out_dir: Path, summary: dict[str, Any], callbacks: Any) -> dict[str, Any]:
+    """Write ``<out_dir>/summary.json`` on rank 0, wait for every rank, then fire
+    ``on_train_end``; returns the summary (the stages' common last step)."""
+    if strategy.is_rank_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    strategy.barrier()
+    callbacks.on_train_end(summary)
+    return summary

@@ -18,7 +18,6 @@ Normalising scores on reference-policy samples happens in the PPO engine, not he
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ppo_core.callbacks import Callback, CallbackList
-from ppo_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ppo_core.checkpoint import finish_run, load_checkpoint, resolve_resume, save_checkpoint
 from ppo_core.config import ConfigError, to_dict
 from ppo_core.data import (
     EncodedPair,
@@ -269,12 +268,7 @@ class RewardTrainer:
             "train_truncated": sum(p.truncated for p in self.train_data), "runtime_s": time.monotonic() - t0,
             **train_metrics, **eval_metrics,
         }
-        if self.strategy.is_rank_zero():
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        self.strategy.barrier()
-        self.cb.on_train_end(summary)
-        return summary
+        return finish_run(self.strategy, self.out, summary, self.cb)
 
 
 def train(cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
@@ -286,7 +280,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
     """``python -m ppo_core.reward --config FILE``; progress lines on rank 0's stderr."""
     from ppo_core.cli import run_stage
 
-    return run_stage(RewardConfig, train, argv, callbacks, "python -m ppo_core.reward", ("train/loss", "train/accuracy"))
+    return run_stage(RewardConfig, train, argv, callbacks, "python -m ppo_core.reward",
+                     ("train/loss", "train/accuracy"))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Reads ``<data_dir>/sft_train.parquet`` and ``sft_eval.parquet`` (columns ``promp
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ppo_core.callbacks import Callback, CallbackList
-from ppo_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ppo_core.checkpoint import finish_run, load_checkpoint, resolve_resume, save_checkpoint
 from ppo_core.config import ConfigError, to_dict
 from ppo_core.data import (
     IGNORE_INDEX,
@@ -277,12 +276,7 @@ class SFTTrainer:
             "train_truncated": truncated, "runtime_s": time.monotonic() - t0,
             **train_metrics, **eval_metrics,
         }
-        if self.strategy.is_rank_zero():
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        self.strategy.barrier()
-        self.cb.on_train_end(summary)
-        return summary
+        return finish_run(self.strategy, self.out, summary, self.cb)
 
 
 def train(cfg: SFTConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
