@@ -215,11 +215,10 @@ def eval_prompts(n: int, seed: int = 1234) -> list[str]:
 
 
 def _left_pad(tok: PreTrainedTokenizerBase, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [tok(p)["input_ids"] for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])  # (b, p)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+    """Left-padded (b, p) prompt ids and mask, encoded as the engines encode prompts."""
+    from ppo_core.data import encode_prompt, pad_sequences
+
+    return pad_sequences([encode_prompt(tok, p) for p in prompts], tok.pad_token_id, side="left")
 
 
 def _response_logprobs(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor,

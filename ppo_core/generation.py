@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ppo_core.ppo_utils import position_ids_from_mask
+
 
 @dataclass
 class GenerationOutput:
@@ -41,13 +43,6 @@ class GenerationOutput:
     prompt_length: int
     """P, the padded prompt width"""
 
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding: (B, L) mask -> (B, L) with 0 at the first real token.
-
-    Padded slots get 0 (they are masked out anyway); TRL's ``forward`` uses the same rule.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:

@@ -34,6 +34,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ppo_core.ppo_utils import last_token_index, position_ids_from_mask
+
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's EOS spelling, so hub-trained habits read naturally
 BOS_TOKEN = "<|startoftext|>"
@@ -287,13 +289,6 @@ def score_head(model: nn.Module) -> nn.Linear:
     raise TypeError(f"{type(model).__name__} has no linear 'score' head")
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so left-padded rows start at position 0.
-
-    ``attention_mask``: (b, t) of 0/1 -> (b, t) long; pad positions get 0.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
 
 def token_values(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -312,12 +307,6 @@ def token_values(
     ).last_hidden_state  # (b, t, h)
     return score_head(inner)(hidden).squeeze(-1).float()  # (b, t)
 
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token per row, for right *or* left padding: (b, t) -> (b,)."""
-    t = attention_mask.shape[-1]
-    positions = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
-    return (positions * attention_mask.long()).argmax(-1)
 
 
 def last_token_scores(

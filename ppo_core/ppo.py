@@ -49,7 +49,8 @@ from ppo_core import checkpoint as ckpt
 from ppo_core import ppo_utils as U
 from ppo_core.callbacks import Callback, CallbackList, ProgressPrinter
 from ppo_core.config import ConfigError, parse_cli, to_dict
-from ppo_core.generation import GenerationOutput, position_ids_from_mask, sample
+from ppo_core.data import pad_sequences
+from ppo_core.generation import GenerationOutput, sample
 from ppo_core.kl_controller import build_kl_controller
 from ppo_core.models import (
     build_scorer_from_causal_lm,
@@ -350,16 +351,6 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_len: int, where: 
     return ids
 
 
-def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (B, P) ids and mask from ragged id lists."""
-    width = max(len(x) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, x in enumerate(batch):
-        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x):] = 1
-    return ids, mask
-
 
 class PromptStream:
     """Endless shuffled prompt order: epoch ``e`` is ``randperm(n)`` seeded with seed + e.
@@ -537,7 +528,7 @@ class PPOTrainer:
     # ---------------------------------------------------------------- rollout
     def next_prompts(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         idx = self.stream.next_indices()
-        ids, mask = left_pad([self.prompt_ids[i] for i in idx], self.pad_id)
+        ids, mask = pad_sequences([self.prompt_ids[i] for i in idx], self.pad_id, side="left")
         return [self.prompts[i] for i in idx], ids, mask
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, model: torch.nn.Module | None = None,
@@ -634,7 +625,7 @@ class PPOTrainer:
             self.forward_positions["train_positions"] += gen.attention_mask.numel()
             self.forward_positions["train_tokens"] += int(gen.attention_mask.sum())
         logits = model(input_ids=gen.sequences, attention_mask=gen.attention_mask,
-                       position_ids=position_ids_from_mask(gen.attention_mask),
+                       position_ids=U.position_ids_from_mask(gen.attention_mask),
                        logits_to_keep=T + 1, use_cache=False).logits[:, :-1]   # (B, T, V)
         logp = U.logprobs_from_logits(logits, gen.responses, self.cfg.temperature)
         ent = None
@@ -810,7 +801,7 @@ class PPOTrainer:
         scores = []
         for start in range(0, n_local, cfg.rollout_batch_size):
             idx = chosen[start:start + cfg.rollout_batch_size]
-            ids, mask = left_pad([self.prompt_ids[i] for i in idx], self.pad_id)
+            ids, mask = pad_sequences([self.prompt_ids[i] for i in idx], self.pad_id, side="left")
             gen = sample(self.ref, ids, mask, max_new_tokens=cfg.response_length,
                          eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=rng)
@@ -840,7 +831,7 @@ class PPOTrainer:
         for start in range(0, per_rank, bs):
             idx = padded[start:start + bs]
             valid = max(0, min(len(mine) - start, len(idx)))
-            ids, mask = left_pad([self.eval_ids[i] for i in idx], self.pad_id)
+            ids, mask = pad_sequences([self.eval_ids[i] for i in idx], self.pad_id, side="left")
             gen = self.generate(ids, mask, temperature=0.0)
             raw, _ = self.raw_scores([self.eval_prompts[i] for i in idx], gen)
             scores = self.normalizer(raw) if self.normalizer else raw

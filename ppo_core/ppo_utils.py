@@ -119,8 +119,18 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row of a right-padded mask (B, T) -> (B,); 0 for empty rows."""
-    return (mask.to(torch.long).sum(-1) - 1).clamp_min(0)
+    """Index of the last 1 in each row of a mask, right *or* left padded: (B, T) -> (B,);
+    0 for empty rows. Reward models read their score there; PPO puts the score there."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return (positions * mask.to(torch.long)).argmax(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: (B, L) mask -> (B, L) with 0 at the first real token.
+
+    Padded slots get 0 (they are masked out anyway); TRL's ``forward`` uses the same rule.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def place_score_at_last_token(token_rewards: torch.Tensor, scores: torch.Tensor,

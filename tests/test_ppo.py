@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 from assets import bundled_task as bt
 from ppo_core.callbacks import Callback
 from ppo_core.config import ConfigError, from_dict
+from ppo_core.data import pad_sequences
 from ppo_core.models import build_scorer_from_causal_lm, build_tiny_causal_lm, train_tokenizer
 from ppo_core import ppo_utils as U
 from ppo_core.generation import GenerationOutput
-from ppo_core.ppo import (PPOConfig, PPOTrainer, Rollout, _select, left_pad, main,
+from ppo_core.ppo import (PPOConfig, PPOTrainer, Rollout, _select, main,
                           plan_length_groups, train)
 from ppo_core.strategy import DeepSpeedStrategy
 
@@ -112,7 +113,7 @@ def _ragged_rollout(trainer: PPOTrainer, seed: int = 0) -> Rollout:
     g = torch.Generator().manual_seed(seed)
     B, T = 8, 12
     prompts = [trainer.prompt_ids[i][: 2 + 3 * (i % 4)] for i in range(B)]
-    ids, mask = left_pad(prompts, trainer.pad_id)
+    ids, mask = pad_sequences(prompts, trainer.pad_id, side="left")
     lengths = torch.tensor([1, 12, 3, 5, 2, 9, 4, 6])
     response_mask = torch.arange(T)[None, :] < lengths[:, None]
     responses = torch.randint(3, 200, (B, T), generator=g).masked_fill(~response_mask, trainer.pad_id)
