@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -72,11 +73,18 @@ def test_workspace_and_pyproject_point_at_the_definitions() -> None:
     assert 'module_name = "pipelines.definitions"' in (REPO_ROOT / "pyproject.toml").read_text()
 
 
-def test_registry_jobs_fail_with_a_clear_message_on_an_empty_registry(rlhf_home: Path) -> None:
-    repo = repository()
+def test_registry_jobs_fail_with_a_clear_message_on_an_empty_registry(
+    rlhf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.definitions import default_resources
+
+    # `defs` pins its resources to the RLHF_HOME of its first import (maybe the developer's own
+    # .rlhf with a real registry); resolve them again under this test's empty home.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = repository().get_job("promote_champion_job")
     with dg.instance_for_test() as instance:
-        result = repo.get_job("promote_champion_job").execute_in_process(
-            instance=instance, raise_on_error=False)
+        result = job.execute_in_process(instance=instance, raise_on_error=False,
+                                        resources=default_resources())
     assert not result.success
     failure = result.get_step_failure_events()[0]
     assert "materialize the registered_policy asset first" in str(failure.event_specific_data.error)
