@@ -405,6 +405,7 @@ class Trainee:
             lr=lr, eps=cfg.adam_eps, fused=True)
         scheduler = strategy.create_scheduler(optimizer, cfg.lr_scheduler, total, cfg.warmup_steps)
         # one mini-batch per optimizer step on each rank: no gradient accumulation
+        self.strategy = strategy
         self.engine = strategy.prepare_train(model, optimizer, scheduler,
                                              train_batch_size=mb * strategy.world_size,
                                              micro_batch_size=mb)
@@ -414,20 +415,11 @@ class Trainee:
         return unwrap(self.engine)
 
     def backward_and_step(self, loss: torch.Tensor) -> float:
-        """Backward, clip (DeepSpeed's ``gradient_clipping``), step, zero grads; grad norm
-        before clipping."""
+        """Backward, clip, step, zero grads; the global grad norm before clipping."""
         self.engine.backward(loss)
-        own_norm = None
-        if self.engine.zero_optimization_stage() == 0:
-            # DeepSpeed reports the global norm only from ZeRO stage 1 up; at stage 0 the whole
-            # gradients sit on the parameters, so measure them before the step zeroes them.
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        if norm is None:
-            return own_norm if own_norm is not None else float("nan")
-        return float(norm)
+        norm = self.strategy.step(self.engine)
+        assert norm is not None, "PPO steps at every mini-batch (no gradient accumulation)"
+        return norm
 
     def lr(self) -> float:
         return DeepSpeedStrategy.current_lr(self.engine)

@@ -191,17 +191,19 @@ class RewardTrainer:
         engine.train()
         lr = s.current_lr(engine)
         loss_sum, correct, gap_sum = 0.0, 0.0, 0.0
+        grad_norm = float("nan")  # before clipping, of the step that ends the batch
         for mb in rank_micro_batches(indices, s.rank, s.world_size, cfg.micro_batch_size):
             rc, rr, margin = self._scores([self.train_data[i] for i in mb])
             loss = bradley_terry_loss(rc, rr, margin, cfg.center_coef).sum()
             s.backward(loss * scale, engine)
-            s.step(engine)
+            norm = s.step(engine)
+            grad_norm = grad_norm if norm is None else norm
             loss_sum += float(loss.detach())
             correct += float((rc > rr).sum())
             gap_sum += float((rc - rr).detach().sum())
         n = len(indices)
         return {"train/loss": s.all_reduce_sum(loss_sum) / n, "train/accuracy": s.all_reduce_sum(correct) / n,
-                "train/margin_mean": s.all_reduce_sum(gap_sum) / n, "train/lr": lr,
+                "train/margin_mean": s.all_reduce_sum(gap_sum) / n, "train/lr": lr, "train/grad_norm": grad_norm,
                 "train/epoch": (step + 1) / self.sampler.steps_per_epoch}
 
     @torch.no_grad()

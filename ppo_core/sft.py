@@ -202,6 +202,7 @@ class SFTTrainer:
         engine.train()
         lr = s.current_lr(engine)  # the LR this step uses (the scheduler moves it after the step)
         nll_sum = 0.0
+        grad_norm = float("nan")  # before clipping, of the step that ends the batch
         for mb in rank_micro_batches(indices, s.rank, s.world_size, self.cfg.micro_batch_size):
             batch = {k: v.to(s.device) for k, v in collate_sft([self.train_data[i] for i in mb],
                                                                  self.tokenizer.pad_token_id).items()}
@@ -209,10 +210,11 @@ class SFTTrainer:
                             position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits
             nll, _ = response_nll(logits, batch["labels"])
             s.backward(nll * scale, engine)
-            s.step(engine)
+            norm = s.step(engine)
+            grad_norm = grad_norm if norm is None else norm
             nll_sum += float(nll.detach())
         loss = s.all_reduce_sum(nll_sum) / max(global_tokens, 1)
-        return {"train/loss": loss, "train/lr": lr,
+        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                 "train/epoch": (step + 1) / self.sampler.steps_per_epoch}
 
     @torch.no_grad()

@@ -225,7 +225,8 @@ class DeepSpeedStrategy:
             "train_batch_size": train_batch_size,
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps(train_batch_size, micro_batch_size),
-            "gradient_clipping": c.gradient_clipping,
+            # fp32 stage 0: :meth:`step` clips itself (one foreach norm that it also reports)
+            "gradient_clipping": 0.0 if self.clips_itself else c.gradient_clipping,
             "zero_optimization": zero,
             "bf16": {"enabled": c.bf16},
             # A plain torch optimizer with ZeRO-Offload (DeepSpeed's CPU-Adam would JIT-compile first).
@@ -234,6 +235,18 @@ class DeepSpeedStrategy:
             "steps_per_print": 10**9,  # progress goes through callbacks, not DeepSpeed's logger
             "wall_clock_breakdown": False,
         }
+
+    @property
+    def clips_itself(self) -> bool:
+        """Whether :meth:`step` clips the gradients instead of DeepSpeed.
+
+        At fp32 stage 0 DeepSpeed clips with a per-parameter Python loop plus an all-reduce
+        of the norm, and reports no norm; the full gradients sit on the parameters there
+        (already all-reduced by ``engine.backward``), so one ``torch.nn.utils.clip_grad_norm_``
+        (foreach kernels) gives the same clipping and the norm to log. ZeRO 1-3 and bf16 own
+        their gradient partitions, so DeepSpeed keeps clipping there.
+        """
+        return self.cfg.zero_stage == 0 and not self.cfg.bf16
 
     def eval_ds_config(self, micro_batch_size: int = 1) -> dict[str, Any]:
         """DeepSpeed config for a frozen model (as DeepSpeed-Chat's ``get_eval_ds_config``):
@@ -292,6 +305,10 @@ class DeepSpeedStrategy:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=self.train_ds_config(train_batch_size, micro_batch_size), dist_init_required=False,
         )
+        if self.cfg.zero_stage == 0 and self.world_size == 1:
+            # One rank has nothing to all-reduce; DeepSpeed would still bucket, flatten and
+            # copy every gradient through a gloo all-reduce after each backward.
+            engine.enable_backward_allreduce = False
         return engine
 
     def prepare_eval(self, model: nn.Module, micro_batch_size: int = 1) -> Any:
@@ -317,12 +334,24 @@ class DeepSpeedStrategy:
         """Backward through the engine (it scales the loss for gradient accumulation)."""
         engine.backward(loss)
 
-    @staticmethod
-    def step(engine: Any) -> bool:
-        """Optimizer + scheduler step at an accumulation boundary; returns whether it stepped."""
-        boundary = bool(engine.is_gradient_accumulation_boundary())
+    def step(self, engine: Any) -> float | None:
+        """Optimizer + scheduler step at an accumulation boundary (``engine.step`` only counts
+        micro-batches elsewhere). Returns the global gradient norm before clipping when it
+        stepped (NaN where DeepSpeed does not report one), None between boundaries."""
+        if not engine.is_gradient_accumulation_boundary():
+            engine.step()
+            return None
+        norm: float | None = None
+        if self.clips_itself:
+            grads = [p for p in unwrap(engine).parameters() if p.grad is not None]
+            clip = self.cfg.gradient_clipping
+            norm = float(torch.nn.utils.clip_grad_norm_(grads, clip, foreach=True) if clip > 0
+                         else torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True))
         engine.step()
-        return boundary
+        if norm is None:
+            reported = engine.get_global_grad_norm()
+            norm = float(reported) if reported is not None else float("nan")
+        return norm
 
     @staticmethod
     def current_lr(engine: Any) -> float:

@@ -136,3 +136,33 @@ def test_all_reduce_in_one_process() -> None:
     torch.testing.assert_close(strategy.all_reduce_sum(t), t)
     assert strategy.broadcast_object({"a": 1}) == {"a": 1}
     assert strategy.is_rank_zero()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_step_clips_like_torch_and_reports_the_norm(stage: int) -> None:
+    """One engine step == clip_grad_norm_ + AdamW step in plain torch, at stage 0 (where the
+    strategy clips itself) and stage 2 (where DeepSpeed does); the returned norm is the
+    norm before clipping."""
+    strategy = DeepSpeedStrategy(StrategyConfig(zero_stage=stage, gradient_clipping=0.05))
+    strategy.setup_distributed()
+    assert strategy.clips_itself == (stage == 0)
+    assert strategy.train_ds_config(2, 2)["gradient_clipping"] == (0.0 if stage == 0 else 0.05)
+    model, _ = _tiny_model()
+    twin, _ = _tiny_model()
+    engine = strategy.prepare_train(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                    train_batch_size=2, micro_batch_size=2)
+    if stage == 0:  # one rank has nothing to all-reduce
+        assert engine.enable_backward_allreduce is (strategy.world_size > 1)
+    opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    ids = torch.arange(2 * 8).reshape(2, 8) % 50 + 3
+    for _ in range(2):
+        strategy.backward(engine(input_ids=ids, labels=ids).loss, engine)
+        norm = strategy.step(engine)
+        twin(input_ids=ids, labels=ids).loss.backward()
+        expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
+        opt.step()
+        opt.zero_grad()
+        assert norm == pytest.approx(float(expected), rel=1e-4) and float(expected) > 0.05
+    full = strategy.full_state_dict(engine)
+    for k, v in twin.state_dict().items():
+        torch.testing.assert_close(full[k], v, rtol=1e-4, atol=1e-6)
