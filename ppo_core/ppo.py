@@ -13,10 +13,13 @@ One PPO iteration ("step"):
    the clipped policy and value losses and gradient clipping; separate AdamW optimizers and
    LR schedules (stepped per optimizer step) for actor and critic, as OpenRLHF does.
 
-Speed without changing the arithmetic: the scoring and training forwards run in up to
-``MAX_FORWARD_GROUPS`` groups of rows of similar length, each cut to its own width
-(:func:`plan_length_groups`), so few padding positions are computed; ``parallel_critic``
-runs the critic's update on a second thread. ``bench/ppo_vs_trl.py`` measures both.
+Speed without changing the arithmetic: the scoring and training forwards pack each batch's
+episodes into rows of ``pack_capacity`` real tokens with a block-diagonal mask
+(:mod:`ppo_core.packing`), so no padding position is computed and the linear layers see one
+large matrix; models whose attention takes no 4D mask fall back to up to
+``MAX_FORWARD_GROUPS`` padded groups of similar length (:func:`plan_length_groups`).
+``parallel_critic`` runs the critic's update on a second thread. ``bench/ppo_vs_trl.py``
+measures all of it against TRL.
 
 Defaults reproduce TRL's ``PPOConfig`` (``trl/experimental/ppo/ppo_config.py``) where the two
 agree with the bundled task's budget; every default names its source. Metrics use TRL's names.
@@ -61,8 +64,20 @@ from ppo_core.models import (
     token_values,
     unwrap,
 )
+from ppo_core.packing import (
+    PackedEpisodes,
+    lm_logits,
+    pack_episodes,
+    scalar_head,
+    supports_packing,
+    trunk_hidden,
+)
 from ppo_core.rewards import FunctionReward, ModelReward, RewardNormalizer, RewardSource
 from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, replace_dir
+
+# How the forwards over a batch lay out its episodes: packed rows (ppo_core.packing) or
+# length groups of padded rows (row-index tensors, plan_length_groups).
+Layout = PackedEpisodes | list[torch.Tensor]
 
 
 # Forwards over a rollout or mini-batch run in at most this many groups of similar length.
@@ -201,6 +216,11 @@ class PPOConfig:
     """progress line every N steps on stderr"""
     num_threads: int | None = None
     """torch intra-op threads per rank (None: torch's default)"""
+    pack_capacity: int = 256
+    """positions per packed row in the scoring and training forwards (:mod:`ppo_core.packing`);
+    0 turns packing off (padded length groups instead). A row's attention costs capacity^2;
+    on the benchmark's width-128 model rows of 128-512 measured fastest (``/bench``); wider
+    models can afford longer rows. A longer episode gets a row of its own"""
     parallel_critic: bool = False
     """update the critic on a second Python thread while the actor's update runs (torch ops
     release the GIL, so this uses a second core; each model's arithmetic is unchanged).
@@ -504,6 +524,12 @@ class PPOTrainer:
         zero3_multi = cfg.strategy.zero_stage == 3 and self.world > 1
         self.max_forward_groups = 1 if zero3_multi else MAX_FORWARD_GROUPS
         self.forward_overhead_positions = FORWARD_OVERHEAD_POSITIONS
+        # packing is one forward per model and batch on every rank (ZeRO-3 safe); it is
+        # used only when each model reproduces its padded forward packed (checked once here)
+        scorers = [self.critic.module] + ([self.reward.model] if isinstance(self.reward, ModelReward) else [])
+        self.packing = cfg.pack_capacity > 0 and all(
+            [supports_packing(m, "lm", self.pad_id) for m in (self.actor.module, self.ref)]
+            + [supports_packing(m, "scorer", self.pad_id) for m in scorers])
         self._critic_pool: ThreadPoolExecutor | None = None
 
     # ---------------------------------------------------------------- setup helpers
@@ -540,14 +566,19 @@ class PPOTrainer:
                                            skip_special_tokens=True)
 
     def raw_scores(self, prompts: list[str], gen: GenerationOutput,
-                   groups: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[str]]:
-        """Reward-source scores (B,) and the decoded responses; a reward model scores by
-        length group (:meth:`_grouped`), a function gets the whole batch."""
+                   layout: Layout | None = None) -> tuple[torch.Tensor, list[str]]:
+        """Reward-source scores (B,) and the decoded responses; a reward model scores in
+        ``layout`` (the score at each episode's last token), a function gets the whole batch."""
         texts = self.decode(gen.responses, gen.response_mask)
         if not isinstance(self.reward, ModelReward):
             return self.reward(prompts, texts, gen.sequences, gen.attention_mask).float(), texts
+        layout = self.layout(gen) if layout is None else layout
+        if isinstance(layout, PackedEpisodes):
+            with torch.no_grad():
+                rm = self.reward.model
+                return scalar_head(rm, trunk_hidden(rm, layout)[layout.last]), texts
         # a reward model reads only the token tensors, so it can score group by group
-        (scores,) = self._grouped(gen, groups, lambda sub: (
+        (scores,) = self._grouped(gen, layout, lambda sub: (
             self.reward([], [], sub.sequences, sub.attention_mask).float(),))
         assert scores is not None
         return scores, texts
@@ -560,6 +591,17 @@ class PPOTrainer:
         if self.cfg.reward_clip is not None:
             scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         return scores
+
+    def layout(self, gen: GenerationOutput) -> Layout:
+        """How the forwards over ``gen`` run: packed rows, or padded length groups."""
+        if self.packing:
+            return pack_episodes(gen, self.cfg.pack_capacity, self.pad_id).to(self.strategy.device)
+        return self.length_groups(gen)
+
+    def _count_train_positions(self, positions: int, tokens: int) -> None:
+        if torch.is_grad_enabled():  # the update's forwards: what the padding share counts
+            self.forward_positions["train_positions"] += positions
+            self.forward_positions["train_tokens"] += tokens
 
     def length_groups(self, gen: GenerationOutput) -> list[torch.Tensor]:
         """Row groups of similar length for the forwards over ``gen`` (one group: no split)."""
@@ -600,11 +642,22 @@ class PPOTrainer:
         return tuple(merged)
 
     def policy_logprobs(self, model: torch.nn.Module, gen: GenerationOutput,
-                        with_entropy: bool = False, groups: list[torch.Tensor] | None = None,
+                        with_entropy: bool = False, layout: Layout | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Temperature-corrected log-probs of the response tokens (B, T), and the entropy
-        (B, T) if asked, by length group (:meth:`_grouped`); 0 on padding past a group's width."""
-        logp, ent = self._grouped(gen, groups,
+        (B, T) if asked; 0 on padding. The LM head runs on response positions only."""
+        layout = self.layout(gen) if layout is None else layout
+        if isinstance(layout, PackedEpisodes):
+            self._count_train_positions(layout.positions, layout.tokens)
+            logits = lm_logits(model, trunk_hidden(model, layout)[layout.before])  # (N, V)
+            logp = U.logprobs_from_logits(logits, layout.targets, self.cfg.temperature)
+            ent = None
+            if with_entropy:
+                with torch.no_grad():
+                    ent = layout.to_response_grid(
+                        U.entropy_from_logits(logits.detach(), self.cfg.temperature))
+            return layout.to_response_grid(logp), ent
+        logp, ent = self._grouped(gen, layout,
                                   lambda sub: self._policy_logprobs_dense(model, sub, with_entropy))
         assert logp is not None
         return logp, ent
@@ -613,9 +666,7 @@ class PPOTrainer:
                                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward whose LM head runs on the response positions only (``logits_to_keep``)."""
         T = gen.responses.shape[1]
-        if torch.is_grad_enabled():  # the update's forwards: what the padding share counts
-            self.forward_positions["train_positions"] += gen.attention_mask.numel()
-            self.forward_positions["train_tokens"] += int(gen.attention_mask.sum())
+        self._count_train_positions(gen.attention_mask.numel(), int(gen.attention_mask.sum()))
         logits = model(input_ids=gen.sequences, attention_mask=gen.attention_mask,
                        position_ids=U.position_ids_from_mask(gen.attention_mask),
                        logits_to_keep=T + 1, use_cache=False).logits[:, :-1]   # (B, T, V)
@@ -627,13 +678,18 @@ class PPOTrainer:
         return logp, ent
 
     def critic_values(self, model: torch.nn.Module, gen: GenerationOutput,
-                      groups: list[torch.Tensor] | None = None) -> torch.Tensor:
+                      layout: Layout | None = None) -> torch.Tensor:
         """V before each response token: the head at positions P-1 .. P+T-2. (B, T)"""
+        layout = self.layout(gen) if layout is None else layout
+        if isinstance(layout, PackedEpisodes):
+            hidden = trunk_hidden(model, layout)[layout.before]
+            return layout.to_response_grid(scalar_head(model, hidden))
+
         def dense(sub: GenerationOutput) -> tuple[torch.Tensor]:
             P, T = sub.prompt_length, sub.responses.shape[1]
             return (token_values(model, sub.sequences, sub.attention_mask)[:, P - 1: P + T - 1],)
 
-        (values,) = self._grouped(gen, groups, dense)
+        (values,) = self._grouped(gen, layout, dense)
         assert values is not None
         return values
 
@@ -646,11 +702,11 @@ class PPOTrainer:
         t1 = time.perf_counter()
         m = gen.response_mask
         logprobs = gen.logprobs * m
-        groups = self.length_groups(gen)
-        ref_logprobs, _ = self.policy_logprobs(self.ref, gen, groups=groups)
+        layout = self.layout(gen)
+        ref_logprobs, _ = self.policy_logprobs(self.ref, gen, layout=layout)
         ref_logprobs = ref_logprobs * m
-        values = self.critic_values(self.critic.module, gen, groups) * m
-        raw, texts = self.raw_scores(prompts, gen, groups)
+        values = self.critic_values(self.critic.module, gen, layout) * m
+        raw, texts = self.raw_scores(prompts, gen, layout)
         scores = self.shape_scores(raw, gen.ended)
         kl = U.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * m
         rewards = U.place_score_at_last_token(-self.kl_ctl.value * kl, scores, m)
@@ -677,13 +733,13 @@ class PPOTrainer:
             order = torch.randperm(B, generator=self.shuffle_rng)
             for start in range(0, B, mb):
                 b = _select(ro, order[start:start + mb])
-                groups = self.length_groups(b.gen)
+                layout = self.layout(b.gen)
                 # the two models' updates are independent: the critic's may run meanwhile
-                critic = (self._critic_thread().submit(self._critic_update, b, groups)
+                critic = (self._critic_thread().submit(self._critic_update, b, layout)
                           if cfg.parallel_critic else None)
-                for key, value in self._actor_update(b, groups).items():
+                for key, value in self._actor_update(b, layout).items():
                     stats[key].append(value)
-                critic_stats = critic.result() if critic else self._critic_update(b, groups)
+                critic_stats = critic.result() if critic else self._critic_update(b, layout)
                 for key, value in critic_stats.items():
                     stats[key].append(value)
         self.timings["time/training"] = time.perf_counter() - t0
@@ -701,11 +757,11 @@ class PPOTrainer:
             "val/grad_norm": float(np.mean(stats["critic_grad_norm"])),
         }
 
-    def _actor_update(self, b: MiniBatch, groups: list[torch.Tensor]) -> dict[str, float]:
+    def _actor_update(self, b: MiniBatch, layout: Layout) -> dict[str, float]:
         """Clipped policy loss on mini-batch ``b``, one optimizer step; scalar statistics."""
         m = b.gen.response_mask
         new_logp, ent = self.policy_logprobs(self.actor.engine, b.gen, with_entropy=True,
-                                             groups=groups)
+                                             layout=layout)
         pg_loss, pg = U.policy_loss(new_logp, b.logprobs, b.advantages, m, self.cfg.clip_range)
         assert ent is not None
         return {"grad_norm": self.actor.backward_and_step(pg_loss),
@@ -713,9 +769,9 @@ class PPOTrainer:
                 "ratio": float(pg["ratio"]), "pg_loss": float(pg_loss.detach()),
                 "entropy": float(U.masked_mean(ent, m))}
 
-    def _critic_update(self, b: MiniBatch, groups: list[torch.Tensor]) -> dict[str, float]:
+    def _critic_update(self, b: MiniBatch, layout: Layout) -> dict[str, float]:
         """Clipped value loss on mini-batch ``b``, one optimizer step; scalar statistics."""
-        vpred = self.critic_values(self.critic.engine, b.gen, groups)
+        vpred = self.critic_values(self.critic.engine, b.gen, layout)
         vf_loss, vf = U.value_loss(vpred, b.values, b.returns, b.gen.response_mask,
                                    self.cfg.value_clip_range)
         return {"critic_grad_norm": self.critic.backward_and_step(self.cfg.vf_coef * vf_loss),

@@ -144,26 +144,40 @@ def _losses(trainer: PPOTrainer, ro: Rollout, idx: torch.Tensor, trim: bool) -> 
             "entropy": U.masked_mean(ent, b.gen.response_mask)}
 
 
-def test_trimmed_and_grouped_minibatch_losses_equal_untrimmed(tiny_run, tmp_path):
+def test_packed_trimmed_and_grouped_forwards_equal_one_padded_forward(tiny_run, tmp_path):
+    """Losses, gradients, entropy, reference log-probs and RM scores are the same whether a
+    batch runs as one padded forward, trimmed, in length groups or packed."""
     cfg = small_cfg(tiny_run, tmp_path / "t", normalize_reward=False)
     trainer = PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy))
+    assert trainer.packing                    # the tiny Llama passes supports_packing
     ro = _ragged_rollout(trainer)
     idx = torch.tensor([0, 2, 4, 6])      # short responses: trimming drops columns
     b = _select(ro, idx)
     assert b.gen.responses.shape[1] == 4 < ro.gen.responses.shape[1]
     assert b.gen.sequences.shape[1] < ro.gen.sequences.shape[1]
-    trainer.max_forward_groups = 1
+    trainer.packing, trainer.max_forward_groups = False, 1
     full = _losses(trainer, ro, idx, trim=False)
     trimmed = _losses(trainer, ro, idx, trim=True)
     trainer.max_forward_groups, trainer.forward_overhead_positions = 4, 1
     assert len(trainer.length_groups(ro.gen)) > 1    # the whole ragged batch is split
     everything = torch.arange(8)
     grouped_full = _losses(trainer, ro, everything, trim=True)
+    grouped_scores = [trainer.raw_scores([], ro.gen)[0],
+                     trainer.policy_logprobs(trainer.ref, ro.gen)[0] * ro.gen.response_mask]
     trainer.max_forward_groups = 1
     single_full = _losses(trainer, ro, everything, trim=False)
-    for a, b_ in ((full, trimmed), (single_full, grouped_full)):
+    single_scores = [trainer.raw_scores([], ro.gen)[0],
+                     trainer.policy_logprobs(trainer.ref, ro.gen)[0] * ro.gen.response_mask]
+    trainer.packing = True
+    packed_full = _losses(trainer, ro, everything, trim=True)
+    packed_scores = [trainer.raw_scores([], ro.gen)[0],
+                     trainer.policy_logprobs(trainer.ref, ro.gen)[0] * ro.gen.response_mask]
+    assert trainer.layout(ro.gen).positions < ro.gen.attention_mask.numel()
+    for a, b_ in ((full, trimmed), (single_full, grouped_full), (single_full, packed_full)):
         for key in a:
             torch.testing.assert_close(a[key], b_[key], atol=1e-5, rtol=1e-5)
+    for a, b_ in zip(single_scores + single_scores, grouped_scores + packed_scores):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
 
 
 def test_parallel_critic_gives_the_same_run(tiny_run, tmp_path):
