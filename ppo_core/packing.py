@@ -21,6 +21,7 @@ forward before any packed forward is trusted.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,23 +94,34 @@ class PackedEpisodes:
 
 
 def balanced_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Split items into the fewest rows of total length <= ``capacity`` (or the longest item)
-    that longest-first placement into the emptiest row fits, which keeps the rows about
-    equally full: a packed forward computes rows x the fullest row's length."""
+    """Rows (lists of item indices) of total length <= ``capacity`` (or the longest item) that
+    minimise what a packed forward computes: rows x the fullest row's length.
+
+    For each row count from the fewest possible up, items go longest-first into the emptiest
+    row (LPT scheduling, within 4/3 of the best fullest row); the cheapest row count wins.
+    Many short items share rows; items longer than half the capacity get rows of their own
+    instead of rows padded to the capacity.
+    """
     if not lengths:
         return []
-    cap = max(capacity, max(lengths))
-    n_rows = max(1, math.ceil(sum(lengths) / cap))
-    while True:
+    longest = max(lengths)
+    cap = max(capacity, longest)
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
+    best: tuple[int, list[list[int]]] | None = None
+    for n_rows in range(max(1, math.ceil(sum(lengths) / cap)), len(lengths) + 1):
+        if best is not None and n_rows * longest >= best[0]:
+            break  # every later row count computes at least this much
+        heap = [(0, r) for r in range(n_rows)]
         bins: list[list[int]] = [[] for _ in range(n_rows)]
-        load = [0] * n_rows
-        for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
-            r = min(range(n_rows), key=load.__getitem__)
+        for i in order:
+            load, r = heapq.heappop(heap)
             bins[r].append(i)
-            load[r] += lengths[i]
-        if max(load) <= cap:
-            return bins
-        n_rows += 1
+            heapq.heappush(heap, (load + lengths[i], r))
+        width = max(load for load, _ in heap)
+        if width <= cap and (best is None or n_rows * width < best[0]):
+            best = (n_rows * width, bins)
+    assert best is not None  # one item per row always fits
+    return best[1]
 
 
 def pack_episodes(gen: GenerationOutput, capacity: int, pad_token_id: int) -> PackedEpisodes:

@@ -20,10 +20,10 @@ def tok():
 
 
 def _gen() -> GenerationOutput:
-    """Three episodes: left-padded prompts of 2, 4, 3 tokens; responses of 3, 1, 2 tokens."""
+    """Three episodes: left-padded prompts of 2, 4, 3 tokens; responses of 3, 1, 1 tokens."""
     seq = torch.tensor([[PAD, PAD, 11, 12, 21, 22, 23],
                         [13, 14, 15, 16, 24, PAD, PAD],
-                        [PAD, 17, 18, 19, 25, 26, PAD]])
+                        [PAD, 17, 18, 19, 25, PAD, PAD]])
     mask = (seq != PAD).long()
     return GenerationOutput(sequences=seq, attention_mask=mask, responses=seq[:, 4:],
                             response_mask=mask[:, 4:].bool(), ended=torch.tensor([False] * 3),
@@ -38,6 +38,8 @@ def test_balanced_bins_cover_every_item_within_capacity() -> None:
     assert max(loads) <= 50 and len(bins) == 3          # 142 tokens: the fewest rows of 50
     assert max(loads) - min(loads) <= 15                 # about equally full
     assert balanced_bins([70, 5], capacity=50) == [[0], [1]]   # a long item gets its own row
+    # items over half the capacity: one per row beats rows padded to the capacity
+    assert len(balanced_bins([140, 135, 138, 120], capacity=256)) == 4
     assert balanced_bins([], 8) == []
 
 
@@ -45,26 +47,27 @@ def test_pack_episodes_bookkeeping() -> None:
     gen = _gen()
     p = pack_episodes(gen, capacity=64, pad_token_id=PAD)
     flat = p.input_ids.flatten()
-    assert p.tokens == 5 + 5 + 5 and p.input_ids.shape == (1, 15) and p.positions == 15
+    assert p.tokens == 5 + 5 + 4 and p.input_ids.shape == (1, 14) and p.positions == 14
     # the token at `before` is the one each response token follows; `last` is the last token
-    assert p.targets.tolist() == [21, 22, 23, 24, 25, 26]
-    assert flat[p.before].tolist() == [12, 21, 22, 16, 19, 25]
-    assert flat[p.last].tolist() == [23, 24, 26]
+    assert p.targets.tolist() == [21, 22, 23, 24, 25]
+    assert flat[p.before].tolist() == [12, 21, 22, 16, 19]
+    assert flat[p.last].tolist() == [23, 24, 25]
     # positions restart at 0 per episode; no attention across episodes
-    for b in range(3):
-        first = int(p.last[b]) - 4
-        assert p.position_ids.flatten()[first:first + 5].tolist() == [0, 1, 2, 3, 4]
-    seg = torch.full((15,), -1)
-    for b in range(3):
-        seg[int(p.last[b]) - 4:int(p.last[b]) + 1] = b
+    seg = torch.full((14,), -1)
+    for b, n in enumerate((5, 5, 4)):
+        first = int(p.last[b]) - n + 1
+        assert p.position_ids.flatten()[first:first + n].tolist() == list(range(n))
+        seg[first:first + n] = b
     allowed = p.allowed[0, 0]
-    assert torch.equal(allowed, (seg[:, None] == seg[None, :]) & torch.ones(15, 15).tril().bool())
-    grid = p.to_response_grid(torch.arange(1.0, 7.0))
-    assert grid.tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
-    # two rows when the capacity is small; padding at a row's end attends only to itself
-    p2 = pack_episodes(gen, capacity=10, pad_token_id=PAD)
-    assert p2.input_ids.shape == (2, 10) and p2.tokens == 15
-    assert p2.allowed.flatten(1).sum(-1).min() > 0
+    assert torch.equal(allowed, (seg[:, None] == seg[None, :]) & torch.ones(14, 14).tril().bool())
+    grid = p.to_response_grid(torch.arange(1.0, 6.0))
+    assert grid.tolist() == [[1, 2, 3], [4, 0, 0], [5, 0, 0]]
+    # capacity 9: three rows of 5 (15 positions) beat two of 9 (18); the 4-token episode's
+    # row ends in one padding position, which attends only to itself
+    p2 = pack_episodes(gen, capacity=9, pad_token_id=PAD)
+    assert p2.input_ids.shape == (3, 5) and p2.tokens == 14
+    pad_row, pad_col = (p2.input_ids == PAD).nonzero()[0].tolist()
+    assert p2.allowed[pad_row, 0, pad_col].nonzero().flatten().tolist() == [pad_col]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
