@@ -216,7 +216,7 @@ class PPOConfig:
     """progress line every N steps on stderr"""
     num_threads: int | None = None
     """torch intra-op threads per rank (None: torch's default)"""
-    pack_capacity: int = 256
+    pack_capacity: int = 128
     """positions per packed row in the scoring and training forwards (:mod:`ppo_core.packing`);
     0 turns packing off (padded length groups instead). A row's attention costs capacity^2;
     on the benchmark's width-128 model rows of 128-512 measured fastest (``/bench``); wider
