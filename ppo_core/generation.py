@@ -157,7 +157,9 @@ def sample(
     # cache) once they are more than COMPACT_FRACTION of it, so late steps run on the rows
     # still generating; None until the first compaction (then plain slices are used)
     rows: torch.Tensor | None = None
-    with torch.inference_mode():
+    # no_grad, not inference_mode: ZeRO-3 gathers parameters inside this forward and keeps
+    # the small ones gathered; gathered as inference tensors, the next backward refuses them
+    with torch.no_grad():
         out = model(input_ids=input_ids.masked_fill(attention_mask == 0, pad_token_id),
                     attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask), use_cache=True, **keep)

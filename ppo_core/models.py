@@ -275,8 +275,10 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DeepSpeed engine (or the module itself)."""
-    return getattr(model, "module", model)
+    """The plain module inside a DeepSpeed engine (or the module itself). Safe to call twice:
+    under ZeRO-3 the HF model itself carries a ``module`` attribute that is None."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def score_head(model: nn.Module) -> nn.Linear:

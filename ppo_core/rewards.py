@@ -40,9 +40,10 @@ class ModelReward:
     last real token; it must share the policy's tokenizer (``ppo.py`` checks)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model.eval()
+        model.eval()  # a DeepSpeed engine's eval() returns None, not the engine
+        self.model = model
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: see ppo_core.generation (ZeRO-3 gathering)
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
                  sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # sequences are left-padded prompts + right-padded responses; the mask finds the end
