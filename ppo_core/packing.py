@@ -11,8 +11,8 @@ do the same on GPUs with flash-attention's variable-length kernels; on CPU the m
 explicit (rows, 1, W, W) tensor for SDPA / eager attention.
 
 The attention of a packed row costs W^2 instead of the sum of the episodes' squared lengths,
-so rows are capped at ``capacity`` positions (256: on the benchmark's width-128 model rows of
-128-512 positions measured fastest; see ``PPOConfig.pack_capacity``).
+so rows are capped at ``capacity`` positions (``PPOConfig.pack_capacity``, 128: on the
+benchmark's width-128 model rows of 96-160 positions measured fastest, BENCHMARKS.md).
 
 Everything here is pure tensor bookkeeping; which model runs it is the caller's business
 (:mod:`ppo_core.ppo`). :func:`supports_packing` checks a model once against its own padded
@@ -99,8 +99,8 @@ def balanced_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
     For each row count from the fewest possible up, items go longest-first into the emptiest
     row (LPT scheduling, within 4/3 of the best fullest row); the cheapest row count wins.
-    Many short items share rows; items longer than half the capacity get rows of their own
-    instead of rows padded to the capacity.
+    Many short items share rows, while a batch of long items (over half the capacity each)
+    gets one row per item rather than rows padded out to the capacity.
     """
     if not lengths:
         return []

@@ -218,9 +218,10 @@ class PPOConfig:
     """torch intra-op threads per rank (None: torch's default)"""
     pack_capacity: int = 128
     """positions per packed row in the scoring and training forwards (:mod:`ppo_core.packing`);
-    0 turns packing off (padded length groups instead). A row's attention costs capacity^2;
-    on the benchmark's width-128 model rows of 128-512 measured fastest (``/bench``); wider
-    models can afford longer rows. A longer episode gets a row of its own"""
+    0 turns packing off (padded length groups instead). A row's attention costs capacity^2:
+    on the benchmark's width-128 model rows of 96-160 measured fastest (BENCHMARKS.md); wider
+    models, where attention is a smaller share, can afford longer rows. A longer episode gets
+    a row of its own"""
     parallel_critic: bool = False
     """update the critic on a second Python thread while the actor's update runs (torch ops
     release the GIL, so this uses a second core; each model's arithmetic is unchanged).
@@ -245,6 +246,9 @@ def _validate(cfg: PPOConfig) -> list[str]:
         e.append("train_file is empty: set it to ppo_train.parquet (column 'prompt')")
     if not cfg.output_dir:
         e.append("output_dir is empty: set a directory for final/, checkpoints/ and summary.json")
+    if cfg.pack_capacity < 0:
+        e.append(f"pack_capacity={cfg.pack_capacity}: set it >= 1 (positions per packed row) or "
+                 "0 to turn packing off")
     if (cfg.reward_model_path is None) == (cfg.reward_function is None):
         e.append("set exactly one of reward_model_path (a trained RM) and reward_function "
                  "('module:function')")
@@ -526,7 +530,9 @@ class PPOTrainer:
         self.forward_overhead_positions = FORWARD_OVERHEAD_POSITIONS
         # packing is one forward per model and batch on every rank (ZeRO-3 safe); it is
         # used only when each model reproduces its padded forward packed (checked once here)
-        scorers = [self.critic.module] + ([self.reward.model] if isinstance(self.reward, ModelReward) else [])
+        scorers = [self.critic.module]
+        if isinstance(self.reward, ModelReward):
+            scorers.append(self.reward.model)
         self.packing = cfg.pack_capacity > 0 and all(
             [supports_packing(m, "lm", self.pad_id) for m in (self.actor.module, self.ref)]
             + [supports_packing(m, "scorer", self.pad_id) for m in scorers])

@@ -261,6 +261,7 @@ def test_function_reward_and_critic_from_policy(tiny_run, tmp_path):
         ({"reward_model_path": None, "reward_function": "no_colon"}, "module:function"),
         ({"temperature": 0.0}, "temperature"),
         ({"clip_range": -1.0}, "clip_range"),
+        ({"pack_capacity": -1}, "pack_capacity=-1: set it >= 1"),
     ],
 )
 def test_bad_config_fails_before_training(tiny_run, tmp_path, over, message):
