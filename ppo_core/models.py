@@ -34,6 +34,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ppo_core.config import ConfigError
 from ppo_core.ppo_utils import last_token_index, position_ids_from_mask
 
 PAD_TOKEN = "<|pad|>"
@@ -271,6 +272,45 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+# --------------------------------------------------------------------------- LoRA
+
+# Attention projections of Llama/Mistral/Qwen (q/k/v/o_proj) and GPT-2 (c_attn, c_proj): the
+# modules the LoRA paper adapts (Hu et al. 2021, section 7.1); names absent from a model are
+# skipped.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj")
+
+
+def lora_problems(rank: int, zero_stage: int) -> list[str]:
+    """What is wrong with a stage's LoRA options (for the stages' config validation)."""
+    errors = []
+    if rank < 0:
+        errors.append(f"lora_rank must be >= 0 (0 = full fine-tuning), got {rank}")
+    if rank > 0 and zero_stage == 3:
+        errors.append("lora_rank > 0 with strategy.zero_stage 3 is not supported (the final merge "
+                      "needs whole weights): use zero_stage 2 or lora_rank 0")
+    return errors
+
+
+def add_lora(model: nn.Module, rank: int, alpha: int, target_modules: Iterable[str],
+             task_type: str) -> nn.Module:
+    """Wrap ``model`` with PEFT LoRA adapters; only they (and, for ``SEQ_CLS``, the score
+    head, which PEFT keeps trainable) get gradients. The strategy merges them on save, so
+    every stage's ``final/`` is a plain model."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # optional dependency
+        raise ConfigError("lora_rank > 0 needs peft: pip install 'rlhf-pipeline[lora]'") from exc
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    wanted = list(target_modules)
+    targets = [t for t in wanted if t in names]
+    if not targets:
+        raise ConfigError(f"lora_target_modules {wanted} match no module of "
+                          f"{type(model).__name__}; pick from e.g. {sorted(names)[:20]}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                        task_type=task_type)
+    return get_peft_model(model, config)
+
+
 # --------------------------------------------------------------------------- scoring helpers
 
 
@@ -281,14 +321,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def score_head(model: nn.Module) -> nn.Linear:
-    """The linear head of a sequence-classification model (``score`` in GPT-2/Llama/Mistral)."""
+def score_head(model: nn.Module) -> nn.Module:
+    """The head of a sequence-classification model (``score`` in GPT-2/Llama/Mistral): a
+    Linear, or PEFT's trainable wrapper around it under LoRA."""
     model = unwrap(model)
     for name in ("score", "classifier", "v_head"):
         head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
+        if isinstance(head, nn.Linear) or (
+                isinstance(head, nn.Module) and isinstance(getattr(head, "original_module", None), nn.Linear)):
             return head
     raise TypeError(f"{type(model).__name__} has no linear 'score' head")
+
+
+def trunk_of(model: nn.Module) -> nn.Module:
+    """The decoder stack without head (``LlamaModel`` of a ``LlamaFor...``); ``get_decoder``
+    also sees through PEFT wrappers, where ``base_model_prefix`` would name the wrapped model."""
+    inner = unwrap(model)
+    get_decoder = getattr(inner, "get_decoder", None)
+    return get_decoder() if callable(get_decoder) else getattr(inner, inner.base_model_prefix)
 
 
 
@@ -302,8 +352,7 @@ def token_values(
     engine's module too (ZeRO-3 gathers parameters in each submodule's forward hook).
     """
     inner = unwrap(model)
-    trunk = getattr(inner, inner.base_model_prefix)
-    hidden = trunk(
+    hidden = trunk_of(inner)(
         input_ids=input_ids, attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask), use_cache=False,
     ).last_hidden_state  # (b, t, h)

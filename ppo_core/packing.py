@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ppo_core.generation import GenerationOutput
-from ppo_core.models import score_head, unwrap
+from ppo_core.models import score_head, trunk_of, unwrap
 from ppo_core.ppo_utils import position_ids_from_mask
 
 # attention implementations that take an explicit 4D mask (flash-attention kernels need the
@@ -132,6 +132,9 @@ def pack_episodes(gen: GenerationOutput, capacity: int, pad_token_id: int) -> Pa
     response_mask = gen.response_mask.cpu()
     prompt_len = gen.attention_mask[:, :P].sum(1).tolist()
     resp_len = response_mask.sum(1).tolist()
+    if min(prompt_len, default=1) < 1:
+        # the first response token is predicted from the last prompt token
+        raise ValueError("pack_episodes: every episode needs at least one prompt token")
     lengths = [int(p + r) for p, r in zip(prompt_len, resp_len)]
     bins = balanced_bins(lengths, capacity)
     W = max(sum(lengths[i] for i in members) for members in bins)
@@ -169,12 +172,6 @@ def _implementation(model: nn.Module) -> str:
     return str(getattr(config, "_attn_implementation", None) or "eager")
 
 
-def _trunk(inner: nn.Module) -> nn.Module:
-    """The decoder stack without head; ``get_decoder`` also sees through PEFT wrappers."""
-    get_decoder = getattr(inner, "get_decoder", None)
-    return get_decoder() if callable(get_decoder) else getattr(inner, inner.base_model_prefix)
-
-
 def trunk_hidden(model: nn.Module, packed: PackedEpisodes) -> torch.Tensor:
     """The transformer trunk (no head) on the packed rows: (R * W, H) hidden states.
 
@@ -183,7 +180,7 @@ def trunk_hidden(model: nn.Module, packed: PackedEpisodes) -> torch.Tensor:
     """
     inner = unwrap(model)
     dtype = next(inner.parameters()).dtype
-    hidden = _trunk(inner)(
+    hidden = trunk_of(inner)(
         input_ids=packed.input_ids, position_ids=packed.position_ids,
         attention_mask=packed.attention_mask(dtype, _implementation(inner)),
         use_cache=False,
@@ -237,7 +234,7 @@ def supports_packing(model: nn.Module, kind: str, pad_token_id: int) -> bool:
             want = full[:, 4:8][packed.episode, packed.step].log_softmax(-1)
         else:
             got = scalar_head(model, hidden[packed.before])
-            full = _trunk(inner)(input_ids=ids.to(device), attention_mask=mask.to(device),
+            full = trunk_of(inner)(input_ids=ids.to(device), attention_mask=mask.to(device),
                          position_ids=pos.to(device), use_cache=False).last_hidden_state
             want = scalar_head(model, full)[:, 4:8][packed.episode, packed.step]
     except (TypeError, ValueError, RuntimeError, AttributeError):

@@ -56,11 +56,14 @@ from ppo_core.data import pad_sequences
 from ppo_core.generation import GenerationOutput, sample
 from ppo_core.kl_controller import build_kl_controller
 from ppo_core.models import (
+    LORA_TARGETS,
+    add_lora,
     build_scorer_from_causal_lm,
     disable_dropout,
     load_causal_lm,
     load_sequence_scorer,
     load_tokenizer,
+    lora_problems,
     token_values,
     unwrap,
 )
@@ -73,7 +76,7 @@ from ppo_core.packing import (
     trunk_hidden,
 )
 from ppo_core.rewards import FunctionReward, ModelReward, RewardNormalizer, RewardSource
-from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, replace_dir
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
 
 # How the forwards over a batch lay out its episodes: packed rows (ppo_core.packing) or
 # length groups of padded rows (row-index tensors, plan_length_groups).
@@ -199,7 +202,7 @@ class PPOConfig:
     """0 trains all policy weights; >0 trains LoRA adapters of this rank (peft)"""
     lora_alpha: int = 16
     """LoRA alpha (peft's and OpenRLHF's default 16)"""
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj")
+    lora_target_modules: tuple[str, ...] = LORA_TARGETS
     """modules that get adapters (Llama and GPT-2 attention names; missing names are skipped)"""
 
     # ---- checkpoints / logging ----
@@ -286,13 +289,9 @@ def _validate(cfg: PPOConfig) -> list[str]:
         e.append("reward_norm_samples must be >= 2 when normalize_reward is true")
     if cfg.reward_clip is not None and cfg.reward_clip <= 0:
         e.append(f"reward_clip must be > 0 or null, got {cfg.reward_clip}")
-    if cfg.lora_rank < 0:
-        e.append(f"lora_rank must be >= 0, got {cfg.lora_rank}")
+    e.extend(lora_problems(cfg.lora_rank, cfg.strategy.zero_stage))
     if min(cfg.save_every, cfg.eval_every, cfg.warmup_steps, cfg.keep_last_checkpoints) < 0:
         e.append("save_every, eval_every, warmup_steps and keep_last_checkpoints must be >= 0")
-    if cfg.lora_rank > 0 and cfg.strategy.zero_stage == 3:
-        e.append("lora_rank > 0 with strategy.zero_stage 3 is not supported (the final merge "
-                 "needs whole weights): use zero_stage 2 or lora_rank 0")
     if cfg.strategy.bf16:
         e.append("strategy.bf16 is not supported by PPO on this engine yet: set it to false")
     if cfg.parallel_critic and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -507,7 +506,8 @@ class PPOTrainer:
         else:
             critic = build_scorer_from_causal_lm(cfg.policy_path, pad_token_id=self.pad_id, seed=cfg.seed)
         if cfg.lora_rank > 0:
-            policy = _add_lora(policy, cfg)
+            policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules,
+                              task_type="CAUSAL_LM")
         policy.config.use_cache = True
         # dropout stays off for good: eval() mode everywhere, gradients still flow
         for m in (policy, critic):
@@ -942,19 +942,8 @@ class PPOTrainer:
 
     def save_final(self) -> Path:
         """``<output_dir>/final``: the policy (LoRA merged) + tokenizer, safetensors, atomic."""
-        out = Path(self.cfg.output_dir) / "final"
-        if self.cfg.lora_rank == 0:
-            return self.strategy.save_pretrained(self.actor.engine, self.tokenizer, out)
-        if self.rank == 0:
-            import copy
-
-            merged = copy.deepcopy(self.actor.module).merge_and_unload()
-            tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-            merged.save_pretrained(str(tmp), safe_serialization=True)
-            self.tokenizer.save_pretrained(str(tmp))
-            replace_dir(tmp, out)
-        self.strategy.barrier()
-        return out
+        return self.strategy.save_pretrained(self.actor.engine, self.tokenizer,
+                                             Path(self.cfg.output_dir) / "final")
 
 
 @dataclass
@@ -1046,21 +1035,6 @@ def plan_length_groups(prompt_lengths: Sequence[int], response_lengths: Sequence
         groups.append(torch.tensor(order[i:j], dtype=torch.long))
         j, g = i, g - 1
     return groups[::-1]
-
-
-def _add_lora(policy: torch.nn.Module, cfg: PPOConfig) -> torch.nn.Module:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as exc:  # optional dependency
-        raise ConfigError("lora_rank > 0 needs peft: pip install 'rlhf-pipeline[lora]'") from exc
-    names = {n.rsplit(".", 1)[-1] for n, _ in policy.named_modules()}
-    targets = [t for t in cfg.lora_target_modules if t in names]
-    if not targets:
-        raise ConfigError(f"lora_target_modules {list(cfg.lora_target_modules)} match no module of "
-                          f"{type(policy).__name__}; pick from e.g. {sorted(names)[:20]}")
-    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(policy, lcfg)
 
 
 # =============================================================================================

@@ -40,7 +40,14 @@ from ppo_core.data import (
     rank_micro_batches,
     read_table,
 )
-from ppo_core.models import build_scorer_from_causal_lm, last_token_scores, load_tokenizer
+from ppo_core.models import (
+    LORA_TARGETS,
+    add_lora,
+    build_scorer_from_causal_lm,
+    last_token_scores,
+    load_tokenizer,
+    lora_problems,
+)
 from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
 
 
@@ -98,10 +105,20 @@ class RewardConfig:
     """"latest", a checkpoint path, or null."""
     stop_after_steps: int = 0
     """If > 0, stop after this step (with a checkpoint) without changing the schedule."""
+    lora_rank: int = 0
+    """0 trains every weight; > 0 trains LoRA adapters of this rank (peft, the ``lora`` extra)
+    and saves the merged model."""
+    lora_alpha: int = 16
+    """LoRA alpha (peft's and OpenRLHF's default 16)."""
+    lora_target_modules: tuple[str, ...] = LORA_TARGETS
+    """Modules that get adapters (Llama and GPT-2 attention names; missing names are skipped)."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     """DeepSpeed options (ZeRO stage, offload, bf16, clipping, seed)."""
 
     def __post_init__(self) -> None:
+        problems = lora_problems(self.lora_rank, self.strategy.zero_stage)
+        if problems:
+            raise ConfigError("; ".join(problems))
         if not self.model_name_or_path:
             raise ConfigError("model_name_or_path is empty: set it to the SFT model directory")
         for name in ("max_length", "batch_size", "micro_batch_size", "eval_batch_size"):
@@ -162,6 +179,9 @@ class RewardTrainer:
             cfg.model_name_or_path, pad_token_id=self.tokenizer.pad_token_id,
             trust_remote_code=cfg.trust_remote_code, seed=cfg.strategy.seed,
         )
+        if cfg.lora_rank > 0:
+            model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules,
+                             task_type="SEQ_CLS")
         self.train_data, self.eval_data = self._encode(train_rows), self._encode(eval_rows)
         self.sampler = StepSampler(len(self.train_data), cfg.batch_size, cfg.strategy.seed)
         self.total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * self.sampler.steps_per_epoch))

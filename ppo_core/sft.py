@@ -35,10 +35,13 @@ from ppo_core.data import (
     read_table,
 )
 from ppo_core.models import (
+    LORA_TARGETS,
     MODEL_SIZES,
+    add_lora,
     build_base_model,
     load_causal_lm,
     load_tokenizer,
+    lora_problems,
     position_ids_from_mask,
 )
 from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
@@ -97,10 +100,20 @@ class SFTConfig:
     stop_after_steps: int = 0
     """If > 0, stop once step N is reached (with a checkpoint) without changing the schedule, so a
     later run with resume_from continues the same trajectory. For pre-emptible jobs and tests."""
+    lora_rank: int = 0
+    """0 trains every weight; > 0 trains LoRA adapters of this rank (peft, the ``lora`` extra)
+    and saves the merged model."""
+    lora_alpha: int = 16
+    """LoRA alpha (peft's and OpenRLHF's default 16)."""
+    lora_target_modules: tuple[str, ...] = LORA_TARGETS
+    """Modules that get adapters (Llama and GPT-2 attention names; missing names are skipped)."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     """DeepSpeed options (ZeRO stage, offload, bf16, clipping, seed)."""
 
     def __post_init__(self) -> None:
+        problems = lora_problems(self.lora_rank, self.strategy.zero_stage)
+        if problems:
+            raise ConfigError("; ".join(problems))
         if bool(self.model_name_or_path) == bool(self.build_base_model):
             raise ConfigError(
                 "set exactly one of model_name_or_path (hub id or local directory) and "
@@ -173,6 +186,9 @@ class SFTTrainer:
         source = self._model_source(train_rows)
         self.tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
         model = load_causal_lm(source, trust_remote_code=cfg.trust_remote_code)
+        if cfg.lora_rank > 0:
+            model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules,
+                             task_type="CAUSAL_LM")
         self.train_data, self.eval_data = self._encode(train_rows), self._encode(eval_rows)
         self.sampler = StepSampler(len(self.train_data), cfg.batch_size, cfg.strategy.seed)
         self.total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * self.sampler.steps_per_epoch))

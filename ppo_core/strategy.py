@@ -11,6 +11,7 @@ optimizer step = ``micro_batch_size`` x ``world_size`` x ``gradient_accumulation
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -370,18 +371,24 @@ class DeepSpeedStrategy:
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
     def save_pretrained(self, model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
-        """``save_pretrained`` (safetensors) of model + tokenizer on rank 0, atomically.
+        """``save_pretrained`` (safetensors) of model + tokenizer on rank 0, atomically; LoRA
+        adapters are merged into the saved weights.
 
         All ranks must call it (ZeRO-3 gathers). The directory is written under a temporary
         name and renamed, so a crash never leaves a half-written model behind.
         """
         out = Path(out_dir)
-        state = self.full_state_dict(model)
+        module = unwrap(model)
+        lora = hasattr(module, "merge_and_unload")  # PEFT: stages refuse it under ZeRO-3
+        state = None if lora else self.full_state_dict(model)
         if self.is_rank_zero():
             tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
             tmp.mkdir(parents=True)
-            module = unwrap(model)
-            module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            if lora:  # adapters merged into a copy: a plain model anyone can load
+                merged = copy.deepcopy(module).merge_and_unload()
+                merged.save_pretrained(str(tmp), safe_serialization=True)
+            else:
+                module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             replace_dir(tmp, out)

@@ -157,3 +157,22 @@ def test_missing_column_names_the_file(tmp_path: Path, data_dir: Path, sft_model
         train(_cfg(bad, tmp_path / "o", sft_model))
     with pytest.raises(ModelLoadError):
         train(_cfg(data_dir, tmp_path / "o", tmp_path / "missing_model"))
+
+
+def test_lora_reward_model_trains_head_and_adapters(tmp_path: Path, data_dir: Path,
+                                                     sft_model: Path) -> None:
+    """lora_rank > 0 on the RM: the score head (kept trainable by PEFT) and the adapted
+    projections change, everything else keeps the SFT weights; final/ reloads as a scorer."""
+    from safetensors.torch import load_file
+
+    summary = train(_cfg(data_dir, tmp_path / "lora", sft_model, lora_rank=4,
+                         strategy={"zero_stage": 0}))
+    final = tmp_path / "lora" / "final"
+    sft = load_file(sft_model / "model.safetensors")
+    after = load_file(final / "model.safetensors")
+    assert "score.weight" in after and not any("lora" in k for k in after)
+    trunk = {k.removeprefix("model."): v for k, v in after.items() if k.startswith("model.")}
+    changed = {k for k in trunk if not torch.equal(trunk[k], sft["model." + k])}
+    assert changed and all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                           for k in changed)
+    assert load_sequence_scorer(final) is not None and 0.0 <= summary["eval/accuracy"] <= 1.0

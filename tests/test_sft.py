@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from assets.bundled_task import generate_preferences
 from ppo_core.callbacks import Callback
 from ppo_core.config import ConfigError, from_dict
-from ppo_core.models import ModelLoadError, build_tiny_causal_lm, train_tokenizer
+from ppo_core.models import ModelLoadError, build_tiny_causal_lm, load_causal_lm, train_tokenizer
 from ppo_core.sft import SFTConfig, main, response_nll, train
 
 torch.set_num_threads(1)
@@ -211,3 +211,25 @@ def test_torchrun_two_ranks_zero2(tmp_path: Path, data_dir: Path, base_model: Pa
     assert state["world_size"] == 2
     ckpt_files = {p.name for p in (final.parent / "checkpoints" / "step_2").iterdir()}
     assert {"rng_state_rank0.pt", "rng_state_rank1.pt"} <= ckpt_files
+
+
+def test_lora_trains_adapters_and_saves_a_merged_model(tmp_path: Path, data_dir: Path,
+                                                       base_model: Path) -> None:
+    """lora_rank > 0: only the adapted projections change, final/ is a plain model, and the
+    run still learns."""
+    rec = Recorder()
+    train(_cfg(data_dir, tmp_path / "lora", base_model, lora_rank=4, learning_rate=2e-2,
+               strategy={"zero_stage": 0}), [rec])
+    before = load_file(base_model / "model.safetensors")
+    after = load_file(tmp_path / "lora" / "final" / "model.safetensors")
+    assert set(after) == set(before)                     # merged: no adapter tensors left
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                           for k in changed)             # the MLP, norms and embeddings are frozen
+    assert rec.evals[-1][1]["eval/loss"] < rec.evals[0][1]["eval/loss"]
+    assert load_causal_lm(tmp_path / "lora" / "final") is not None
+
+
+def test_lora_refused_under_zero3(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
+    with pytest.raises(ConfigError, match="lora_rank > 0 with strategy.zero_stage 3"):
+        _cfg(data_dir, tmp_path / "z3", base_model, lora_rank=4, strategy={"zero_stage": 3})
