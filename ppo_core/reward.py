@@ -19,7 +19,6 @@ Normalising scores on reference-policy samples happens in the PPO engine, not he
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +27,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ppo_core.callbacks import Callback, CallbackList
-from ppo_core.checkpoint import finish_run, load_checkpoint, resolve_resume, save_checkpoint
-from ppo_core.config import ConfigError, to_dict
+from ppo_core.callbacks import Callback
+from ppo_core.config import ConfigError
 from ppo_core.data import (
     EncodedPair,
-    StepSampler,
     collate_pairs,
     encode_pair,
     eval_shards,
@@ -42,13 +39,13 @@ from ppo_core.data import (
 )
 from ppo_core.models import (
     LORA_TARGETS,
-    add_lora,
     build_scorer_from_causal_lm,
     last_token_scores,
     load_tokenizer,
     lora_problems,
 )
-from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
+from ppo_core.strategy import StrategyConfig
+from ppo_core.trainer import SupervisedTrainer
 
 
 @dataclass(frozen=True)
@@ -143,18 +140,14 @@ def bradley_terry_loss(
     return loss
 
 
-class RewardTrainer:
+class RewardTrainer(SupervisedTrainer):
     """The reward-model loop; ``train()`` is the public entry point."""
 
     stage = "reward"
+    lora_task = "SEQ_CLS"
+    example_name = "pairs"
 
-    def __init__(self, cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> None:
-        self.cfg = cfg
-        self.cb = CallbackList(callbacks)
-        self.out = Path(cfg.output_dir)
-        self.strategy = DeepSpeedStrategy(cfg.strategy)
-        self.grad_accum = self.strategy.gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
-        self.resume_path = resolve_resume(cfg.resume_from, self.out / "checkpoints")
+    cfg: RewardConfig
 
     def _encode(self, rows: list[dict[str, Any]]) -> list[EncodedPair]:
         use_margin = self.cfg.use_margin
@@ -179,21 +172,8 @@ class RewardTrainer:
             cfg.model_name_or_path, pad_token_id=self.tokenizer.pad_token_id,
             trust_remote_code=cfg.trust_remote_code, seed=cfg.strategy.seed,
         )
-        if cfg.lora_rank > 0:
-            model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules,
-                             task_type="SEQ_CLS")
         self.train_data, self.eval_data = self._encode(train_rows), self._encode(eval_rows)
-        self.sampler = StepSampler(len(self.train_data), cfg.batch_size, cfg.strategy.seed)
-        self.total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * self.sampler.steps_per_epoch))
-        optimizer = s.create_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_betas)
-        scheduler = s.create_scheduler(optimizer, cfg.lr_scheduler, self.total_steps, warmup_ratio=cfg.warmup_ratio)
-        self.engine = s.prepare_train(model, optimizer, scheduler, train_batch_size=cfg.batch_size,
-                                      micro_batch_size=cfg.micro_batch_size)
-        self.start_step = 0
-        if self.resume_path is not None:
-            state = load_checkpoint(s, self.resume_path, {"model": self.engine})
-            self.sampler.check_position(state["data_position"], str(self.resume_path))
-            self.start_step = int(state["step"])
+        self.prepare(model)
 
     def _scores(self, pairs: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(chosen scores (b,), rejected scores (b,), margins (b,)) from one forward pass."""
@@ -248,49 +228,6 @@ class RewardTrainer:
         var = max(float(sums[5]) / (2 * n) - mean**2, 0.0)
         return {"eval/accuracy": float(sums[1]) / n, "eval/margin_mean": float(sums[2]) / n,
                 "eval/loss": float(sums[3]) / n, "eval/score_mean": mean, "eval/score_std": var**0.5}
-
-    def _checkpoint(self, step: int) -> None:
-        path = save_checkpoint(
-            self.strategy, self.out / "checkpoints", step, {"model": self.engine}, stage=self.stage,
-            config=to_dict(self.cfg), data_position=self.sampler.position(step),
-            keep_last=self.cfg.keep_last_checkpoints,
-        )
-        self.cb.on_checkpoint(step, str(path))
-
-    def train(self) -> dict[str, Any]:
-        cfg = self.cfg
-        t0 = time.monotonic()
-        self.setup()
-        self.cb.on_train_begin(self.stage, self.total_steps, to_dict(cfg))
-        last, metrics = self.start_step, {}
-        for step in range(self.start_step, self.total_steps):
-            metrics = self.train_step(step)
-            last = step + 1
-            self.cb.on_log(last, metrics)
-            if cfg.eval_steps and last % cfg.eval_steps == 0 and last < self.total_steps:
-                self.cb.on_evaluate(last, self.evaluate())
-            saved = bool(cfg.save_steps and last % cfg.save_steps == 0 and last < self.total_steps)
-            if saved:
-                self._checkpoint(last)
-            if cfg.stop_after_steps and last == cfg.stop_after_steps and last < self.total_steps:
-                if not saved:
-                    self._checkpoint(last)
-                return self._finish(last, metrics, {}, t0, final=False)
-        eval_metrics = self.evaluate()
-        self.cb.on_evaluate(last, eval_metrics)
-        self.strategy.save_pretrained(self.engine, self.tokenizer, self.out / "final")
-        return self._finish(last, metrics, eval_metrics, t0, final=True)
-
-    def _finish(self, step: int, train_metrics: dict[str, float], eval_metrics: dict[str, float],
-                t0: float, final: bool) -> dict[str, Any]:
-        summary: dict[str, Any] = {
-            "stage": self.stage, "output_dir": str(self.out), "step": step, "total_steps": self.total_steps,
-            "completed": final, "final_model_dir": str(self.out / "final") if final else "",
-            "train_pairs": len(self.train_data), "eval_pairs": len(self.eval_data),
-            "train_truncated": sum(p.truncated for p in self.train_data), "runtime_s": time.monotonic() - t0,
-            **train_metrics, **eval_metrics,
-        }
-        return finish_run(self.strategy, self.out, summary, self.cb)
 
 
 def train(cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ppo_core.callbacks import Callback, CallbackList
-from ppo_core.checkpoint import finish_run, load_checkpoint, resolve_resume, save_checkpoint
-from ppo_core.config import ConfigError, to_dict
+from ppo_core.callbacks import Callback
+from ppo_core.config import ConfigError
 from ppo_core.data import (
     IGNORE_INDEX,
     Encoded,
-    StepSampler,
     collate_sft,
     encode_prompt_response,
     eval_shards,
@@ -37,14 +34,14 @@ from ppo_core.data import (
 from ppo_core.models import (
     LORA_TARGETS,
     MODEL_SIZES,
-    add_lora,
     build_base_model,
     load_causal_lm,
     load_tokenizer,
     lora_problems,
     position_ids_from_mask,
 )
-from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
+from ppo_core.strategy import StrategyConfig
+from ppo_core.trainer import SupervisedTrainer
 
 
 @dataclass(frozen=True)
@@ -144,19 +141,13 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll, (shift_labels != IGNORE_INDEX).sum()
 
 
-class SFTTrainer:
+class SFTTrainer(SupervisedTrainer):
     """The SFT loop; ``train()`` is the public entry point."""
 
     stage = "sft"
+    lora_task = "CAUSAL_LM"
 
-    def __init__(self, cfg: SFTConfig, callbacks: Sequence[Callback] = ()) -> None:
-        self.cfg = cfg
-        self.cb = CallbackList(callbacks)
-        self.out = Path(cfg.output_dir)
-        self.strategy = DeepSpeedStrategy(cfg.strategy)
-        # Fail on an impossible batch split before touching data or models.
-        self.grad_accum = self.strategy.gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
-        self.resume_path = resolve_resume(cfg.resume_from, self.out / "checkpoints")
+    cfg: SFTConfig
 
     # ------------------------------------------------------------------ setup
 
@@ -186,21 +177,8 @@ class SFTTrainer:
         source = self._model_source(train_rows)
         self.tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
         model = load_causal_lm(source, trust_remote_code=cfg.trust_remote_code)
-        if cfg.lora_rank > 0:
-            model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules,
-                             task_type="CAUSAL_LM")
         self.train_data, self.eval_data = self._encode(train_rows), self._encode(eval_rows)
-        self.sampler = StepSampler(len(self.train_data), cfg.batch_size, cfg.strategy.seed)
-        self.total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * self.sampler.steps_per_epoch))
-        optimizer = s.create_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_betas)
-        scheduler = s.create_scheduler(optimizer, cfg.lr_scheduler, self.total_steps, warmup_ratio=cfg.warmup_ratio)
-        self.engine = s.prepare_train(model, optimizer, scheduler, train_batch_size=cfg.batch_size,
-                                      micro_batch_size=cfg.micro_batch_size)
-        self.start_step = 0
-        if self.resume_path is not None:
-            state = load_checkpoint(s, self.resume_path, {"model": self.engine})
-            self.sampler.check_position(state["data_position"], str(self.resume_path))
-            self.start_step = int(state["step"])
+        self.prepare(model)
 
     # ------------------------------------------------------------------ loop
 
@@ -251,50 +229,6 @@ class SFTTrainer:
         nll_sum, tokens = s.all_reduce_sum(nll_sum), s.all_reduce_sum(float(tokens))
         loss = nll_sum / max(tokens, 1.0)
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-
-    def _checkpoint(self, step: int) -> None:
-        path = save_checkpoint(
-            self.strategy, self.out / "checkpoints", step, {"model": self.engine}, stage=self.stage,
-            config=to_dict(self.cfg), data_position=self.sampler.position(step),
-            keep_last=self.cfg.keep_last_checkpoints,
-        )
-        self.cb.on_checkpoint(step, str(path))
-
-    def train(self) -> dict[str, Any]:
-        cfg = self.cfg
-        t0 = time.monotonic()
-        self.setup()
-        self.cb.on_train_begin(self.stage, self.total_steps, to_dict(cfg))
-        last = self.start_step
-        metrics: dict[str, float] = {}
-        for step in range(self.start_step, self.total_steps):
-            metrics = self.train_step(step)
-            last = step + 1
-            self.cb.on_log(last, metrics)
-            if cfg.eval_steps and last % cfg.eval_steps == 0 and last < self.total_steps:
-                self.cb.on_evaluate(last, self.evaluate())
-            if cfg.save_steps and last % cfg.save_steps == 0 and last < self.total_steps:
-                self._checkpoint(last)
-            if cfg.stop_after_steps and last == cfg.stop_after_steps and last < self.total_steps:
-                if not (cfg.save_steps and last % cfg.save_steps == 0):
-                    self._checkpoint(last)
-                return self._finish(last, metrics, {}, t0, final=False)
-        eval_metrics = self.evaluate()
-        self.cb.on_evaluate(last, eval_metrics)
-        self.strategy.save_pretrained(self.engine, self.tokenizer, self.out / "final")
-        return self._finish(last, metrics, eval_metrics, t0, final=True)
-
-    def _finish(self, step: int, train_metrics: dict[str, float], eval_metrics: dict[str, float],
-                t0: float, final: bool) -> dict[str, Any]:
-        truncated = sum(e.truncated for e in self.train_data)
-        summary: dict[str, Any] = {
-            "stage": self.stage, "output_dir": str(self.out), "step": step, "total_steps": self.total_steps,
-            "completed": final, "final_model_dir": str(self.out / "final") if final else "",
-            "train_examples": len(self.train_data), "eval_examples": len(self.eval_data),
-            "train_truncated": truncated, "runtime_s": time.monotonic() - t0,
-            **train_metrics, **eval_metrics,
-        }
-        return finish_run(self.strategy, self.out, summary, self.cb)
 
 
 def train(cfg: SFTConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
