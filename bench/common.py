@@ -296,3 +296,43 @@ def training_flops(n_params_policy: int, n_params_critic: int, tokens: int) -> f
     it ignores attention's O(t^2) term, which is negligible at these sequence lengths.
     """
     return 6.0 * (n_params_policy + n_params_critic) * tokens
+
+
+def forward_backward_flops(model_dir: str, positions: int, episode_len: int = 20,
+                           row_width: int = 128, repeats: int = 5) -> float:
+    """FLOP/s (6N rule, as :func:`training_flops`) of one causal LM's forward + backward
+    alone: no PPO losses, no optimizer, no second model.
+
+    ``positions`` tokens of random ids are packed as ``ppo_core.packing`` packs episodes:
+    episodes of ``episode_len`` tokens in rows of ``row_width`` positions, position ids
+    restarting per episode, a block-diagonal causal mask; the LM head runs on every position
+    and the loss is the mean log-sum-exp. Best of ``repeats`` at the current thread count.
+    This is what eager PyTorch reaches on this model and CPU with no engine around it: run at
+    the PPO mini-batch's size it is the engine's own floor, run at several times that size
+    the model's ceiling once per-call overhead is amortised.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    width = min(row_width, positions)
+    rows = math.ceil(positions / width)
+    col = torch.arange(width)
+    position_ids = (col % episode_len).repeat(rows, 1)                   # (R, W)
+    segment = col // episode_len
+    allowed = (segment[:, None] == segment[None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
+    mask = allowed.expand(rows, 1, width, width)                         # (R, 1, W, W)
+    ids = torch.randint(3, model.config.vocab_size, (rows, width), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        hidden = model.model(input_ids=ids, position_ids=position_ids, attention_mask=mask,
+                             use_cache=False).last_hidden_state
+        model.lm_head(hidden).logsumexp(-1).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t0)
+    return 6.0 * n_params(model) * rows * width / best

@@ -8,7 +8,9 @@ are preallocated, and the log-probs of the sampled tokens come for free from the
 sampler already has (so PPO needs no extra forward for the old-policy log-probs).
 
 Works with any Hugging Face causal LM that accepts ``position_ids``, ``past_key_values`` and
-``logits_to_keep`` (GPT-2, Llama, Qwen, ...) and with a DeepSpeed engine wrapping one.
+``logits_to_keep`` (GPT-2, Llama, Qwen, ...) and with a DeepSpeed engine wrapping one. For
+Llama-layout models the decode steps skip the module stack altogether
+(:mod:`ppo_core.fast_decode`, verified once per model against its own forward).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ppo_core.fast_decode import FastDecoder, supports_fast_decode
 from ppo_core.ppo_utils import position_ids_from_mask
 
 
@@ -90,11 +93,39 @@ def _sample_step(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
 COMPACT_FRACTION = 0.25
 
 
-def _should_compact(finished: torch.Tensor, cache: object) -> bool:
+class _HFSteps:
+    """Decode steps through the model's own forward and Hugging Face KV cache (the path for
+    models :class:`~ppo_core.fast_decode.FastDecoder` does not cover); same interface."""
+
+    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> None:
+        self.model = model
+        self.keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=True, **self.keep)
+        self.cache, self.first_logits = out.past_key_values, out.logits[:, -1, :]
+
+    @property
+    def can_drop_rows(self) -> bool:
+        return hasattr(self.cache, "batch_select_indices")
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int,
+             mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens[:, None], attention_mask=mask.long(),
+                         position_ids=positions[:, None], past_key_values=self.cache,
+                         use_cache=True, **self.keep)
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+
+def _should_compact(finished: torch.Tensor, decoder: _HFSteps | FastDecoder) -> bool:
     """True when enough rows ended, some are still live, and the cache can drop rows."""
     n_done = int(finished.sum())
     return (n_done > COMPACT_FRACTION * finished.numel() and n_done < finished.numel()
-            and hasattr(cache, "batch_select_indices"))
+            and decoder.can_drop_rows)
 
 
 def _all_finished(finished: torch.Tensor, sync_ranks: bool) -> bool:
@@ -124,6 +155,7 @@ def sample(
     return_logprobs: bool = True,
     sync_ranks: bool | None = None,
     compact: bool = True,
+    fast: bool | None = None,
 ) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` per left-padded prompt, stopping each row at EOS.
 
@@ -132,6 +164,8 @@ def sample(
     in lockstep so ZeRO-3 collective forwards match. Stops early once every row has ended.
     ``compact`` drops ended rows from the batch and the KV cache (see ``COMPACT_FRACTION``);
     the sampled distribution is the same, the random stream (fewer rows per draw) is not.
+    ``fast`` picks :class:`~ppo_core.fast_decode.FastDecoder` for the decode steps (default:
+    when :func:`~ppo_core.fast_decode.supports_fast_decode` verified it for this model).
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids and attention_mask must both be (B, P); got "
@@ -150,8 +184,10 @@ def sample(
     tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, T, dtype=torch.float32, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    next_position = attention_mask.sum(-1, keepdim=True)             # (B, 1)
-    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    next_position = attention_mask.sum(-1)                           # (B,)
+    prompt_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id)
+    if fast is None:
+        fast = supports_fast_decode(model)
 
     # rows[i] is the output row of batch row i: finished rows leave the batch (and the KV
     # cache) once they are more than COMPACT_FRACTION of it, so late steps run on the rows
@@ -160,13 +196,14 @@ def sample(
     # no_grad, not inference_mode: ZeRO-3 gathers parameters inside this forward and keeps
     # the small ones gathered; gathered as inference tensors, the next backward refuses them
     with torch.no_grad():
-        out = model(input_ids=input_ids.masked_fill(attention_mask == 0, pad_token_id),
-                    attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), use_cache=True, **keep)
+        if fast:
+            decoder, logits = FastDecoder.prefill(model, prompt_ids, attention_mask, T)
+        else:
+            decoder = _HFSteps(model, prompt_ids, attention_mask)
+            logits = decoder.first_logits
         steps = 0
         for t in range(T):
-            tok, lp = _sample_step(out.logits[:, -1, :].float(), temperature, top_k, top_p,
-                                   generator)
+            tok, lp = _sample_step(logits.float(), temperature, top_k, top_p, generator)
             tok = tok.masked_fill(finished, pad_token_id)
             at = slice(None) if rows is None else rows
             tokens[at, t] = tok
@@ -176,23 +213,20 @@ def sample(
             steps = t + 1
             if t == T - 1 or _all_finished(finished, sync_ranks):
                 break
-            cache = out.past_key_values
-            if compact and _should_compact(finished, cache):
+            if compact and _should_compact(finished, decoder):
                 live = (~finished).nonzero().squeeze(1)
-                cache.batch_select_indices(live)
+                decoder.keep_rows(live)
                 rows = live if rows is None else rows[live]
                 tok, finished, next_position = tok[live], finished[live], next_position[live]
             step_mask = mask[:, : P + t + 1] if rows is None else mask[rows, : P + t + 1]
-            out = model(input_ids=tok.unsqueeze(-1), attention_mask=step_mask,
-                        position_ids=next_position + t, past_key_values=cache,
-                        use_cache=True, **keep)
-        del out  # free the KV cache before the caller's scoring forwards
+            logits = decoder.step(tok, next_position + t, P + t, step_mask.bool())
+        del decoder, logits  # free the KV cache before the caller's scoring forwards
 
     # buffers were written outside inference mode, so the results are ordinary tensors that
     # the trainer may use in autograd (inference tensors cannot be saved for backward)
     responses, response_mask = tokens[:, :steps], mask[:, P:P + steps].bool()
     return GenerationOutput(
-        sequences=torch.cat([input_ids.masked_fill(attention_mask == 0, pad_token_id), responses], 1),
+        sequences=torch.cat([prompt_ids, responses], 1),
         attention_mask=mask[:, : P + steps].clone(),
         responses=responses.clone(),
         response_mask=response_mask.clone(),

@@ -18,8 +18,8 @@ episodes into rows of ``pack_capacity`` real tokens with a block-diagonal mask
 (:mod:`ppo_core.packing`), so no padding position is computed and the linear layers see one
 large matrix; models whose attention takes no 4D mask fall back to up to
 ``MAX_FORWARD_GROUPS`` padded groups of similar length (:func:`plan_length_groups`).
-``parallel_critic`` runs the critic's update on a second thread. ``bench/ppo_vs_trl.py``
-measures all of it against TRL.
+``parallel_critic`` runs the critic's scoring forward and update on a second thread.
+``bench/ppo_vs_trl.py`` measures all of it against TRL.
 
 Defaults reproduce TRL's ``PPOConfig`` (``trl/experimental/ppo/ppo_config.py``) where the two
 agree with the bundled task's budget; every default names its source. Metrics use TRL's names.
@@ -226,8 +226,9 @@ class PPOConfig:
     models, where attention is a smaller share, can afford longer rows. A longer episode gets
     a row of its own"""
     parallel_critic: bool = False
-    """update the critic on a second Python thread while the actor's update runs (torch ops
-    release the GIL, so this uses a second core; each model's arithmetic is unchanged).
+    """run the critic on a second Python thread: its scoring forward while the reference and
+    reward model score, its update while the actor's runs (torch ops release the GIL, so this
+    uses a second core; each model's arithmetic is unchanged).
     Single process only; on tiny models one more core does more this way than as a second
     intra-op thread. Off by default: it doubles the cores a run takes"""
     strategy: StrategyConfig = field(default_factory=lambda: StrategyConfig(zero_stage=0))
@@ -709,10 +710,15 @@ class PPOTrainer:
         m = gen.response_mask
         logprobs = gen.logprobs * m
         layout = self.layout(gen)
+        # parallel_critic: the critic's forward meanwhile on its thread (grad mode is
+        # per thread, hence the explicit no_grad there)
+        critic = (self._critic_thread().submit(torch.no_grad()(self.critic_values),
+                                               self.critic.module, gen, layout)
+                  if cfg.parallel_critic else None)
         ref_logprobs, _ = self.policy_logprobs(self.ref, gen, layout=layout)
         ref_logprobs = ref_logprobs * m
-        values = self.critic_values(self.critic.module, gen, layout) * m
         raw, texts = self.raw_scores(prompts, gen, layout)
+        values = (critic.result() if critic else self.critic_values(self.critic.module, gen, layout)) * m
         scores = self.shape_scores(raw, gen.ended)
         kl = U.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * m
         rewards = U.place_score_at_last_token(-self.kl_ctl.value * kl, scores, m)

@@ -101,6 +101,12 @@ def test_generation_flops_and_scaling_sections(report: dict) -> None:
     for key in ("peak_gflops", "ours_gflops", "trl_gflops", "ours_fraction"):
         assert _positive(f[key]), f"flops.{key} = {f[key]!r}"
     assert f["ours_fraction"] == pytest.approx(f["ours_gflops"] / f["peak_gflops"])
+    # the policy's forward + backward alone, at a mini-batch's tokens and at 8x
+    sizes = [a["positions"] for a in f["alone"]]
+    assert len(sizes) == 2 and sizes[1] == 8 * sizes[0]
+    for a in f["alone"]:
+        assert _positive(a["gflops"]) and a["fraction"] == pytest.approx(a["gflops"] / f["peak_gflops"])
+        assert f"policy forward + backward alone, {a['positions']} packed positions" in report["_stdout"]
     s = report["scaling"]
     lengths = [r["response_length"] for r in s["by_response_length"]]
     assert len(lengths) >= 3 and lengths == sorted(lengths)

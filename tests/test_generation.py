@@ -169,3 +169,64 @@ def test_bad_shapes_rejected():
     with pytest.raises(ValueError, match=r"\(B, P\)"):
         sample(model, torch.ones(1, 3, dtype=torch.long), torch.ones(1, 4), max_new_tokens=2,
                eos_token_id=2, pad_token_id=PAD)
+
+
+# ------------------------------------------------------------------ fast decode (Llama layout)
+
+def tiny_qwen2_gqa():
+    """Grouped KV heads and q/k/v biases: the Llama-layout variants FastDecoder covers."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2_gqa])
+def test_fast_decode_samples_what_the_hf_path_samples(factory):
+    from ppo_core.fast_decode import supports_fast_decode
+
+    model = factory()
+    assert supports_fast_decode(model)
+    ids, mask = left_padded(PROMPTS + [[7, 8], [20, 21, 22, 23, 24], [30]])
+    kw = dict(max_new_tokens=10, pad_token_id=PAD, temperature=0.9)
+    free = sample(model, ids, mask, eos_token_id=VOCAB + 1, fast=False, **kw)
+    eos = int(free.responses[0, 3])  # ends some rows early, so rows are dropped mid-way
+    runs = {}
+    for fast in (False, True):
+        runs[fast] = sample(model, ids, mask, eos_token_id=eos, fast=fast,
+                            generator=torch.Generator().manual_seed(3), **kw)
+    hf, fast = runs[False], runs[True]
+    assert hf.response_mask.sum(1).min() < hf.response_mask.sum(1).max()
+    for name in ("sequences", "attention_mask", "responses", "response_mask", "ended"):
+        assert torch.equal(getattr(hf, name), getattr(fast, name)), name
+    torch.testing.assert_close(fast.logprobs, hf.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_decode_refuses_models_it_does_not_reproduce():
+    from peft import LoraConfig, get_peft_model
+
+    from ppo_core.fast_decode import _structure_problem, supports_fast_decode
+
+    class Doubled(LlamaForCausalLM):
+        """Rescales its logits inside forward (as soft-capping models do)."""
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    assert not supports_fast_decode(tiny_gpt2())
+    assert "LoRA" in _structure_problem(get_peft_model(
+        tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).get_base_model())
+    doubled = Doubled(tiny_llama().config).eval()
+    assert _structure_problem(doubled) is None and not supports_fast_decode(doubled)
+    # the refused models still sample through the Hugging Face path
+    ids, mask = left_padded(PROMPTS)
+    out = sample(doubled, ids, mask, max_new_tokens=4, eos_token_id=VOCAB + 1, pad_token_id=PAD,
+                 temperature=0.0)
+    ref = doubled.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                           eos_token_id=None, pad_token_id=PAD)
+    assert torch.equal(out.responses, ref[:, ids.shape[1]:])

@@ -1,0 +1,215 @@
+"""One-token decode steps for Llama-layout models without the Hugging Face module stack.
+
+In a PPO rollout the policy decodes a batch one token at a time, and on small models each
+step's cost is mostly Python: module calls, cache bookkeeping, mask building and RoPE tables
+recomputed per step (``bench/ppo_core_bench.py`` and BENCHMARKS.md measure it). This decoder
+runs the same arithmetic from the model's own weights:
+
+* q/k/v and gate/up projections as one matmul each (weights concatenated once per rollout),
+* a preallocated KV cache written in place (the prompt's keys/values come from one ordinary
+  Hugging Face prefill forward, so prompt handling stays the model's own),
+* RoPE cos/sin looked up from a table built once by the model's own rotary module.
+
+It covers decoders laid out like Llama (Llama, Mistral, Qwen2, ...): RMSNorm, rotary
+attention with optional q/k/v biases and grouped KV heads, a gated MLP, no logit soft-capping
+or sliding windows. :func:`supports_fast_decode` checks a model once against its own
+forward (logits to 1e-4, as :func:`ppo_core.packing.supports_packing` does for training);
+anything else (GPT-2, LoRA-wrapped projections, ZeRO-3-partitioned weights) keeps the
+Hugging Face path in :func:`ppo_core.generation.sample`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ppo_core.models import unwrap
+from ppo_core.ppo_utils import position_ids_from_mask
+
+# rope variants whose tables depend only on the position (dynamic / longrope rescale with the
+# running sequence length, so a table built once would differ from the model's own per-step one)
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class _Layer:
+    norm1: nn.Module
+    w_qkv: torch.Tensor
+    """(n_heads * d + 2 * n_kv * d, hidden)"""
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    norm2: nn.Module
+    w_gate_up: torch.Tensor
+    """(2 * intermediate, hidden)"""
+    w_down: torch.Tensor
+    act: nn.Module
+    scaling: float
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _structure_problem(model: nn.Module) -> str | None:
+    """Why ``model`` is not a plain Llama-layout causal LM (None when it is)."""
+    cfg = getattr(model, "config", None)
+    trunk = getattr(model, "model", None)
+    if cfg is None or trunk is None or not isinstance(getattr(model, "lm_head", None), nn.Linear):
+        return "no .model trunk or .lm_head Linear"
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return "ZeRO-3 partitioned weights"
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, name, None):
+            return f"{name} is set"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+        return "sliding-window layers"
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in STATIC_ROPE:
+        return f"rope_type {rope.get('rope_type')!r}"
+    if not all(hasattr(trunk, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "trunk lacks embed_tokens / layers / norm / rotary_emb"
+    for layer in trunk.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        # exactly nn.Linear: PEFT's LoRA layers carry adapters their .weight does not include
+        if any(type(m) is not nn.Linear for m in linears):
+            return "projections are not plain nn.Linear (LoRA?)"
+        if (getattr(attn, "q_norm", None) is not None or not hasattr(attn, "scaling")
+                or not hasattr(layer, "post_attention_layernorm")):
+            return "attention or norm layout differs from Llama's"
+    return None
+
+
+class FastDecoder:
+    """Decode state of one batch: prefilled KV cache plus the model's fused weights.
+
+    Build it with :meth:`prefill` (one Hugging Face forward over the left-padded prompts),
+    then call :meth:`step` once per new token; :meth:`keep_rows` drops finished rows.
+    """
+
+    can_drop_rows = True
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
+        inner = unwrap(model)
+        cfg, trunk = inner.config, inner.model
+        self.lm_head, self.trunk = inner.lm_head, trunk
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        self.layers: list[_Layer] = []
+        for layer in trunk.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = (a.q_proj, a.k_proj, a.v_proj)
+            biases = [p.bias for p in qkv]
+            b_qkv = None
+            if any(b is not None for b in biases):
+                b_qkv = torch.cat([b if b is not None else torch.zeros(p.out_features, dtype=p.weight.dtype,
+                                                                       device=p.weight.device)
+                                   for b, p in zip(biases, qkv)])
+            if a.o_proj.bias is not None or any(p.bias is not None for p in (m.gate_proj, m.up_proj,
+                                                                              m.down_proj)):
+                raise ValueError("FastDecoder: biases on o_proj or the MLP are not supported")
+            self.layers.append(_Layer(
+                norm1=layer.input_layernorm, w_qkv=torch.cat([p.weight for p in qkv]), b_qkv=b_qkv,
+                w_o=a.o_proj.weight, norm2=layer.post_attention_layernorm,
+                w_gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                w_down=m.down_proj.weight, act=m.act_fn, scaling=float(a.scaling)))
+        self.intermediate = self.layers[0].w_down.shape[1] if self.layers else 0
+        weight = inner.lm_head.weight
+        shape = (len(self.layers), batch, self.n_kv, max_len, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.values = torch.zeros_like(self.keys)
+        # cos/sin for every position a row can reach, from the model's own rotary module
+        positions = torch.arange(max_len, device=weight.device)[None]
+        probe = torch.zeros(1, 1, int(cfg.hidden_size), dtype=weight.dtype, device=weight.device)
+        cos, sin = trunk.rotary_emb(probe, positions)  # (1, max_len, d) each
+        self.cos, self.sin = cos[0], sin[0]
+
+    @classmethod
+    def prefill(cls, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                max_new_tokens: int) -> tuple[FastDecoder, torch.Tensor]:
+        """One Hugging Face forward over (B, P) left-padded prompts; returns the decoder with
+        the prompts' keys/values in its cache, and the last position's logits (B, V)."""
+        B, P = input_ids.shape
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=True,
+                    logits_to_keep=1)
+        dec = cls(model, B, P + max_new_tokens)
+        for i, layer in enumerate(out.past_key_values.layers):
+            dec.keys[i, :, :, :P] = layer.keys
+            dec.values[i, :, :, :P] = layer.values
+        return dec, out.logits[:, -1]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (the still-generating ones) in the cache."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int,
+             mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after feeding ``tokens`` (B,) at ``positions`` (B,) into cache column
+        ``slot``; ``mask`` (B, slot + 1) bool says which cache columns each row attends to."""
+        B, nh, nkv, d = tokens.shape[0], self.n_heads, self.n_kv, self.head_dim
+        x = self.trunk.embed_tokens(tokens[:, None])                  # (B, 1, H)
+        cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]  # (B,1,1,d)
+        allowed = mask[:, None, None, :]                               # (B, 1, 1, slot+1)
+        for i, L in enumerate(self.layers):
+            qkv = F.linear(L.norm1(x), L.w_qkv, L.b_qkv).view(B, 1, nh + 2 * nkv, d).transpose(1, 2)
+            q, k, v = qkv.split((nh, nkv, nkv), dim=1)                 # (B, heads, 1, d)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.keys[i, :, :, slot] = k[:, :, 0]
+            self.values[i, :, :, slot] = v[:, :, 0]
+            o = F.scaled_dot_product_attention(
+                q, self.keys[i, :, :, :slot + 1], self.values[i, :, :, :slot + 1],
+                attn_mask=allowed, scale=L.scaling, enable_gqa=nh != nkv)  # (B, nh, 1, d)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, 1, nh * d), L.w_o)
+            gate, up = F.linear(L.norm2(x), L.w_gate_up).split(self.intermediate, dim=-1)
+            x = x + F.linear(L.act(gate) * up, L.w_down)
+        return self.lm_head(self.trunk.norm(x))[:, -1]
+
+
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def supports_fast_decode(model: nn.Module) -> bool:
+    """Whether :class:`FastDecoder` reproduces ``model``'s own decode logits (checked once
+    per model object: structure, then three decode steps of two left-padded prompts)."""
+    inner = unwrap(model)
+    if inner in _VERIFIED:
+        return _VERIFIED[inner]
+    ok = _structure_problem(inner) is None
+    if ok:
+        try:
+            ok = _matches_hf(model, inner)
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+            ok = False
+    _VERIFIED[inner] = ok
+    return ok
+
+
+def _matches_hf(model: nn.Module, inner: nn.Module) -> bool:
+    device = next(inner.parameters()).device
+    vocab = int(inner.config.vocab_size)
+    ids = (torch.arange(10, device=device).reshape(2, 5) * 7 + 3) % max(vocab - 1, 1) + 1
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], device=device)
+    new = (torch.arange(6, device=device).reshape(2, 3) * 5 + 2) % max(vocab - 1, 1) + 1
+    dec, logits = FastDecoder.prefill(model, ids, mask, max_new_tokens=3)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=True, logits_to_keep=1)
+    cache, full_mask, pos = out.past_key_values, mask, mask.sum(1)
+    for t in range(3):
+        full_mask = torch.cat([full_mask, torch.ones_like(mask[:, :1])], 1)
+        ref = model(input_ids=new[:, t:t + 1], attention_mask=full_mask,
+                    position_ids=(pos + t)[:, None], past_key_values=cache, use_cache=True,
+                    logits_to_keep=1).logits[:, -1].float()
+        got = dec.step(new[:, t], pos + t, 5 + t, full_mask.bool()).float()
+        if not torch.allclose(got, ref, atol=1e-4, rtol=1e-4):
+            return False
+    return True
