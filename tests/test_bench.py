@@ -107,6 +107,11 @@ def test_generation_flops_and_scaling_sections(report: dict) -> None:
     for a in f["alone"]:
         assert _positive(a["gflops"]) and a["fraction"] == pytest.approx(a["gflops"] / f["peak_gflops"])
         assert f"policy forward + backward alone, {a['positions']} packed positions" in report["_stdout"]
+    # the zero-overhead bound: training at that rate, generation and scoring as measured
+    o = report["ours"]
+    assert f["zero_overhead_training_s"] == pytest.approx(o["training_flops"] / (f["alone"][0]["gflops"] * 1e9))
+    assert f["zero_overhead_episodes_per_s"] == pytest.approx(
+        o["episodes"] / (o["generation_s"] + o["scoring_s"] + f["zero_overhead_training_s"]))
     s = report["scaling"]
     lengths = [r["response_length"] for r in s["by_response_length"]]
     assert len(lengths) >= 3 and lengths == sorted(lengths)
