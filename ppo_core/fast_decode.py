@@ -66,8 +66,12 @@ def _structure_problem(model: nn.Module) -> str | None:
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(cfg, name, None):
             return f"{name} is set"
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
-        return "sliding-window layers"
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        if any(t != "full_attention" for t in layer_types):
+            return "sliding-window layers"
+    elif getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"  # Mistral-style: every layer windowed
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") not in STATIC_ROPE:
         return f"rope_type {rope.get('rope_type')!r}"

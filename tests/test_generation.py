@@ -221,6 +221,12 @@ def test_fast_decode_refuses_models_it_does_not_reproduce():
     assert not supports_fast_decode(tiny_gpt2())
     assert "LoRA" in _structure_problem(get_peft_model(
         tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).get_base_model())
+    from transformers import MistralConfig, MistralForCausalLM
+
+    windowed = MistralForCausalLM(MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, sliding_window=16))
+    assert "sliding" in _structure_problem(windowed)
     doubled = Doubled(tiny_llama().config).eval()
     assert _structure_problem(doubled) is None and not supports_fast_decode(doubled)
     # the refused models still sample through the Hugging Face path
