@@ -157,11 +157,12 @@ class FastDecoder:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int,
              mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after feeding ``tokens`` (B,) at ``positions`` (B,) into cache column
-        ``slot``; ``mask`` (B, slot + 1) bool says which cache columns each row attends to."""
+        ``slot``; ``mask`` (B, slot + 1), 0/1 or bool, says which cache columns each row
+        attends to."""
         B, nh, nkv, d = tokens.shape[0], self.n_heads, self.n_kv, self.head_dim
         x = self.trunk.embed_tokens(tokens[:, None])                  # (B, 1, H)
         cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]  # (B,1,1,d)
-        allowed = mask[:, None, None, :]                               # (B, 1, 1, slot+1)
+        allowed = mask.bool()[:, None, None, :]                        # (B, 1, 1, slot+1)
         for i, L in enumerate(self.layers):
             qkv = F.linear(L.norm1(x), L.w_qkv, L.b_qkv).view(B, 1, nh + 2 * nkv, d).transpose(1, 2)
             q, k, v = qkv.split((nh, nkv, nkv), dim=1)                 # (B, heads, 1, d)
@@ -213,7 +214,7 @@ def _matches_hf(model: nn.Module, inner: nn.Module) -> bool:
         ref = model(input_ids=new[:, t:t + 1], attention_mask=full_mask,
                     position_ids=(pos + t)[:, None], past_key_values=cache, use_cache=True,
                     logits_to_keep=1).logits[:, -1].float()
-        got = dec.step(new[:, t], pos + t, 5 + t, full_mask.bool()).float()
+        got = dec.step(new[:, t], pos + t, 5 + t, full_mask).float()
         if not torch.allclose(got, ref, atol=1e-4, rtol=1e-4):
             return False
     return True

@@ -114,7 +114,7 @@ class _HFSteps:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int,
              mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=tokens[:, None], attention_mask=mask.long(),
+        out = self.model(input_ids=tokens[:, None], attention_mask=mask,
                          position_ids=positions[:, None], past_key_values=self.cache,
                          use_cache=True, **self.keep)
         self.cache = out.past_key_values
@@ -164,8 +164,9 @@ def sample(
     in lockstep so ZeRO-3 collective forwards match. Stops early once every row has ended.
     ``compact`` drops ended rows from the batch and the KV cache (see ``COMPACT_FRACTION``);
     the sampled distribution is the same, the random stream (fewer rows per draw) is not.
-    ``fast`` picks :class:`~ppo_core.fast_decode.FastDecoder` for the decode steps (default:
-    when :func:`~ppo_core.fast_decode.supports_fast_decode` verified it for this model).
+    ``fast`` picks :class:`~ppo_core.fast_decode.FastDecoder` for the decode steps (default
+    None: when :func:`~ppo_core.fast_decode.supports_fast_decode` verified it for this model;
+    True insists on it, False keeps the Hugging Face forward).
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids and attention_mask must both be (B, P); got "
@@ -188,6 +189,9 @@ def sample(
     prompt_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id)
     if fast is None:
         fast = supports_fast_decode(model)
+    elif fast and not supports_fast_decode(model):
+        raise ValueError(f"sample(fast=True): FastDecoder does not reproduce "
+                         f"{type(model).__name__}'s forward (see ppo_core.fast_decode)")
 
     # rows[i] is the output row of batch row i: finished rows leave the batch (and the KV
     # cache) once they are more than COMPACT_FRACTION of it, so late steps run on the rows
@@ -219,7 +223,7 @@ def sample(
                 rows = live if rows is None else rows[live]
                 tok, finished, next_position = tok[live], finished[live], next_position[live]
             step_mask = mask[:, : P + t + 1] if rows is None else mask[rows, : P + t + 1]
-            logits = decoder.step(tok, next_position + t, P + t, step_mask.bool())
+            logits = decoder.step(tok, next_position + t, P + t, step_mask)
         del decoder, logits  # free the KV cache before the caller's scoring forwards
 
     # buffers were written outside inference mode, so the results are ordinary tensors that

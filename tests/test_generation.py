@@ -238,3 +238,6 @@ def test_fast_decode_refuses_models_it_does_not_reproduce():
     # samples like model.generate through the HF path: test_greedy_matches_hf_generate)
     doubled = tiny_llama_doubled()
     assert _structure_problem(doubled) is None and not supports_fast_decode(doubled)
+    with pytest.raises(ValueError, match="does not reproduce DoubledLlama"):
+        sample(doubled, *left_padded(PROMPTS), max_new_tokens=2, eos_token_id=VOCAB + 1,
+               pad_token_id=PAD, fast=True)
