@@ -122,6 +122,8 @@ class RunSpec:
     """score the final policy with the gold reward (off for the scaling sweep)"""
     sweep: tuple[tuple[int, int], ...] = ()
     """(batch_size, response_length) pairs: run ours once per pair, without the gold evaluation"""
+    peak_n: int = 2048
+    """matrix size of the matmul peak each run measures right after its training"""
     out: str = ""
     """JSON file the worker writes its result to"""
 
@@ -210,6 +212,8 @@ def _finish(spec: RunSpec, timer: PhaseTimer, step_times: list[float], cpu_s: fl
         "training_flops": training_flops(n_params_policy, n_params_critic, train_tokens),
         "peak_rss_mb": peak_rss_mb(),
     }
+    if not spec.sweep:
+        result.update(_probe(spec, fx, train_tokens, alone=spec.stack == "ours"))
     if spec.evaluate:
         tok = load_tokenizer(fx)
         ref = load_policy(fx)
@@ -219,6 +223,24 @@ def _finish(spec: RunSpec, timer: PhaseTimer, step_times: list[float], cpu_s: fl
                        "kl_to_ref": ev["kl"],
                        "eval_response_tokens": ev["response_tokens"]})
     return result
+
+
+def _probe(spec: RunSpec, fx: Fixture, train_tokens: int, alone: bool) -> dict:
+    """This CPU's speed right after a run's training, in the same process, on ``threads``
+    torch threads: the matmul peak and (``alone``) the policy's forward + backward alone at
+    one mini-batch's real tokens and at 8x. The machine's speed drifts by up to 40% within
+    minutes, so a run's FLOP rate is only comparable with rates measured next to it; each
+    rate is the best of three, interleaved."""
+    torch.set_num_threads(spec.threads)
+    updates = spec.iterations * spec.num_ppo_epochs * spec.num_mini_batches
+    mb = max(1, round(train_tokens / updates))
+    peak, rates = 0.0, ({mb: 0.0, 8 * mb: 0.0} if alone else {})
+    for _ in range(3):
+        peak = max(peak, matmul_peak_flops(spec.peak_n))
+        for n in rates:
+            rates[n] = max(rates[n], forward_backward_flops(fx.policy_dir, n))
+    return {"probe_peak_flops": peak,
+            "probe_alone": [{"positions": n, "flops": v} for n, v in sorted(rates.items())]}
 
 
 def _count_until_eos(responses: torch.Tensor, eos_token_id: int) -> int:
@@ -482,7 +504,8 @@ def best_of(results: list[dict]) -> dict:
     fastest = max(results, key=lambda r: r["episodes_per_s"])
     merged = {**fastest, **{k: results[0][k] for k in QUALITY_KEYS if k in results[0]}}
     merged["rounds"] = [{k: r.get(k) for k in ("episodes_per_s", "episodes_per_cpu_s", "wall_s",
-                                               "training_s", *QUALITY_KEYS)} for r in results]
+                                               "training_s", "probe_peak_flops", *QUALITY_KEYS)}
+                        for r in results]
     return merged
 
 
@@ -674,10 +697,12 @@ def render(report: dict) -> str:
         "",
         "| | GFLOP/s | share of peak | target | status |",
         "|---|---:|---:|---|---|",
-        f"| matmul peak ({f['peak_matmul_n']}^2 fp32 torch.mm) | {_fmt(f['peak_gflops'])} | 1.00 | | |",
+        f"| matmul peak ({f['peak_matmul_n']}^2 fp32 torch.mm, after our fastest run's "
+        f"training) | {_fmt(f['peak_gflops'])} | 1.00 | | |",
         f"| ours, training phase | {_fmt(f['ours_gflops'])} | {_fmt(f['ours_fraction'])} | "
         f">= {TARGET_PEAK_FRACTION:.0%} | {f['status']} |",
-        f"| TRL, training phase | {_fmt(f['trl_gflops'])} | {_fmt(f['trl_fraction'])} | | |",
+        f"| TRL, training phase (against the peak after its own run: "
+        f"{_fmt(f['trl_peak_gflops'])}) | {_fmt(f['trl_gflops'])} | {_fmt(f['trl_fraction'])} | | |",
         *(f"| policy forward + backward alone, {a['positions']} packed positions | "
           f"{_fmt(a['gflops'])} | {_fmt(a['fraction'])} | | |" for a in f["alone"]),
     ]
@@ -754,7 +779,7 @@ def closing_notes(report: dict) -> list[str]:
 
 def build_report(args: argparse.Namespace, size: ModelSize, fx: Fixture, base: RunSpec,
                  gold_before: dict, ours: dict, trl: dict, sweep: list[dict], generation: dict,
-                 peak: float, peak_n: int, alone: dict[int, float]) -> dict:
+) -> dict:
     import transformers
     import trl as trl_pkg
 
@@ -763,14 +788,18 @@ def build_report(args: argparse.Namespace, size: ModelSize, fx: Fixture, base: R
         "formula": "6 x (N_policy + N_critic) x training tokens / training-phase seconds; tokens = "
                    "real (non-pad) prompt + response tokens in every PPO-epoch forward; 6N = 2N "
                    "forward + 4N backward per token (Kaplan et al. 2020)",
-        "peak_matmul_n": peak_n,
-        "peak_gflops": peak / 1e9,
+        "peak_matmul_n": base.peak_n,
+        # each stack's rate against the peak its own process measured right after training
+        "peak_gflops": ours["probe_peak_flops"] / 1e9,
+        "trl_peak_gflops": trl["probe_peak_flops"] / 1e9,
         "ours_gflops": ours["training_flops"] / train_s["ours"] / 1e9,
         "trl_gflops": trl["training_flops"] / train_s["trl"] / 1e9,
     }
-    # the same model's forward + backward with nothing around it (bench/common.py)
-    flops["alone"] = [{"positions": n, "gflops": v / 1e9, "fraction": v / peak}
-                      for n, v in sorted(alone.items())]
+    # the same model's forward + backward with nothing around it (bench/common.py), measured
+    # in the process of our fastest run right after its training
+    flops["alone"] = [{"positions": a["positions"], "gflops": a["flops"] / 1e9,
+                       "fraction": a["flops"] / ours["probe_peak_flops"]}
+                      for a in ours["probe_alone"]]
     flops["ours_fraction"] = flops["ours_gflops"] / flops["peak_gflops"]
     # an engine with zero cost around the forward/backward: both models' training at the
     # rate of the policy's forward + backward alone at one mini-batch's size
@@ -780,7 +809,7 @@ def build_report(args: argparse.Namespace, size: ModelSize, fx: Fixture, base: R
     flops["zero_overhead_episodes_per_s"] = ours["episodes"] / (
         ours["generation_s"] + ours["scoring_s"] + bound_train_s)
     flops["zero_overhead_ratio"] = flops["zero_overhead_episodes_per_s"] / trl["episodes_per_s"]
-    flops["trl_fraction"] = flops["trl_gflops"] / flops["peak_gflops"]
+    flops["trl_fraction"] = flops["trl_gflops"] / flops["trl_peak_gflops"]
     flops["status"] = _status(flops["ours_fraction"] >= TARGET_PEAK_FRACTION)
     report = {
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/ppo_vs_trl.py",
@@ -852,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     base = RunSpec(stack="ours", fixture=asdict(fx), iterations=args.iterations,
                    batch_size=args.batch_size, response_length=args.response_length,
                    seed=args.seed, threads=args.threads, parallel_critic=args.parallel_critic,
-                   eval_prompts=16 if args.tiny else 192)
+                   eval_prompts=16 if args.tiny else 192, peak_n=512 if args.tiny else 2048)
 
     from transformers import AutoModelForCausalLM
 
@@ -882,19 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  generation vs model.generate, matmul peak ...", file=sys.stderr, flush=True)
     generation = compare_generation(fx, args.batch_size, args.response_length, base.temperature,
                                     args.seed)
-    peak_n = 512 if args.tiny else 2048
-    # the policy's forward + backward alone, at one PPO mini-batch's real tokens and at 8x;
-    # this CPU's speed drifts over seconds, so the peak and these rates are each measured
-    # three times, interleaved, and the best of each kept (as the stacks' fastest runs are)
-    updates = args.iterations * base.num_ppo_epochs * base.num_mini_batches
-    mb_positions = max(1, round(ours["train_tokens"] / updates))
-    peak, alone = 0.0, {mb_positions: 0.0, 8 * mb_positions: 0.0}
-    for _ in range(3):
-        peak = max(peak, matmul_peak_flops(peak_n))
-        for n in alone:
-            alone[n] = max(alone[n], forward_backward_flops(fx.policy_dir, n))
-    report = build_report(args, size, fx, base, gold_before, ours, trl, sweep, generation,
-                          peak, peak_n, alone)
+    report = build_report(args, size, fx, base, gold_before, ours, trl, sweep, generation)
     report["total_bench_s"] = time.perf_counter() - t_start
     text = render(report)
     print(text)
