@@ -7,7 +7,7 @@ runs the same arithmetic from the model's own weights:
 
 * q/k/v and gate/up projections as one matmul each (weights concatenated once per rollout),
 * a preallocated KV cache written in place (the prompt's keys/values come from one ordinary
-  Hugging Face prefill forward, so prompt handling stays the model's own),
+  Hugging Face prefill forward, :class:`HFDecoder`, so prompt handling stays the model's own),
 * RoPE cos/sin looked up from a table built once by the model's own rotary module.
 
 It covers decoders laid out like Llama (Llama, Mistral, Qwen2, ...): RMSNorm, rotary
@@ -20,6 +20,7 @@ Hugging Face path in :func:`ppo_core.generation.sample`.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -90,11 +91,51 @@ def _structure_problem(model: nn.Module) -> str | None:
     return None
 
 
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DeepSpeed engine -> HF model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class HFDecoder:
+    """Decode state through the model's own forward and Hugging Face KV cache: the prompt
+    prefill for every model, and the decode steps for those :class:`FastDecoder` does not
+    cover. Same step interface as :class:`FastDecoder`."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> None:
+        """One forward over (B, P) left-padded prompts; ``first_logits`` (B, V) are the last
+        position's."""
+        self.model = model
+        self.keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=True, **self.keep)
+        self.cache, self.first_logits = out.past_key_values, out.logits[:, -1, :]
+
+    @property
+    def can_drop_rows(self) -> bool:
+        return hasattr(self.cache, "batch_select_indices")
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int,
+             mask: torch.Tensor) -> torch.Tensor:
+        """As :meth:`FastDecoder.step` (``slot`` is implied by the cache here)."""
+        out = self.model(input_ids=tokens[:, None], attention_mask=mask,
+                         position_ids=positions[:, None], past_key_values=self.cache,
+                         use_cache=True, **self.keep)
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+
 class FastDecoder:
     """Decode state of one batch: prefilled KV cache plus the model's fused weights.
 
-    Build it with :meth:`prefill` (one Hugging Face forward over the left-padded prompts),
-    then call :meth:`step` once per new token; :meth:`keep_rows` drops finished rows.
+    Build it with :meth:`after` from the prompts' :class:`HFDecoder` prefill, then call
+    :meth:`step` once per new token; :meth:`keep_rows` drops finished rows.
     """
 
     can_drop_rows = True
@@ -136,19 +177,16 @@ class FastDecoder:
         self.cos, self.sin = cos[0], sin[0]
 
     @classmethod
-    def prefill(cls, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                max_new_tokens: int) -> tuple[FastDecoder, torch.Tensor]:
-        """One Hugging Face forward over (B, P) left-padded prompts; returns the decoder with
-        the prompts' keys/values in its cache, and the last position's logits (B, V)."""
-        B, P = input_ids.shape
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), use_cache=True,
-                    logits_to_keep=1)
-        dec = cls(model, B, P + max_new_tokens)
-        for i, layer in enumerate(out.past_key_values.layers):
+    def after(cls, model: nn.Module, prefill: HFDecoder, max_len: int) -> FastDecoder:
+        """The decoder continuing ``prefill`` (the prompts' Hugging Face forward): its
+        keys/values copied into a cache of ``max_len`` positions."""
+        layers = prefill.cache.layers
+        B, _, P, _ = layers[0].keys.shape
+        dec = cls(model, B, max_len)
+        for i, layer in enumerate(layers):
             dec.keys[i, :, :, :P] = layer.keys
             dec.values[i, :, :, :P] = layer.values
-        return dec, out.logits[:, -1]
+        return dec
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (the still-generating ones) in the cache."""
@@ -205,15 +243,12 @@ def _matches_hf(model: nn.Module, inner: nn.Module) -> bool:
     ids = (torch.arange(10, device=device).reshape(2, 5) * 7 + 3) % max(vocab - 1, 1) + 1
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], device=device)
     new = (torch.arange(6, device=device).reshape(2, 3) * 5 + 2) % max(vocab - 1, 1) + 1
-    dec, logits = FastDecoder.prefill(model, ids, mask, max_new_tokens=3)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                use_cache=True, logits_to_keep=1)
-    cache, full_mask, pos = out.past_key_values, mask, mask.sum(1)
+    hf = HFDecoder(model, ids, mask)
+    dec = FastDecoder.after(model, hf, max_len=5 + 3)
+    full_mask, pos = mask, mask.sum(1)
     for t in range(3):
         full_mask = torch.cat([full_mask, torch.ones_like(mask[:, :1])], 1)
-        ref = model(input_ids=new[:, t:t + 1], attention_mask=full_mask,
-                    position_ids=(pos + t)[:, None], past_key_values=cache, use_cache=True,
-                    logits_to_keep=1).logits[:, -1].float()
+        ref = hf.step(new[:, t], pos + t, 5 + t, full_mask).float()
         got = dec.step(new[:, t], pos + t, 5 + t, full_mask).float()
         if not torch.allclose(got, ref, atol=1e-4, rtol=1e-4):
             return False

@@ -15,15 +15,13 @@ Llama-layout models the decode steps skip the module stack altogether
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ppo_core.fast_decode import FastDecoder, supports_fast_decode
-from ppo_core.ppo_utils import position_ids_from_mask
+from ppo_core.fast_decode import FastDecoder, HFDecoder, supports_fast_decode
 
 
 @dataclass
@@ -46,14 +44,6 @@ class GenerationOutput:
     prompt_length: int
     """P, the padded prompt width"""
 
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    inner = getattr(model, "module", model)  # DeepSpeed engine -> HF model
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -93,35 +83,7 @@ def _sample_step(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
 COMPACT_FRACTION = 0.25
 
 
-class _HFSteps:
-    """Decode steps through the model's own forward and Hugging Face KV cache (the path for
-    models :class:`~ppo_core.fast_decode.FastDecoder` does not cover); same interface."""
-
-    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> None:
-        self.model = model
-        self.keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), use_cache=True, **self.keep)
-        self.cache, self.first_logits = out.past_key_values, out.logits[:, -1, :]
-
-    @property
-    def can_drop_rows(self) -> bool:
-        return hasattr(self.cache, "batch_select_indices")
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        self.cache.batch_select_indices(rows)
-
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int,
-             mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=tokens[:, None], attention_mask=mask,
-                         position_ids=positions[:, None], past_key_values=self.cache,
-                         use_cache=True, **self.keep)
-        self.cache = out.past_key_values
-        return out.logits[:, -1, :]
-
-
-def _should_compact(finished: torch.Tensor, decoder: _HFSteps | FastDecoder) -> bool:
+def _should_compact(finished: torch.Tensor, decoder: HFDecoder | FastDecoder) -> bool:
     """True when enough rows ended, some are still live, and the cache can drop rows."""
     n_done = int(finished.sum())
     return (n_done > COMPACT_FRACTION * finished.numel() and n_done < finished.numel()
@@ -200,11 +162,10 @@ def sample(
     # no_grad, not inference_mode: ZeRO-3 gathers parameters inside this forward and keeps
     # the small ones gathered; gathered as inference tensors, the next backward refuses them
     with torch.no_grad():
-        if fast:
-            decoder, logits = FastDecoder.prefill(model, prompt_ids, attention_mask, T)
-        else:
-            decoder = _HFSteps(model, prompt_ids, attention_mask)
-            logits = decoder.first_logits
+        prefill = HFDecoder(model, prompt_ids, attention_mask)
+        logits = prefill.first_logits
+        decoder = FastDecoder.after(model, prefill, P + T) if fast else prefill
+        del prefill  # the fast decoder copied its cache
         steps = 0
         for t in range(T):
             tok, lp = _sample_step(logits.float(), temperature, top_k, top_p, generator)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from ppo_core.generation import filter_logits, position_ids_from_mask, sample
-from ppo_core.ppo_utils import logprobs_from_logits
+from ppo_core.generation import filter_logits, sample
+from ppo_core.ppo_utils import logprobs_from_logits, position_ids_from_mask
 
 PAD, VOCAB = 0, 64
 
