@@ -298,7 +298,7 @@ def training_flops(n_params_policy: int, n_params_critic: int, tokens: int) -> f
     return 6.0 * (n_params_policy + n_params_critic) * tokens
 
 
-def forward_backward_flops(model_dir: str, positions: int, episode_len: int = 20,
+def forward_backward_flops(model: PreTrainedModel, positions: int, episode_len: int = 20,
                            row_width: int = 128, repeats: int = 5) -> float:
     """FLOP/s (6N rule, as :func:`training_flops`) of one causal LM's forward + backward
     alone: no PPO losses, no optimizer, no second model.
@@ -310,10 +310,8 @@ def forward_backward_flops(model_dir: str, positions: int, episode_len: int = 20
     This is what eager PyTorch reaches on this model and CPU with no engine around it: run at
     the PPO mini-batch's size it is the engine's own floor, run at several times that size
     the model's ceiling once per-call overhead is amortised.
+    ``model`` is a causal LM with SDPA or eager attention (both take the 4D mask).
     """
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
     width = min(row_width, positions)
     rows = math.ceil(positions / width)
     col = torch.arange(width)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -35,28 +34,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from assets.bundled_task import ADJECTIVE_QUALITY, TOPICS, all_prompts  # noqa: E402
+from bench.common import matmul_peak_flops, peak_rss_mb  # noqa: E402
 from ppo_core.config import from_dict  # noqa: E402
 from ppo_core.generation import sample  # noqa: E402
 from ppo_core.models import build_scorer_from_causal_lm, build_tiny_causal_lm, train_tokenizer  # noqa: E402
 from ppo_core.ppo import PPOConfig, PPOTrainer  # noqa: E402
 from ppo_core.strategy import DeepSpeedStrategy  # noqa: E402
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-    """Best fp32 ``torch.mm`` FLOP/s over ``repeats`` (2 n^3 FLOPs per product)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def build_models(root: Path, n_layer: int, n_embd: int, n_head: int, vocab: int) -> dict[str, str]:
@@ -98,7 +81,7 @@ def time_generate_vs_sample(trainer: PPOTrainer, repeats: int = 2) -> dict[str, 
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(1024)
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_models(Path(tmp), args.n_layer, args.n_embd, args.n_head, args.vocab)
         cfg = from_dict(PPOConfig, {
@@ -128,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
                    "train_s": m["time/training"], "step_s": m["time/step"],
                    "gen_tok_per_s": m["perf/generated_tokens_per_s"], "eps": m["eps"],
                    "train_pct_peak": 100 * flops / m["time/training"] / peak,
-                   "peak_rss_mib": peak_rss_mib()}
+                   "peak_rss_mib": peak_rss_mb()}
             rows.append(row)
             print(f"{it:>4} {row['gen_s']:>7.3f} {row['score_s']:>7.3f} {row['train_s']:>7.3f} "
                   f"{row['step_s']:>7.3f} {row['gen_tok_per_s']:>9.0f} {row['eps']:>7.1f} "

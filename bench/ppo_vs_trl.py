@@ -235,10 +235,11 @@ def _probe(spec: RunSpec, fx: Fixture, train_tokens: int, alone: bool) -> dict:
     updates = spec.iterations * spec.num_ppo_epochs * spec.num_mini_batches
     mb = max(1, round(train_tokens / updates))
     peak, rates = 0.0, ({mb: 0.0, 8 * mb: 0.0} if alone else {})
+    policy = load_policy(fx) if alone else None
     for _ in range(3):
         peak = max(peak, matmul_peak_flops(spec.peak_n))
         for n in rates:
-            rates[n] = max(rates[n], forward_backward_flops(fx.policy_dir, n))
+            rates[n] = max(rates[n], forward_backward_flops(policy, n))
     return {"probe_peak_flops": peak,
             "probe_alone": [{"positions": n, "flops": v} for n, v in sorted(rates.items())]}
 
