@@ -566,10 +566,15 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def steady_step_s(result: dict) -> float:
-    """Mean step time without the first iteration (warm-up: allocator, thread pools)."""
+def steady_steps(result: dict) -> list[float]:
+    """Step times without the first iteration (warm-up: allocator, thread pools)."""
     steps = result["step_s"]
-    return statistics.fmean(steps[1:]) if len(steps) > 1 else steps[0]
+    return steps[1:] or steps
+
+
+def steady_step_s(result: dict) -> float:
+    """Mean steady step time."""
+    return statistics.fmean(steady_steps(result))
 
 
 def comparison_rows(ours: dict, trl: dict, gold_before: float) -> list[dict]:
@@ -623,9 +628,8 @@ def scaling_section(sweep: list[dict], batch_size: int, response_length: int) ->
 
     def row(r: dict) -> dict:
         # the fastest steady step: one slow moment of this machine must not decide linearity
-        steady = r["step_s"][1:] or r["step_s"]
         return {"batch_size": r["batch_size"], "response_length": r["response_length"],
-                "step_s": min(steady),
+                "step_s": min(steady_steps(r)),
                 "generated_tokens_per_episode": r["generated_tokens"] / r["episodes"],
                 "generation_s_per_step": r["generation_s"] / r["iterations"],
                 "scoring_s_per_step": r["scoring_s"] / r["iterations"],

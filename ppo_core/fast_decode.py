@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from ppo_core.models import unwrap
 from ppo_core.ppo_utils import position_ids_from_mask
@@ -49,11 +50,6 @@ class _Layer:
     w_down: torch.Tensor
     act: nn.Module
     scaling: float
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
 def _structure_problem(model: nn.Module) -> str | None:
@@ -92,9 +88,8 @@ def _structure_problem(model: nn.Module) -> str | None:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    inner = getattr(model, "module", model)  # DeepSpeed engine -> HF model
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -204,8 +199,8 @@ class FastDecoder:
         for i, L in enumerate(self.layers):
             qkv = F.linear(L.norm1(x), L.w_qkv, L.b_qkv).view(B, 1, nh + 2 * nkv, d).transpose(1, 2)
             q, k, v = qkv.split((nh, nkv, nkv), dim=1)                 # (B, heads, 1, d)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             self.keys[i, :, :, slot] = k[:, :, 0]
             self.values[i, :, :, slot] = v[:, :, 0]
             o = F.scaled_dot_product_attention(
