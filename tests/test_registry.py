@@ -11,8 +11,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 mlflow = pytest.importorskip("mlflow")
 
-import dagster as dg  # noqa: E402
-
 from assets.registry import evaluation_tags, log_transformers_model, register_version  # noqa: E402
 from ops.registry import (  # noqa: E402
     CHALLENGER,
