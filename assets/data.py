@@ -64,6 +64,10 @@ class DatasetSplitsConfig(dg.Config):
     eval_fraction: float = Field(default=0.1, description="fraction of prompts in eval")
     test_fraction: float = Field(default=0.1, description="fraction of prompts in test")
     seed: int = Field(default=DEFAULT_SPLIT_SEED, description="salt of the prompt hash (see assets.splits.DEFAULT_SPLIT_SEED)")
+    heldout_fraction: float = Field(
+        default=SplitSettings.heldout,
+        description="share of the training prompts whose pairs train the held-out reward model "
+        "(PPO's over-optimization guard) instead of the main one; 0 turns the guard off")
 
 
 def _preview(frame: pd.DataFrame) -> dg.MetadataValue:
@@ -198,7 +202,8 @@ def dataset_splits(
 ) -> dg.Output[dict]:
     """Prompt-disjoint train / eval / test files (SFT, reward model, PPO, test) per the data contract."""
     try:
-        split_settings = SplitSettings(config.train_fraction, config.eval_fraction, config.test_fraction, config.seed)
+        split_settings = SplitSettings(config.train_fraction, config.eval_fraction, config.test_fraction, config.seed,
+                                       config.heldout_fraction)
     except ValueError as exc:
         raise dg.Failure(description=f"dataset_splits config: {exc}") from exc
     pairs = pd.read_parquet(preference_pairs["path"])

@@ -53,6 +53,9 @@ class StageConfig(dg.Config):
 
     steps: int = Field(default=0, description="Training steps (max_steps / num_steps); 0 keeps the ppo_core default.")
     learning_rate: float = Field(default=0.0, description="Peak learning rate; 0 keeps the ppo_core default.")
+    max_seconds: float = Field(
+        default=0.0, description="Wall-clock budget of the training loop in seconds; when it runs out the "
+        "stage keeps its best evaluated weights and ends. 0: no budget (epochs / early stopping decide).")
     seed: int = Field(default=0, description="Seed of data order, init and sampling.")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
@@ -84,9 +87,12 @@ def core_config_class(stage: str) -> type:
 # Where each operator-facing field of ``StageConfig`` lands in each stage's ppo_core config.
 # A dotted name is a field of a nested config (SFT keeps its seed in the DeepSpeed strategy).
 FIELD_MAP: dict[str, dict[str, str]] = {
-    "sft": {"steps": "max_steps", "learning_rate": "learning_rate", "seed": "strategy.seed"},
-    "reward": {"steps": "max_steps", "learning_rate": "learning_rate", "seed": "strategy.seed"},
-    "ppo": {"steps": "num_steps", "learning_rate": "learning_rate", "seed": "seed"},
+    "sft": {"steps": "max_steps", "learning_rate": "learning_rate", "seed": "strategy.seed",
+            "max_seconds": "stopping.max_seconds"},
+    "reward": {"steps": "max_steps", "learning_rate": "learning_rate", "seed": "strategy.seed",
+               "max_seconds": "stopping.max_seconds"},
+    "ppo": {"steps": "num_steps", "learning_rate": "learning_rate", "seed": "seed",
+            "max_seconds": "max_seconds"},
 }
 
 
@@ -130,8 +136,9 @@ def core_config(stage: str, cfg: StageConfig, **paths: Any) -> Any:
     cls = core_config_class(stage)
     mapping = FIELD_MAP[stage]
     values: dict[str, Any] = {}
-    chosen = {"seed": cfg.seed, "steps": cfg.steps, "learning_rate": cfg.learning_rate}
-    # 0 for steps / learning_rate means "the engine's default"; the seed always applies.
+    chosen = {"seed": cfg.seed, "steps": cfg.steps, "learning_rate": cfg.learning_rate,
+              "max_seconds": cfg.max_seconds}
+    # 0 for steps / learning_rate / max_seconds means "the engine's default"; the seed always applies.
     _merge(cls, values, {mapping[k]: v for k, v in chosen.items() if k == "seed" or v > 0})
     _merge(cls, values, dict(cfg.overrides))
     _merge(cls, values, paths)
@@ -194,9 +201,12 @@ def train_stage(
         )
         pipes_meta = dict(invocation.get_materialize_result().metadata or {})
         summary = _summary(out)
-        plots = training_plots(metrics_file, out / "plots")
+        kept = summary.get("kept_step", summary.get("best_step"))
+        plots = training_plots(metrics_file, out / "plots", kept_step=kept)
         for png in plots.values():
             mlflow.log_artifact(run_id, png, "plots")
+        # which weights were shipped and why the loop ended, beside the run's metrics
+        mlflow.set_tags(run_id, {f"rlhf.{k}": v for k, v in _kept_metadata(summary).items()})
         mlflow.log_artifact(run_id, config_path)
         model_path = out / "final"
         if not model_path.is_dir():
@@ -218,10 +228,29 @@ def train_stage(
         "data_version": data_version,
         "summary": dg.MetadataValue.md(
             "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.4g} |" for k, v in numbers.items())),
+        **_kept_metadata(summary),
     }
     for name, png in plots.items():
         metadata[f"plot_{name}"] = dg.MetadataValue.md(png_markdown(png, name))
     return dg.MaterializeResult(value=manifest, metadata=metadata)
+
+
+def _kept_metadata(summary: dict[str, Any]) -> dict[str, Any]:
+    """Which step's weights the stage shipped and why it stopped (the UI's first question)."""
+    out: dict[str, Any] = {}
+    if "stopped_reason" in summary:
+        out["stopped_reason"] = str(summary["stopped_reason"])
+    kept = summary.get("kept_step", summary.get("best_step"))
+    if isinstance(kept, (int, float)):
+        out["kept_step"] = int(kept)
+        out["trained_steps"] = int(summary.get("step", kept))
+    if "best_metric_name" in summary:
+        out["selected_on"] = f"{summary['best_metric_name']} on the eval split (best {summary['best_metric']:.4g})"
+    elif "guard/kept_step" in summary:
+        out["selected_on"] = ("held-out reward model score on held-out prompts "
+                              f"(gain {summary['guard/heldout_gain']:+.3f} +- {summary['guard/heldout_gain_se']:.3f} "
+                              f"over SFT, at {summary['guard/kl_kept']:.2f} nats/response KL)")
+    return out
 
 
 def _split(splits: dict, name: str) -> str:
@@ -313,16 +342,46 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, m
     )
 
 
+class HeldoutRewardModelConfig(StageConfig):
+    """heldout_reward_model: maps onto ``ppo_core.reward.RewardConfig`` (``train_file`` = rm_heldout)."""
+
+
+def _heldout_pairs(splits: dict) -> int:
+    return int(splits.get("counts", {}).get("rm_heldout", 0))
+
+
 @dg.asset(group_name="models", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          description="PPO policy: sft_model optimised against reward_model with a KL penalty to sft_model.")
+          description="Reward model on the held-out pairs (rm_heldout, prompts disjoint from reward_model's): "
+          "the signal PPO's over-optimization guard selects checkpoints with; the policy never trains on it.")
+def heldout_reward_model(context: dg.AssetExecutionContext, config: HeldoutRewardModelConfig,
+                         mlflow: MLflowResource, launcher: TrainingLauncher, dataset_splits: dict,
+                         sft_model: dict) -> dg.MaterializeResult:
+    if _heldout_pairs(dataset_splits) == 0:
+        context.log.warning("rm_heldout is empty (dataset_splits heldout_fraction 0): PPO runs without "
+                            "its over-optimization guard and keeps its last step")
+        return dg.MaterializeResult(value={"model_path": None, "summary": {}},
+                                    metadata={"guard": "off: no held-out pairs"})
+    return train_stage(
+        context, asset="heldout_reward_model", stage="reward", cfg=config, mlflow=mlflow, launcher=launcher,
+        data_version=_data_version(dataset_splits),
+        paths={"model_name_or_path": sft_model["model_path"], "train_file": "rm_heldout.parquet",
+               "data_dir": _split_dir(dataset_splits, ("rm_heldout.parquet", "rm_eval.parquet"))},
+    )
+
+
+@dg.asset(group_name="models", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
+          description="PPO policy: sft_model optimised against reward_model with a KL penalty to sft_model; "
+          "the checkpoint kept is the one heldout_reward_model scores best on held-out prompts.")
 def ppo_policy(context: dg.AssetExecutionContext, config: PPOPolicyConfig, mlflow: MLflowResource,
                launcher: TrainingLauncher, dataset_splits: dict, sft_model: dict,
-               reward_model: dict) -> dg.MaterializeResult:
+               reward_model: dict, heldout_reward_model: dict) -> dg.MaterializeResult:
+    guard = heldout_reward_model.get("model_path")
     return train_stage(
         context, asset="ppo_policy", stage="ppo", cfg=config, mlflow=mlflow, launcher=launcher,
         data_version=_data_version(dataset_splits),
         paths={"policy_path": sft_model["model_path"],
                "reward_model_path": reward_model["model_path"],
+               **({"guard_reward_model_path": guard} if guard else {}),
                "train_file": _split(dataset_splits, "ppo_train.parquet"),
                "eval_file": _split(dataset_splits, "ppo_eval.parquet")},
     )
@@ -394,5 +453,39 @@ def ppo_kl_within_bound(config: PPOKLCheckConfig, ppo_policy: dict) -> dg.AssetC
     return ppo_kl_result(ppo_policy, config.max_kl)
 
 
-MODEL_ASSETS = [base_model, sft_model, reward_model, ppo_policy]
-MODEL_CHECKS = [reward_model_accuracy, ppo_kl_within_bound]
+class HeldoutGainCheckConfig(dg.Config):
+    min_gain: float = Field(
+        default=0.0, description="Held-out reward gain over SFT (in the held-out model's standard deviations "
+        "on SFT samples) the kept checkpoint must exceed; a negative value lets any run pass (smoke tests).")
+
+
+def heldout_gain_result(manifest: dict, min_gain: float = 0.0) -> dg.AssetCheckResult:
+    """Pass when the kept checkpoint beats the SFT policy on the held-out reward model."""
+    summary = manifest.get("summary", {})
+    if "guard/improved" not in summary:
+        return dg.AssetCheckResult(
+            passed=True, severity=dg.AssetCheckSeverity.WARN,
+            description="no over-optimization guard ran (no held-out pairs): nothing to check",
+            metadata={"guard": "off"})
+    gain, se = float(summary["guard/heldout_gain"]), float(summary["guard/heldout_gain_se"])
+    improved = min_gain < 0 or (bool(summary["guard/improved"]) and gain > min_gain)
+    return dg.AssetCheckResult(
+        passed=improved,
+        description=(f"kept step {int(summary['guard/kept_step'])}: held-out reward {gain:+.3f} +- {se:.3f} "
+                     f"(std units) over SFT at {summary['guard/kl_kept']:.2f} nats/response KL"
+                     if improved else
+                     "no PPO checkpoint scored above the SFT policy on the held-out reward model: "
+                     "the policy is not registered"),
+        metadata={"heldout_gain": gain, "heldout_gain_se": se, "kept_step": int(summary["guard/kept_step"]),
+                  "kl_per_response_kept": float(summary["guard/kl_kept"])},
+    )
+
+
+@dg.asset_check(asset=ppo_policy, blocking=True,
+                description="The kept PPO checkpoint beats SFT on the held-out reward model (gates registration).")
+def ppo_beats_sft_heldout(config: HeldoutGainCheckConfig, ppo_policy: dict) -> dg.AssetCheckResult:
+    return heldout_gain_result(ppo_policy, config.min_gain)
+
+
+MODEL_ASSETS = [base_model, sft_model, reward_model, heldout_reward_model, ppo_policy]
+MODEL_CHECKS = [reward_model_accuracy, ppo_kl_within_bound, ppo_beats_sft_heldout]

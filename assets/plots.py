@@ -101,6 +101,45 @@ def frontier_plot(rows: Sequence[dict], reward_key: str, kl_key: str, out: Path)
     return out
 
 
+GUARD_CURVES = (("proxy", "proxy reward (trained on)"), ("heldout", "held-out reward (selects)"),
+                ("gold", "gold reward (reported only)"))
+
+
+def guard_points(rows: Sequence[dict]) -> list[dict]:
+    """The over-optimization guard's evaluations from a metrics file: step, KL per response,
+    proxy and held-out scores (ppo_core.ppo logs them as ``guard/...`` evaluation metrics)."""
+    return [{"step": int(r["step"]), "kl": float(r["guard/kl_per_response"]),
+             "proxy": float(r["guard/proxy"]), "heldout": float(r["guard/heldout"])}
+            for r in rows if "guard/heldout" in r and "guard/kl_per_response" in r]
+
+
+def guard_plot(points: Sequence[dict], out: Path, kept_step: int | None = None) -> Path | None:
+    """Proxy, held-out and (when given) gold reward against sqrt(KL per response), one line
+    each in step order, the kept checkpoint ringed: Gao et al. 2022's over-optimization picture."""
+    points = sorted(points, key=lambda p: p["step"])
+    if not points:
+        return None
+    x = [math.sqrt(max(p["kl"], 0.0)) for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+    for key, label in GUARD_CURVES:
+        ys = [p.get(key) for p in points]
+        if all(isinstance(y, (int, float)) for y in ys):
+            ax.plot(x, ys, marker=".", label=label)
+            if kept_step is not None:
+                for xi, p, y in zip(x, points, ys):
+                    if p["step"] == kept_step:
+                        ax.scatter([xi], [y], s=120, facecolors="none", edgecolors="black")
+    ax.set_xlabel("sqrt(KL to the reference, nats per response)")
+    ax.set_ylabel("mean score (each in its own units)")
+    ax.set_title("over-optimization guard" + (f" (kept step {kept_step})" if kept_step is not None else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def _pick(keys: Sequence[str], preferred: Sequence[str]) -> str | None:
     for p in preferred:
         if p in keys:
@@ -108,8 +147,9 @@ def _pick(keys: Sequence[str], preferred: Sequence[str]) -> str | None:
     return keys[0] if keys else None
 
 
-def training_plots(metrics_file: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write every plot the metrics allow; returns ``{name: png path}`` (names: loss, reward, kl, frontier)."""
+def training_plots(metrics_file: str | Path, out_dir: str | Path, kept_step: int | None = None) -> dict[str, Path]:
+    """Write every plot the metrics allow; returns ``{name: png path}`` (names: loss, reward, kl,
+    frontier, guard); ``kept_step`` rings the checkpoint the guard kept."""
     rows = read_metrics(metrics_file)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +166,9 @@ def training_plots(metrics_file: str | Path, out_dir: str | Path) -> dict[str, P
     kl_key = _pick(kl_keys, ("objective/kl", "objective/kl_mean"))
     if reward_key and kl_key:
         plots["frontier"] = frontier_plot(rows, reward_key, kl_key, out / "reward_vs_sqrt_kl.png")
+    guard = guard_points(rows)
+    if guard:
+        plots["guard"] = guard_plot(guard, out / "guard_vs_sqrt_kl.png", kept_step)
     return {k: v for k, v in plots.items() if v is not None}
 
 

@@ -7,6 +7,7 @@ exactly those of ``docs/ARCHITECTURE.md`` ("Data contract"):
 
     <root>/<data_version>/sft_train.parquet  sft_eval.parquet    prompt, completion
                           rm_train.parquet   rm_eval.parquet     prompt, chosen, rejected[, margin]
+                          rm_heldout.parquet                     prompt, chosen, rejected[, margin]
                           ppo_train.parquet  ppo_eval.parquet    prompt (unique)
                           test_pairs.parquet                     prompt, chosen, rejected
                           test_prompts.parquet                   prompt (unique)
@@ -31,7 +32,7 @@ from assets.ingest import content_hash
 
 SPLITS: tuple[str, ...] = ("train", "eval", "test")
 SPLIT_FILES: tuple[str, ...] = (
-    "sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_train", "ppo_eval",
+    "sft_train", "sft_eval", "rm_train", "rm_eval", "rm_heldout", "ppo_train", "ppo_eval",
     "test_pairs", "test_prompts",
 )
 MANIFEST = "manifest.json"
@@ -53,6 +54,11 @@ class SplitSettings:
     """fraction of prompts held out for the final evaluation only"""
     seed: int = DEFAULT_SPLIT_SEED
     """salt of the prompt hash: another seed gives another (still prompt-disjoint) split"""
+    heldout: float = 0.2
+    """fraction of the training prompts whose pairs go to ``rm_heldout`` instead of
+    ``rm_train``: the held-out reward model PPO's over-optimization guard scores with is
+    trained on them, so the policy is never trained on that signal. 0 leaves ``rm_heldout``
+    empty (no guard)"""
 
     def __post_init__(self) -> None:
         fractions = (self.train, self.eval, self.test)
@@ -61,6 +67,9 @@ class SplitSettings:
                 f"split fractions must be >= 0 and sum to 1, got train={self.train}, "
                 f"eval={self.eval}, test={self.test}"
             )
+        if not 0 <= self.heldout < 1:
+            raise ValueError(f"heldout={self.heldout}: the guard's share of the training prompts "
+                             "must be in [0, 1)")
 
 
 def prompt_bucket(prompt: str, seed: int = 0) -> float:
@@ -77,6 +86,12 @@ def assign_split(prompt: str, settings: SplitSettings = SplitSettings()) -> str:
     if u < settings.train + settings.eval:
         return "eval"
     return "test"
+
+
+def is_heldout(prompt: str, settings: SplitSettings = SplitSettings()) -> bool:
+    """Whether a training prompt's pairs train the held-out (guard) reward model; an
+    independent hash (salt + 1), so the share is ``settings.heldout`` of the training prompts."""
+    return prompt_bucket(prompt, settings.seed + 1) < settings.heldout
 
 
 def split_pairs(pairs: pd.DataFrame, settings: SplitSettings = SplitSettings()) -> dict[str, pd.DataFrame]:
@@ -102,11 +117,14 @@ def build_split_tables(
     def sft(frame: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({"prompt": frame["prompt"], "completion": frame["chosen"]})
 
+    train = by_split["train"]
+    heldout = train["prompt"].map(lambda p: is_heldout(p, settings)).astype(bool)
     return {
-        "sft_train": sft(by_split["train"]),
+        "sft_train": sft(train),
         "sft_eval": sft(by_split["eval"]),
-        "rm_train": by_split["train"][rm_cols].copy(),
+        "rm_train": train.loc[~heldout, rm_cols].reset_index(drop=True),
         "rm_eval": by_split["eval"][rm_cols].copy(),
+        "rm_heldout": train.loc[heldout, rm_cols].reset_index(drop=True),
         "ppo_train": _unique_prompts(by_split["train"]),
         "ppo_eval": _unique_prompts(by_split["eval"]),
         "test_pairs": by_split["test"][["prompt", "chosen", "rejected"]].copy(),

@@ -160,6 +160,11 @@ class MLflowResource(dg.ConfigurableResource):
         if batch:
             self.client().log_batch(run_id, metrics=batch)
 
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        client = self.client()
+        for k, v in tags.items():
+            client.set_tag(run_id, k, str(v))
+
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client().log_artifacts(run_id, str(local_dir), artifact_path)
 

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +55,7 @@ from ppo_core.callbacks import Callback, CallbackList, ProgressPrinter
 from ppo_core.config import ConfigError, parse_cli, to_dict
 from ppo_core.data import pad_sequences
 from ppo_core.generation import GenerationOutput, sample
+from ppo_core.guard import GuardPoint, OveroptimizationGuard
 from ppo_core.kl_controller import build_kl_controller
 from ppo_core.models import (
     LORA_TARGETS,
@@ -76,7 +78,7 @@ from ppo_core.packing import (
     trunk_hidden,
 )
 from ppo_core.rewards import FunctionReward, ModelReward, RewardNormalizer, RewardSource
-from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, replace_dir
 
 # How the forwards over a batch lay out its episodes: packed rows (ppo_core.packing) or
 # length groups of padded rows (row-index tensors, plan_length_groups).
@@ -205,6 +207,26 @@ class PPOConfig:
     lora_target_modules: tuple[str, ...] = LORA_TARGETS
     """modules that get adapters (Llama and GPT-2 attention names; missing names are skipped)"""
 
+    # ---- over-optimization guard (ppo_core.guard) ----
+    guard_reward_model_path: str | None = None
+    """a reward model the policy is never trained on (the lineage trains it on the disjoint
+    ``rm_heldout`` pairs); with ``eval_file`` it scores held-out samples every ``guard_every``
+    steps, the best checkpoint by that score is kept and the run stops once it falls while
+    the proxy rises. None: no guard, the last step is kept"""
+    guard_every: int = 5
+    """steps between guard evaluations (each samples ``guard_prompts`` responses: about one
+    rollout's generation time, so 5 costs ~15% more on the default budget)"""
+    guard_prompts: int = 128
+    """held-out prompts (from ``eval_file``) per guard evaluation, one response each; the same
+    prompts and random numbers every time, so successive points differ by the policy only"""
+    guard_kl_budget: float | None = None
+    """largest KL to the reference (nats per response) a kept checkpoint may have; None: any"""
+    guard_patience: int = 3
+    """guard evaluations without a new best before the run stops (0: never stop early)"""
+    max_seconds: float = 0.0
+    """wall-clock budget of the PPO loop in seconds (0: none); the run then ends as if
+    ``num_steps`` were reached"""
+
     # ---- checkpoints / logging ----
     save_every: int = 20
     """full resumable checkpoint every N steps (0: only the final model)"""
@@ -291,6 +313,12 @@ def _validate(cfg: PPOConfig) -> list[str]:
     if cfg.reward_clip is not None and cfg.reward_clip <= 0:
         e.append(f"reward_clip must be > 0 or null, got {cfg.reward_clip}")
     e.extend(lora_problems(cfg.lora_rank, cfg.strategy.zero_stage))
+    if cfg.guard_reward_model_path is not None and not cfg.eval_file:
+        e.append("guard_reward_model_path needs eval_file: the guard scores held-out prompts")
+    if cfg.guard_every < 1 or cfg.guard_prompts < 1 or cfg.guard_patience < 0 or cfg.max_seconds < 0:
+        e.append("guard_every and guard_prompts must be >= 1, guard_patience and max_seconds >= 0")
+    if cfg.guard_kl_budget is not None and cfg.guard_kl_budget <= 0:
+        e.append(f"guard_kl_budget must be > 0 or null, got {cfg.guard_kl_budget}")
     if min(cfg.save_every, cfg.eval_every, cfg.warmup_steps, cfg.keep_last_checkpoints) < 0:
         e.append("save_every, eval_every, warmup_steps and keep_last_checkpoints must be >= 0")
     if cfg.strategy.bf16:
@@ -305,7 +333,7 @@ def _validate(cfg: PPOConfig) -> list[str]:
 def check_inputs(cfg: PPOConfig) -> None:
     """File-system checks that need no model: fail before any training starts."""
     problems = []
-    for name in ("policy_path", "reward_model_path", "critic_path"):
+    for name in ("policy_path", "reward_model_path", "critic_path", "guard_reward_model_path"):
         value = getattr(cfg, name)
         if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().is_dir():
             problems.append(f"{name} {value!r} is not a directory (expected a save_pretrained dir)")
@@ -519,6 +547,13 @@ class PPOTrainer:
             t.engine.eval()
         self.kl_ctl = build_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.normalizer: RewardNormalizer | None = None
+        self.guard_rm: ModelReward | None = None
+        self.guard = OveroptimizationGuard(cfg.guard_kl_budget, cfg.guard_patience)
+        self.guard_normalizer: RewardNormalizer | None = None
+        if cfg.guard_reward_model_path is not None:
+            self._check_same_tokenizer(cfg.guard_reward_model_path)
+            held = load_sequence_scorer(cfg.guard_reward_model_path, pad_token_id=self.pad_id)
+            self.guard_rm = ModelReward(strategy.prepare_eval(held))
         self.sample_rng = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.shuffle_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + self.rank)
         self.timings: dict[str, float] = {}
@@ -557,7 +592,8 @@ class PPOTrainer:
         return [self.prompts[i] for i in idx], ids, mask
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, model: torch.nn.Module | None = None,
-                 temperature: float | None = None) -> GenerationOutput:
+                 temperature: float | None = None, generator: torch.Generator | None = None,
+                 ) -> GenerationOutput:
         if model is None:
             # below ZeRO-3 the weights are whole on every rank: call the module and skip the
             # engine's per-forward bookkeeping, which is paid once per generated token
@@ -566,7 +602,8 @@ class PPOTrainer:
                       max_new_tokens=self.cfg.response_length, eos_token_id=self.eos_id,
                       pad_token_id=self.pad_id,
                       temperature=self.cfg.temperature if temperature is None else temperature,
-                      top_k=self.cfg.top_k, top_p=self.cfg.top_p, generator=self.sample_rng)
+                      top_k=self.cfg.top_k, top_p=self.cfg.top_p,
+                      generator=self.sample_rng if generator is None else generator)
 
     def decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(responses.masked_fill(~mask, self.pad_id),
@@ -902,6 +939,70 @@ class PPOTrainer:
         n = max(total["n"], 1e-9)
         return {"eval/scores": total["score"] / n, "eval/ended_frac": total["ended"] / n}
 
+    # ---------------------------------------------------------------- over-optimization guard
+    @torch.no_grad()
+    def guard_point(self) -> tuple[GuardPoint, list[dict[str, Any]]]:
+        """Sample the guard's held-out prompts once with the current policy; their proxy and
+        held-out scores and KL per response, and the samples (rank 0 gets every rank's)."""
+        cfg = self.cfg
+        assert self.guard_rm is not None
+        n = min(cfg.guard_prompts, len(self.eval_ids))
+        # common random numbers: the same draws at every evaluation, so two points differ by
+        # the policy, not by the sampler's luck
+        rng = torch.Generator().manual_seed(cfg.seed * 1000 + 700 + self.rank)
+        mine = list(range(self.rank, n, self.world))
+        per_rank = math.ceil(n / self.world)   # same batch count on every rank (ZeRO-3)
+        padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
+        proxy, held, kl, rows = [], [], [], []
+        for start in range(0, per_rank, cfg.rollout_batch_size):
+            idx = padded[start:start + cfg.rollout_batch_size]
+            valid = max(0, min(len(mine) - start, len(idx)))
+            prompts = [self.eval_prompts[i] for i in idx]
+            ids, mask = pad_sequences([self.eval_ids[i] for i in idx], self.pad_id, side="left")
+            gen = self.generate(ids, mask, generator=rng)
+            layout = self.layout(gen)
+            m = gen.response_mask
+            ref_logprobs, _ = self.policy_logprobs(self.ref, gen, layout=layout)
+            seq_kl = ((gen.logprobs - ref_logprobs) * m).sum(1)   # (B,) k1, summed per response
+            raw, texts = self.raw_scores(prompts, gen, layout)
+            scores = self.normalizer(raw) if self.normalizer is not None else raw
+            held_raw = self.guard_rm([], [], gen.sequences, gen.attention_mask)
+            proxy += scores[:valid].tolist()
+            held += held_raw[:valid].tolist()
+            kl += seq_kl[:valid].tolist()
+            rows += [{"prompt": p, "response": t} for p, t in zip(prompts[:valid], texts[:valid])]
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, (proxy, held, kl, rows))
+            proxy, held, kl, rows = ([x for g in gathered for x in g[i]] for i in range(4))
+        held_t = torch.tensor(held, dtype=torch.float64)
+        if self.guard_normalizer is None:
+            # the held-out model's scale is its own: measure it on the reference's samples
+            # (the first point), as the proxy's is (Ziegler et al. 2019)
+            self.guard_normalizer = RewardNormalizer.fit(held_t)
+        held_n = self.guard_normalizer(held_t)
+        for row, p, h, k in zip(rows, proxy, held_n.tolist(), kl):
+            row.update({"step": self.step, "proxy": p, "heldout": h, "kl": k})
+        point = GuardPoint(step=self.step, proxy=float(np.mean(proxy)), heldout=float(held_n.mean()),
+                           heldout_se=float(held_n.std() / math.sqrt(max(len(held), 1))),
+                           kl=float(np.mean(kl)))
+        return point, rows
+
+    def best_dir(self) -> Path:
+        return Path(self.cfg.output_dir) / "best"
+
+    def run_guard(self, samples_file: Path) -> tuple[GuardPoint, bool]:
+        """One guard evaluation: record it, save the weights if they are the new best; returns
+        the point and whether the run should stop."""
+        point, rows = self.guard_point()
+        decision = self.guard.update(point)
+        if self.rank == 0:
+            with samples_file.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        if decision.keep:
+            self.strategy.save_pretrained(self.actor.engine, self.tokenizer, self.best_dir())
+        return point, decision.stop
+
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_dir(self) -> Path:
         return Path(self.cfg.output_dir) / "checkpoints"
@@ -916,6 +1017,8 @@ class PPOTrainer:
             dist.all_gather_object(all_gens, gens)
         return {"kl_controller": self.kl_ctl.state_dict(),
                 "reward_normalizer": self.normalizer.state_dict() if self.normalizer else None,
+                "guard": self.guard.state_dict(),
+                "guard_normalizer": self.guard_normalizer.state_dict() if self.guard_normalizer else None,
                 "episodes": self.episodes, "generators_by_rank": all_gens}
 
     def save_checkpoint(self) -> Path:
@@ -939,6 +1042,10 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(extra["kl_controller"])
         norm = extra.get("reward_normalizer")
         self.normalizer = RewardNormalizer(**norm) if norm else None
+        if extra.get("guard") is not None:
+            self.guard.load_state_dict(extra["guard"])
+        gnorm = extra.get("guard_normalizer")
+        self.guard_normalizer = RewardNormalizer(**gnorm) if gnorm else None
         self.episodes = int(extra["episodes"])
         gens = extra["generators_by_rank"][self.rank]
         self.sample_rng.set_state(torch.tensor(gens["sample_rng"], dtype=torch.uint8))
@@ -1074,24 +1181,64 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     cb.on_train_begin("ppo", cfg.num_steps, to_dict(cfg))
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
+    samples_file = Path(cfg.output_dir) / "guard_samples.jsonl"
+    guarded = trainer.guard_rm is not None
+    reason = "completed"
+
+    def guard_eval() -> bool:
+        point, stop = trainer.run_guard(samples_file)
+        cb.on_evaluate(trainer.step, {
+            "guard/proxy": point.proxy, "guard/heldout": point.heldout, "guard/heldout_se": point.heldout_se,
+            "guard/kl_per_response": point.kl, "guard/sqrt_kl": math.sqrt(max(point.kl, 0.0))})
+        return stop
+
     try:
+        if guarded and not trainer.guard.points:
+            guard_eval()   # step 0: the reference policy, the baseline to beat
         while trainer.step < cfg.num_steps:
             metrics = trainer.train_step()
             cb.on_log(trainer.step, metrics)
             if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.num_steps:
                 cb.on_evaluate(trainer.step, trainer.evaluate())
+            if guarded and trainer.step % cfg.guard_every == 0 and guard_eval():
+                reason = trainer.guard.reason
+                break
             if cfg.save_every and trainer.step % cfg.save_every == 0:
                 path = trainer.save_checkpoint()
                 cb.on_checkpoint(trainer.step, str(path))
+            if cfg.max_seconds and bool(trainer.strategy.broadcast_object(
+                    time.perf_counter() - t0 >= cfg.max_seconds)):
+                reason = "time_budget"
+                break
+        if guarded and trainer.guard.points[-1].step != trainer.step:
+            guard_eval()   # the last weights are a candidate too
     finally:
         trainer.close()
-    eval_metrics = trainer.evaluate()
-    if eval_metrics:
-        cb.on_evaluate(trainer.step, eval_metrics)
-    final = trainer.save_final()
-    summary: dict[str, Any] = {**metrics, **eval_metrics, "step": trainer.step,
+    kept = trainer.step
+    if guarded and trainer.guard.improved and trainer.guard.best.step != trainer.step:
+        # ship the kept checkpoint: evaluate and save that policy, not the last one
+        kept = trainer.guard.best.step
+        if trainer.rank == 0:
+            tmp = Path(cfg.output_dir) / "final.tmp-best"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(trainer.best_dir(), tmp)
+            replace_dir(tmp, Path(cfg.output_dir) / "final")
+        trainer.strategy.barrier()
+        final = Path(cfg.output_dir) / "final"
+        eval_metrics: dict[str, float] = {}
+    else:
+        eval_metrics = trainer.evaluate()
+        if eval_metrics:
+            cb.on_evaluate(trainer.step, eval_metrics)
+        final = trainer.save_final()
+    if trainer.rank == 0:
+        shutil.rmtree(trainer.best_dir(), ignore_errors=True)
+    summary: dict[str, Any] = {**metrics, **eval_metrics, "step": trainer.step, "kept_step": kept,
+                               "stopped_reason": reason, **trainer.guard.summary(),
                                "train_seconds": time.perf_counter() - t0,
                                "output_dir": str(Path(cfg.output_dir)), "final_dir": str(final)}
+    if guarded:
+        summary["guard_samples_file"] = str(samples_file)
     if trainer.normalizer is not None:
         summary.update({"reward_norm/mean": trainer.normalizer.mean,
                         "reward_norm/std": trainer.normalizer.std})

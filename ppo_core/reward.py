@@ -45,7 +45,7 @@ from ppo_core.models import (
     lora_problems,
 )
 from ppo_core.strategy import StrategyConfig
-from ppo_core.trainer import SupervisedTrainer
+from ppo_core.trainer import StoppingConfig, SupervisedTrainer
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,14 @@ class RewardConfig:
     """Reward-model training on ``prompt`` / ``chosen`` / ``rejected`` pairs."""
 
     data_dir: str
-    """Directory holding rm_train.parquet and rm_eval.parquet."""
+    """Directory holding the training pairs (``train_file``) and rm_eval.parquet."""
     output_dir: str
     """Where final/, checkpoints/ and summary.json go."""
     model_name_or_path: str
     """The SFT model (save_pretrained dir or hub id); its trunk initialises the reward model."""
+    train_file: str = "rm_train.parquet"
+    """Training pairs under ``data_dir``: ``rm_train.parquet`` for the reward model PPO optimizes,
+    ``rm_heldout.parquet`` (disjoint prompts) for the held-out one its guard scores with."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the hub (off: safe default)."""
     max_length: int = 128
@@ -88,8 +91,8 @@ class RewardConfig:
     center_coef: float = 0.0
     """Reward-centering auxiliary loss coefficient on (r_c + r_r)^2; Eisenstein et al. use 0.01.
     0 disables it."""
-    eval_steps: int = 50
-    """Evaluate every N optimizer steps (and at the end); 0 = only at the end."""
+    eval_steps: int = 0
+    """Evaluate every N optimizer steps (and at the end); 0 = ``stopping.evals_per_epoch`` times per epoch."""
     eval_batch_size: int = 64
     """Pairs per eval forward pass per rank."""
     max_eval_examples: int = 0
@@ -109,6 +112,8 @@ class RewardConfig:
     """LoRA alpha (peft's and OpenRLHF's default 16)."""
     lora_target_modules: tuple[str, ...] = LORA_TARGETS
     """Modules that get adapters (Llama and GPT-2 attention names; missing names are skipped)."""
+    stopping: StoppingConfig = field(default_factory=StoppingConfig)
+    """Early stopping on the eval split, which weights ``final/`` holds, a wall-clock budget."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     """DeepSpeed options (ZeRO stage, offload, bf16, clipping, seed)."""
 
@@ -161,7 +166,7 @@ class RewardTrainer(SupervisedTrainer):
         cfg, s = self.cfg, self.strategy
         data = Path(cfg.data_dir)
         cols = ("prompt", "chosen", "rejected")
-        train_rows = read_table(data / "rm_train.parquet", cols, ("margin",), text_columns=cols)
+        train_rows = read_table(data / cfg.train_file, cols, ("margin",), text_columns=cols)
         eval_rows = read_table(data / "rm_eval.parquet", cols, ("margin",), text_columns=cols)
         if cfg.max_eval_examples > 0:
             eval_rows = eval_rows[: cfg.max_eval_examples]

@@ -41,7 +41,7 @@ from ppo_core.models import (
     position_ids_from_mask,
 )
 from ppo_core.strategy import StrategyConfig
-from ppo_core.trainer import SupervisedTrainer
+from ppo_core.trainer import StoppingConfig, SupervisedTrainer
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ class SFTConfig:
     """HF scheduler name; cosine with warmup as in Stanford Alpaca's SFT recipe."""
     warmup_ratio: float = 0.03
     """Fraction of steps of linear warmup (Stanford Alpaca's 0.03)."""
-    eval_steps: int = 50
-    """Evaluate every N optimizer steps (and at the end); 0 = only at the end."""
+    eval_steps: int = 0
+    """Evaluate every N optimizer steps (and at the end); 0 = ``stopping.evals_per_epoch`` times per epoch."""
     eval_batch_size: int = 64
     """Examples per eval forward pass per rank."""
     max_eval_examples: int = 0
@@ -104,6 +104,8 @@ class SFTConfig:
     """LoRA alpha (peft's and OpenRLHF's default 16)."""
     lora_target_modules: tuple[str, ...] = LORA_TARGETS
     """Modules that get adapters (Llama and GPT-2 attention names; missing names are skipped)."""
+    stopping: StoppingConfig = field(default_factory=StoppingConfig)
+    """Early stopping on the eval split, which weights ``final/`` holds, a wall-clock budget."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     """DeepSpeed options (ZeRO stage, offload, bf16, clipping, seed)."""
 
