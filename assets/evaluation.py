@@ -19,6 +19,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from assets.plots import guard_plot, png_markdown
 from pipelines import settings
 from pipelines.resources import MLflowResource
 
@@ -249,6 +250,34 @@ def kl_per_token(logp_policy: list[list[float]], logp_ref: list[list[float]]) ->
     return mean(diffs)
 
 
+def kl_per_response(logp_policy: list[list[float]], logp_ref: list[list[float]]) -> float:
+    """Mean over responses of ``sum_t (logp_policy - logp_ref)``: KL in nats per response, the
+    sequence-level figure TRL's ``objective/kl`` and Gao et al. 2022 report."""
+    return mean([sum(a - b for a, b in zip(pa, pr)) for pa, pr in zip(logp_policy, logp_ref)])
+
+
+def guard_curve(samples_file: Path, scorer: GoldScorer | None) -> list[dict[str, float]]:
+    """Per guard evaluation of PPO (``guard_samples.jsonl``): step, mean KL per response, mean
+    proxy and held-out scores, and the gold score of the same samples when a scorer is given.
+    """
+    if not samples_file.is_file():
+        return []
+    by_step: dict[int, list[dict]] = {}
+    for line in samples_file.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step.setdefault(int(row["step"]), []).append(row)
+    points = []
+    for step, rows in sorted(by_step.items()):
+        point = {"step": step, "kl": mean([r["kl"] for r in rows]), "proxy": mean([r["proxy"] for r in rows]),
+                 "heldout": mean([r["heldout"] for r in rows])}
+        if scorer is not None:
+            point["gold"] = mean([float(x) for x in scorer([r["prompt"] for r in rows],
+                                                           [r["response"] for r in rows])])
+        points.append(point)
+    return points
+
+
 # ---------------------------------------------------------------- asset
 class EvaluationConfig(dg.Config):
     """What an operator tunes in the evaluation."""
@@ -328,6 +357,7 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
         metrics.update({f"{name}/{k}": v for k, v in pm.items()})
     metrics.update(compare(per["sft"], per["ppo"]))
     metrics["ppo/kl_to_ref"] = kl_per_token(lp_ppo, lp_ref)
+    metrics["ppo/kl_to_ref_per_response"] = kl_per_response(lp_ppo, lp_ref)
     metrics.update(metrics_rm)
     metrics["n_prompts"] = float(len(set(prompts)))
     metrics["n_samples"] = float(len(prompts))
@@ -382,6 +412,12 @@ def evaluation_report(
         )
         metrics = result["report"]["metrics"]  # json-safe: None where a metric does not apply
         mlflow.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})
+        guard_meta = _guard_section(ppo_policy, result["report"]["gold_scorer"], out_dir)
+        for point in guard_meta.pop("points", []):
+            mlflow.log_metrics(run_id, {f"guard/{k}": v for k, v in point.items() if k != "step"},
+                               step=int(point["step"]))
+        if "plot_path" in guard_meta:
+            mlflow.log_artifact(run_id, guard_meta["plot_path"], "plots")
         mlflow.log_artifacts(run_id, out_dir, "evaluation")
         url = mlflow.run_url(run)
     table = samples_markdown(result["samples"], config.n_table_samples)
@@ -399,8 +435,29 @@ def evaluation_report(
             "report_path": dg.MetadataValue.path(str(out_dir / "report.json")),
             **{k: v for k, v in metrics.items() if v is not None},
             "samples": dg.MetadataValue.md(table),
+            **{k: v for k, v in guard_meta.items() if k != "plot_path"},
         },
     )
+
+
+def _guard_section(ppo_policy: dict, scorer_spec: str | None, out_dir: Path) -> dict[str, Any]:
+    """PPO's over-optimization guard curve with gold beside it (when a gold scorer exists):
+    gold never selected anything, it shows whether the held-out signal picked well."""
+    samples = Path(str(ppo_policy.get("output_dir", ""))) / "guard_samples.jsonl"
+    points = guard_curve(samples, load_gold_scorer(scorer_spec) if scorer_spec else None)
+    if not points:
+        return {}
+    kept = ppo_policy.get("summary", {}).get("guard/kept_step")
+    kept = int(kept) if kept is not None else None
+    png = guard_plot(points, out_dir / "guard_vs_sqrt_kl.png", kept)
+    table = "| step | KL/response | proxy | held-out | gold |\n|---:|---:|---:|---:|---:|\n" + "\n".join(
+        f"| {p['step']}{' (kept)' if p['step'] == kept else ''} | {p['kl']:.2f} | {p['proxy']:.3f} | "
+        f"{p['heldout']:.3f} | {p.get('gold', float('nan')):.3f} |" for p in points)
+    meta: dict[str, Any] = {"points": points, "guard_curve": dg.MetadataValue.md(table)}
+    if png is not None:
+        meta["plot_path"] = png
+        meta["plot_guard"] = dg.MetadataValue.md(png_markdown(png, "guard"))
+    return meta
 
 
 class PPOBeatsSFTConfig(dg.Config):
@@ -420,13 +477,16 @@ def ppo_beats_sft_result(metrics: dict[str, float | None], min_win_rate: float) 
     rate = metrics.get(f"win_rate_{basis}")
     if ppo is None or sft is None or rate is None:
         return dg.AssetCheckResult(passed=False, description=f"report has no {key} / win rate to compare")
+    kl = metrics.get("ppo/kl_to_ref_per_response")
     passed = ppo > sft and rate >= min_win_rate
     return dg.AssetCheckResult(
         passed=bool(passed),
         description=f"PPO {key} {ppo:.3f} vs SFT {sft:.3f}; win rate ({basis}) {rate:.3f} "
-        f"(needs > SFT and >= {min_win_rate})",
+        f"(needs > SFT and >= {min_win_rate})"
+        + (f" at KL {kl:.2f} nats per response" if kl is not None else ""),
         metadata={"basis": basis, f"ppo_{key}": ppo, f"sft_{key}": sft, "win_rate": rate,
-                  "min_win_rate": min_win_rate},
+                  "min_win_rate": min_win_rate,
+                  **({"kl_to_sft_per_response": kl} if kl is not None else {})},
     )
 
 

@@ -31,7 +31,7 @@ TRAINING_POOL = "training"
 STAGE_CONFIG_CLASSES = {"sft": ("ppo_core.sft", "SFTConfig"),
                         "reward": ("ppo_core.reward", "RewardConfig"),
                         "ppo": ("ppo_core.ppo", "PPOConfig")}
-TINY_SIZES = ("tiny", "small")
+BUILT_SIZES = ("auto", "tiny", "small")
 
 
 # ---------------------------------------------------------------- configs an operator changes
@@ -39,10 +39,16 @@ class BaseModelConfig(dg.Config):
     """Where the starting weights and tokenizer come from."""
 
     source: str = Field(
-        default="tiny",
-        description="'tiny' or 'small': a model built from scratch on the training texts; otherwise "
-        "a local save_pretrained directory or a hub id (needs network access at run time).",
+        default="auto",
+        description="'auto': a model built from scratch on the training texts, sized for their token count "
+        "(ppo_core.models.AUTO_SIZES) unless n_layer / n_embd / n_head say otherwise; 'tiny' or 'small': "
+        "fixed sizes built the same way; otherwise a local save_pretrained directory or a hub id (needs "
+        "network access at run time).",
     )
+    n_layer: int = Field(default=0, description="Layers of a model built from scratch; 0 = chosen for the data.")
+    n_embd: int = Field(default=0, description="Width of a model built from scratch; 0 = chosen for the data.")
+    n_head: int = Field(default=0, description="Attention heads of a model built from scratch (must divide "
+                        "n_embd); 0 = chosen for the data.")
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the hub repo; only for sources you trust."
     )
@@ -288,10 +294,15 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
 
     out = run_dir("base_model", context)
     source = config.source.strip()
-    if source in TINY_SIZES:
+    dims = {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head}
+    if source in BUILT_SIZES:
         texts = _training_texts(dataset_splits)
+        size: Any = dims if source == "auto" else source
         context.log.info(f"building a {source} model and tokenizer from {len(texts)} training texts")
-        models.build_base_model(texts, str(out / "final"), size=source)
+        models.build_base_model(texts, str(out / "final"), size=size)
+    elif any(dims.values()):
+        raise dg.Failure(description=f"base_model: n_layer / n_embd / n_head size a model built from scratch; "
+                         f"source {source!r} is a pretrained model whose size is fixed: set them to 0")
     else:
         # Copy into this run's folder so downstream assets always read a local, immutable directory.
         context.log.info(f"loading base model {source!r}")
@@ -300,10 +311,21 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
         tok.save_pretrained(out / "final")
         model.save_pretrained(out / "final", safe_serialization=True)
     n_params = _count_params(out / "final")
+    arch = _architecture(out / "final")
     manifest = {"model_path": str(out / "final"), "source": source,
-                "data_version": _data_version(dataset_splits), "n_params": n_params}
+                "data_version": _data_version(dataset_splits), "n_params": n_params, **arch}
     return dg.MaterializeResult(value=manifest, metadata={
-        "model_path": dg.MetadataValue.path(str(out / "final")), "source": source, "n_params": n_params})
+        "model_path": dg.MetadataValue.path(str(out / "final")), "source": source, "n_params": n_params, **arch})
+
+
+def _architecture(model_dir: Path) -> dict[str, Any]:
+    """Depth, width and heads from config.json (names differ between architectures)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    pick = {"n_layer": ("num_hidden_layers", "n_layer", "num_layers"),
+            "n_embd": ("hidden_size", "n_embd", "d_model"),
+            "n_head": ("num_attention_heads", "n_head")}
+    found = {k: next((cfg[n] for n in names if isinstance(cfg.get(n), int)), None) for k, names in pick.items()}
+    return {"model_type": str(cfg.get("model_type", "")), **{k: v for k, v in found.items() if v is not None}}
 
 
 def _count_params(model_dir: Path) -> int:
@@ -389,7 +411,8 @@ def ppo_policy(context: dg.AssetExecutionContext, config: PPOPolicyConfig, mlflo
 
 # ---------------------------------------------------------------- checks
 RM_ACCURACY_KEYS = ("eval/accuracy", "eval_accuracy", "accuracy")
-PPO_KL_KEYS = ("objective/kl", "kl")
+# the kept checkpoint's KL (guard, held-out prompts) first, else the last rollout's
+PPO_KL_KEYS = ("guard/kl_kept", "objective/kl", "kl")
 
 
 def first_metric(summary: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, float] | None:
@@ -443,7 +466,7 @@ def ppo_kl_result(manifest: dict, max_kl: float) -> dg.AssetCheckResult:
     key, kl = found
     return dg.AssetCheckResult(
         passed=kl <= max_kl, severity=dg.AssetCheckSeverity.WARN,
-        description=f"final KL to the reference {kl:.3f} (bound {max_kl})",
+        description=f"KL to the reference ({key}) {kl:.3f} nats per response (bound {max_kl})",
         metadata={"metric": key, "kl": kl, "max_kl": max_kl},
     )
 

@@ -141,6 +141,9 @@ def build_summary(
         "gold_win_rate": _num(metrics.get("win_rate_gold")),
         "rm_win_rate": _num(metrics.get("win_rate_rm")),
         "kl_to_sft": _num(metrics.get("ppo/kl_to_ref")),
+        "kl_to_sft_per_response": _num(metrics.get("ppo/kl_to_ref_per_response")),
+        "ppo_kept_step": _num(ppo.get("summary", {}).get("kept_step")),
+        "ppo_heldout_gain": _num(ppo.get("summary", {}).get("guard/heldout_gain")),
         "ppo_train_kl": train_kl[1] if train_kl else None,
         "ppo_ended_eos_frac": _num(metrics.get("ppo/ended_eos_frac")),
         "checks": dict(checks),
@@ -181,7 +184,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{fmt(summary['gold_reward_sft'])} -> {fmt(summary['gold_reward_ppo'])}",
         f"  gold win rate PPO vs SFT               : {fmt(summary['gold_win_rate'])}",
         f"  RM win rate PPO vs SFT                 : {fmt(summary['rm_win_rate'])}",
-        f"  KL(PPO || SFT) per token, held-out     : {fmt(summary['kl_to_sft'])}",
+        f"  KL(PPO || SFT) held-out, per response  : {fmt(summary.get('kl_to_sft_per_response'))} nats "
+        f"({fmt(summary['kl_to_sft'])} per token)",
+        f"  PPO step kept by the guard             : {fmt(summary.get('ppo_kept_step'))} "
+        f"(held-out reward gain over SFT {fmt(summary.get('ppo_heldout_gain'))} std)",
         f"  PPO responses ended with EOS           : {fmt(summary['ppo_ended_eos_frac'])}",
         f"  registered                             : {summary['registered_model'] or 'not registered'}"
         + (f" v{summary['registered_version']}" if summary["registered_version"] else ""),
@@ -365,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_embedded_env()
+    # a console script's sys.path starts at its bin/ folder; the documented promise is that a
+    # gold scorer or reward function "module:function" imports from the working directory,
+    # as with `python -m`
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if args.command == "run":
         return run_lineage(load_run_config(args.config), promote=not args.no_promote)
     return run_ui(args.host, args.dagster_port, args.mlflow_port)

@@ -16,7 +16,7 @@ Safe defaults: safetensors on save, ``trust_remote_code=False`` unless asked.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,27 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 256},
     "small": {"n_layer": 4, "n_embd": 256, "n_head": 8, "n_positions": 512},
 }
+
+# Sizes "auto" picks from, smallest first, with the training tokens each starts at. At ~20
+# tokens per parameter a model is compute-optimal for one pass (Hoffmann et al. 2022); SFT
+# here makes several passes over few tokens, so the bar is lower (~1 token per non-embedding
+# parameter): 2x128 has 0.4M, 4x128 0.8M, 4x192 1.8M, 6x256 4.7M.
+AUTO_SIZES: tuple[tuple[int, dict[str, int]], ...] = (
+    (0, {"n_layer": 2, "n_embd": 128, "n_head": 4}),
+    (100_000, {"n_layer": 4, "n_embd": 128, "n_head": 4}),
+    (1_000_000, {"n_layer": 4, "n_embd": 192, "n_head": 6}),
+    (4_000_000, {"n_layer": 6, "n_embd": 256, "n_head": 8}),
+)
+
+
+def auto_size(n_tokens: int) -> dict[str, int]:
+    """The largest of ``AUTO_SIZES`` whose token threshold ``n_tokens`` reaches."""
+    chosen = AUTO_SIZES[0][1]
+    for threshold, size in AUTO_SIZES:
+        if n_tokens >= threshold:
+            chosen = size
+    return dict(chosen)
+
 
 # Config attributes that hold dropout probabilities across GPT-2, Llama, Mistral, OPT, ...
 _DROPOUT_ATTRS = (
@@ -172,20 +193,30 @@ def build_tiny_causal_lm(
 
 
 def build_base_model(
-    texts: Iterable[str], out_dir: str | Path, size: str = "tiny", *, vocab_size: int = 1024,
-    arch: str = "llama", seed: int = 0,
+    texts: Iterable[str], out_dir: str | Path, size: str | Mapping[str, int] = "tiny", *,
+    vocab_size: int = 1024, arch: str = "llama", seed: int = 0,
 ) -> Path:
     """Train a tokenizer on ``texts``, build the ``size`` model, ``save_pretrained`` both.
 
-    This is the embedded default base model (the Dagster ``base_model`` asset calls it
-    in-process); SFT then loads ``out_dir`` like any hub model. Returns ``out_dir``.
+    ``size``: a name of ``MODEL_SIZES``, ``"auto"`` (:func:`auto_size` of the texts' token
+    count), or a mapping of ``n_layer`` / ``n_embd`` / ``n_head`` (missing or 0 entries are
+    filled from the automatic choice). This is the embedded default base model (the Dagster
+    ``base_model`` asset calls it in-process); SFT then loads ``out_dir`` like any hub model.
+    Returns ``out_dir``.
     """
-    if size not in MODEL_SIZES:
-        raise ValueError(f"size={size!r}: choose one of {sorted(MODEL_SIZES)}")
+    if isinstance(size, str) and size != "auto" and size not in MODEL_SIZES:
+        raise ValueError(f"size={size!r}: choose 'auto' or one of {sorted(MODEL_SIZES)}")
+    texts = list(texts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(texts, None, vocab_size=vocab_size)
-    model = build_tiny_causal_lm(tokenizer, arch=arch, seed=seed, **MODEL_SIZES[size])
+    if isinstance(size, str) and size in MODEL_SIZES:
+        dims = dict(MODEL_SIZES[size])
+    else:
+        n_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+        dims = {"n_positions": 256, **auto_size(n_tokens),
+                **({k: int(v) for k, v in size.items() if v} if not isinstance(size, str) else {})}
+    model = build_tiny_causal_lm(tokenizer, arch=arch, seed=seed, **dims)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     return out

@@ -997,6 +997,7 @@ class PPOTrainer:
         point, rows = self.guard_point()
         decision = self.guard.update(point)
         if self.rank == 0:
+            samples_file.parent.mkdir(parents=True, exist_ok=True)
             with samples_file.open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         if decision.keep:
@@ -1046,6 +1047,12 @@ class PPOTrainer:
             self.guard.load_state_dict(extra["guard"])
         gnorm = extra.get("guard_normalizer")
         self.guard_normalizer = RewardNormalizer(**gnorm) if gnorm else None
+        samples = Path(self.cfg.output_dir) / "guard_samples.jsonl"
+        if self.rank == 0 and samples.is_file():
+            # evaluations after the checkpoint are redone by this run: drop their samples
+            kept = [line for line in samples.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            samples.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         self.episodes = int(extra["episodes"])
         gens = extra["generators_by_rank"][self.rank]
         self.sample_rng.set_state(torch.tensor(gens["sample_rng"], dtype=torch.uint8))

@@ -315,3 +315,41 @@ def test_torchrun_two_ranks(tiny_run, tmp_path, stage):
     state = json.loads((tmp_path / "ddp" / "checkpoints" / "step_2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["zero_stage"] == stage
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
+
+
+def test_guard_keeps_the_best_heldout_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """The guard's real evaluation runs (samples, KL, both reward models); its held-out means
+    are then replaced by a scripted curve peaking at step 2, so the kept checkpoint is known:
+    final/ must hold exactly the weights of a plain 2-step run (constant LR, same seed)."""
+    import dataclasses
+
+    curve = {0: 0.0, 1: 0.2, 2: 0.5, 3: 0.1, 4: 0.0}
+    real = PPOTrainer.guard_point
+
+    def scripted(self):
+        point, rows = real(self)
+        return dataclasses.replace(point, heldout=curve[point.step]), rows
+
+    monkeypatch.setattr(PPOTrainer, "guard_point", scripted)
+    over = dict(lr_scheduler="constant", eval_file=tiny_run["eval_file"], guard_prompts=8)
+    rec = Recorder()
+    guarded = train(small_cfg(tiny_run, tmp_path / "g", num_steps=6, guard_every=1, guard_patience=2,
+                              guard_reward_model_path=tiny_run["reward_model_path"], **over), [rec])
+    assert guarded["step"] == 4 and guarded["kept_step"] == 2
+    assert guarded["stopped_reason"] in ("overoptimization", "plateau")
+    assert guarded["guard/kept_step"] == 2 and guarded["guard/improved"] == 1.0
+    assert guarded["guard/heldout_gain"] == pytest.approx(0.5)
+    points = [e for e in rec.evals if "guard/heldout" in e]
+    assert [p["guard/heldout"] for p in points] == [curve[s] for s in range(5)]
+    # step 0 samples the reference itself: the KL to it is zero up to float error
+    assert points[0]["guard/kl_per_response"] == pytest.approx(0.0, abs=1e-4)
+    rows = [json.loads(line) for line in (tmp_path / "g" / "guard_samples.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [0, 1, 2, 3, 4] and len(rows) == 5 * 8
+    assert not (tmp_path / "g" / "best").exists()
+
+    monkeypatch.setattr(PPOTrainer, "guard_point", real)
+    plain = train(small_cfg(tiny_run, tmp_path / "p", num_steps=2, **over), [Recorder()])
+    a = load_file(Path(guarded["final_dir"]) / "model.safetensors")
+    b = load_file(Path(plain["final_dir"]) / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

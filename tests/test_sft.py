@@ -233,3 +233,42 @@ def test_lora_trains_adapters_and_saves_a_merged_model(tmp_path: Path, data_dir:
 def test_lora_refused_under_zero3(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
     with pytest.raises(ConfigError, match="lora_rank > 0 with strategy.zero_stage 3"):
         _cfg(data_dir, tmp_path / "z3", base_model, lora_rank=4, strategy={"zero_stage": 3})
+
+
+def test_early_stopping_ships_the_best_evaluated_weights(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
+    """An LR far too high makes the eval loss climb after the first steps: the run stops after
+    ``patience`` worse evaluations and final/ holds the weights of the best one, which score
+    exactly the best eval loss when evaluated again."""
+    rec = Recorder()
+    summary = train(_cfg(data_dir, tmp_path / "run", base_model, learning_rate=0.3, num_epochs=20,
+                         eval_steps=1, warmup_ratio=0.0, lr_scheduler="constant",
+                         stopping={"patience": 2}), [rec])
+    losses = [m["eval/loss"] for _, m in rec.evals]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert summary["stopped_reason"] == "early_stopping"
+    assert len(losses) == best + 3               # the best, then exactly `patience` worse ones
+    assert summary["best_step"] == rec.evals[best][0] < summary["step"]
+    assert summary["eval/loss"] == pytest.approx(losses[best]) == pytest.approx(summary["best_metric"])
+    assert summary["last_eval/loss"] == pytest.approx(losses[-1]) and losses[-1] > losses[best]
+    # evaluate final/ from scratch: a 0-step "run" (max_steps 1 would train) is not possible, so
+    # compute the response NLL of the eval split directly
+    from ppo_core.data import collate_sft, encode_prompt_response, read_table
+    from ppo_core.models import load_tokenizer, position_ids_from_mask
+
+    final = tmp_path / "run" / "final"
+    tok, model = load_tokenizer(str(final)), load_causal_lm(str(final)).eval()
+    rows = read_table(data_dir / "sft_eval.parquet", ("prompt", "completion"), text_columns=("prompt", "completion"))
+    batch = collate_sft([encode_prompt_response(tok, r["prompt"], r["completion"], 128) for r in rows],
+                        tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=position_ids_from_mask(batch["attention_mask"])).logits
+    nll, n = response_nll(logits, batch["labels"])
+    assert float(nll) / int(n) == pytest.approx(losses[best], rel=1e-4)
+    assert not (tmp_path / "run" / "best").exists()
+
+
+def test_time_budget_stops_the_loop_and_keeps_the_best(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
+    summary = train(_cfg(data_dir, tmp_path / "run", base_model, num_epochs=50, stopping={"max_seconds": 1e-9}))
+    assert summary["stopped_reason"] == "time_budget" and summary["step"] == 1
+    assert summary["completed"] and (tmp_path / "run" / "final" / "model.safetensors").is_file()

@@ -1,0 +1,66 @@
+"""The over-optimization guard's decision rule (ppo_core.guard) on hand-made curves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ppo_core.guard import GuardPoint, OveroptimizationGuard
+
+
+def pt(step: int, proxy: float, heldout: float, kl: float, se: float = 0.1) -> GuardPoint:
+    return GuardPoint(step=step, proxy=proxy, heldout=heldout, heldout_se=se, kl=kl)
+
+
+def run(guard: OveroptimizationGuard, points: list[GuardPoint]) -> list[tuple[bool, bool, str]]:
+    return [(d.keep, d.stop, d.reason) for d in map(guard.update, points)]
+
+
+def test_keeps_the_peak_and_stops_when_heldout_falls_while_proxy_rises() -> None:
+    # Gao et al.'s picture: proxy climbs all along, held-out peaks at step 10 then falls
+    g = OveroptimizationGuard(kl_budget=None, patience=2)
+    out = run(g, [pt(0, 0.0, 0.0, 0.0), pt(5, 0.5, 0.3, 1.0), pt(10, 1.0, 0.6, 2.0),
+                  pt(15, 1.5, 0.4, 3.0), pt(20, 2.0, 0.1, 4.0)])
+    assert out == [(False, False, ""), (True, False, ""), (True, False, ""),
+                   (False, False, ""), (False, True, "overoptimization")]
+    assert g.best is not None and g.best.step == 10 and g.improved
+    s = g.summary()
+    assert s["guard/kept_step"] == 10.0
+    assert s["guard/heldout_gain"] == pytest.approx(0.6)
+    assert s["guard/heldout_gain_se"] == pytest.approx(math.hypot(0.1, 0.1))
+    assert s["guard/kl_kept"] == 2.0 and s["guard/evaluations"] == 5.0
+
+
+def test_kl_budget_excludes_points_and_names_the_reason() -> None:
+    # the best held-out score (step 10) is over the 1.5-nat budget: step 5 is kept instead
+    g = OveroptimizationGuard(kl_budget=1.5, patience=2)
+    out = run(g, [pt(0, 0.0, 0.0, 0.0), pt(5, 0.4, 0.2, 1.0), pt(10, 0.8, 0.9, 2.0), pt(15, 1.0, 1.0, 2.5)])
+    assert out[-1] == (False, True, "kl_budget")
+    assert g.best is not None and g.best.step == 5
+
+
+def test_never_beating_the_reference_is_not_an_improvement() -> None:
+    g = OveroptimizationGuard(kl_budget=None, patience=3)
+    out = run(g, [pt(0, 0.0, 0.0, 0.0), pt(5, 0.2, -0.1, 1.0), pt(10, 0.1, -0.3, 1.5), pt(15, -0.1, -0.2, 1.6)])
+    # proxy at step 15 (-0.1) is below the baseline's (0.0): a plateau, not over-optimization
+    assert out[-1] == (False, True, "plateau")
+    assert g.best is not None and g.best.step == 0 and not g.improved
+    assert g.summary()["guard/improved"] == 0.0
+
+
+def test_min_delta_and_patience_zero() -> None:
+    g = OveroptimizationGuard(kl_budget=None, patience=0, min_delta=0.05)
+    out = run(g, [pt(0, 0, 0.0, 0), pt(5, 1, 0.04, 1), pt(10, 2, 0.10, 2)] + [pt(15 + i, 3, -1.0, 3) for i in range(5)])
+    assert [k for k, _, _ in out] == [False, False, True] + [False] * 5   # +0.04 is below min_delta
+    assert not any(stop for _, stop, _ in out)                          # patience 0 never stops
+
+
+def test_state_round_trip_resumes_the_same_decisions() -> None:
+    points = [pt(0, 0, 0, 0), pt(5, 1, 0.5, 1), pt(10, 2, 0.3, 2)]
+    g = OveroptimizationGuard(kl_budget=None, patience=2)
+    run(g, points)
+    h = OveroptimizationGuard(kl_budget=None, patience=2)
+    h.load_state_dict(g.state_dict())
+    assert h.best == g.best and h.bad_evals == 1
+    assert h.update(pt(15, 3, 0.2, 3)).stop and g.update(pt(15, 3, 0.2, 3)).stop
