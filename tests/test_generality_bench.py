@@ -1,0 +1,106 @@
+"""The generality benchmark runs end to end (issue 11, item 6), so it cannot rot.
+
+A ``--tiny`` run of ``bench/generality.py`` on one task in a subprocess: the documented user
+path (``rlhf run``) and the TRL pipeline on the same splits, both evaluated by one function.
+The test checks the report's structure and that every number is finite and in range. No
+timing assertions, and no quality assertions: a tiny run trains for a handful of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "generality.py"
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+TASK = "arithmetic"
+
+pytest.importorskip("trl.experimental.ppo", reason="the bench extra (trl==1.12.0) is not installed")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("generality")
+    out = tmp / "tiny.json"
+    # an engine test earlier in the session sets the single-process rendezvous variables
+    # (MASTER_PORT ...) in os.environ and still listens on that port; the benchmark's runs
+    # must pick their own. RLHF_HOME / DAGSTER_HOME of a test fixture must not leak in either.
+    env = {k: v for k, v in os.environ.items()
+           if k not in DIST_ENV and k not in ("RLHF_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--tasks", TASK, "--work-dir", str(tmp / "work"),
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**env, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    assert out.exists(), "the script did not write the --out JSON"
+    data = json.loads(out.read_text())
+    data["_stdout"] = proc.stdout
+    return data
+
+
+def test_report_structure(report: dict) -> None:
+    for key in ("command", "commit", "machine", "tiny", "n_pairs", "seeds", "trl_recipe", "tasks", "errors"):
+        assert key in report, f"report lacks {key!r}"
+    assert report["tiny"] is True and "--tiny" in report["command"]
+    assert report["errors"] == {}
+    assert list(report["tasks"]) == [TASK]
+    block = report["tasks"][TASK]
+    assert [r["seed"] for r in block["runs"]] == [0]
+    metrics = [row["metric"] for row in block["table"]]
+    assert metrics == ["rm_gold_agreement", "gold_sft", "gold_ppo", "gold_gain", "gold_win_rate",
+                       "kl_nats_per_response", "wall_s"]
+
+
+def test_both_sides_ran_on_the_same_data(report: dict) -> None:
+    run = report["tasks"][TASK]["runs"][0]
+    ours, trl = run["ours"], run["trl"]
+    # the user path: rlhf run on the written task config, which points at the task's scorer
+    assert "rlhf" in ours["command"] and "run --config" in ours["command"]
+    assert ours["summary"]["status"] in ("succeeded", "failed")
+    for side in (ours, trl):
+        for key in ("sft", "rm", "ppo"):
+            assert Path(side["paths"][key], "config.json").is_file(), f"{key} model missing"
+    # TRL started from the base model and splits our run wrote
+    assert Path(ours["paths"]["split_dir"], "test_pairs.parquet").is_file()
+    # TRL's PPO generated as long as ours did
+    stage = json.loads(Path(ours["paths"]["ppo_stage_config"]).read_text())
+    assert trl["recipe"]["response_length"] == stage["response_length"]
+    assert set(trl["stage_s"]) == {"sft_s", "rm_s", "ppo_s"}
+
+
+@pytest.mark.parametrize("side", ["ours", "trl"])
+def test_numbers_finite_and_in_range(report: dict, side: str) -> None:
+    ev = report["tasks"][TASK]["runs"][0][side]["eval"]
+    for key in ("rm_gold_agreement", "gold_win_rate", "rm_pair_accuracy"):
+        assert 0.0 <= ev[key] <= 1.0, f"{side}.{key} = {ev[key]!r}"
+    for key in ("gold_sft", "gold_ppo", "gold_gain", "kl_nats_per_response", "kl_per_token"):
+        assert isinstance(ev[key], float) and math.isfinite(ev[key]), f"{side}.{key} = {ev[key]!r}"
+    assert ev["gold_gain"] == pytest.approx(ev["gold_ppo"] - ev["gold_sft"])
+    assert 0 < ev["ppo_response_tokens"] <= report["tasks"][TASK]["runs"][0]["evaluation"]["max_new_tokens"]
+    assert report["tasks"][TASK]["runs"][0][side]["wall_s"] > 0
+
+
+def test_cross_check_and_table(report: dict) -> None:
+    block = report["tasks"][TASK]
+    rows = {r["metric"]: r for r in block["table"]}
+    run = block["runs"][0]
+    # one seed: the table is that seed's numbers, the ratio ours / TRL
+    assert rows["gold_ppo"]["ours"] == pytest.approx(run["ours"]["eval"]["gold_ppo"])
+    assert rows["wall_s"]["ratio"] == pytest.approx(run["ours"]["wall_s"] / run["trl"]["wall_s"])
+    # the shared evaluation reproduces our run's own evaluation: same prompts, seed and sampler
+    summary = run["ours"]["summary"]
+    assert rows["gold_sft"]["ours_summary"] == pytest.approx(summary["gold_reward_sft"])
+    assert run["ours"]["eval"]["gold_sft"] == pytest.approx(summary["gold_reward_sft"], abs=1e-6)
+    assert run["ours"]["eval"]["rm_gold_agreement"] == pytest.approx(
+        summary["reward_model_gold_agreement"], abs=1e-6)
+    for row in block["table"]:
+        assert f"| {row['label']} |" in report["_stdout"]
