@@ -244,3 +244,21 @@ def test_load_config_rejects_unknown_and_mistyped_keys(tmp_path: Path) -> None:
         from_dict(_Cfg, {"path": "x", "lr": "fast"})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(_Cfg, tmp_path / "missing.json")
+
+
+def test_auto_size_follows_the_token_count(tmp_path: Path) -> None:
+    from ppo_core.models import AUTO_SIZES, auto_size, build_base_model
+
+    assert auto_size(0) == {"n_layer": 2, "n_embd": 128, "n_head": 4}
+    assert auto_size(999_999) == auto_size(0)
+    assert auto_size(1_000_000) == {"n_layer": 4, "n_embd": 192, "n_head": 6}
+    assert auto_size(10**9) == AUTO_SIZES[-1][1]
+    texts = ["the river is nice .", "the mountain is old ."] * 20
+    # a partial mapping: the given entries win, the rest come from the automatic choice
+    build_base_model(texts, tmp_path / "m", size={"n_layer": 3, "n_embd": 0, "n_head": 0}, vocab_size=300)
+    import json as _json
+
+    cfg = _json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]) == (3, 128, 4)
+    with pytest.raises(ValueError, match="choose 'auto'"):
+        build_base_model(texts, tmp_path / "x", size="huge")

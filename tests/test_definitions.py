@@ -10,13 +10,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 ASSETS = {
     "raw_preferences", "preference_pairs", "quarantined_pairs", "dataset_splits", "base_model",
-    "sft_model", "reward_model", "ppo_policy", "evaluation_report", "registered_policy",
+    "sft_model", "reward_model", "heldout_reward_model", "ppo_policy", "evaluation_report",
+    "registered_policy",
 }
 CHECKS = {
     ("preference_pairs", "quarantine_fraction_below_threshold"),
     ("dataset_splits", "splits_are_prompt_disjoint"),
     ("reward_model", "reward_model_accuracy"),
     ("ppo_policy", "ppo_kl_within_bound"),
+    ("ppo_policy", "ppo_beats_sft_heldout"),
     ("evaluation_report", "ppo_beats_sft"),
 }
 JOBS = {"rlhf_lineage", "preference_data", "promote_champion_job", "rollback_champion_job",
@@ -39,8 +41,11 @@ def test_blocking_gates_guard_registration(rlhf_home: Path) -> None:
     from assets.evaluation import ppo_beats_sft
     from assets.registry import registered_policy
 
+    from assets.models import ppo_beats_sft_heldout
+
     spec = next(iter(ppo_beats_sft.check_specs))
     assert spec.blocking
+    assert next(iter(ppo_beats_sft_heldout.check_specs)).blocking
     upstream = {k.to_user_string() for k in registered_policy.dependency_keys}
     assert "evaluation_report" in upstream
 

@@ -160,3 +160,32 @@ def test_evaluate_without_gold_scorer_reports_rm_only(tiny_models: dict) -> None
     metrics = result["report"]["metrics"]
     assert "win_rate_gold" not in metrics and "ppo/gold_mean" not in metrics
     assert math.isfinite(metrics["ppo/rm_score_mean"]) and metrics["win_rate_rm"] == 0.5
+
+
+def test_kl_per_response_sums_tokens_then_averages_responses() -> None:
+    from assets.evaluation import kl_per_response
+
+    policy = [[-1.0, -0.5], [-0.2, -0.2, -0.2]]
+    ref = [[-2.0, -1.0], [-0.2, -0.7, -0.1]]
+    # response 1: (1.0 + 0.5) = 1.5; response 2: (0 + 0.5 - 0.1) = 0.4; mean 0.95
+    assert kl_per_response(policy, ref) == pytest.approx(0.95)
+    # the per-token figure of the same samples: (1 + .5 + 0 + .5 - .1) / 5
+    assert kl_per_token(policy, ref) == pytest.approx(0.38)
+
+
+def test_guard_curve_groups_by_step_and_adds_gold(tmp_path: Path) -> None:
+    import json
+
+    from assets.evaluation import guard_curve
+
+    rows = [{"step": 0, "prompt": "p", "response": "aa", "proxy": 0.0, "heldout": 0.0, "kl": 0.0},
+            {"step": 0, "prompt": "p", "response": "a", "proxy": 1.0, "heldout": -1.0, "kl": 0.0},
+            {"step": 5, "prompt": "p", "response": "aaaa", "proxy": 2.0, "heldout": 0.5, "kl": 3.0}]
+    f = tmp_path / "guard_samples.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lengths = lambda prompts, responses: [float(len(r)) for r in responses]  # a toy gold
+    points = guard_curve(f, lengths)
+    assert points == [{"step": 0, "kl": 0.0, "proxy": 0.5, "heldout": -0.5, "gold": 1.5},
+                      {"step": 5, "kl": 3.0, "proxy": 2.0, "heldout": 0.5, "gold": 4.0}]
+    assert "gold" not in guard_curve(f, None)[0]
+    assert guard_curve(tmp_path / "missing.jsonl", None) == []

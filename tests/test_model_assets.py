@@ -229,3 +229,19 @@ def test_config_files_are_valid_run_config_for_the_lineage(name: str) -> None:
     spec = ops.get("evaluation_report", {}).get("config", {}).get("gold_scorer")
     if spec:
         assert load_gold_scorer(spec)(["describe the river ."], ["the river is lovely ."]) == [1.7]
+
+
+def test_heldout_gain_check_gates_on_the_guard() -> None:
+    from assets.models import heldout_gain_result
+
+    summary = {"guard/improved": 1.0, "guard/heldout_gain": 0.4, "guard/heldout_gain_se": 0.1,
+               "guard/kept_step": 20.0, "guard/kl_kept": 1.7}
+    ok = heldout_gain_result({"summary": summary})
+    assert ok.passed and ok.metadata["kept_step"].value == 20
+    assert not heldout_gain_result({"summary": summary}, min_gain=0.5).passed
+    worse = {**summary, "guard/improved": 0.0, "guard/heldout_gain": 0.0, "guard/kept_step": 0.0}
+    refused = heldout_gain_result({"summary": worse})
+    assert not refused.passed and "not registered" in refused.description
+    assert heldout_gain_result({"summary": worse}, min_gain=-1.0).passed   # smoke-test setting
+    off = heldout_gain_result({"summary": {"objective/kl": 1.0}})
+    assert off.passed and off.severity == dg.AssetCheckSeverity.WARN

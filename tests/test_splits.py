@@ -17,6 +17,7 @@ from assets.splits import (
     SPLIT_FILES,
     SplitSettings,
     assign_split,
+    is_heldout,
     prompt_bucket,
     read_split_prompts,
     split_pairs,
@@ -56,12 +57,28 @@ def test_sft_is_prompt_plus_chosen_and_ppo_prompts_unique(bundled_pairs: pd.Data
     split_dir = tmp_path / write_splits(bundled_pairs, tmp_path)["data_version"]
     sft = pd.read_parquet(split_dir / "sft_train.parquet")
     rm = pd.read_parquet(split_dir / "rm_train.parquet")
-    assert sft["prompt"].tolist() == rm["prompt"].tolist()
-    assert sft["completion"].tolist() == rm["chosen"].tolist()
+    held = pd.read_parquet(split_dir / "rm_heldout.parquet")
+    # the training pairs are cut by prompt into the main reward model's and the held-out one's
+    guard = sft["prompt"].map(is_heldout).astype(bool)
+    assert sft.loc[~guard, "prompt"].tolist() == rm["prompt"].tolist()
+    assert sft.loc[~guard, "completion"].tolist() == rm["chosen"].tolist()
+    assert sft.loc[guard, "prompt"].tolist() == held["prompt"].tolist()
+    assert sft.loc[guard, "completion"].tolist() == held["chosen"].tolist()
+    assert not set(rm["prompt"]) & set(held["prompt"])
+    share = held["prompt"].nunique() / sft["prompt"].nunique()
+    assert 0.12 < share < 0.28, share   # SplitSettings.heldout = 0.2 of the training prompts
     for name in ("ppo_train", "ppo_eval", "test_prompts"):
         prompts = pd.read_parquet(split_dir / f"{name}.parquet")["prompt"]
         assert prompts.is_unique, name
-    assert set(pd.read_parquet(split_dir / "ppo_train.parquet")["prompt"]) == set(rm["prompt"])
+    assert set(pd.read_parquet(split_dir / "ppo_train.parquet")["prompt"]) == set(rm["prompt"]) | set(held["prompt"])
+
+
+def test_heldout_zero_leaves_rm_heldout_empty(bundled_pairs: pd.DataFrame, tmp_path: Path) -> None:
+    manifest = write_splits(bundled_pairs, tmp_path, SplitSettings(heldout=0.0))
+    assert manifest["counts"]["rm_heldout"] == 0
+    assert manifest["counts"]["rm_train"] == manifest["counts"]["sft_train"]
+    with pytest.raises(ValueError, match="heldout=1.0"):
+        SplitSettings(heldout=1.0)
 
 
 def test_no_prompt_in_two_splits(bundled_pairs: pd.DataFrame, tmp_path: Path) -> None:
