@@ -45,6 +45,8 @@ class BaseModelConfig(dg.Config):
         "fixed sizes built the same way; otherwise a local save_pretrained directory or a hub id (needs "
         "network access at run time).",
     )
+    arch: str = Field(default="llama", description="Architecture of a model built from scratch: 'llama' "
+                      "(rotary positions) or 'gpt2' (learned positions).")
     n_layer: int = Field(default=0, description="Layers of a model built from scratch; 0 = chosen for the data.")
     n_embd: int = Field(default=0, description="Width of a model built from scratch; 0 = chosen for the data.")
     n_head: int = Field(default=0, description="Attention heads of a model built from scratch (must divide "
@@ -299,7 +301,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
         texts = _training_texts(dataset_splits)
         size: Any = dims if source == "auto" else source
         context.log.info(f"building a {source} model and tokenizer from {len(texts)} training texts")
-        models.build_base_model(texts, str(out / "final"), size=size)
+        models.build_base_model(texts, str(out / "final"), size=size, arch=config.arch)
     elif any(dims.values()):
         raise dg.Failure(description=f"base_model: n_layer / n_embd / n_head size a model built from scratch; "
                          f"source {source!r} is a pretrained model whose size is fixed: set them to 0")
