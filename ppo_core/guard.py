@@ -13,9 +13,11 @@ held-out score and the KL to the reference per response. :class:`Overoptimizatio
 
 * keeps the checkpoint with the best held-out score among those within the KL budget
   (step 0, the reference itself, is the baseline every checkpoint must beat);
-* stops the run once ``patience`` evaluations in a row brought no new best; the reason says
-  whether the proxy still rose meanwhile (``overoptimization``: Gao et al.'s signature), the
-  KL budget was exceeded (``kl_budget``), or neither (``plateau``).
+* stops the run once ``patience`` evaluations in a row fell clearly below the best (by more
+  than ``stop_z`` standard errors of the difference, so a plateau's noise does not end a run
+  that is still climbing slowly) or left the KL budget; the reason says whether the proxy
+  still rose meanwhile (``overoptimization``: Gao et al.'s signature), the KL budget was
+  exceeded (``kl_budget``), or neither (``decline``).
 
 Pure Python, no torch: the decision rule is unit-tested on hand-made curves.
 """
@@ -56,10 +58,12 @@ class GuardDecision:
 class OveroptimizationGuard:
     """Best-checkpoint selection and early stopping on a held-out reward signal."""
 
-    def __init__(self, kl_budget: float | None, patience: int, min_delta: float = 0.0) -> None:
+    def __init__(self, kl_budget: float | None, patience: int, min_delta: float = 0.0,
+                 stop_z: float = 1.0) -> None:
         self.kl_budget = kl_budget
         self.patience = patience
         self.min_delta = min_delta
+        self.stop_z = stop_z
         self.points: list[GuardPoint] = []
         self.best: GuardPoint | None = None
         self.bad_evals = 0
@@ -77,14 +81,16 @@ class OveroptimizationGuard:
         if self.within_budget(p) and p.heldout > self.best.heldout + self.min_delta:
             self.best, self.bad_evals = p, 0
             return GuardDecision(keep=True, stop=False, reason="")
-        self.bad_evals += 1
+        fell = p.heldout < self.best.heldout - self.stop_z * math.hypot(p.heldout_se, self.best.heldout_se)
+        # within the noise band of the best: neither a new best nor a step towards stopping
+        self.bad_evals = self.bad_evals + 1 if fell or not self.within_budget(p) else 0
         if self.patience and self.bad_evals >= self.patience:
             if not self.within_budget(p):
                 self.reason = "kl_budget"
             elif p.proxy > self.best.proxy:
                 self.reason = "overoptimization"
             else:
-                self.reason = "plateau"
+                self.reason = "decline"
             return GuardDecision(keep=False, stop=True, reason=self.reason)
         return GuardDecision(keep=False, stop=False, reason="")
 

@@ -121,3 +121,74 @@ def test_generation_flops_and_scaling_sections(report: dict) -> None:
         assert _positive(r["step_s"])
         assert r["generated_tokens_per_episode"] <= r["response_length"]
     assert s["status"] in ("MET", "MISSED")
+
+
+# ---------------------------------------------------------------------------------------------
+# quality mode (issue 11, item 5): gold gain over seeds with a paired confidence interval
+# ---------------------------------------------------------------------------------------------
+
+
+def test_t_interval_against_hand_computed_values() -> None:
+    from bench.common import mean_ci, t_quantile
+
+    # Student t quantiles from tables: t_{0.975} at df 1, 2, 4, 9; t_{0.995} at df 1
+    for p, df, expected in ((0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 4, 2.7764),
+                            (0.975, 9, 2.2622), (0.995, 1, 63.6567)):
+        assert t_quantile(p, df) == pytest.approx(expected, abs=1e-4)
+    # [1, 2, 3]: mean 2, sd 1, se 1/sqrt(3); half-width 4.3027 / sqrt(3) = 2.4841
+    ci = mean_ci([1.0, 2.0, 3.0])
+    assert ci["mean"] == pytest.approx(2.0) and ci["se"] == pytest.approx(1 / math.sqrt(3))
+    assert (ci["lo"], ci["hi"]) == (pytest.approx(2 - 2.48414, abs=1e-4), pytest.approx(2 + 2.48414, abs=1e-4))
+    assert not ci["decisive"]
+    # [1.0, 1.2, 0.8, 1.1]: mean 1.025, sd 0.17078, se 0.08539; half-width 3.1824 * se = 0.27175
+    ci = mean_ci([1.0, 1.2, 0.8, 1.1])
+    assert ci["lo"] == pytest.approx(1.025 - 0.27175, abs=1e-4) and ci["decisive"]
+    with pytest.raises(ValueError, match=">= 2"):
+        mean_ci([1.0])
+
+
+@pytest.fixture(scope="module")
+def quality_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "quality.json"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--quality-seeds", "2", "--quality-prompts", "24",
+         "--ours-set", "strategy.gradient_clipping=0", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**env, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
+             "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, f"quality mode failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    data = json.loads(out.read_text())
+    data["_stdout"] = proc.stdout
+    return data
+
+
+def test_quality_mode_rows_and_interval(quality_report: dict) -> None:
+    q = quality_report["quality"]
+    assert quality_report["mode"] == "quality" and "--quality-seeds" in quality_report["command"]
+    assert q["n_seeds"] == 2 and [r["seed"] for r in q["seeds"]] == [0, 1]
+    assert q["eval_responses"] == 24
+    assert q["ours_overrides"] == [["strategy.gradient_clipping", 0]]
+    for r in q["seeds"]:
+        before = r["gold_before"]["gold"]
+        assert math.isfinite(before)
+        for side in ("ours", "trl"):
+            run = r[side]
+            for key in ("gold_after", "kl_to_ref", "kl_to_ref_se", "gain"):
+                assert math.isfinite(run[key]), f"seed {r['seed']} {side}.{key} = {run[key]!r}"
+            # gain = after - before on the same prompts
+            assert run["gain"] == pytest.approx(run["gold_after"] - before)
+            assert 0 < run["eval_response_tokens"] <= quality_report["quality"]["response_length"]
+            assert len(run["train_curve"]["objective/scores"]) == q["iterations"]
+        assert r["diff"] == pytest.approx(r["ours"]["gain"] - r["trl"]["gain"])
+    for c in (q["gain"]["ours"], q["gain"]["trl"], q["kl"]["ours"], q["kl"]["trl"], q["diff"],
+              q["kl_diff"]):
+        assert all(math.isfinite(c[k]) for k in ("mean", "se", "lo", "hi"))
+        assert c["lo"] <= c["mean"] <= c["hi"] and c["n"] == 2
+        assert c["decisive"] == (c["lo"] > 0 or c["hi"] < 0)
+    assert q["diff"]["mean"] == pytest.approx(sum(r["diff"] for r in q["seeds"]) / 2)
+    # the printed report carries the per-seed rows and the verdict
+    out = quality_report["_stdout"]
+    assert "| seed | gold before |" in out and "ours - TRL (paired)" in out
+    assert "DECISIVE" in out
