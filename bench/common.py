@@ -208,10 +208,16 @@ def _train_reward(model: PreTrainedModel, tok: PreTrainedTokenizerBase, pairs, s
 
 
 def eval_prompts(n: int, seed: int = 1234) -> list[str]:
-    """A fixed, seeded subset of the task's prompts used to score every policy."""
+    """A fixed, seeded subset of the task's prompts used to score every policy.
+
+    The bundled task has 360 prompts. Up to that many, a seeded subset without repeats; beyond
+    it, the seeded order of all 360 cycled (each prompt sampled ``n / 360`` times), so a
+    quality comparison can average more samples than there are prompts.
+    """
     prompts = all_prompts()
     rng = np.random.default_rng(seed)
-    return [prompts[i] for i in rng.choice(len(prompts), size=min(n, len(prompts)), replace=False)]
+    order = [prompts[i] for i in rng.choice(len(prompts), size=min(n, len(prompts)), replace=False)]
+    return [order[i % len(order)] for i in range(n)] if n > len(order) else order
 
 
 def _left_pad(tok: PreTrainedTokenizerBase, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +272,54 @@ def evaluate_policy(policy: PreTrainedModel, ref: PreTrainedModel, tok: PreTrain
         golds.extend(gold_score_batch(chunk, texts))
     return {"gold": float(np.mean(golds)), "kl": float(np.mean(kls)),
             "gold_se": float(np.std(golds, ddof=1) / math.sqrt(len(golds))),
+            "kl_se": float(np.std(kls, ddof=1) / math.sqrt(len(kls))),
             "response_tokens": float(np.mean(lens))}
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics over seeds
+# ---------------------------------------------------------------------------------------
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile ``p`` (0.5 < p < 1) of Student's t with ``df`` degrees of freedom.
+
+    Bisection on the CDF, itself Simpson's rule over the density from 0 (no SciPy in the
+    project's dependencies); accurate to ~1e-6 for df >= 1 (t_{0.975} is 12.706 at df 1,
+    2.776 at df 4, 2.262 at df 9).
+    """
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf_above_half(x: float, n: int = 2000) -> float:  # P(0 < T < x), Simpson, n even
+        h = x / n
+        f = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
+        return h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf_above_half(hi) < p - 0.5:   # bracket: the df=1 tail needs hi ~ 64 at 0.995
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf_above_half(mid) < p - 0.5 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Mean, standard error and the two-sided t confidence interval of ``values`` (n >= 2).
+
+    For paired differences (one value per seed: ours - TRL on the same fixture and data) this
+    is the paired t-interval; ``decisive`` says whether it excludes 0.
+    """
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"mean_ci needs >= 2 values, got {n}")
+    mean = float(np.mean(values))
+    se = float(np.std(values, ddof=1) / math.sqrt(n))
+    half = t_quantile(0.5 + level / 2, n - 1) * se
+    return {"n": n, "mean": mean, "se": se, "level": level, "lo": mean - half, "hi": mean + half,
+            "decisive": bool(mean - half > 0 or mean + half < 0)}
 
 
 # ---------------------------------------------------------------------------------------

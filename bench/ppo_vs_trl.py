@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,6 +53,7 @@ from bench.common import (
     evaluate_policy,
     forward_backward_flops,
     matmul_peak_flops,
+    mean_ci,
     peak_rss_mb,
     set_seed,
     training_flops,
@@ -124,6 +125,12 @@ class RunSpec:
     """(batch_size, response_length) pairs: run ours once per pair, without the gold evaluation"""
     peak_n: int = 2048
     """matrix size of the matmul peak each run measures right after its training"""
+    probe: bool = True
+    """measure the matmul peak and the forward + backward alone after training (off in the
+    quality mode, which times nothing)"""
+    ours_overrides: tuple[tuple[str, Any], ...] = ()
+    """ours only: (field, value) pairs set on ``ppo_core.ppo.PPOConfig`` after the benchmark's
+    own settings (``strategy.<field>`` for ``StrategyConfig``), for A/B runs of an option"""
     out: str = ""
     """JSON file the worker writes its result to"""
 
@@ -212,7 +219,7 @@ def _finish(spec: RunSpec, timer: PhaseTimer, step_times: list[float], cpu_s: fl
         "training_flops": training_flops(n_params_policy, n_params_critic, train_tokens),
         "peak_rss_mb": peak_rss_mb(),
     }
-    if not spec.sweep:
+    if not spec.sweep and spec.probe:
         result.update(_probe(spec, fx, train_tokens, alone=spec.stack == "ours"))
     if spec.evaluate:
         tok = load_tokenizer(fx)
@@ -220,9 +227,15 @@ def _finish(spec: RunSpec, timer: PhaseTimer, step_times: list[float], cpu_s: fl
         ev = evaluate_policy(policy, ref, tok, eval_prompts(spec.eval_prompts), spec.response_length,
                              spec.temperature, seed=spec.seed + 7)
         result.update({"gold_after": ev["gold"], "gold_after_se": ev["gold_se"],
-                       "kl_to_ref": ev["kl"],
+                       "kl_to_ref": ev["kl"], "kl_to_ref_se": ev["kl_se"],
                        "eval_response_tokens": ev["response_tokens"]})
     return result
+
+
+# Per-iteration training metrics each stack logs under the same (TRL) name; kept per run as
+# ``train_curve`` to see where two runs part ways.
+CURVE_KEYS = ("objective/scores", "objective/kl", "policy/approxkl_avg", "policy/clipfrac_avg",
+              "val/clipfrac_avg", "loss/value_avg", "policy/entropy_avg")
 
 
 def _probe(spec: RunSpec, fx: Fixture, train_tokens: int, alone: bool) -> dict:
@@ -303,6 +316,8 @@ def run_trl(spec: RunSpec) -> dict:
     step_times: list[float] = []
     cpu = [0.0]
 
+    curve: dict[str, list[float]] = defaultdict(list)
+
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.t, self.cpu0 = time.perf_counter(), cpu_seconds()
@@ -312,6 +327,11 @@ def run_trl(spec: RunSpec) -> dict:
             step_times.append(now - self.t)
             self.t = now
             cpu[0] = cpu_seconds() - self.cpu0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in CURVE_KEYS:
+                if logs and key in logs:
+                    curve[key].append(float(logs[key]))
 
     prompts = train_prompts(spec.n_prompts)
     dataset = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in prompts]})
@@ -357,10 +377,12 @@ def run_trl(spec: RunSpec) -> dict:
     # process where our engine started it)
     wrapper = getattr(trainer.model, "module", trainer.model)
     policy = wrapper.policy
-    return _finish(spec, timer, step_times, cpu[0], gen_tokens[0], policy,
-                   sum(p.numel() for p in policy.parameters()),
-                   sum(p.numel() for p in wrapper.value_model.parameters()), train_tokens[0],
-                   padded_tokens[0])
+    result = _finish(spec, timer, step_times, cpu[0], gen_tokens[0], policy,
+                     sum(p.numel() for p in policy.parameters()),
+                     sum(p.numel() for p in wrapper.value_model.parameters()), train_tokens[0],
+                     padded_tokens[0])
+    result["train_curve"] = dict(curve)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,12 +409,16 @@ def run_ours(spec: RunSpec) -> dict:
     gen_tokens = [0.0]
     train_tokens = [0]
     padded_tokens = [0]
+    curve: dict[str, list[float]] = defaultdict(list)
 
     class StepClock(Callback):
         def on_train_begin(self, stage, total_steps, config):
             self.t, self.cpu0 = time.perf_counter(), cpu_seconds()
 
         def on_log(self, step, metrics):
+            for key in (*CURVE_KEYS, "policy/grad_norm", "val/grad_norm"):
+                if key in metrics:
+                    curve[key].append(float(metrics[key]))
             now = time.perf_counter()
             step_times.append(now - self.t)
             self.t = now
@@ -408,7 +434,7 @@ def run_ours(spec: RunSpec) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "ppo_train.parquet"
         pd.DataFrame({"prompt": train_prompts(spec.n_prompts)}).to_parquet(train_file)
-        cfg = ppo.PPOConfig(
+        settings: dict[str, Any] = dict(
             policy_path=fx.policy_dir, reward_model_path=fx.reward_dir, critic_path=fx.reward_dir,
             train_file=str(train_file), output_dir=str(Path(tmp) / "out"),
             num_steps=spec.iterations, rollout_batch_size=spec.batch_size,
@@ -425,11 +451,39 @@ def run_ours(spec: RunSpec) -> dict:
             save_every=0, parallel_critic=spec.parallel_critic,
             num_threads=max(1, spec.threads // 2) if spec.parallel_critic else spec.threads,
         )
+        cfg = ppo.PPOConfig(**apply_overrides(settings, spec.ours_overrides))
         summary = ppo.train(cfg, callbacks=[StepClock()])
         policy = load_policy(replace(fx, policy_dir=summary["final_dir"]))
         result = _finish(spec, timer, step_times, cpu[0], int(round(gen_tokens[0])), policy,
                          fx.n_params_policy, fx.n_params_reward, train_tokens[0], padded_tokens[0])
+    result["train_curve"] = dict(curve)
     return result
+
+
+def apply_overrides(settings: dict[str, Any], overrides: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """``settings`` (PPOConfig keyword arguments) with each (field, value) of ``overrides``
+    set; ``strategy.<field>`` sets a ``StrategyConfig`` field. Unknown fields are an error."""
+    from dataclasses import fields
+
+    from ppo_core.ppo import PPOConfig
+    from ppo_core.strategy import StrategyConfig
+
+    out = dict(settings)
+    known = {f.name for f in fields(PPOConfig)}
+    strategy = dict(zero_stage=0)
+    for key, value in overrides:
+        if key.startswith("strategy."):
+            name = key.split(".", 1)[1]
+            if name not in {f.name for f in fields(StrategyConfig)}:
+                raise ValueError(f"--ours-set {key}: StrategyConfig has no field {name!r}")
+            strategy[name] = value
+        elif key in known:
+            out[key] = value
+        else:
+            raise ValueError(f"--ours-set {key}: PPOConfig has no field {key!r}")
+    if len(strategy) > 1:
+        out["strategy"] = StrategyConfig(**strategy)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,9 +602,157 @@ def execute(spec: RunSpec) -> dict:
 
 def worker_main(spec_path: str) -> int:
     spec = RunSpec(**json.loads(Path(spec_path).read_text()))
-    spec = replace(spec, sweep=tuple(tuple(p) for p in spec.sweep))
+    spec = replace(spec, sweep=tuple(tuple(p) for p in spec.sweep),
+                   ours_overrides=tuple(tuple(p) for p in spec.ours_overrides))
     Path(spec.out).write_text(json.dumps(execute(spec), indent=1))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# quality mode: gold gain per episode over several seeds (issue 11, item 5)
+# ---------------------------------------------------------------------------------------------
+
+
+def _comparable(spec: dict) -> dict:
+    """The parts of a TRL run's spec that decide its result (not where it writes)."""
+    return {k: v for k, v in spec.items() if k not in ("out", "ours_overrides", "stack")}
+
+
+def run_quality(args: argparse.Namespace, size: ModelSize) -> dict:
+    """For each seed: the fixture built with that seed (tokenizer, SFT policy, reward model:
+    the initial weights and data), then ours and TRL trained on it with the same budget and
+    seed, then one evaluation of each final policy on ``--quality-prompts`` sampled responses.
+
+    Gold gain = gold after - gold before, both on the same prompts with the same sampling
+    seed; the per-seed paired difference ours - TRL is then after_ours - after_trl (the
+    "before" is common and cancels), and a t-interval over seeds bounds it.
+    """
+    log_dir = args.out.parent / (args.out.stem + "_logs")
+    run: Callable[..., dict] = (
+        (lambda spec, suffix="": execute(spec)) if args.tiny
+        else lambda spec, suffix="": run_worker(spec, log_dir, suffix))
+    reuse: dict[int, dict] = {}
+    if args.reuse_trl:
+        old = json.loads(Path(args.reuse_trl).read_text())["quality"]
+        reuse = {r["seed"]: r for r in old["seeds"]}
+    overrides = tuple(args.ours_set)
+    seeds = list(range(args.seed, args.seed + args.quality_seeds))
+    rows = []
+    for seed in seeds:
+        print(f"[quality seed {seed}] fixture ...", file=sys.stderr, flush=True)
+        fx = build_fixture(size, seed=seed)
+        spec = RunSpec(stack="trl", fixture=asdict(fx), iterations=args.iterations,
+                       batch_size=args.batch_size, response_length=args.response_length,
+                       seed=seed, threads=args.threads, eval_prompts=args.quality_prompts,
+                       probe=False)
+        old = reuse.get(seed)
+        if old is not None and old["trl_spec"] == _comparable(asdict(spec)):
+            print(f"[quality seed {seed}] TRL and gold before reused from {args.reuse_trl}",
+                  file=sys.stderr, flush=True)
+            before, trl = old["gold_before"], old["trl"]
+        else:
+            from transformers import AutoModelForCausalLM
+
+            initial = AutoModelForCausalLM.from_pretrained(fx.policy_dir)
+            torch.set_num_threads(args.threads)
+            before = evaluate_policy(initial, initial, load_tokenizer(fx),
+                                     eval_prompts(spec.eval_prompts), spec.response_length,
+                                     spec.temperature, seed=spec.seed + 7)
+            trl = run(spec, suffix=f"_quality_seed{seed}")
+        ours = run(replace(spec, stack="ours", ours_overrides=overrides),
+                   suffix=f"_quality_seed{seed}")
+        keep = ("gold_after", "gold_after_se", "kl_to_ref", "kl_to_ref_se",
+                "eval_response_tokens", "wall_s", "train_curve")
+        row = {"seed": seed, "fixture": fx.policy_dir, "rm_pair_accuracy": fx.rm_pair_accuracy,
+               "gold_before": before, "trl_spec": _comparable(asdict(spec)),
+               "ours": {k: ours[k] for k in keep if k in ours},
+               "trl": {k: trl[k] for k in keep if k in trl}}
+        for side in ("ours", "trl"):
+            row[side]["gain"] = row[side]["gold_after"] - before["gold"]
+        row["diff"] = row["ours"]["gain"] - row["trl"]["gain"]
+        rows.append(row)
+        print(f"[quality seed {seed}] gold before {before['gold']:.3f}; gain ours "
+              f"{row['ours']['gain']:+.3f} (KL {row['ours']['kl_to_ref']:.2f}), TRL "
+              f"{row['trl']['gain']:+.3f} (KL {row['trl']['kl_to_ref']:.2f})",
+              file=sys.stderr, flush=True)
+    return quality_section(rows, overrides, args)
+
+
+def quality_section(rows: list[dict], overrides: Sequence[Sequence[Any]],
+                    args: argparse.Namespace) -> dict:
+    """Per-seed rows plus the statistics over seeds: each side's gain and KL (mean, se, CI)
+    and the paired differences ours - TRL (t-interval; decisive when it excludes 0)."""
+    level = 0.95
+    gains = {side: [r[side]["gain"] for r in rows] for side in ("ours", "trl")}
+    kls = {side: [r[side]["kl_to_ref"] for r in rows] for side in ("ours", "trl")}
+    return {
+        "seeds": rows,
+        "n_seeds": len(rows),
+        "eval_responses": args.quality_prompts,
+        "iterations": args.iterations, "batch_size": args.batch_size,
+        "response_length": args.response_length,
+        "ours_overrides": [list(o) for o in overrides],
+        "gain": {side: mean_ci(v, level) for side, v in gains.items()},
+        "kl": {side: mean_ci(v, level) for side, v in kls.items()},
+        "diff": mean_ci([o - t for o, t in zip(gains["ours"], gains["trl"])], level),
+        "kl_diff": mean_ci([o - t for o, t in zip(kls["ours"], kls["trl"])], level),
+    }
+
+
+def render_quality(q: dict) -> str:
+    """The quality tables (markdown) and a one-line verdict."""
+    pct = f"{q['diff']['level']:.0%}"
+    opts = (" (ours with " + ", ".join(f"{k}={v}" for k, v in q["ours_overrides"]) + ")"
+            if q["ours_overrides"] else "")
+    lines = [
+        f"PPO quality, ours vs TRL{opts} -- {q['n_seeds']} seeds (fixture, data order and "
+        f"sampling seeded per seed), {q['iterations']} iterations x {q['batch_size']} episodes, "
+        f"response length {q['response_length']}; gold and KL on {q['eval_responses']} sampled "
+        "responses per policy",
+        "",
+        "| seed | gold before | ours gain | TRL gain | ours - TRL | ours KL | TRL KL | ours tokens | TRL tokens |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in q["seeds"]:
+        o, t = r["ours"], r["trl"]
+        lines.append(f"| {r['seed']} | {r['gold_before']['gold']:.3f} | {o['gain']:+.3f} | "
+                     f"{t['gain']:+.3f} | {r['diff']:+.3f} | {o['kl_to_ref']:.2f} | "
+                     f"{t['kl_to_ref']:.2f} | {o['eval_response_tokens']:.1f} | "
+                     f"{t['eval_response_tokens']:.1f} |")
+
+    def cell(c: dict, sign: str = "+") -> str:
+        return f"{c['mean']:{sign}.3f} ± {c['se']:.3f}"
+
+    def ci(c: dict) -> str:
+        return f"[{c['lo']:+.3f}, {c['hi']:+.3f}]"
+
+    lines += [
+        "",
+        f"| over seeds (mean ± se, {pct} t-interval) | ours | TRL | ours - TRL (paired) |",
+        "|---|---:|---:|---:|",
+        f"| gold gain | {cell(q['gain']['ours'])} | {cell(q['gain']['trl'])} | {cell(q['diff'])} |",
+        f"| gold gain {pct} CI | {ci(q['gain']['ours'])} | {ci(q['gain']['trl'])} | {ci(q['diff'])} |",
+        f"| KL to reference, nats/response | {cell(q['kl']['ours'], '')} | {cell(q['kl']['trl'], '')} "
+        f"| {cell(q['kl_diff'])} |",
+        f"| KL {pct} CI | {ci(q['kl']['ours'])} | {ci(q['kl']['trl'])} | {ci(q['kl_diff'])} |",
+        "",
+        quality_verdict(q),
+    ]
+    return "\n".join(lines)
+
+
+def quality_verdict(q: dict) -> str:
+    d, k = q["diff"], q["kl_diff"]
+    pct = f"{d['level']:.0%}"
+    if d["decisive"]:
+        who = "ours gains more" if d["mean"] > 0 else "ours gains less"
+        head = f"DECISIVE: {who} gold per episode than TRL"
+    else:
+        head = "NOT DECISIVE: the gold-gain difference is within noise"
+    kl = ("KL differs decisively" if k["decisive"] else "KL not decisively different")
+    return (f"{head}: ours - TRL = {d['mean']:+.3f}, {pct} CI [{d['lo']:+.3f}, {d['hi']:+.3f}] "
+            f"over {d['n']} seeds; {kl} (ours - TRL {k['mean']:+.2f} nats, {pct} CI "
+            f"[{k['lo']:+.2f}, {k['hi']:+.2f}]).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -839,6 +1041,18 @@ def build_report(args: argparse.Namespace, size: ModelSize, fx: Fixture, base: R
     return report
 
 
+def _override(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` -> (field, value); the value as JSON (numbers, true/false, null) if it
+    parses, else the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -858,9 +1072,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "so each stack gets two cores)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="runs per stack in ABBA order, the fastest of each compared (4; tiny 1)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the fixture and both runs; in the quality mode the first seed")
+    q = ap.add_argument_group("quality mode (instead of the speed benchmark)")
+    q.add_argument("--quality-seeds", type=int, default=0,
+                   help="N >= 2: gold gain of ours and TRL on seeds --seed .. --seed+N-1, each "
+                        "with its own fixture, and the paired ours - TRL difference with a 95%% "
+                        "t-interval; no speed sections")
+    q.add_argument("--quality-prompts", type=int, default=None,
+                   help="sampled responses per evaluation (1440: the task's 360 prompts x 4; tiny 24)")
+    q.add_argument("--ours-set", action="append", default=[], metavar="FIELD=VALUE",
+                   type=_override,
+                   help="ours only, repeatable: set a PPOConfig field (strategy.FIELD for the "
+                        "StrategyConfig), VALUE parsed as JSON, else a string; for A/B runs")
+    q.add_argument("--reuse-trl", type=Path, default=None,
+                   help="quality JSON of an earlier run: reuse its TRL result and gold before for "
+                        "every seed whose TRL settings match (A/B of an option of ours)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.quality_prompts is None:
+        args.quality_prompts = 24 if args.tiny else 1440
+    if args.quality_seeds == 1 or args.quality_seeds < 0:
+        ap.error("--quality-seeds must be >= 2 (a confidence interval over seeds needs two)")
+    if (args.ours_set or args.reuse_trl) and not args.quality_seeds:
+        ap.error("--ours-set and --reuse-trl belong to the quality mode (--quality-seeds N)")
     defaults = (2, 4, 16, 1) if args.tiny else (16, 32, 64, 4)
     for name, d in zip(("iterations", "batch_size", "response_length", "rounds"), defaults):
         if getattr(args, name) is None:
@@ -879,8 +1114,10 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args.worker)
     torch.set_num_threads(args.threads)
     size = TINY_SIZE if args.tiny else ModelSize()
-    lengths = (8, 16, 32) if args.tiny else (32, 64, 128)
     t_start = time.perf_counter()
+    if args.quality_seeds:
+        return quality_main(args, size, t_start)
+    lengths = (8, 16, 32) if args.tiny else (32, 64, 128)
     print(f"fixture ({'tiny' if args.tiny else 'full'}) ...", file=sys.stderr, flush=True)
     fx = build_fixture(size, seed=args.seed)
     base = RunSpec(stack="ours", fixture=asdict(fx), iterations=args.iterations,
@@ -920,6 +1157,30 @@ def main(argv: list[str] | None = None) -> int:
     report["total_bench_s"] = time.perf_counter() - t_start
     text = render(report)
     print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.out} ({report['total_bench_s']:.0f}s)", file=sys.stderr)
+    return 0
+
+
+def quality_main(args: argparse.Namespace, size: ModelSize, t_start: float) -> int:
+    import transformers
+    import trl as trl_pkg
+
+    quality = run_quality(args, size)
+    report = {
+        "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/ppo_vs_trl.py",
+                                                     *sys.argv[1:]]),
+        "mode": "quality",
+        "size": asdict(size),
+        "machine": {"threads": args.threads, "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "trl": trl_pkg.__version__,
+                    "load_avg_1m": os.getloadavg()[0]},
+        "quality": quality,
+        "total_bench_s": time.perf_counter() - t_start,
+    }
+    print(render_quality(quality))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {args.out} ({report['total_bench_s']:.0f}s)", file=sys.stderr)
