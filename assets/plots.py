@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -72,6 +73,11 @@ def _line_plot(rows: Sequence[dict], keys: Sequence[str], title: str, out: Path)
         return None
     ax.set_title(title)
     ax.set_xlabel("step")
+    return _save(fig, ax, out)
+
+
+def _save(fig: Any, ax: Any, out: Path) -> Path:
+    """Grid, legend, tight layout; write the PNG and free the figure."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -132,12 +138,7 @@ def guard_plot(points: Sequence[dict], out: Path, kept_step: int | None = None) 
     ax.set_xlabel("sqrt(KL to the reference, nats per response)")
     ax.set_ylabel("mean score (each in its own units)")
     ax.set_title("over-optimization guard" + (f" (kept step {kept_step})" if kept_step is not None else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out)
 
 
 def _pick(keys: Sequence[str], preferred: Sequence[str]) -> str | None:

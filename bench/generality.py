@@ -409,6 +409,7 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str, test_pairs, test_
     from assets.evaluation import (
         EvaluationConfig,
         generate,
+        kl_per_response,
         kl_per_token,
         mean,
         pair_metrics,
@@ -432,7 +433,7 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str, test_pairs, test_
         "gold_ppo": mean(gold_ppo),
         "gold_gain": mean(gold_ppo) - mean(gold_sft),
         "gold_win_rate": win_rate(gold_ppo, gold_sft),
-        "kl_nats_per_response": mean([sum(a) - sum(b) for a, b in zip(lp_ppo, lp_sft)]),
+        "kl_nats_per_response": kl_per_response(lp_ppo, lp_sft),
         "kl_per_token": kl_per_token(lp_ppo, lp_sft),
         "ppo_response_tokens": mean(ppo["lengths"]),
         "sft_response_tokens": mean(sft["lengths"]),

@@ -167,6 +167,18 @@ def test_whole_graph_materializes_with_mlflow_runs(lineage: dict) -> None:
         assert {"plots", "model"} <= artifacts
     ppo_meta = result.asset_materializations_for_node("ppo_policy")[0].metadata
     assert "plot_frontier" in ppo_meta and "summary/objective/kl" in ppo_meta
+    # the guard (configs/tiny.yaml: every step, 8 responses) plotted proxy and held-out
+    # against sqrt(KL) and says which step was kept and why, in Dagster and on the MLflow run
+    assert "plot_guard" in ppo_meta and ppo_meta["stopped_reason"].value
+    kept = ppo_meta["kept_step"].value
+    assert 0 <= kept <= ppo_meta["trained_steps"].value
+    ppo_run = client.get_run(ppo_meta["mlflow_run_id"].value)
+    assert ppo_run.data.tags["rlhf.kept_step"] == str(kept)
+    assert "guard/heldout" in ppo_run.data.metrics and "guard/kl_per_response" in ppo_run.data.metrics
+    sft_meta = result.asset_materializations_for_node("sft_model")[0].metadata
+    assert sft_meta["selected_on"].value.startswith("eval/loss on the eval split")
+    held = result.asset_materializations_for_node("heldout_reward_model")[0].metadata
+    assert Path(held["model_path"].value).is_dir()
 
 
 def test_evaluation_report_and_checks_in_the_graph(lineage: dict) -> None:
@@ -181,6 +193,9 @@ def test_evaluation_report_and_checks_in_the_graph(lineage: dict) -> None:
                 "ppo/ended_eos_frac", "ppo/rouge_l_mean", "sft/length_mean"):
         assert m[key] is not None, key
     assert m["n_prompts"] == 8 and "| prompt |" in meta["samples"].value
+    assert m["ppo/kl_to_ref_per_response"] is not None
+    # the guard's samples scored by gold after the fact, one row per evaluation (steps 0, 1, 2)
+    assert meta["guard_curve"].value.count("\n| ") == 3 and "plot_guard" in meta
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert {"reward_model_accuracy", "ppo_kl_within_bound", "ppo_beats_sft"} <= set(checks)
     assert checks["reward_model_accuracy"].passed  # threshold 0 in configs/tiny.yaml
