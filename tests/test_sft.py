@@ -242,7 +242,7 @@ def test_early_stopping_ships_the_best_evaluated_weights(tmp_path: Path, data_di
     rec = Recorder()
     summary = train(_cfg(data_dir, tmp_path / "run", base_model, learning_rate=0.3, num_epochs=20,
                          eval_steps=1, warmup_ratio=0.0, lr_scheduler="constant",
-                         stopping={"patience": 2}), [rec])
+                         stopping={"patience": 2, "min_delta": 0.0}), [rec])
     losses = [m["eval/loss"] for _, m in rec.evals]
     best = min(range(len(losses)), key=losses.__getitem__)
     assert summary["stopped_reason"] == "early_stopping"
@@ -272,3 +272,20 @@ def test_time_budget_stops_the_loop_and_keeps_the_best(tmp_path: Path, data_dir:
     summary = train(_cfg(data_dir, tmp_path / "run", base_model, num_epochs=50, stopping={"max_seconds": 1e-9}))
     assert summary["stopped_reason"] == "time_budget" and summary["step"] == 1
     assert summary["completed"] and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_best_tracker_relative_min_delta_and_patience() -> None:
+    from ppo_core.trainer import BestTracker, StoppingConfig
+
+    t = BestTracker(StoppingConfig(patience=2, min_delta=0.01))
+    assert t.update(10, {"eval/loss": 2.0})          # the first evaluation is the best so far
+    assert not t.update(20, {"eval/loss": 1.99})     # 0.5% better: below the 1% bar
+    assert t.update(30, {"eval/loss": 1.97})         # 1.5% better than 2.0: new best, counter reset
+    assert not t.update(40, {"eval/loss": 1.96}) and not t.exhausted
+    assert not t.update(50, {"eval/loss": 2.5}) and t.exhausted
+    assert (t.best, t.best_step, t.best_metrics) == (1.97, 30, {"eval/loss": 1.97})
+    acc = BestTracker(StoppingConfig(metric="eval/accuracy", greater_is_better=True, min_delta=0.0))
+    assert acc.update(1, {"eval/accuracy": 0.6}) and acc.update(2, {"eval/accuracy": 0.7})
+    assert not acc.update(3, {"eval/accuracy": 0.7})
+    with pytest.raises(KeyError, match="choose one of"):
+        acc.update(4, {"eval/loss": 1.0})
