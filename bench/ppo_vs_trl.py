@@ -416,7 +416,7 @@ def run_ours(spec: RunSpec) -> dict:
             self.t, self.cpu0 = time.perf_counter(), cpu_seconds()
 
         def on_log(self, step, metrics):
-            for key in (*CURVE_KEYS, "policy/grad_norm", "val/grad_norm"):
+            for key in (*CURVE_KEYS, "policy/grad_norm", "val/grad_norm", "val/ended_frac"):
                 if key in metrics:
                     curve[key].append(float(metrics[key]))
             now = time.perf_counter()
@@ -614,8 +614,10 @@ def worker_main(spec_path: str) -> int:
 
 
 def _comparable(spec: dict) -> dict:
-    """The parts of a TRL run's spec that decide its result (not where it writes)."""
-    return {k: v for k, v in spec.items() if k not in ("out", "ours_overrides", "stack")}
+    """The parts of a TRL run's spec that decide its result (not where it writes), as they
+    read back from JSON (tuples become lists)."""
+    return json.loads(json.dumps({k: v for k, v in spec.items()
+                                  if k not in ("out", "ours_overrides", "stack")}))
 
 
 def run_quality(args: argparse.Namespace, size: ModelSize) -> dict:
@@ -646,7 +648,8 @@ def run_quality(args: argparse.Namespace, size: ModelSize) -> dict:
                        seed=seed, threads=args.threads, eval_prompts=args.quality_prompts,
                        probe=False)
         old = reuse.get(seed)
-        if old is not None and old["trl_spec"] == _comparable(asdict(spec)):
+        reused = old is not None and old["trl_spec"] == _comparable(asdict(spec))
+        if reused:
             print(f"[quality seed {seed}] TRL and gold before reused from {args.reuse_trl}",
                   file=sys.stderr, flush=True)
             before, trl = old["gold_before"], old["trl"]
@@ -670,12 +673,29 @@ def run_quality(args: argparse.Namespace, size: ModelSize) -> dict:
         for side in ("ours", "trl"):
             row[side]["gain"] = row[side]["gold_after"] - before["gold"]
         row["diff"] = row["ours"]["gain"] - row["trl"]["gain"]
+        if reused:
+            row["reused_ours"] = old["ours"]   # the A arm of an A/B (the run reused)
         rows.append(row)
         print(f"[quality seed {seed}] gold before {before['gold']:.3f}; gain ours "
               f"{row['ours']['gain']:+.3f} (KL {row['ours']['kl_to_ref']:.2f}), TRL "
               f"{row['trl']['gain']:+.3f} (KL {row['trl']['kl_to_ref']:.2f})",
               file=sys.stderr, flush=True)
-    return quality_section(rows, overrides, args)
+    quality = quality_section(rows, overrides, args)
+    if args.reuse_trl:
+        quality["ab"] = ab_section(rows, str(args.reuse_trl))
+    return quality
+
+
+def ab_section(rows: list[dict], reused: str) -> dict | None:
+    """Ours in this run (B) against ours in the reused run (A) on the seeds whose TRL result
+    was reused: paired differences of gold gain and KL (same fixtures, seeds and evaluation)."""
+    pairs = [(r["ours"], r["reused_ours"]) for r in rows if "reused_ours" in r]
+    if len(pairs) < 2:
+        return None
+    gain = [b["gain"] - a["gain"] for b, a in pairs]
+    kl = [b["kl_to_ref"] - a["kl_to_ref"] for b, a in pairs]
+    return {"reused": reused, "seeds": [r["seed"] for r in rows if "reused_ours" in r],
+            "gain_diff": mean_ci(gain), "kl_diff": mean_ci(kl)}
 
 
 def quality_section(rows: list[dict], overrides: Sequence[Sequence[Any]],
@@ -738,6 +758,13 @@ def render_quality(q: dict) -> str:
         "",
         quality_verdict(q),
     ]
+    ab = q.get("ab")
+    if ab:
+        g, k = ab["gain_diff"], ab["kl_diff"]
+        lines += ["", f"A/B against ours in {ab['reused']} ({g['n']} paired seeds): gold gain "
+                      f"{g['mean']:+.3f} ± {g['se']:.3f}, {g['level']:.0%} CI [{g['lo']:+.3f}, "
+                      f"{g['hi']:+.3f}] ({'decisive' if g['decisive'] else 'not decisive'}); KL "
+                      f"{k['mean']:+.2f} nats, CI [{k['lo']:+.2f}, {k['hi']:+.2f}]"]
     return "\n".join(lines)
 
 

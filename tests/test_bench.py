@@ -192,3 +192,31 @@ def test_quality_mode_rows_and_interval(quality_report: dict) -> None:
     out = quality_report["_stdout"]
     assert "| seed | gold before |" in out and "ours - TRL (paired)" in out
     assert "DECISIVE" in out
+
+
+def test_quality_ab_reuses_trl(quality_report: dict, tmp_path: Path) -> None:
+    """``--reuse-trl``: TRL's runs and the gold before come from the earlier report, ours runs
+    again (here without the override) and is compared with the earlier ours seed by seed."""
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps({k: v for k, v in quality_report.items() if k != "_stdout"}))
+    out = tmp_path / "ab.json"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--quality-seeds", "2", "--quality-prompts", "24",
+         "--reuse-trl", str(first), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**env, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
+             "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, f"A/B run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    q, old = json.loads(out.read_text())["quality"], quality_report["quality"]
+    for new_row, old_row in zip(q["seeds"], old["seeds"]):
+        assert new_row["trl"]["gold_after"] == old_row["trl"]["gold_after"]
+        assert new_row["gold_before"] == old_row["gold_before"]
+        assert new_row["reused_ours"]["gain"] == pytest.approx(old_row["ours"]["gain"])
+    ab = q["ab"]
+    assert ab["seeds"] == [0, 1] and ab["gain_diff"]["n"] == 2
+    diffs = [n["ours"]["gain"] - o["ours"]["gain"] for n, o in zip(q["seeds"], old["seeds"])]
+    assert ab["gain_diff"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert ab["gain_diff"]["lo"] <= ab["gain_diff"]["mean"] <= ab["gain_diff"]["hi"]
+    assert "A/B against ours in" in proc.stdout
