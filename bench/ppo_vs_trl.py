@@ -13,6 +13,14 @@ batch size.
     .venv/bin/python bench/ppo_vs_trl.py --out bench/results/latest.json
     .venv/bin/python bench/ppo_vs_trl.py --tiny --out /tmp/tiny.json     # ~1 min, for tests
 
+Quality mode (no speed sections): gold gain and KL of both stacks over N seeds, each seed with
+its own fixture, and the paired difference ours - TRL with a 95% t-interval (~2 min a seed):
+
+    .venv/bin/python bench/ppo_vs_trl.py --quality-seeds 40 --out bench/results/quality.json
+    # A/B an option of ours on the same seeds, reusing TRL's runs:
+    .venv/bin/python bench/ppo_vs_trl.py --quality-seeds 40 --ours-set strategy.gradient_clipping=0 \
+        --reuse-trl bench/results/quality.json --out bench/results/quality_noclip.json
+
 TRL is timed from outside: its module-level ``batch_generation``, ``forward`` (no-grad calls
 only) and ``get_reward`` are wrapped with timers; training time is the rest of each
 iteration (PPO epochs, GAE, logging), measured by a ``TrainerCallback``.
@@ -716,6 +724,9 @@ def quality_section(rows: list[dict], overrides: Sequence[Sequence[Any]],
         "kl": {side: mean_ci(v, level) for side, v in kls.items()},
         "diff": mean_ci([o - t for o, t in zip(gains["ours"], gains["trl"])], level),
         "kl_diff": mean_ci([o - t for o, t in zip(kls["ours"], kls["trl"])], level),
+        # robust to the heavy tails (runs that collapse to one-token answers)
+        "median_diff": statistics.median(r["diff"] for r in rows),
+        "ours_ahead": sum(r["diff"] > 0 for r in rows),
     }
 
 
@@ -778,7 +789,8 @@ def quality_verdict(q: dict) -> str:
         head = "NOT DECISIVE: the gold-gain difference is within noise"
     kl = ("KL differs decisively" if k["decisive"] else "KL not decisively different")
     return (f"{head}: ours - TRL = {d['mean']:+.3f}, {pct} CI [{d['lo']:+.3f}, {d['hi']:+.3f}] "
-            f"over {d['n']} seeds; {kl} (ours - TRL {k['mean']:+.2f} nats, {pct} CI "
+            f"over {d['n']} seeds (median {q['median_diff']:+.3f}; ours ahead on "
+            f"{q['ours_ahead']} of {d['n']}); {kl} (ours - TRL {k['mean']:+.2f} nats, {pct} CI "
             f"[{k['lo']:+.2f}, {k['hi']:+.2f}]).")
 
 

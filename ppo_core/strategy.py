@@ -47,7 +47,9 @@ class StrategyConfig:
     bf16: bool = False
     """Train in bfloat16 with fp32 master weights (DeepSpeed ``bf16.enabled``)."""
     gradient_clipping: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables. 1.0 as TRL, OpenRLHF, DeepSpeed-Chat."""
+    """Clip the global gradient norm to this value; 0 disables. 1.0 as OpenRLHF, DeepSpeed-Chat and
+    TRL's SFT/reward trainers (TRL's PPO loop clips only under DeepSpeed; on CPU it never does,
+    and turning ours off changed the benchmark's gold gain by -0.021 +- 0.048 over 40 seeds)."""
     backend: str = "auto"
     """torch.distributed backend: ``auto`` = nccl with CUDA, gloo otherwise."""
     seed: int = 42
