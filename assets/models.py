@@ -209,12 +209,12 @@ def train_stage(
         )
         pipes_meta = dict(invocation.get_materialize_result().metadata or {})
         summary = _summary(out)
-        kept = summary.get("kept_step", summary.get("best_step"))
-        plots = training_plots(metrics_file, out / "plots", kept_step=kept)
+        kept = _kept_metadata(summary)
+        plots = training_plots(metrics_file, out / "plots", kept_step=kept.get("kept_step"))
         for png in plots.values():
             mlflow.log_artifact(run_id, png, "plots")
         # which weights were shipped and why the loop ended, beside the run's metrics
-        mlflow.set_tags(run_id, {f"rlhf.{k}": v for k, v in _kept_metadata(summary).items()})
+        mlflow.set_tags(run_id, {f"rlhf.{k}": v for k, v in kept.items()})
         mlflow.log_artifact(run_id, config_path)
         model_path = out / "final"
         if not model_path.is_dir():
@@ -236,7 +236,7 @@ def train_stage(
         "data_version": data_version,
         "summary": dg.MetadataValue.md(
             "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.4g} |" for k, v in numbers.items())),
-        **_kept_metadata(summary),
+        **kept,
     }
     for name, png in plots.items():
         metadata[f"plot_{name}"] = dg.MetadataValue.md(png_markdown(png, name))

@@ -78,7 +78,7 @@ from ppo_core.packing import (
     trunk_hidden,
 )
 from ppo_core.rewards import FunctionReward, ModelReward, RewardNormalizer, RewardSource
-from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, replace_dir
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
 
 # How the forwards over a batch lay out its episodes: packed rows (ppo_core.packing) or
 # length groups of padded rows (row-index tensors, plan_length_groups).
@@ -1234,13 +1234,7 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     if guarded and trainer.guard.improved and trainer.guard.best.step != trainer.step:
         # ship the kept checkpoint: evaluate and save that policy, not the last one
         kept = trainer.guard.best.step
-        if trainer.rank == 0:
-            tmp = Path(cfg.output_dir) / "final.tmp-best"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(trainer.best_dir(), tmp)
-            replace_dir(tmp, Path(cfg.output_dir) / "final")
-        trainer.strategy.barrier()
-        final = Path(cfg.output_dir) / "final"
+        final = trainer.strategy.move_dir(trainer.best_dir(), Path(cfg.output_dir) / "final")
         eval_metrics: dict[str, float] = {}
     else:
         eval_metrics = trainer.evaluate()

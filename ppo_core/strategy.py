@@ -397,6 +397,14 @@ class DeepSpeedStrategy:
         self.barrier()
         return out
 
+    def move_dir(self, src: str | Path, dst: str | Path) -> Path:
+        """Rank 0 moves the directory ``src`` over ``dst`` (atomically, :func:`replace_dir`), e.g.
+        a kept checkpoint's ``save_pretrained`` folder to ``final/``; every rank waits for it."""
+        if self.is_rank_zero():
+            replace_dir(Path(src), Path(dst))
+        self.barrier()
+        return Path(dst)
+
     @staticmethod
     def save_engine_state(engine: Any, ckpt_dir: str | Path) -> None:
         """Model, optimizer and scheduler states of a training engine (DeepSpeed's format,

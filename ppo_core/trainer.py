@@ -10,7 +10,6 @@ checkpoints, stop-and-resume, the final ``save_pretrained`` and the summary.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,12 +19,11 @@ from typing import Any
 from torch import nn
 
 from ppo_core.callbacks import Callback, CallbackList
-from ppo_core.config import ConfigError
 from ppo_core.checkpoint import finish_run, load_checkpoint, resolve_resume, save_checkpoint
-from ppo_core.config import to_dict
+from ppo_core.config import ConfigError, to_dict
 from ppo_core.data import StepSampler
 from ppo_core.models import add_lora
-from ppo_core.strategy import DeepSpeedStrategy, replace_dir
+from ppo_core.strategy import DeepSpeedStrategy
 
 
 @dataclass(frozen=True)
@@ -221,16 +219,11 @@ class SupervisedTrainer:
         if reason != "early_stopping":  # the last step's weights are a candidate too
             eval_metrics = self._evaluate_and_track(last)
         kept = self.tracker.best_step if cfg.stopping.keep_best else last
-        if kept == last or not self.best_dir.is_dir():
+        if cfg.stopping.keep_best and self.best_dir.is_dir():
+            # best/ holds the kept evaluation's weights (the last step's too when it was the best)
+            self.strategy.move_dir(self.best_dir, self.out / "final")
+        else:
             self.strategy.save_pretrained(self.engine, self.tokenizer, self.out / "final")
-        elif self.strategy.is_rank_zero():
-            tmp = self.out / "final.tmp-best"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(self.best_dir, tmp)
-            replace_dir(tmp, self.out / "final")
-        self.strategy.barrier()
-        if self.strategy.is_rank_zero():
-            shutil.rmtree(self.best_dir, ignore_errors=True)
         # the summary's eval/* describe the shipped weights; the last evaluation keeps a prefix
         shipped = self.tracker.best_metrics if kept != last else eval_metrics
         report = {**{f"last_{k}": v for k, v in eval_metrics.items()}, **shipped,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,19 @@ def hh_sample() -> Path:
     if not HH_SAMPLE.exists():
         pytest.skip(f"HH-RLHF sample not found at {HH_SAMPLE}")
     return HH_SAMPLE
+
+
+# An engine test earlier in the session sets the single-process rendezvous variables
+# (MASTER_PORT ...) in os.environ and still listens on that port; a benchmark started as a
+# fresh top-level run must pick its own.
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def run_bench_script(args: Sequence[str], timeout: int, drop: Sequence[str] = (),
+                     **env: str) -> subprocess.CompletedProcess:
+    """``python <args>`` from the checkout with the rendezvous variables (and ``drop``) removed
+    from the environment, TRL's experimental warning and tokenizer threads silenced, ``env`` added."""
+    clean = {k: v for k, v in os.environ.items() if k not in DIST_ENV and k not in drop}
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**clean, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false", **env})

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_bench_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "ppo_vs_trl.py"
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 pytest.importorskip("trl.experimental.ppo", reason="the bench extra (trl==1.12.0) is not installed")
 
@@ -26,15 +23,7 @@ pytest.importorskip("trl.experimental.ppo", reason="the bench extra (trl==1.12.0
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    # an engine test earlier in the session sets the single-process rendezvous variables
-    # (MASTER_PORT ...) in os.environ and still listens on that port; the benchmark is a fresh
-    # top-level run and must pick its own
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**env, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"},
-    )
+    proc = run_bench_script([str(SCRIPT), "--tiny", "--out", str(out)], timeout=600)
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert out.exists(), "the script did not write the --out JSON"
     data = json.loads(out.read_text())
@@ -150,14 +139,10 @@ def test_t_interval_against_hand_computed_values() -> None:
 @pytest.fixture(scope="module")
 def quality_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "quality.json"
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--quality-seeds", "2", "--quality-prompts", "24",
+    proc = run_bench_script(
+        [str(SCRIPT), "--tiny", "--quality-seeds", "2", "--quality-prompts", "24",
          "--ours-set", "strategy.gradient_clipping=0", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**env, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
-             "OMP_NUM_THREADS": "1"},
-    )
+        timeout=600, OMP_NUM_THREADS="1")
     assert proc.returncode == 0, f"quality mode failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     data = json.loads(out.read_text())
     data["_stdout"] = proc.stdout
@@ -200,14 +185,10 @@ def test_quality_ab_reuses_trl(quality_report: dict, tmp_path: Path) -> None:
     first = tmp_path / "first.json"
     first.write_text(json.dumps({k: v for k, v in quality_report.items() if k != "_stdout"}))
     out = tmp_path / "ab.json"
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--quality-seeds", "2", "--quality-prompts", "24",
+    proc = run_bench_script(
+        [str(SCRIPT), "--tiny", "--quality-seeds", "2", "--quality-prompts", "24",
          "--reuse-trl", str(first), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**env, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
-             "OMP_NUM_THREADS": "1"},
-    )
+        timeout=600, OMP_NUM_THREADS="1")
     assert proc.returncode == 0, f"A/B run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     q, old = json.loads(out.read_text())["quality"], quality_report["quality"]
     for new_row, old_row in zip(q["seeds"], old["seeds"]):

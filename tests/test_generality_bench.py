@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_bench_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "generality.py"
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 TASK = "arithmetic"
 
 pytest.importorskip("trl.experimental.ppo", reason="the bench extra (trl==1.12.0) is not installed")
@@ -29,17 +26,10 @@ pytest.importorskip("trl.experimental.ppo", reason="the bench extra (trl==1.12.0
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("generality")
     out = tmp / "tiny.json"
-    # an engine test earlier in the session sets the single-process rendezvous variables
-    # (MASTER_PORT ...) in os.environ and still listens on that port; the benchmark's runs
-    # must pick their own. RLHF_HOME / DAGSTER_HOME of a test fixture must not leak in either.
-    env = {k: v for k, v in os.environ.items()
-           if k not in DIST_ENV and k not in ("RLHF_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--tasks", TASK, "--work-dir", str(tmp / "work"),
-         "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-        env={**env, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"},
-    )
+    # RLHF_HOME / DAGSTER_HOME of a test fixture must not leak into the benchmark's runs
+    proc = run_bench_script(
+        [str(SCRIPT), "--tiny", "--tasks", TASK, "--work-dir", str(tmp / "work"), "--out", str(out)],
+        timeout=900, drop=("RLHF_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"))
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     assert out.exists(), "the script did not write the --out JSON"
     data = json.loads(out.read_text())
