@@ -21,6 +21,14 @@ from assets.splits import DEFAULT_SPLIT_SEED, SplitSettings, read_split_prompts,
 from pipelines import settings
 
 GROUP = "data"
+# Code versions (every asset of the project has one): bump an asset's constant by hand when a
+# change to its logic changes what it writes for the same inputs and config; Dagster then shows
+# it, and everything downstream, as stale ("code version changed"). A change that keeps the
+# output (refactor, logging) keeps the version. Data versions are the content hashes below, so a
+# re-materialization that writes the same content leaves downstream assets fresh.
+RAW_PREFERENCES_VERSION = "1"
+VALIDATED_PREFERENCES_VERSION = "1"
+DATASET_SPLITS_VERSION = "1"
 PREVIEW_ROWS = 5
 PREVIEW_CHARS = 80
 
@@ -89,7 +97,7 @@ def _write_once(frame: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"})
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=RAW_PREFERENCES_VERSION)
 def raw_preferences(context: dg.AssetExecutionContext, config: RawPreferencesConfig) -> dg.Output[dict]:
     """Preference data from the configured source, normalized to prompt / chosen / rejected text."""
     try:
@@ -121,17 +129,17 @@ def raw_preferences(context: dg.AssetExecutionContext, config: RawPreferencesCon
         "skipped_files": dg.MetadataValue.json(result.skipped_files),
         "preview": _preview(result.frame),
     }
-    return dg.Output(manifest, metadata=metadata)
+    return dg.Output(manifest, metadata=metadata, data_version=dg.DataVersion(version))
 
 
 @dg.multi_asset(
     outs={
         "preference_pairs": dg.AssetOut(
-            group_name=GROUP, kinds={"parquet"},
+            group_name=GROUP, kinds={"parquet"}, code_version=VALIDATED_PREFERENCES_VERSION,
             description="pairs that satisfy assets.schemas.PreferencePairs",
         ),
         "quarantined_pairs": dg.AssetOut(
-            group_name=GROUP, kinds={"parquet"},
+            group_name=GROUP, kinds={"parquet"}, code_version=VALIDATED_PREFERENCES_VERSION,
             description="pairs that failed validation, one reason (assets.schemas.QuarantineReason) per row",
         ),
     },
@@ -161,13 +169,13 @@ def validated_preferences(
     yield dg.Output(
         {"path": str(pairs_path), "n_rows": n_valid, "content_hash": version,
          "raw_content_hash": raw_preferences["content_hash"], "reason_counts": counts, **common},
-        output_name="preference_pairs",
+        output_name="preference_pairs", data_version=dg.DataVersion(version),
         metadata={**common, "content_hash": version, "path": dg.MetadataValue.path(str(pairs_path)),
                   "reason_counts": dg.MetadataValue.json(counts), "preview": _preview(result.valid)},
     )
     yield dg.Output(
         {"path": str(quarantine_path), "n_rows": n_quarantined, "reason_counts": counts, **common},
-        output_name="quarantined_pairs",
+        output_name="quarantined_pairs", data_version=dg.DataVersion(content_hash(result.quarantined)),
         metadata={**common, "path": dg.MetadataValue.path(str(quarantine_path)),
                   "reason_counts": dg.MetadataValue.json(counts),
                   **{f"reason/{r}": n for r, n in counts.items()},
@@ -196,7 +204,7 @@ def quarantine_fraction_below_threshold(
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"})
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=DATASET_SPLITS_VERSION)
 def dataset_splits(
     context: dg.AssetExecutionContext, config: DatasetSplitsConfig, preference_pairs: dict
 ) -> dg.Output[dict]:
@@ -220,7 +228,7 @@ def dataset_splits(
         "fractions": dg.MetadataValue.json(manifest["fractions"]), "seed": manifest["seed"],
         **{f"count/{name}": n for name, n in manifest["counts"].items()},
     }
-    return dg.Output(value, metadata=metadata)
+    return dg.Output(value, metadata=metadata, data_version=dg.DataVersion(manifest["data_version"]))
 
 
 @dg.asset_check(asset="dataset_splits", blocking=True)

@@ -19,11 +19,15 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from assets.ingest import content_hash
 from assets.plots import guard_plot, png_markdown
 from pipelines import settings
+from pipelines.mlflow_models import EVAL, SplitInput, log_datasets, model_metrics, split_inputs
 from pipelines.resources import MLflowResource
 
 BUNDLED_GOLD_SCORER = "assets.bundled_task:gold_score_batch"
+# Bumped by hand when a change here changes the report for the same inputs (see assets/data.py).
+EVALUATION_REPORT_VERSION = "1"
 GoldScorer = Callable[[list[str], list[str]], list[float]]
 
 
@@ -380,12 +384,13 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
     # NaN is not JSON: a metric that does not apply (no gold scorer) is written as null.
     report["metrics"] = json_safe(metrics)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False))
-    return {"report": report, "samples": samples}
+    return {"report": report, "samples": samples, "ids": {name: gen["ids"] for name, gen in per.items()}}
 
 
 @dg.asset(
     group_name="evaluation",
     kinds={"pytorch", "mlflow"},
+    code_version=EVALUATION_REPORT_VERSION,
     description="SFT against PPO on held-out prompts: RM and gold scores, win rates, KL, length, ROUGE-L.",
 )
 def evaluation_report(
@@ -405,13 +410,16 @@ def evaluation_report(
         mlflow.log_params(run_id, {"eval": config.model_dump(), "sft_model": sft_model.get("model_path"),
                                    "ppo_model": ppo_policy.get("model_path"),
                                    "reward_model": reward_model.get("model_path")})
+        test_set, test_pairs = split_inputs(dataset_splits, {"test_prompts": EVAL, "test_pairs": EVAL})
+        log_datasets(mlflow.client(), run_id, [test_set, test_pairs])
         result = evaluate(
             dataset_splits, _model_dir(sft_model, "sft_model"), _model_dir(ppo_policy, "ppo_policy"),
             _model_dir(reward_model, "reward_model"), config, out_dir,
             data_source=raw_preferences.get("source"), log=context.log.info,
         )
         metrics = result["report"]["metrics"]  # json-safe: None where a metric does not apply
-        mlflow.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})
+        _log_report_metrics(mlflow, run_id, {k: v for k, v in metrics.items() if v is not None},
+                            ppo_policy.get("mlflow_model_id"), test_set)
         guard_meta = _guard_section(ppo_policy, result["report"]["gold_scorer"], out_dir)
         for point in guard_meta.pop("points", []):
             mlflow.log_metrics(run_id, {f"guard/{k}": v for k, v in point.items() if k != "step"},
@@ -427,9 +435,12 @@ def evaluation_report(
         "gold_scorer": result["report"]["gold_scorer"], "mlflow_run_id": run_id,
         "data_version": dataset_splits.get("data_version"), "ppo_model_path": ppo_policy.get("model_path"),
         "sft_model_path": sft_model.get("model_path"),
+        "ppo_model_id": ppo_policy.get("mlflow_model_id"),
     }
     return dg.MaterializeResult(
         value=manifest,
+        # the samples and metrics, not report.json: that names this run's folders
+        data_version=dg.DataVersion(content_hash(result["samples"], {"metrics": metrics})),
         metadata={
             "mlflow_run": dg.MetadataValue.url(url), "mlflow_run_id": run_id,
             "report_path": dg.MetadataValue.path(str(out_dir / "report.json")),
@@ -438,6 +449,18 @@ def evaluation_report(
             **{k: v for k, v in guard_meta.items() if k != "plot_path"},
         },
     )
+
+
+def _log_report_metrics(mlflow: MLflowResource, run_id: str, metrics: dict[str, float],
+                        ppo_model_id: str | None, test_set: SplitInput) -> None:
+    """The report's metrics on the run and, linked to the test split, on the PPO policy's
+    LoggedModel (the candidate the report judges), so its model page shows them; a policy
+    trained without a LoggedModel (log_model_to_mlflow false) gets them on the run only."""
+    if not ppo_model_id:
+        mlflow.log_metrics(run_id, metrics)
+        return
+    if batch := model_metrics(metrics, str(ppo_model_id), test_set):
+        mlflow.client().log_batch(run_id, metrics=batch)
 
 
 def _guard_section(ppo_policy: dict, scorer_spec: str | None, out_dir: Path) -> dict[str, Any]:

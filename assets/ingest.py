@@ -18,7 +18,11 @@ Formats (``fmt``):
 * ``"hh"``: Anthropic HH-RLHF transcripts (TRL's implicit-prompt format): ``chosen`` and
   ``rejected`` are whole dialogues; their shared prefix up to the last ``Assistant:`` becomes
   the prompt and the rest of each dialogue the response;
-* ``"auto"``: ``"trl"`` when a ``prompt`` column exists, else ``"hh"``.
+* ``"labels"``: an annotation batch (:mod:`assets.annotation`): ``prompt``, ``response_a``,
+  ``response_b`` and the annotator's ``preference`` (``a`` or ``b``); the preferred response
+  becomes ``chosen``. A row left unlabelled or labelled otherwise is kept and quarantined;
+* ``"auto"``: ``"labels"`` when ``preference``/``response_a``/``response_b`` columns exist,
+  else ``"trl"`` when a ``prompt`` column exists, else ``"hh"``.
 
 Conversations are rendered to text with the HH-RLHF template so that HH and conversational
 data look the same to the model::
@@ -52,7 +56,8 @@ import pandas as pd
 from assets import bundled_task
 from assets.schemas import OPTIONAL_COLUMNS, PAIR_COLUMNS, QuarantineReason
 
-FORMATS: tuple[str, ...] = ("auto", "trl", "hh")
+FORMATS: tuple[str, ...] = ("auto", "trl", "hh", "labels")
+LABEL_COLUMNS: tuple[str, ...] = ("prompt", "response_a", "response_b", "preference")
 SUPPORTED_SUFFIXES: tuple[str, ...] = (
     ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".csv.gz",
 )
@@ -344,9 +349,12 @@ def resolve_format(columns: list[str], fmt: str, where: str) -> str:
     have = set(columns)
     detected = ""
     if fmt == "auto":
-        fmt = "trl" if "prompt" in have else "hh"
+        if {"preference", "response_a", "response_b"} <= have:
+            fmt = "labels"
+        else:
+            fmt = "trl" if "prompt" in have else "hh"
         detected = " (auto-detected: no 'prompt' column)" if fmt == "hh" else " (auto-detected)"
-    required = ("prompt", "chosen", "rejected") if fmt == "trl" else ("chosen", "rejected")
+    required = {"trl": ("prompt", "chosen", "rejected"), "labels": LABEL_COLUMNS}.get(fmt, ("chosen", "rejected"))
     missing = [c for c in required if c not in have]
     if missing:
         raise IngestError(
@@ -373,8 +381,10 @@ def normalize(
     kept = {"prompt", "chosen", "rejected", *OPTIONAL_COLUMNS, "ingest_issue", "raw_line"}
     if fmt == "hh":
         kept.discard("prompt")
+    if fmt == "labels":
+        kept |= set(LABEL_COLUMNS)
     ignored = sorted(str(c) for c in raw.columns if c not in kept)
-    row_fn = _trl_row if fmt == "trl" else _hh_row
+    row_fn = {"trl": _trl_row, "labels": _labels_row}.get(fmt, _hh_row)
     rows = [
         _normalize_row(rec, i, row_fn, origin)
         for i, rec in enumerate(raw.to_dict(orient="records"))
@@ -468,6 +478,19 @@ def _trl_row(rec: dict[str, Any]) -> tuple[Any, Any, Any, str | None]:
     chosen, issue_c = render_response(rec.get("chosen"))
     rejected, issue_r = render_response(rec.get("rejected"))
     return prompt, chosen, rejected, issue_c or issue_r
+
+
+def _labels_row(rec: dict[str, Any]) -> tuple[Any, Any, Any, str | None]:
+    """An annotated pair: ``preference`` ``a`` / ``b`` (any case) names the better response."""
+    label = rec.get("preference")
+    label = str(label).strip().lower() if label is not None else ""
+    a, b = rec.get("response_a"), rec.get("response_b")
+    prompt = render_prompt(rec.get("prompt"))
+    if label not in ("a", "b"):
+        reason = QuarantineReason.UNLABELLED if not label else QuarantineReason.INVALID_LABEL
+        return prompt, a, b, reason.value
+    chosen, rejected = (a, b) if label == "a" else (b, a)
+    return prompt, chosen, rejected, None
 
 
 def _hh_row(rec: dict[str, Any]) -> tuple[Any, Any, Any, str | None]:

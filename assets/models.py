@@ -3,21 +3,28 @@
 The training assets are thin: map the operator's ``dg.Config`` onto the ppo_core config
 dataclass (``core_config``, the one place that mapping lives), write it to a JSON file, open
 one MLflow run, launch the stage out of process through ``TrainingLauncher`` (torchrun +
-Dagster Pipes), then log plots and the model to MLflow and return a JSON manifest
-(``model_path`` = the ``save_pretrained`` directory) with metadata for the Dagster UI.
+Dagster Pipes), then log plots and the model (a LoggedModel) to MLflow and return a JSON manifest
+(``model_path`` = the ``save_pretrained`` directory) with metadata for the Dagster UI. The run
+also records the split files it read as dataset inputs and the node's system metrics while
+the stage ran.
 
 Every output goes to ``settings.models_root()/<asset>/<dagster run id>/``, so no
-materialization overwrites another. All three training assets share the ``training``
+materialization overwrites another; a training step uses the root run id (``resume_dir``), so
+a retry or a re-execution from failure resumes from the checkpoints the failed attempt left
+(``TRAINING_RETRY_POLICY``). All three training assets share the ``training``
 concurrency pool: with a pool limit of 1 only one training step runs at a time on a machine.
 """
 
 
 import dataclasses
+import hashlib
 import importlib
 import json
 import math
+import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import dagster as dg
 import pandas as pd
@@ -25,13 +32,36 @@ from pydantic import Field
 
 from assets.plots import png_markdown, training_plots
 from pipelines import settings
+from pipelines.mlflow_models import (
+    EVAL,
+    STAGE_TASKS,
+    TRAINING,
+    SplitInput,
+    log_datasets,
+    log_transformers_model,
+    logged_model_id,
+    split_inputs,
+)
 from pipelines.resources import MLflowResource, TrainingLauncher
 
 TRAINING_POOL = "training"
+# A training step killed from outside (OOM killer, lost node, a dead torchrun worker) is
+# retried and resumes from its latest checkpoint (``resume_dir``). Two retries cover a
+# transient fault without looping on a deterministic one; the delay lets the dead process's
+# memory and devices be released first. Configuration errors raise ``dg.Failure(allow_retries
+# =False)`` and are not retried.
+TRAINING_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=10)
 STAGE_CONFIG_CLASSES = {"sft": ("ppo_core.sft", "SFTConfig"),
                         "reward": ("ppo_core.reward", "RewardConfig"),
                         "ppo": ("ppo_core.ppo", "PPOConfig")}
 BUILT_SIZES = ("auto", "tiny", "small")
+# Code versions, bumped by hand as described in assets/data.py. A training asset's logic
+# includes its ppo_core engine: bump the stage's constant when a change to ppo_core/<stage>.py
+# (or to the shared trainer / strategy) changes the weights it produces for the same inputs.
+BASE_MODEL_VERSION = "1"
+SFT_MODEL_VERSION = "1"
+REWARD_MODEL_VERSION = "1"  # reward_model and heldout_reward_model (same engine)
+PPO_POLICY_VERSION = "1"
 
 
 # ---------------------------------------------------------------- configs an operator changes
@@ -57,7 +87,11 @@ class BaseModelConfig(dg.Config):
 
 
 class StageConfig(dg.Config):
-    """What an operator changes in a training stage; ``FIELD_MAP`` says where each field lands."""
+    """What an operator changes in a training stage; ``FIELD_MAP`` says where each field lands.
+
+    Convention of the typed fields: the default (0, or None where 0 is a meaningful value)
+    keeps the ppo_core default, which that engine documents with its source.
+    """
 
     steps: int = Field(default=0, description="Training steps (max_steps / num_steps); 0 keeps the ppo_core default.")
     learning_rate: float = Field(default=0.0, description="Peak learning rate; 0 keeps the ppo_core default.")
@@ -65,25 +99,73 @@ class StageConfig(dg.Config):
         default=0.0, description="Wall-clock budget of the training loop in seconds; when it runs out the "
         "stage keeps its best evaluated weights and ends. 0: no budget (epochs / early stopping decide).")
     seed: int = Field(default=0, description="Seed of data order, init and sampling.")
+    zero_stage: Optional[int] = Field(
+        default=None, description="DeepSpeed ZeRO stage 0-3 (strategy.zero_stage); None keeps the engine "
+        "default (2 for SFT and reward models, 0 for PPO).")
+    lora_rank: int = Field(
+        default=0, description="Rank of LoRA adapters (peft) instead of training every weight; the merged "
+        "model is saved. 0 keeps the engine default (every weight trained).")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="Any other field of the ppo_core config dataclass, by name (checked against it).",
+        description="Any other field of the ppo_core config dataclass, by name (checked against it); "
+        "a field that also has a typed field above must be set there, not here.",
     )
     log_model_to_mlflow: bool = Field(
-        default=True, description="Copy the final save_pretrained directory into the MLflow run."
+        default=True, description="Log the final save_pretrained directory as an MLflow LoggedModel of the "
+        "run (transformers flavor); registered_policy registers it. False: registered_policy logs it itself."
     )
 
 
-class SFTModelConfig(StageConfig):
+class SupervisedStageConfig(StageConfig):
+    """The typed fields shared by the supervised engines (SFT and reward model)."""
+
+    epochs: float = Field(
+        default=0.0, description="Most passes over the training data (num_epochs; early stopping usually "
+        "ends sooner); ignored when steps > 0. 0 keeps the engine default.")
+    batch_size: int = Field(
+        default=0, description="Examples (pairs for a reward model) per optimizer step, all ranks together; "
+        "a multiple of micro_batch_size x ranks. 0 keeps the engine default.")
+    micro_batch_size: int = Field(
+        default=0, description="Examples per forward pass per rank (gradient accumulation makes up the "
+        "rest of batch_size). 0 keeps the engine default.")
+    max_length: int = Field(
+        default=0, description="Most tokens of prompt + response per sequence; longer ones are truncated "
+        "and counted. 0 keeps the engine default.")
+
+
+class SFTModelConfig(SupervisedStageConfig):
     """sft_model: maps onto ``ppo_core.sft.SFTConfig``."""
 
 
-class RewardModelConfig(StageConfig):
+class RewardModelConfig(SupervisedStageConfig):
     """reward_model: maps onto ``ppo_core.reward.RewardConfig``."""
 
 
 class PPOPolicyConfig(StageConfig):
     """ppo_policy: maps onto ``ppo_core.ppo.PPOConfig``."""
+
+    kl_coef: Optional[float] = Field(
+        default=None, description="KL penalty coefficient beta (the initial one when kl_target is set); "
+        "None keeps the engine default, 0 turns the penalty off.")
+    kl_target: Optional[float] = Field(
+        default=None, description="Adapt beta so the KL per episode approaches this value (adaptive "
+        "controller, Ziegler et al. 2019); None keeps the engine default (fixed beta).")
+    response_length: int = Field(default=0, description="Most new tokens per sampled response; 0 keeps the "
+                                 "engine default.")
+    temperature: float = Field(default=0.0, description="Sampling temperature of the rollouts; 0 keeps the "
+                               "engine default.")
+    rollout_batch_size: int = Field(default=0, description="Episodes sampled per PPO iteration per rank; 0 "
+                                    "keeps the engine default.")
+    ppo_epochs: int = Field(default=0, description="Optimisation passes over each rollout; 0 keeps the "
+                            "engine default.")
+    guard_every: int = Field(
+        default=0, description="PPO steps between evaluations of the over-optimization guard (held-out "
+        "reward model on held-out prompts); 0 keeps the engine default.")
+    guard_prompts: int = Field(default=0, description="Responses scored per guard evaluation; 0 keeps the "
+                               "engine default.")
+    guard_kl_budget: Optional[float] = Field(
+        default=None, description="Largest KL to the reference (nats per response) a kept checkpoint may "
+        "have; None keeps the engine default (no budget).")
 
 
 # ---------------------------------------------------------------- config mapping (the one place)
@@ -92,16 +174,24 @@ def core_config_class(stage: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-# Where each operator-facing field of ``StageConfig`` lands in each stage's ppo_core config.
+# Where each typed field of a stage's config lands in its ppo_core config dataclass.
 # A dotted name is a field of a nested config (SFT keeps its seed in the DeepSpeed strategy).
+_COMMON = {"learning_rate": "learning_rate", "zero_stage": "strategy.zero_stage", "lora_rank": "lora_rank"}
+_SUPERVISED = {**_COMMON, "steps": "max_steps", "seed": "strategy.seed", "max_seconds": "stopping.max_seconds",
+               "epochs": "num_epochs", "batch_size": "batch_size", "micro_batch_size": "micro_batch_size",
+               "max_length": "max_length"}
 FIELD_MAP: dict[str, dict[str, str]] = {
-    "sft": {"steps": "max_steps", "learning_rate": "learning_rate", "seed": "strategy.seed",
-            "max_seconds": "stopping.max_seconds"},
-    "reward": {"steps": "max_steps", "learning_rate": "learning_rate", "seed": "strategy.seed",
-               "max_seconds": "stopping.max_seconds"},
-    "ppo": {"steps": "num_steps", "learning_rate": "learning_rate", "seed": "seed",
-            "max_seconds": "max_seconds"},
+    "sft": _SUPERVISED,
+    "reward": _SUPERVISED,
+    "ppo": {**_COMMON, "steps": "num_steps", "seed": "seed", "max_seconds": "max_seconds",
+            "kl_coef": "kl_coef", "kl_target": "kl_target", "response_length": "response_length",
+            "temperature": "temperature", "rollout_batch_size": "rollout_batch_size",
+            "ppo_epochs": "ppo_epochs", "guard_every": "guard_every", "guard_prompts": "guard_prompts",
+            "guard_kl_budget": "guard_kl_budget"},
 }
+# Applied even at its default: the lineage pins seed 0 for every stage, whatever an engine's own
+# default seed (SFTConfig's strategy seed is 42), so runs of the pipeline are comparable.
+ALWAYS_APPLIED = frozenset({"seed"})
 
 
 def _nested_default(cls: type, name: str) -> dict[str, Any]:
@@ -132,22 +222,55 @@ def _merge(cls: type, values: dict[str, Any], updates: dict[str, Any]) -> None:
             values[key] = value
 
 
+def _flatten(updates: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"strategy": {"zero_stage": 0}}`` -> ``{"strategy.zero_stage": 0}`` (dotted keys kept)."""
+    flat: dict[str, Any] = {}
+    for key, value in updates.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _is_set(cfg: StageConfig, name: str) -> bool:
+    return getattr(cfg, name) != type(cfg).model_fields[name].default
+
+
+def typed_values(stage: str, cfg: StageConfig) -> dict[str, Any]:
+    """Core field -> value of every typed field the operator set (a value other than its default)."""
+    mapping = FIELD_MAP[stage]
+    missing = sorted(set(mapping) - set(type(cfg).model_fields))
+    if missing:
+        raise TypeError(f"{type(cfg).__name__} has no typed field(s) {missing} that FIELD_MAP[{stage!r}] maps")
+    return {core: getattr(cfg, name) for name, core in mapping.items()
+            if name in ALWAYS_APPLIED or _is_set(cfg, name)}
+
+
+def _check_no_conflict(stage: str, cfg: StageConfig) -> None:
+    """A field set both typed and in ``overrides`` is ambiguous: say which, instead of picking one."""
+    by_core = {core: name for name, core in FIELD_MAP[stage].items()}
+    overridden = _flatten(dict(cfg.overrides))
+    clashes = [f"{by_core[core]}={getattr(cfg, by_core[core])!r} and overrides {core}={overridden[core]!r}"
+               for core in overridden if core in by_core and _is_set(cfg, by_core[core])]
+    if clashes:
+        raise ValueError(f"{stage} stage config sets a field twice ({'; '.join(clashes)}): keep the typed "
+                         "field and remove it from overrides")
+
+
 def core_config(stage: str, cfg: StageConfig, **paths: Any) -> Any:
     """The ppo_core config of ``stage`` from the asset config plus the paths the asset resolved.
 
-    Zero ``steps`` / ``learning_rate`` keep the engine's default (its source is documented
+    Typed fields at their default (0 / None) keep the engine's default (its source is documented
     there). ``overrides`` set any other field (nested ones as mappings, e.g. ``strategy``);
     ppo_core's strict loader rejects an unknown name or a wrong type, naming the valid ones.
     """
     from ppo_core.config import from_dict
 
     cls = core_config_class(stage)
-    mapping = FIELD_MAP[stage]
+    _check_no_conflict(stage, cfg)
     values: dict[str, Any] = {}
-    chosen = {"seed": cfg.seed, "steps": cfg.steps, "learning_rate": cfg.learning_rate,
-              "max_seconds": cfg.max_seconds}
-    # 0 for steps / learning_rate / max_seconds means "the engine's default"; the seed always applies.
-    _merge(cls, values, {mapping[k]: v for k, v in chosen.items() if k == "seed" or v > 0})
+    _merge(cls, values, typed_values(stage, cfg))
     _merge(cls, values, dict(cfg.overrides))
     _merge(cls, values, paths)
     core = from_dict(cls, values, where=f"{stage} stage config (asset config + resolved paths)")
@@ -172,6 +295,74 @@ def run_dir(asset: str, context: dg.AssetExecutionContext) -> Path:
     return out
 
 
+def resume_dir(asset: str, context: dg.AssetExecutionContext) -> Path:
+    """Output folder of a training step, the same for every attempt at it.
+
+    A retry runs in the same Dagster run and "re-execute from failure" starts a run whose
+    ``root_run_id`` is the original's, so ``<asset>/<root run id>[/<partition>]`` is where the
+    earlier attempts left their checkpoints; a partitioned asset keeps one folder per key.
+    """
+    out = settings.models_root() / asset / (context.run.root_run_id or context.run.run_id)
+    if context.has_partition_key:
+        # a partition key is free text: keep it one safe path component
+        out = out / re.sub(r"[^A-Za-z0-9._=-]", "_", context.partition_key)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def latest_checkpoint_step(out: Path) -> int | None:
+    """Step of the newest complete checkpoint an earlier attempt left in ``out`` (None: none)."""
+    from ppo_core.checkpoint import find_latest_checkpoint, read_trainer_state
+
+    latest = find_latest_checkpoint(out / "checkpoints")
+    return None if latest is None else int(read_trainer_state(latest)["step"])
+
+
+def resume_step(context: dg.AssetExecutionContext, asset: str, cfg: StageConfig, out: Path) -> int | None:
+    """The checkpoint step this attempt resumes from, logged; None: a fresh start.
+
+    An operator's own ``resume_from`` (in ``overrides``, even null) wins over the automatic one.
+    """
+    if "resume_from" in cfg.overrides:
+        return None
+    step = latest_checkpoint_step(out)
+    if step is not None:
+        context.log.info(f"resuming {asset} from checkpoint step {step}")
+    return step
+
+
+def prepare_attempt(out: Path, metrics_file: Path, resumed: int | None, operator_resume: bool) -> None:
+    """Clear what an earlier attempt left in ``out`` that this one must not report as its own.
+
+    A fresh start keeps nothing (an attempt without a checkpoint left nothing reusable, and
+    files such as PPO's guard samples are appended to). A resume keeps the checkpoints and
+    ``best/`` weights but deletes ``summary.json``, which the engines write last, after
+    ``final/``: the asset then reads only this attempt's summary, never an earlier attempt's
+    beside a ``final/`` this attempt did not write. Metric rows after the checkpoint are
+    redone by the resumed run, so they go too.
+    """
+    if resumed is None and not operator_resume:
+        for path in out.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        return
+    (out / "summary.json").unlink(missing_ok=True)
+    if resumed is not None and metrics_file.is_file():
+        keep = [line for line in metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resumed]
+        metrics_file.write_text("".join(line + "\n" for line in keep))
+
+
+def stage_core_config(stage: str, cfg: StageConfig, **paths: Any) -> Any:
+    """``core_config`` with a bad configuration as a non-retryable failure: retrying cannot fix it."""
+    try:
+        return core_config(stage, cfg, **paths)
+    except ValueError as exc:  # ppo_core.config.ConfigError is a ValueError
+        raise dg.Failure(description=f"{stage} stage config: {exc}", allow_retries=False) from exc
+
+
 def _summary(output_dir: Path) -> dict[str, Any]:
     path = output_dir / "summary.json"
     if not path.is_file():
@@ -194,19 +385,30 @@ def train_stage(
     launcher: TrainingLauncher,
     data_version: str,
     paths: dict[str, Any],
+    datasets: list[SplitInput] | None = None,
 ) -> dg.MaterializeResult:
-    """Configure, launch, log and describe one training stage (the body of every training asset)."""
-    out = run_dir(asset, context)
-    core = core_config(stage, cfg, output_dir=str(out), **paths)
-    config_path = write_stage_config(core, out / "stage_config.json")
+    """Configure, launch, log and describe one training stage (the body of every training asset).
+
+    ``datasets``: the split files the stage reads, logged as the run's dataset inputs.
+    """
+    out = resume_dir(asset, context)
     metrics_file = out / "metrics.jsonl"
+    resumed = resume_step(context, asset, cfg, out)
+    prepare_attempt(out, metrics_file, resumed, operator_resume="resume_from" in cfg.overrides)
+    resume = {} if resumed is None else {"resume_from": "latest"}
+    core = stage_core_config(stage, cfg, output_dir=str(out), **resume, **paths)
+    config_path = write_stage_config(core, out / "stage_config.json")
     with mlflow.run(context, asset, {"data_version": data_version, "stage": stage}) as run:
         run_id = run.info.run_id
         mlflow.log_params(run_id, dataclasses.asdict(core))
-        invocation = launcher.launch(
-            context, stage, config_path, mlflow_tracking_uri=mlflow.tracking_uri,
-            mlflow_run_id=run_id, metrics_file=metrics_file,
-        )
+        if resumed is not None:
+            mlflow.set_tags(run_id, {"rlhf.resumed_from_step": resumed})
+        log_datasets(mlflow.client(), run_id, datasets or [])
+        with mlflow.system_metrics(run_id):
+            invocation = launcher.launch(
+                context, stage, config_path, mlflow_tracking_uri=mlflow.tracking_uri,
+                mlflow_run_id=run_id, metrics_file=metrics_file,
+            )
         pipes_meta = dict(invocation.get_materialize_result().metadata or {})
         summary = _summary(out)
         kept = _kept_metadata(summary)
@@ -217,30 +419,37 @@ def train_stage(
         mlflow.set_tags(run_id, {f"rlhf.{k}": v for k, v in kept.items()})
         mlflow.log_artifact(run_id, config_path)
         model_path = out / "final"
-        if not model_path.is_dir():
+        if summary.get("completed") is False or not model_path.is_dir():
+            # a final/ without this attempt's "completed" summary may be an earlier attempt's
             raise FileNotFoundError(f"{model_path}: the {stage} stage wrote no final save_pretrained directory")
+        model_id = None
         if cfg.log_model_to_mlflow:
-            mlflow.log_artifacts(run_id, model_path, "model")
+            # a LoggedModel of this run: the registry registers it, evaluation metrics attach to it
+            model_id = logged_model_id(log_transformers_model(
+                mlflow.tracking_uri, run_id, model_path, asset, STAGE_TASKS[stage]))
         url = mlflow.run_url(run)
     numbers = _numbers(summary)
     manifest = {
         "stage": stage, "model_path": str(model_path), "output_dir": str(out),
         "config_path": str(config_path), "metrics_file": str(metrics_file),
-        "mlflow_run_id": run_id, "data_version": data_version, "summary": numbers,
-        "plots": {k: str(v) for k, v in plots.items()},
+        "mlflow_run_id": run_id, "mlflow_model_id": model_id, "data_version": data_version,
+        "summary": numbers, "plots": {k: str(v) for k, v in plots.items()},
     }
     metadata: dict[str, Any] = {
         **pipes_meta,
         "mlflow_run": dg.MetadataValue.url(url), "mlflow_run_id": run_id,
+        "mlflow_model_id": model_id or "not logged (log_model_to_mlflow: false)",
         "model_path": dg.MetadataValue.path(str(model_path)),
         "data_version": data_version,
         "summary": dg.MetadataValue.md(
             "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.4g} |" for k, v in numbers.items())),
         **kept,
+        **({} if resumed is None else {"resumed_from_step": resumed}),
     }
     for name, png in plots.items():
         metadata[f"plot_{name}"] = dg.MetadataValue.md(png_markdown(png, name))
-    return dg.MaterializeResult(value=manifest, metadata=metadata)
+    return dg.MaterializeResult(value=manifest, metadata=metadata,
+                                data_version=dg.DataVersion(model_dir_version(model_path)))
 
 
 def _kept_metadata(summary: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +498,7 @@ def _training_texts(splits: dict) -> list[str]:
     return texts
 
 
-@dg.asset(group_name="models", kinds={"pytorch"},
+@dg.asset(group_name="models", kinds={"pytorch"}, code_version=BASE_MODEL_VERSION,
           description="Tokenizer and starting weights: built tiny from the training texts, or a hub id / local path.")
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, dataset_splits: dict) -> dg.MaterializeResult:
     from ppo_core import models
@@ -316,8 +525,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
     arch = _architecture(out / "final")
     manifest = {"model_path": str(out / "final"), "source": source,
                 "data_version": _data_version(dataset_splits), "n_params": n_params, **arch}
-    return dg.MaterializeResult(value=manifest, metadata={
-        "model_path": dg.MetadataValue.path(str(out / "final")), "source": source, "n_params": n_params, **arch})
+    return dg.MaterializeResult(value=manifest, data_version=dg.DataVersion(model_dir_version(out / "final")),
+                                metadata={"model_path": dg.MetadataValue.path(str(out / "final")), "source": source,
+                                          "n_params": n_params, **arch})
 
 
 def _architecture(model_dir: Path) -> dict[str, Any]:
@@ -328,6 +538,22 @@ def _architecture(model_dir: Path) -> dict[str, Any]:
             "n_head": ("num_attention_heads", "n_head")}
     found = {k: next((cfg[n] for n in names if isinstance(cfg.get(n), int)), None) for k, names in pick.items()}
     return {"model_type": str(cfg.get("model_type", "")), **{k: v for k, v in found.items() if v is not None}}
+
+
+def model_dir_version(model_dir: Path) -> str:
+    """Data version of a save_pretrained directory: a hash of every file's name and bytes.
+
+    The shipped weights, config and tokenizer are what downstream assets read, so the same
+    files (a deterministic re-run, a resumed retry) leave them fresh and any change makes them
+    stale. Hashing costs about a second per GB, small beside the training that wrote them.
+    """
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(model_dir).as_posix()}\0".encode())
+        with f.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _count_params(model_dir: Path) -> int:
@@ -342,6 +568,7 @@ def _count_params(model_dir: Path) -> int:
 
 
 @dg.asset(group_name="models", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
+          retry_policy=TRAINING_RETRY_POLICY, code_version=SFT_MODEL_VERSION,
           description="Supervised fine-tuning of base_model on (prompt, chosen) pairs.")
 def sft_model(context: dg.AssetExecutionContext, config: SFTModelConfig, mlflow: MLflowResource,
               launcher: TrainingLauncher, dataset_splits: dict, base_model: dict) -> dg.MaterializeResult:
@@ -350,10 +577,12 @@ def sft_model(context: dg.AssetExecutionContext, config: SFTModelConfig, mlflow:
         data_version=_data_version(dataset_splits),
         paths={"model_name_or_path": base_model["model_path"],
                "data_dir": _split_dir(dataset_splits, ("sft_train.parquet", "sft_eval.parquet"))},
+        datasets=split_inputs(dataset_splits, {"sft_train": TRAINING, "sft_eval": EVAL}),
     )
 
 
 @dg.asset(group_name="models", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
+          retry_policy=TRAINING_RETRY_POLICY, code_version=REWARD_MODEL_VERSION,
           description="Bradley-Terry reward model on preference pairs, initialised from sft_model.")
 def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, mlflow: MLflowResource,
                  launcher: TrainingLauncher, dataset_splits: dict, sft_model: dict) -> dg.MaterializeResult:
@@ -363,10 +592,11 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, m
         data_version=_data_version(dataset_splits),
         paths={"model_name_or_path": sft_model["model_path"],
                "data_dir": _split_dir(dataset_splits, ("rm_train.parquet", "rm_eval.parquet"))},
+        datasets=split_inputs(dataset_splits, {"rm_train": TRAINING, "rm_eval": EVAL}),
     )
 
 
-class HeldoutRewardModelConfig(StageConfig):
+class HeldoutRewardModelConfig(SupervisedStageConfig):
     """heldout_reward_model: maps onto ``ppo_core.reward.RewardConfig`` (``train_file`` = rm_heldout)."""
 
 
@@ -375,6 +605,7 @@ def _heldout_pairs(splits: dict) -> int:
 
 
 @dg.asset(group_name="models", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
+          retry_policy=TRAINING_RETRY_POLICY, code_version=REWARD_MODEL_VERSION,
           description="Reward model on the held-out pairs (rm_heldout, prompts disjoint from reward_model's): "
           "the signal PPO's over-optimization guard selects checkpoints with; the policy never trains on it.")
 def heldout_reward_model(context: dg.AssetExecutionContext, config: HeldoutRewardModelConfig,
@@ -384,16 +615,19 @@ def heldout_reward_model(context: dg.AssetExecutionContext, config: HeldoutRewar
         context.log.warning("rm_heldout is empty (dataset_splits heldout_fraction 0): PPO runs without "
                             "its over-optimization guard and keeps its last step")
         return dg.MaterializeResult(value={"model_path": None, "summary": {}},
-                                    metadata={"guard": "off: no held-out pairs"})
+                                    metadata={"guard": "off: no held-out pairs"},
+                                    data_version=dg.DataVersion("guard-off"))
     return train_stage(
         context, asset="heldout_reward_model", stage="reward", cfg=config, mlflow=mlflow, launcher=launcher,
         data_version=_data_version(dataset_splits),
         paths={"model_name_or_path": sft_model["model_path"], "train_file": "rm_heldout.parquet",
                "data_dir": _split_dir(dataset_splits, ("rm_heldout.parquet", "rm_eval.parquet"))},
+        datasets=split_inputs(dataset_splits, {"rm_heldout": TRAINING, "rm_eval": EVAL}),
     )
 
 
 @dg.asset(group_name="models", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
+          retry_policy=TRAINING_RETRY_POLICY, code_version=PPO_POLICY_VERSION,
           description="PPO policy: sft_model optimised against reward_model with a KL penalty to sft_model; "
           "the checkpoint kept is the one heldout_reward_model scores best on held-out prompts.")
 def ppo_policy(context: dg.AssetExecutionContext, config: PPOPolicyConfig, mlflow: MLflowResource,
@@ -408,6 +642,7 @@ def ppo_policy(context: dg.AssetExecutionContext, config: PPOPolicyConfig, mlflo
                **({"guard_reward_model_path": guard} if guard else {}),
                "train_file": _split(dataset_splits, "ppo_train.parquet"),
                "eval_file": _split(dataset_splits, "ppo_eval.parquet")},
+        datasets=split_inputs(dataset_splits, {"ppo_train": TRAINING, "ppo_eval": EVAL}),
     )
 
 

@@ -141,6 +141,33 @@ def guard_plot(points: Sequence[dict], out: Path, kept_step: int | None = None) 
     return _save(fig, ax, out)
 
 
+def rounds_plot(rows: Sequence[dict], out: Path) -> Path | None:
+    """Per RLHF round: champion and challenger gold, the refreshed reward model's agreement with
+    gold and the challenger's KL to SFT (second axis); refused rounds marked with an x."""
+    if not rows:
+        return None
+    xs = list(range(1, len(rows) + 1))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+    for key, label in (("champion_gold", "champion gold (before)"), ("challenger_gold", "challenger gold"),
+                       ("rm_gold_agreement", "RM agreement with gold")):
+        ys = [r.get(key) for r in rows]
+        if any(isinstance(y, (int, float)) for y in ys):
+            ax.plot(xs, [y if isinstance(y, (int, float)) else float("nan") for y in ys], marker="o", label=label)
+    refused = [(x, r.get("challenger_gold")) for x, r in zip(xs, rows)
+               if not r.get("promoted") and isinstance(r.get("challenger_gold"), (int, float))]
+    if refused:
+        ax.scatter([x for x, _ in refused], [y for _, y in refused], marker="x", s=80, color="red", label="refused")
+    kl = [r.get("challenger_kl_to_sft") for r in rows]
+    if any(isinstance(k, (int, float)) for k in kl):
+        ax2 = ax.twinx()
+        ax2.plot(xs, [k if isinstance(k, (int, float)) else float("nan") for k in kl], "k--", label="KL to SFT")
+        ax2.set_ylabel("challenger KL to SFT (nats per response)")
+    ax.set_xticks(xs, [str(r.get("round", x)) for x, r in zip(xs, rows)], rotation=30)
+    ax.set_xlabel("round")
+    ax.set_title("RLHF rounds")
+    return _save(fig, ax, out)
+
+
 def _pick(keys: Sequence[str], preferred: Sequence[str]) -> str | None:
     for p in preferred:
         if p in keys:

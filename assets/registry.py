@@ -1,10 +1,15 @@
 """``registered_policy``: the PPO policy (and its reward model) in the MLflow model registry.
 
-The policy is logged with MLflow's transformers flavor (``task="text-generation"``), so
-``mlflow.transformers.load_model("models:/rlhf-policy@champion")`` returns a pipeline that
-generates. Each new version gets the evaluation metrics as tags (``metric.<name>``), the
-evaluation set it was measured on (``eval.data_version``, ``eval.set``) and the ``challenger``
-alias; ``ops/registry.py`` decides whether it becomes ``champion``.
+The versions are registered from the LoggedModels the training runs logged (transformers
+flavor, ``task="text-generation"`` for the policy), so a version's ``model_id`` and ``run_id``
+lead to the PPO training run and the model page that carries the evaluation metrics; a stage
+trained with ``log_model_to_mlflow: false`` has no LoggedModel, and then this asset logs the
+weights into its own run first. ``mlflow.transformers.load_model("models:/rlhf-policy@champion")``
+returns a pipeline that generates.
+
+Each new version gets the evaluation metrics as tags (``metric.<name>``), the evaluation set it
+was measured on (``eval.data_version``, ``eval.set``) and the ``challenger`` alias;
+``ops/registry.py`` decides whether it becomes ``champion``.
 
 Registration runs after ``evaluation_report`` and, in the same run, only when the blocking
 ``ppo_beats_sft`` check passed (Dagster skips downstream assets of a failed blocking check).
@@ -24,6 +29,16 @@ from ops.registry import (
     PROMOTION_METRIC_TAG,
     metric_tag,
 )
+from pipelines.mlflow_models import (  # noqa: F401  (re-exported: the registry's public helpers)
+    TASK_MODEL_CLASSES,
+    link_version_to_model,
+    load_components,
+    log_transformers_model,
+    logged_model_id,
+    pip_requirements,
+    process_tracking_uri,
+    version_model_id,
+)
 from pipelines.resources import MLflowResource
 
 DEFAULT_REWARD_MODEL_NAME = "rlhf-reward-model"
@@ -32,76 +47,8 @@ EVAL_DATA_VERSION_TAG = "eval.data_version"
 # left is the reward model's (metric names from assets/evaluation.py).
 GOLD_METRIC = "ppo/gold_mean"
 RM_METRIC = "ppo/rm_score_mean"
-
-
-def pip_requirements() -> list[str]:
-    """Pinned requirements of a logged model.
-
-    Explicit, because MLflow's inference for the transformers flavor asks for torchvision,
-    which this project neither needs nor installs.
-    """
-    import tokenizers
-    import torch
-    import transformers
-
-    return [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"transformers=={transformers.__version__}",
-        f"tokenizers=={tokenizers.__version__}",
-        "safetensors",
-    ]
-
-
-# Auto classes the transformers flavor pipelines need, per pipeline task.
-TASK_MODEL_CLASSES = {
-    "text-generation": "AutoModelForCausalLM",
-    "text-classification": "AutoModelForSequenceClassification",
-}
-
-
-def load_components(model_dir: str | Path, task: str) -> dict[str, Any]:
-    """Model and tokenizer of a ``save_pretrained`` directory, as the transformers flavor takes them.
-
-    Loaded objects rather than the path: MLflow's path-based logging reads the pipeline class
-    from transformers' task registry, which transformers 5 fills lazily with class names.
-    """
-    import transformers
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_dir}: not a save_pretrained directory (no config.json); "
-            "re-materialize the model asset that produced it"
-        )
-    if task not in TASK_MODEL_CLASSES:
-        raise ValueError(f"task {task!r}: expected one of {sorted(TASK_MODEL_CLASSES)}")
-    auto = getattr(transformers, TASK_MODEL_CLASSES[task])
-    model = auto.from_pretrained(model_dir, trust_remote_code=False, use_safetensors=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    return {"model": model, "tokenizer": tokenizer}
-
-
-def log_transformers_model(
-    tracking_uri: str,
-    run_id: str,
-    model_dir: str | Path,
-    name: str,
-    task: str,
-) -> str:
-    """Log a ``save_pretrained`` directory into an existing MLflow run; returns the model URI."""
-    import mlflow
-
-    components = load_components(model_dir, task)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model=components,
-            name=name,
-            task=task,
-            pip_requirements=pip_requirements(),
-        )
-    return info.model_uri
+# Bumped by hand when a change here changes what is registered (see assets/data.py).
+REGISTERED_POLICY_VERSION = "1"
 
 
 def register_version(
@@ -112,16 +59,28 @@ def register_version(
     tags: Mapping[str, Any],
     alias: str | None = CHALLENGER,
 ) -> Any:
-    """Create a version of ``name`` (creating the registered model when new), tag it, set ``alias``."""
+    """Create a version of ``name`` (creating the registered model when new), tag it, set ``alias``.
+
+    A ``models:/<model_id>`` URI registers that LoggedModel: the version's source is that URI
+    (``version_model_id`` reads it back), its run the one that logged the model (``run_id`` is
+    then ignored), and the model lists the version.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Created by the rlhf pipeline (registered_policy).")
-    version = client.create_model_version(
-        name=name, source=model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
-    )
+    model_id = logged_model_id(model_uri)
+    if model_id is not None:
+        run_id = client.get_logged_model(model_id).source_run_id or run_id
+    with process_tracking_uri(client):
+        version = client.create_model_version(
+            name=name, source=model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+            model_id=model_id,
+        )
+    if model_id is not None:
+        link_version_to_model(client, name, version.version, model_id)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return client.get_model_version(name, version.version)
@@ -157,8 +116,17 @@ class RegistryConfig(dg.Config):
         default=DEFAULT_REWARD_MODEL_NAME, description="Registered model of the reward model."
     )
     register_reward_model: bool = Field(
-        default=True, description="Also log and register the reward model (text-classification)."
+        default=True, description="Also register the reward model (text-classification)."
     )
+
+
+def registrable_model_uri(mlflow: MLflowResource, run_id: str, model_id: Any, model_dir: str, name: str,
+               task: str) -> str:
+    """The training run's LoggedModel, else (stage trained with log_model_to_mlflow false) the
+    weights logged into this run now."""
+    if model_id:
+        return f"models:/{model_id}"
+    return log_transformers_model(mlflow.tracking_uri, run_id, model_dir, name, task)
 
 
 def _model_path(manifest: Mapping[str, Any], asset: str) -> str:
@@ -174,6 +142,7 @@ def _model_path(manifest: Mapping[str, Any], asset: str) -> str:
 @dg.asset(
     group_name="registry",
     kinds={"mlflow"},
+    code_version=REGISTERED_POLICY_VERSION,
     deps=["ppo_policy"],
     description="PPO policy (and reward model) registered in MLflow with alias 'challenger'.",
 )
@@ -188,23 +157,25 @@ def registered_policy(
     # evaluated ones, even when ppo_policy was re-materialized in between.
     ppo_dir = _model_path({"model_path": evaluation_report.get("ppo_model_path")}, "ppo_policy")
     tags = evaluation_tags(evaluation_report)
-    lineage = {
-        "dagster.run_id": context.run.run_id,
-        "evaluation.mlflow_run_id": str(evaluation_report.get("mlflow_run_id", "")),
-        "source_dir": ppo_dir,
-    }
     client = mlflow.client()
     with mlflow.run(context, "registered_policy", {"data_version": tags[EVAL_DATA_VERSION_TAG]}) as run:
         run_id = run.info.run_id
+        lineage = {
+            "dagster.run_id": context.run.run_id,
+            "evaluation.mlflow_run_id": str(evaluation_report.get("mlflow_run_id", "")),
+            "registry.mlflow_run_id": run_id,
+            "source_dir": ppo_dir,
+        }
         reward_version = None
         if config.register_reward_model:
             rm_dir = _model_path(reward_model, "reward_model")
-            rm_uri = log_transformers_model(mlflow.tracking_uri, run_id, rm_dir, "reward_model",
-                                            "text-classification")
+            rm_uri = registrable_model_uri(mlflow, run_id, reward_model.get("mlflow_model_id"), rm_dir, "reward_model",
+                                "text-classification")
             reward_version = register_version(client, config.reward_model_name, rm_uri, run_id,
                                               {**lineage, "source_dir": rm_dir,
                                                EVAL_DATA_VERSION_TAG: tags[EVAL_DATA_VERSION_TAG]})
-        policy_uri = log_transformers_model(mlflow.tracking_uri, run_id, ppo_dir, "policy", "text-generation")
+        policy_uri = registrable_model_uri(mlflow, run_id, evaluation_report.get("ppo_model_id"), ppo_dir, "policy",
+                                "text-generation")
         if reward_version is not None:
             lineage["reward_model.version"] = reward_version.version
         version = register_version(client, config.policy_name, policy_uri, run_id, {**tags, **lineage})
@@ -218,17 +189,20 @@ def registered_policy(
         "eval_set": tags[EVAL_SET_TAG],
         "promotion_metric": tags[PROMOTION_METRIC_TAG],
         "mlflow_run_id": run_id,
+        "mlflow_model_id": version_model_id(version),
         "reward_model_name": config.reward_model_name if reward_version is not None else None,
         "reward_model_version": reward_version.version if reward_version is not None else None,
     }
     return dg.Output(
         manifest,
+        data_version=dg.DataVersion(manifest["model_uri"]),  # a new registry version is new data
         metadata={
             "model_uri": manifest["model_uri"],
             "version": int(version.version),
             "alias": CHALLENGER,
             "eval_set": tags[EVAL_SET_TAG],
             "mlflow_run": dg.MetadataValue.url(url),
+            "mlflow_model_id": version_model_id(version) or "none",
             "reward_model_version": manifest["reward_model_version"] or "not registered",
         },
     )

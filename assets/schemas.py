@@ -30,6 +30,10 @@ class QuarantineReason(str, enum.Enum):
 
     MALFORMED_RECORD = "malformed_record"
     """a line or element of the file is not a JSON object"""
+    UNLABELLED = "unlabelled"
+    """an annotation row (format ``labels``) whose ``preference`` is empty"""
+    INVALID_LABEL = "invalid_label"
+    """an annotation row whose ``preference`` is neither ``a`` nor ``b``"""
     MISSING_FIELD = "missing_field"
     """prompt, chosen or rejected is absent or null"""
     WRONG_TYPE = "wrong_type"

@@ -193,6 +193,13 @@ def promote(
         )
     champion = alias_version(client, name, CHAMPION)
     decision = decide_promotion(challenger, champion, metric, higher_is_better, allow_different_eval_sets)
+    apply_promotion(client, name, decision, champion, challenger)
+    return decision
+
+
+def apply_promotion(client: Any, name: str, decision: PromotionDecision, champion: Any | None,
+                    challenger: Any) -> None:
+    """Carry out ``decision``: aliases, champion history and the ``last_promotion_decision`` tag."""
     if decision.promoted:
         if champion is not None:
             client.set_registered_model_alias(name, PREVIOUS_CHAMPION, str(champion.version))
@@ -203,7 +210,6 @@ def promote(
             history.append(str(champion.version))
         _set_history(client, name, [*history, str(challenger.version)])
     client.set_registered_model_tag(name, LAST_DECISION_TAG, json.dumps(decision.to_dict()))
-    return decision
 
 
 def rollback(client: Any, name: str = DEFAULT_POLICY_NAME) -> RollbackResult:

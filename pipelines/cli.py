@@ -1,9 +1,15 @@
-"""The ``rlhf`` command: ``rlhf run`` (the whole lineage + promotion + summary) and ``rlhf ui``.
+"""The ``rlhf`` command: ``rlhf run`` (the whole lineage + promotion + summary), ``rlhf rounds``
+and ``rlhf ui``.
 
 ``rlhf run`` sets up the embedded default (``DAGSTER_HOME`` under ``RLHF_HOME`` with a
-``dagster.yaml``, MLflow on a local SQLite file), materializes the ``rlhf_lineage`` job in this
-process against that Dagster instance (so the run shows in the UI afterwards), runs
-``promote_champion_job``, prints a summary and writes it to ``$RLHF_HOME/summary.json``.
+``dagster.yaml``, MLflow on a local SQLite file), materializes the ``rlhf_lineage`` job (which
+ends with the ``champion_policy`` promotion gate) in this process against that Dagster instance
+(so the run shows in the UI afterwards), prints a summary and writes it to
+``$RLHF_HOME/summary.json``.
+
+``rlhf rounds -n N`` runs N RLHF rounds (``assets/rounds.py``), each a new partition of the
+``rlhf_round`` job, from the current champion (running the lineage first when there is none),
+and prints a table of gold, reward-model agreement and KL per round.
 
 ``rlhf ui`` starts ``dagster dev`` (127.0.0.1:3000) and ``mlflow server`` (127.0.0.1:5000) on
 the same stores, each in its own session, and stops both on Ctrl-C.
@@ -26,12 +32,20 @@ import yaml
 from pipelines import settings
 
 LINEAGE_JOB = "rlhf_lineage"
-PROMOTE_JOB = "promote_champion_job"
 # The embedded default instance. One training step at a time (the "training" pool of
 # assets/models.py) and one run at a time: a 2-core machine has no room for two.
 DEFAULT_DAGSTER_YAML = {
     "telemetry": {"enabled": False},
     "concurrency": {"pools": {"default_limit": 1}, "runs": {"max_concurrent_runs": 1}},
+    "run_monitoring": {
+        # A run worker killed -9 (OOM) is marked failed by its code server, but the pool slot
+        # its step claimed is only freed by the monitoring daemon (`dagster dev` runs it):
+        # without it one dead run blocks the "training" pool for good.
+        "enabled": True,
+        "start_timeout_seconds": 180,             # a run whose worker never started is failed
+        "poll_interval_seconds": 30,              # a local SQLite instance: cheap to poll often
+        "free_slots_after_run_end_seconds": 60,   # slots still held 60 s after a run ended
+    },
 }
 STOP_TIMEOUT_SECONDS = 20.0
 
@@ -220,51 +234,188 @@ def _failures(result: Any) -> tuple[list[str], list[str]]:
     return steps, errors
 
 
-def promote_latest(defs: Any, instance: Any, name: str) -> dict[str, Any]:
-    """Run ``promote_champion_job``; a refusal (e.g. different eval sets) is reported, not raised."""
-    result = defs.resolve_job_def(PROMOTE_JOB).execute_in_process(
-        instance=instance, raise_on_error=False, tags={"rlhf/trigger": "cli"},
-        run_config={"ops": {"promote_champion": {"config": {"model_name": name}}}},
-    )
-    if result.success:
-        return registry_state(os.environ["MLFLOW_TRACKING_URI"], name).get("last_promotion") or {}
-    _, errors = _failures(result)
-    return {"promoted": False, "reason": "refused: " + ("; ".join(errors) or "promote_champion failed"),
-            "dagster_run_id": result.run_id}
+def promotion_of(run_id: str, errors: list[str]) -> dict[str, Any] | None:
+    """The decision of the run's ``champion_policy`` step (the lineage's promotion gate)."""
+    made = read_manifest("champion_policy", run_id)
+    if made is not None:
+        return made["decision"]
+    refused = [e for e in errors if e.startswith("champion_policy")]
+    return {"promoted": False, "reason": "refused: " + "; ".join(refused)} if refused else None
 
 
 def run_lineage(run_config: Mapping[str, Any], promote: bool = True) -> int:
-    """Materialize the lineage, promote, summarise; returns the process exit code."""
-    import dagster as dg
+    """Materialize the lineage, promote, summarise; returns the process exit code.
 
+    The terminal gets one line per asset step and the summary; the full Dagster event log and
+    everything the stages print go to ``$RLHF_HOME/logs/<run_id>.log`` (``pipelines.run_output``).
+    """
+    import dagster as dg
+    from dagster._core.utils import make_new_run_id
+
+    from pipelines import run_output
+
+    run_output.quiet_environment()  # before transformers / huggingface_hub are imported
     from ops.registry import DEFAULT_POLICY_NAME
+    from pipelines.automation import with_op_config
     from pipelines.definitions import defs
 
     instance = dg.DagsterInstance.get()
     start = time.monotonic()
-    result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(
-        instance=instance, run_config=dict(run_config), raise_on_error=False,
-        tags={"rlhf/trigger": "cli"},
-    )
-    failed_steps, errors = _failures(result)
-    checks = _check_results(result)
-    registered = read_manifest("registered_policy", result.run_id)
-    name = (registered or {}).get("model_name") or DEFAULT_POLICY_NAME
-    if result.success and not registered:
-        errors.append("registered_policy was not materialized: a blocking check failed (see checks)")
-    promotion: dict[str, Any] | None = None
-    if registered and promote:
-        promotion = promote_latest(defs, instance, name)
-    status = "succeeded" if result.success and registered else "failed"
-    registry = dict(registry_state(os.environ["MLFLOW_TRACKING_URI"], name))
+    run_id = make_new_run_id()
+    log = run_output.log_file(run_id)
+    print(f"rlhf run {run_id}: full Dagster log in {log}", flush=True)
+    job = defs.resolve_job_def(LINEAGE_JOB)
+    with run_output.output_to_log(log) as terminal:
+        lines = run_output.StepLines(run_output.asset_steps(job), terminal)
+        loggers = run_output.run_loggers(log, lines)
+        if not promote:  # register only: the champion_policy gate records that it did not run
+            run_config = with_op_config(dict(run_config), "champion_policy", {"promote": False})
+        result = job.with_logger_defs(loggers).execute_in_process(
+            instance=instance, run_config=run_output.with_loggers(run_config, loggers), raise_on_error=False,
+            tags={"rlhf/trigger": "cli"}, run_id=run_id,
+        )
+        lines.finish()
+        failed_steps, errors = _failures(result)
+        checks = _check_results(result)
+        registered = read_manifest("registered_policy", result.run_id)
+        name = (registered or {}).get("model_name") or DEFAULT_POLICY_NAME
+        if result.success and not registered:
+            errors.append("registered_policy was not materialized: a blocking check failed (see checks)")
+        promotion = promotion_of(result.run_id, errors) if registered else None
+        status = "succeeded" if result.success and registered else "failed"
+        registry = dict(registry_state(os.environ["MLFLOW_TRACKING_URI"], name))
     registry["last_promotion"] = promotion
     summary = build_summary(result.run_id, status, checks, failed_steps, time.monotonic() - start, registry)
+    summary["where"]["log"] = str(log)
     out = settings.rlhf_home() / "summary.json"
     out.write_text(json.dumps(summary, indent=2, default=str))
     print(format_summary(summary))
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
+    print(f"full Dagster log: {log}")
     return 0 if status == "succeeded" else 1
+
+
+# ---------------------------------------------------------------- rlhf rounds
+ROUND_JOB = "rlhf_round"
+ROUND_FIELDS = ("champion_gold", "challenger_gold", "rm_gold_agreement", "challenger_kl_to_sft", "promoted",
+                "champion_version_after")
+
+
+def run_round(defs: Any, instance: Any, run_config: Mapping[str, Any], files: Sequence[str] = ()) -> dict[str, Any]:
+    """One round as a new partition of ``rlhf_round``, run in this process; returns its table row."""
+    from dagster._core.utils import make_new_run_id
+
+    from assets.rounds import ROUNDS, next_round_key
+    from pipelines import run_output
+    from pipelines.automation import with_op_config
+
+    key = next_round_key(instance.get_dynamic_partitions(ROUNDS.name))
+    instance.add_dynamic_partitions(ROUNDS.name, [key])
+    config = with_op_config(dict(run_config), "round_preferences", {"files": list(files)}) if files else dict(run_config)
+    run_id = make_new_run_id()
+    log = run_output.log_file(run_id)
+    job = defs.resolve_job_def(ROUND_JOB)
+    start = time.monotonic()
+    print(f"{key} (run {run_id}): full Dagster log in {log}", flush=True)
+    with run_output.output_to_log(log) as terminal:
+        lines = run_output.StepLines(run_output.asset_steps(job), terminal)
+        loggers = run_output.run_loggers(log, lines)
+        result = job.with_logger_defs(loggers).execute_in_process(
+            instance=instance, run_config=run_output.with_loggers(config, loggers), partition_key=key,
+            raise_on_error=False, tags={"rlhf/trigger": "cli", "rlhf/round": key}, run_id=run_id)
+        lines.finish()
+    _, errors = _failures(result)
+    made = read_manifest_partition("round_champion", key)
+    row: dict[str, Any] = {"round": key, "run_id": run_id, "seconds": round(time.monotonic() - start, 1),
+                           "status": "succeeded" if result.success else "failed", "log": str(log)}
+    if made is not None and result.success:
+        row.update({k: made["row"].get(k) for k in ROUND_FIELDS})
+        row["decision"] = made["decision"]["reason"]
+        row["challenger_version"] = made["challenger_version"]
+    else:
+        row["errors"] = errors
+    return row
+
+
+def read_manifest_partition(asset: str, partition: str) -> dict[str, Any] | None:
+    path = settings.rlhf_home() / "manifests" / asset / "partitions" / f"{partition}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def format_rounds(rows: Sequence[Mapping[str, Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else "" if v is None else str(v)
+    head = ("round", "champion_gold", "challenger_gold", "rm_gold_agreement", "challenger_kl_to_sft",
+            "promoted", "champion_version_after", "seconds")
+    widths = [max(len(h), *(len(cell(r.get(h))) for r in rows)) for h in head]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    out += ["  ".join(cell(r.get(h)).ljust(w) for h, w in zip(head, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def run_rounds(n: int, round_config: Mapping[str, Any], lineage_config: Mapping[str, Any],
+               files: Sequence[str] = ()) -> int:
+    """``n`` rounds from the current champion (the lineage first when there is none)."""
+    import dagster as dg
+
+    from pipelines import run_output
+
+    run_output.quiet_environment()
+    from pipelines.automation import has_champion
+    from pipelines.definitions import defs
+    from pipelines.resources import MLflowResource
+
+    start = time.monotonic()
+    bootstrap = None
+    if not has_champion(MLflowResource()):
+        print("no champion yet: running the lineage first (rlhf run)", flush=True)
+        code = run_lineage(lineage_config)
+        bootstrap = round(time.monotonic() - start, 1)
+        if code != 0 or not has_champion(MLflowResource()):
+            print("error: the lineage made no champion; rounds start from one", file=sys.stderr)
+            return 1
+    instance = dg.DagsterInstance.get()
+    rows = []
+    for i in range(n):
+        row = run_round(defs, instance, round_config, files if i == 0 else ())
+        rows.append(row)
+        verdict = ("promoted" if row.get("promoted") else "refused") if row["status"] == "succeeded" else "FAILED"
+        print(f"{row['round']}: {verdict} in {row['seconds']:.0f} s"
+              + (f" ({row['decision']})" if row.get("decision") else "")
+              + (f": {'; '.join(row.get('errors', []))}" if row["status"] != "succeeded" else ""), flush=True)
+        if row["status"] != "succeeded":
+            break
+    total = round(time.monotonic() - start, 1)
+    summary = {"rounds": rows, "seconds_total": total, "seconds_lineage": bootstrap,
+               "seconds_rounds": round(sum(r["seconds"] for r in rows), 1)}
+    out = settings.rlhf_home() / "rounds_summary.json"
+    out.write_text(json.dumps(summary, indent=2, default=str))
+    print(format_rounds(rows))
+    print(f"{len(rows)} round(s) in {summary['seconds_rounds']:.0f} s"
+          + (f" after the lineage ({bootstrap:.0f} s)" if bootstrap is not None else "") + f"; summary in {out}")
+    return 0 if all(r["status"] == "succeeded" for r in rows) else 1
+
+
+def export_annotation_batch(n_prompts: int, seed: int, name: str) -> int:
+    """``rlhf annotate``: the champion's samples on the latest splits' training prompts."""
+    from assets.rounds import export_batch
+    from pipelines.resources import MLflowResource
+
+    splits = read_manifest("dataset_splits")
+    if splits is None:
+        raise SystemExit("rlhf annotate: no dataset_splits yet; run the lineage first (rlhf run)")
+    import dagster as dg
+
+    mlflow = MLflowResource()
+    try:
+        path = export_batch(mlflow.client(), mlflow.tracking_uri, name, splits["split_dir"], n_prompts, seed,
+                            f"annotate-seed{seed}")
+    except dg.Failure as exc:
+        raise SystemExit(f"rlhf annotate: {exc.description}") from exc
+    print(f"annotation batch: {path}\nfill 'preference' with a or b on each line, then move the file into "
+          f"{settings.landing_dir()} to start a round")
+    return 0
 
 
 # ---------------------------------------------------------------- rlhf ui
@@ -361,6 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="materialize the whole lineage, promote, print the summary")
     run.add_argument("--config", help="run config (YAML/JSON) of the rlhf_lineage job, e.g. your dataset")
     run.add_argument("--no-promote", action="store_true", help="register the challenger but do not promote")
+    rounds = sub.add_parser("rounds", help="run RLHF rounds from the champion (the lineage first if none)")
+    rounds.add_argument("-n", "--rounds", type=int, default=3, help="how many rounds (default 3)")
+    rounds.add_argument("--config", help="run config (YAML/JSON) of the rlhf_round job")
+    rounds.add_argument("--lineage-config", help="run config of the lineage, when it has to run first")
+    rounds.add_argument("--files", nargs="*", default=[], help="labelled files for the first round "
+                        "(default: the simulated annotator)")
+    annotate = sub.add_parser("annotate", help="write the champion's samples as a batch to label (outbox)")
+    annotate.add_argument("-n", "--prompts", type=int, default=256, help="prompts answered twice (default 256)")
+    annotate.add_argument("--seed", type=int, default=0)
+    annotate.add_argument("--model-name", default="rlhf-policy")
     ui = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI on localhost")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--dagster-port", type=int, default=3000)
@@ -378,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     if args.command == "run":
         return run_lineage(load_run_config(args.config), promote=not args.no_promote)
+    if args.command == "annotate":
+        return export_annotation_batch(args.prompts, args.seed, args.model_name)
+    if args.command == "rounds":
+        if args.rounds < 1:
+            raise SystemExit("rlhf rounds: --rounds must be >= 1")
+        return run_rounds(args.rounds, load_run_config(args.config), load_run_config(args.lineage_config),
+                          [str(Path(f).resolve()) for f in args.files])
     return run_ui(args.host, args.dagster_port, args.mlflow_port)
 
 

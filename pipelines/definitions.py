@@ -11,11 +11,14 @@ import dagster as dg
 from assets.data import DATA_ASSETS, DATA_CHECKS
 from assets.evaluation import EVAL_ASSETS, EVAL_CHECKS
 from assets.models import MODEL_ASSETS, MODEL_CHECKS
+from assets.promotion import PROMOTION_ASSETS, PROMOTION_CHECKS
 from assets.registry import REGISTRY_ASSETS
+from assets.rounds import ROUND_ASSETS, ROUND_CHECKS
 from pipelines import settings
 from pipelines.automation import SCHEDULES, SENSORS
 from pipelines.io_managers import JsonManifestIOManager
 from pipelines.jobs import ALL_JOBS
+from pipelines.notify import Notifier
 from pipelines.resources import MLflowResource, TrainingLauncher
 
 
@@ -30,11 +33,12 @@ def default_resources() -> dict[str, object]:
         "io_manager": JsonManifestIOManager(base_dir=manifests_dir()),
         "mlflow": MLflowResource(),
         "launcher": TrainingLauncher(),
+        "notifier": Notifier(),
     }
 
 
-ASSETS = [*DATA_ASSETS, *MODEL_ASSETS, *EVAL_ASSETS, *REGISTRY_ASSETS]
-ASSET_CHECKS = [*DATA_CHECKS, *MODEL_CHECKS, *EVAL_CHECKS]
+ASSETS = [*DATA_ASSETS, *MODEL_ASSETS, *EVAL_ASSETS, *REGISTRY_ASSETS, *PROMOTION_ASSETS, *ROUND_ASSETS]
+ASSET_CHECKS = [*DATA_CHECKS, *MODEL_CHECKS, *EVAL_CHECKS, *PROMOTION_CHECKS, *ROUND_CHECKS]
 
 defs = dg.Definitions(
     assets=ASSETS,

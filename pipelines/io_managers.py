@@ -2,7 +2,8 @@
 
 Data and models live in files (Parquet, ``save_pretrained`` directories); the asset's
 output value is a JSON-serialisable dict pointing at them. This IO manager stores that
-dict as ``<base_dir>/<asset key>.json`` and also keeps one copy per run under
+dict as ``<base_dir>/<asset key>.json`` (a partition of a partitioned asset, e.g. one RLHF
+round, as ``<asset key>/partitions/<key>.json``) and also keeps one copy per run under
 ``<asset key>/runs/<run_id>.json`` so earlier materializations stay inspectable.
 """
 
@@ -18,9 +19,15 @@ import dagster as dg
 class JsonManifestIOManager(dg.ConfigurableIOManager):
     base_dir: str
 
-    def _path(self, context: dg.OutputContext | dg.InputContext) -> Path:
+    def _path(self, context: dg.OutputContext | dg.InputContext, partition: str | None = None) -> Path:
         key = context.asset_key.path if context.has_asset_key else [context.name]
+        if partition is not None:
+            return Path(self.base_dir).joinpath(*key, "partitions", f"{partition}.json")
         return Path(self.base_dir).joinpath(*key).with_suffix(".json")
+
+    @staticmethod
+    def _partition(context: dg.OutputContext | dg.InputContext) -> str | None:
+        return context.asset_partition_key if context.has_asset_partitions else None
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
@@ -31,19 +38,19 @@ class JsonManifestIOManager(dg.ConfigurableIOManager):
                 f"(dict of paths and values), got {type(obj).__name__}"
             )
         text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-        path = self._path(context)
+        path = self._path(context, self._partition(context))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(text)
         tmp.replace(path)
-        history = path.with_suffix("") / "runs" / f"{context.run_id}.json"
+        history = self._path(context).with_suffix("") / "runs" / f"{context.run_id}.json"
         history.parent.mkdir(parents=True, exist_ok=True)
         history.write_text(text)
 
     def load_input(self, context: dg.InputContext) -> dict:
         upstream = context.upstream_output
         assert upstream is not None
-        path = self._path(upstream)
+        path = self._path(upstream, self._partition(context))
         if not path.exists():
             raise FileNotFoundError(
                 f"no manifest for {upstream.asset_key.to_user_string()} at {path}: "

@@ -1,7 +1,8 @@
 """Resources the model assets use: the MLflow tracking store and the out-of-process launcher.
 
 ``MLflowResource`` owns one MLflow run per materialization, tagged so that an MLflow run
-leads back to the Dagster run, asset, data version and code version that made it.
+leads back to the Dagster run, asset, data version and code version that made it; the runs of
+one Dagster run are nested under one parent run (see ``MLflowResource``).
 ``TrainingLauncher`` runs a ppo_core stage under ``torchrun`` through Dagster Pipes, so the
 asset code is the same on this CPU (``nproc_per_node=1``) and on a multi-GPU node.
 """
@@ -30,6 +31,9 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_VALUE_LENGTH = 6000
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
 REDACTED = "***redacted***"
+PARENT_TAG = "rlhf.parent"
+ROUND_TAG = "rlhf.round"
+PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,8 +77,35 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def partition_key(context: dg.AssetExecutionContext) -> str | None:
+    """The run's partition key (a round of the round asset group), None for an unpartitioned run."""
+    key = context.run.tags.get("dagster/partition")
+    if key:
+        return key
+    return context.partition_key if getattr(context, "has_partition_key", False) else None
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
 class MLflowResource(dg.ConfigurableResource):
-    """The MLflow tracking store: a local SQLite file by default, a server in production."""
+    """The MLflow tracking store: a local SQLite file by default, a server in production.
+
+    Every materialization's run is a child (tag ``mlflow.parentRunId``) of one parent run per
+    Dagster run: the lineage, or a round when the Dagster run is partitioned (then the parent is
+    named after the partition key and tagged ``rlhf.round``). The first asset that opens a run
+    creates the parent; later ones, possibly in other processes, find it by its tags
+    (``dagster.run_id`` + ``rlhf.parent=true``).
+
+    Parent status follows its children: RUNNING while any child runs; when a child ends and no
+    sibling is still running, FINISHED, or FAILED when any child failed (an asset retried in the
+    Dagster run counts by its last attempt). A later step of the same Dagster run
+    (registered_policy after evaluation_report, say) sets it RUNNING again and settles it when
+    it ends, so once the Dagster run is over the parent shows the outcome and end time of all
+    its MLflow steps, whichever subset of assets was selected. A step killed before it could end
+    its run leaves both RUNNING, which is what the UI should then show.
+    """
 
     tracking_uri: str = Field(
         default_factory=settings.mlflow_tracking_uri,
@@ -88,6 +119,13 @@ class MLflowResource(dg.ConfigurableResource):
     ui_url: str = Field(
         default="http://127.0.0.1:5000",
         description="Base URL of the MLflow UI, used to build the run links shown in Dagster.",
+    )
+    log_system_metrics: bool = Field(
+        default=True, description="Record CPU / memory / disk / network (and GPU) use on training runs "
+        "(MLflow's psutil-based system metrics, keys system/*).",
+    )
+    system_metrics_interval: float = Field(
+        default=10.0, description="Seconds between system-metric samples (MLflow's default).",
     )
 
     def client(self) -> Any:
@@ -116,8 +154,8 @@ class MLflowResource(dg.ConfigurableResource):
     ) -> Any:
         """Create the MLflow run of one materialization and return it (an ``mlflow.entities.Run``).
 
-        Tags: ``dagster.run_id``, ``dagster.asset_key``, ``code_version`` and whatever ``tags``
-        adds (the assets pass ``data_version``).
+        Tags: ``dagster.run_id``, ``dagster.asset_key``, ``code_version``, the parent run
+        (``mlflow.parentRunId``) and whatever ``tags`` adds (the assets pass ``data_version``).
         """
         all_tags = {
             "dagster.run_id": context.run.run_id,
@@ -125,6 +163,7 @@ class MLflowResource(dg.ConfigurableResource):
             "dagster.asset_key": asset_key,
             "code_version": code_version(),
             "mlflow.runName": f"{asset_key}-{context.run.run_id[:8]}",
+            PARENT_RUN_ID_TAG: self.parent_run_id(context),
             **{k: str(v) for k, v in (tags or {}).items()},
         }
         return self.client().create_run(self.experiment_id(), tags=all_tags,
@@ -134,14 +173,95 @@ class MLflowResource(dg.ConfigurableResource):
     def run(
         self, context: dg.AssetExecutionContext, asset_key: str, tags: Mapping[str, str] | None = None
     ) -> Iterator[Any]:
-        """``start_run`` that ends the run FINISHED, or FAILED when the body raises."""
+        """``start_run`` that ends the run FINISHED, or FAILED when the body raises (and settles the parent)."""
         run = self.start_run(context, asset_key, tags)
+        parent_id = run.data.tags[PARENT_RUN_ID_TAG]
         try:
             yield run
         except BaseException:
             self.client().set_terminated(run.info.run_id, status="FAILED")
+            self.settle_parent(parent_id)
             raise
         self.client().set_terminated(run.info.run_id, status="FINISHED")
+        self.settle_parent(parent_id)
+
+    # ---- the parent run of a Dagster run
+    def _parents(self, dagster_run_id: str) -> list[Any]:
+        """Parent runs of a Dagster run, oldest first (more than one only after a creation race)."""
+        query = f"tags.`dagster.run_id` = '{_quoted(dagster_run_id)}' and tags.`{PARENT_TAG}` = 'true'"
+        runs = self.client().search_runs([self.experiment_id()], filter_string=query, max_results=50)
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def parent_run_id(self, context: dg.AssetExecutionContext) -> str:
+        """Id of the Dagster run's parent run, created when this is its first MLflow step.
+
+        Found by tags rather than remembered, because steps may run in separate processes. Two
+        steps creating it at once both keep the oldest and the other one is deleted.
+        """
+        client = self.client()
+        parents = self._parents(context.run.run_id)
+        if not parents:
+            mine = self._create_parent(context)
+            parents = self._parents(context.run.run_id)
+            keep = parents[0].info.run_id if parents else mine
+            if keep != mine:
+                client.delete_run(mine)
+            return keep
+        parent = parents[0]
+        if parent.info.status != "RUNNING":
+            client.update_run(parent.info.run_id, status="RUNNING")
+        return parent.info.run_id
+
+    def _create_parent(self, context: dg.AssetExecutionContext) -> str:
+        job = context.run.job_name
+        key = partition_key(context)
+        label = f"round-{key}" if key else ("lineage" if job.startswith("__") else job)
+        name = f"{label}-{context.run.run_id[:8]}"
+        tags = {"dagster.run_id": context.run.run_id, "dagster.job": job, "code_version": code_version(),
+                PARENT_TAG: "true", "mlflow.runName": name, **({ROUND_TAG: key} if key else {})}
+        return self.client().create_run(self.experiment_id(), tags=tags, run_name=name).info.run_id
+
+    def settle_parent(self, parent_id: str) -> None:
+        """FINISHED (FAILED if a child failed) once no child of ``parent_id`` is running.
+
+        An asset retried within the Dagster run counts by its last attempt: a retry that
+        succeeded makes the run a success, whatever the failed attempt left behind.
+        """
+        client = self.client()
+        children = client.search_runs([self.experiment_id()], max_results=1000,
+                                      filter_string=f"tags.`{PARENT_RUN_ID_TAG}` = '{_quoted(parent_id)}'")
+        last: dict[str, Any] = {}
+        for child in sorted(children, key=lambda r: (r.info.start_time, r.info.run_id)):
+            last[child.data.tags.get("dagster.asset_key", child.info.run_id)] = child
+        statuses = {c.info.status for c in last.values()}
+        if "RUNNING" in statuses or "SCHEDULED" in statuses:
+            return
+        failed = statuses & {"FAILED", "KILLED"}
+        client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
+
+    @contextmanager
+    def system_metrics(self, run_id: str) -> Iterator[None]:
+        """Sample this machine's CPU, memory, disk, network (and GPU) into ``run_id`` while the body runs.
+
+        The launched training processes run on the same node, so the node's figures are theirs.
+        MLflow's monitor only logs full sampling windows; the last, partial one is logged on exit
+        so that a stage shorter than one interval still leaves a sample.
+        """
+        if not self.log_system_metrics:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=self.system_metrics_interval,
+                                       tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            if partial := monitor.aggregate_metrics():
+                monitor.publish_metrics(partial)
+                monitor.mlflow_logger.flush()
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Flattened, redacted params, in batches within MLflow's per-call limit."""

@@ -103,6 +103,10 @@ class PPOConfig:
     # ---- inputs / outputs ----
     policy_path: str = ""
     """SFT output (``<sft_out>/final``): initial policy and frozen reference; also the tokenizer"""
+    ref_model_path: str | None = None
+    """frozen reference of the KL penalty when it differs from the initial policy (None: the
+    policy_path model). Iterated rounds start from the current champion and keep the SFT model
+    as reference, so the KL measures the whole drift from SFT (InstructGPT's penalty)"""
     train_file: str = ""
     """Parquet file with a ``prompt`` column (``ppo_train.parquet``)"""
     output_dir: str = ""
@@ -342,7 +346,7 @@ def _validate(cfg: PPOConfig) -> list[str]:
 def check_inputs(cfg: PPOConfig) -> None:
     """File-system checks that need no model: fail before any training starts."""
     problems = []
-    for name in ("policy_path", "reward_model_path", "critic_path", "guard_reward_model_path"):
+    for name in ("policy_path", "ref_model_path", "reward_model_path", "critic_path", "guard_reward_model_path"):
         value = getattr(cfg, name)
         if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().is_dir():
             problems.append(f"{name} {value!r} is not a directory (expected a save_pretrained dir)")
@@ -530,7 +534,9 @@ class PPOTrainer:
 
         torch.manual_seed(cfg.seed)
         policy = load_causal_lm(cfg.policy_path)
-        self.ref = strategy.prepare_eval(load_causal_lm(cfg.policy_path))
+        if cfg.ref_model_path:
+            self._check_same_tokenizer(cfg.ref_model_path)
+        self.ref = strategy.prepare_eval(load_causal_lm(cfg.ref_model_path or cfg.policy_path))
         self.reward: RewardSource
         if cfg.reward_model_path is not None:
             self._check_same_tokenizer(cfg.reward_model_path)
@@ -590,9 +596,9 @@ class PPOTrainer:
         except Exception:  # an RM dir without tokenizer files: trust the caller
             return
         if other.get_vocab() != self.tokenizer.get_vocab():
-            raise ConfigError(f"reward_model_path {path!r} uses a different tokenizer from "
-                              f"policy_path {self.cfg.policy_path!r}; PPO scores token ids "
-                              "directly, so train the RM from the same SFT/base tokenizer")
+            raise ConfigError(f"{path!r} uses a different tokenizer from policy_path "
+                              f"{self.cfg.policy_path!r}; PPO scores token ids directly, so the "
+                              "reference and reward model must share the SFT/base tokenizer")
 
     # ---------------------------------------------------------------- rollout
     def next_prompts(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -1190,8 +1196,10 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
         resume = ckpt.resolve_resume(cfg.resume_from, trainer.checkpoint_dir())
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    resumed: dict[str, int] = {}
     if resume is not None:
         trainer.load_checkpoint(resume)
+        resumed["resumed_from_step"] = trainer.step   # the summary says the run continued one
     elif cfg.normalize_reward:
         trainer.fit_normalizer()
     cb.on_train_begin("ppo", cfg.num_steps, to_dict(cfg))
@@ -1244,7 +1252,7 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     if trainer.rank == 0:
         shutil.rmtree(trainer.best_dir(), ignore_errors=True)
     summary: dict[str, Any] = {**metrics, **eval_metrics, "step": trainer.step, "kept_step": kept,
-                               "stopped_reason": reason, **trainer.guard.summary(),
+                               "stopped_reason": reason, **resumed, **trainer.guard.summary(),
                                "train_seconds": time.perf_counter() - t0,
                                "output_dir": str(Path(cfg.output_dir)), "final_dir": str(final)}
     if guarded:

@@ -237,6 +237,7 @@ class SupervisedTrainer:
             "stage": self.stage, "output_dir": str(self.out), "step": step, "total_steps": self.total_steps,
             "completed": final, "final_model_dir": str(self.out / "final") if final else "",
             "stopped_reason": reason, "epochs": step / self.sampler.steps_per_epoch,
+            **({"resumed_from_step": self.start_step} if self.resume_path is not None else {}),
             f"train_{name}": len(self.train_data), f"eval_{name}": len(self.eval_data),
             "train_truncated": sum(e.truncated for e in self.train_data), "runtime_s": time.monotonic() - t0,
             **train_metrics, **eval_metrics,

@@ -72,3 +72,15 @@ def run_bench_script(args: Sequence[str], timeout: int, drop: Sequence[str] = ()
     return subprocess.run(
         [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
         env={**clean, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false", **env})
+
+
+@pytest.fixture(autouse=True)
+def _reset_dagster_defs_state_storage():
+    """Invoking a sensor with resources directly (tests/test_automation.py) leaves the test
+    instance's defs-state storage set in a context variable after that instance is gone; a
+    later Definitions load in this process would then read a deleted SQLite file."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    token = _current_storage.set(_current_storage.get())
+    yield
+    _current_storage.reset(token)

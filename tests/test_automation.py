@@ -15,8 +15,11 @@ from pipelines.automation import (
     new_preference_files,
     parse_cursor,
     record_run_failure,
+    round_run_config,
     weekly_retraining,
 )
+from pipelines.notify import Notifier
+from pipelines.resources import MLflowResource
 
 OLD = time.time() - 3600  # mtime an hour ago: the file is complete
 
@@ -29,10 +32,25 @@ def land(folder: Path, name: str, mtime: float = OLD) -> Path:
     return path
 
 
-def evaluate(cursor: str | None) -> dg.SensorResult:
-    with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance, cursor=cursor)
-        return new_preference_files(ctx)
+def mlflow_store(home: Path) -> MLflowResource:
+    return MLflowResource(tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+                          artifact_root=(home / "artifacts").as_uri())
+
+
+def crown_a_champion(mlflow: MLflowResource, name: str = "rlhf-policy") -> None:
+    client = mlflow.client()
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=(Path(mlflow.artifact_root.removeprefix("file://"))).as_uri())
+    client.set_registered_model_alias(name, "champion", version.version)
+
+
+def evaluate(cursor: str | None, instance: dg.DagsterInstance | None = None,
+             mlflow: MLflowResource | None = None) -> dg.SensorResult:
+    mlflow = mlflow or mlflow_store(Path(os.environ["RLHF_HOME"]))
+    if instance is not None:
+        return new_preference_files(dg.build_sensor_context(instance=instance, cursor=cursor), mlflow=mlflow)
+    with dg.instance_for_test(temp_dir=os.environ["DAGSTER_HOME"]) as instance:
+        return new_preference_files(dg.build_sensor_context(instance=instance, cursor=cursor), mlflow=mlflow)
 
 
 def test_sensor_triggers_once_per_file_and_points_raw_preferences_at_the_landing_folder(
@@ -82,18 +100,40 @@ def test_new_files_and_cursor_parsing() -> None:
     assert landed_files(Path("/nonexistent/landing")) == {}
 
 
-def test_weekly_schedule_uses_landing_data_when_present(rlhf_home: Path) -> None:
+def test_with_a_champion_new_files_start_a_round_with_exactly_those_files(rlhf_home: Path) -> None:
+    landing = rlhf_home / "landing"
+    mlflow = mlflow_store(rlhf_home)
+    crown_a_champion(mlflow)
+    land(landing, "labels1.jsonl")
+    with dg.instance_for_test(temp_dir=os.environ["DAGSTER_HOME"]) as instance:
+        result = evaluate(None, instance, mlflow)
+        [request] = result.run_requests
+        assert request.job_name == "rlhf_round" and request.partition_key == "round-0001"
+        assert request.run_config == round_run_config([str(landing / "labels1.jsonl")])
+        [add] = result.dynamic_partitions_requests
+        assert add.partitions_def_name == "rlhf_round" and list(add.partition_keys) == ["round-0001"]
+        instance.add_dynamic_partitions("rlhf_round", ["round-0001"])
+        land(landing, "labels2.jsonl")
+        second = evaluate(result.cursor, instance, mlflow)
+        # the next round number, and only the new file (earlier rounds' pairs join in the round)
+        assert second.run_requests[0].partition_key == "round-0002"
+        assert second.run_requests[0].run_config == round_run_config([str(landing / "labels2.jsonl")])
+
+
+def test_weekly_schedule_starts_a_round_only_when_a_champion_exists(rlhf_home: Path) -> None:
     import datetime as dt
 
     tick = dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.timezone.utc)
-    with dg.instance_for_test() as instance:
+    mlflow = mlflow_store(rlhf_home)
+    with dg.instance_for_test(temp_dir=os.environ["DAGSTER_HOME"]) as instance:
         ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
-        default = weekly_retraining(ctx)
-        assert default.run_config == {} and default.tags["rlhf/source"] == "default"
-        assert default.run_key == "weekly-2026-11-23"
-        land(rlhf_home / "landing", "batch.parquet.jsonl")
-        landed = weekly_retraining(ctx)
-        assert landed.run_config == lineage_run_config(rlhf_home / "landing")
+        skipped = weekly_retraining(ctx, mlflow=mlflow)
+        assert isinstance(skipped, dg.SkipReason) and "no champion" in skipped.skip_message
+        crown_a_champion(mlflow)
+        request = weekly_retraining(ctx, mlflow=mlflow)
+        assert request.partition_key == "round-0001" and request.run_key == "weekly-round-2026-11-23"
+        assert request.run_config == round_run_config(None)  # the simulated annotator
+        assert instance.get_dynamic_partitions("rlhf_round") == ["round-0001"]
     assert weekly_retraining.cron_schedule == "0 3 * * 1"
 
 
@@ -106,15 +146,18 @@ def test_run_failure_sensor_writes_a_record(rlhf_home: Path) -> None:
     def failing_job() -> None:
         explode()
 
-    with dg.instance_for_test() as instance:
+    with dg.instance_for_test(temp_dir=os.environ["DAGSTER_HOME"]) as instance:
         result = failing_job.execute_in_process(instance=instance, raise_on_error=False)
         assert not result.success
         ctx = dg.build_run_status_sensor_context(
             sensor_name="record_run_failure", dagster_instance=instance,
             dagster_run=result.dagster_run, dagster_event=result.get_run_failure_event(),
         ).for_run_failure()
-        record_run_failure(ctx)
+        record_run_failure(ctx, notifier=Notifier())
     record = json.loads((rlhf_home / "failures" / f"{result.run_id}.json").read_text())
+    [alert] = [json.loads(p.read_text()) for p in (rlhf_home / "alerts").glob("*.json")]
+    assert alert["kind"] == "run_failure" and "boom: bad preference file" in alert["message"]
+    assert alert["delivered"] == {}  # no Slack / e-mail configured here
     assert record["job_name"] == "failing_job"
     assert record["failed_steps"] == ["explode"]
     assert record["run_id"] == result.run_id

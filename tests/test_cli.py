@@ -1,6 +1,7 @@
 """The `rlhf` CLI without training: embedded env, run config, summary, server start/stop."""
 
 import json
+import re
 import signal
 import sys
 import time
@@ -98,3 +99,65 @@ def test_server_in_own_session_stops_on_sigint_even_when_parent_ignores_it(tmp_p
     # Terminated by SIGINT (KeyboardInterrupt, exit 1 / -SIGINT), not escalated to SIGKILL.
     assert code in (1, -signal.SIGINT, 128 + signal.SIGINT)
     assert cli.stop_session(proc) == code
+
+
+# ---------------------------------------------------------------- what `rlhf run` shows
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_output_to_log_sends_this_and_child_processes_output_to_the_file(tmp_path: Path, capfd) -> None:
+    import subprocess
+
+    from pipelines.run_output import output_to_log
+
+    log = tmp_path / "run.log"
+    child = "import sys; print('child stdout'); print('child stderr', file=sys.stderr)"
+    with output_to_log(log) as terminal:
+        subprocess.run([sys.executable, "-c", child], check=True)
+        print("python print")
+        terminal.write("[ 1/1] step .... done\n")
+    captured = capfd.readouterr()
+    assert captured.out == "[ 1/1] step .... done\n" and captured.err == ""
+    text = log.read_text()
+    assert all(s in text for s in ("child stdout", "child stderr", "python print"))
+    print("after")  # the terminal is back
+    assert capfd.readouterr().out == "after\n"
+
+
+def test_rlhf_run_prints_one_line_per_asset_and_logs_everything_to_a_file(tmp_path: Path) -> None:
+    """A real `rlhf run` that stops at the blocking quarantine check (no training: ~15 s)."""
+    import os
+    import subprocess
+
+    from pipelines.definitions import defs
+    from pipelines.run_output import asset_steps
+
+    home = tmp_path / "home"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"ops": {
+        "raw_preferences": {"config": {"source": "bundled", "n_pairs": 300}},
+        "preference_pairs_quarantine_fraction_below_threshold": {"config": {"max_quarantine_fraction": 0.0}},
+    }}))
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--config", str(config)],
+                          cwd=REPO, env={**env, "RLHF_HOME": str(home)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stderr  # the check failed on purpose
+    out = proc.stdout.splitlines()
+    steps = asset_steps(defs.resolve_job_def(cli.LINEAGE_JOB))
+    step_lines = [line for line in out if line.startswith("[")]
+    assert [re.match(r"\[ *[-\d]+/\d+\] (\S+) ", line).group(1) for line in step_lines] == steps  # each once
+    assert step_lines[0].startswith(f"[ 1/{len(steps)}] raw_preferences ") and " done in " in step_lines[0]
+    assert "not run" in next(line for line in step_lines if " dataset_splits " in line)
+    assert "DEBUG" not in proc.stdout + proc.stderr
+    assert all(line.startswith("error: ") or line.startswith("preference_pairs")
+               for line in proc.stderr.splitlines()), proc.stderr
+    log = Path(out[0].rsplit(" ", 1)[-1])
+    assert log.parent == home / "logs" and out[-1] == f"full Dagster log: {log}"
+    text = log.read_text()
+    run_id = log.stem
+    for event in ("RUN_START", "STEP_START", "ASSET_MATERIALIZATION", "STEP_SUCCESS", "ASSET_CHECK_EVALUATION",
+                  "RUN_FAILURE"):
+        assert event in text, event
+    assert text.count(run_id) > 20 and "DEBUG" in text
+    assert json.loads((home / "summary.json").read_text())["where"]["log"] == str(log)

@@ -11,8 +11,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ASSETS = {
     "raw_preferences", "preference_pairs", "quarantined_pairs", "dataset_splits", "base_model",
     "sft_model", "reward_model", "heldout_reward_model", "ppo_policy", "evaluation_report",
-    "registered_policy",
+    "registered_policy", "champion_policy",
 }
+ROUND_ASSETS = {"round_preferences", "round_reward_model", "round_policy", "round_evaluation", "round_champion"}
 CHECKS = {
     ("preference_pairs", "quarantine_fraction_below_threshold"),
     ("dataset_splits", "splits_are_prompt_disjoint"),
@@ -20,8 +21,11 @@ CHECKS = {
     ("ppo_policy", "ppo_kl_within_bound"),
     ("ppo_policy", "ppo_beats_sft_heldout"),
     ("evaluation_report", "ppo_beats_sft"),
+    ("champion_policy", "challenger_promoted"),
+    ("round_reward_model", "round_reward_model_accuracy"),
+    ("round_champion", "round_challenger_promoted"),
 }
-JOBS = {"rlhf_lineage", "preference_data", "promote_champion_job", "rollback_champion_job",
+JOBS = {"rlhf_lineage", "rlhf_round", "preference_data", "promote_champion_job", "rollback_champion_job",
         "prune_versions_job"}
 
 
@@ -33,7 +37,7 @@ def repository() -> dg.RepositoryDefinition:
 
 def test_every_asset_and_check_is_defined(rlhf_home: Path) -> None:
     graph = repository().asset_graph
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS | ROUND_ASSETS
     assert {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys} == CHECKS
 
 
@@ -54,11 +58,15 @@ def test_jobs_schedules_sensors_and_resources(rlhf_home: Path) -> None:
     repo = repository()
     assert JOBS <= {j.name for j in repo.get_all_jobs()}
     lineage = repo.get_job("rlhf_lineage")
-    assert {k.to_user_string() for k in lineage.asset_layer.executable_asset_keys} >= ASSETS
+    assert {k.to_user_string() for k in lineage.asset_layer.executable_asset_keys} == ASSETS
+    rounds = repo.get_job("rlhf_round")
+    assert {k.to_user_string() for k in rounds.asset_layer.executable_asset_keys} == ROUND_ASSETS
+    assert rounds.partitions_def.name == "rlhf_round"  # a dynamic partition per round
     assert {s.name for s in repo.schedule_defs} == {"weekly_retraining"}
     assert {s.name for s in repo.sensor_defs} == {"new_preference_files", "record_run_failure"}
-    assert repo.get_schedule_def("weekly_retraining").job_name == "rlhf_lineage"
-    assert {"io_manager", "mlflow", "launcher"} <= set(repo.get_top_level_resources())
+    # automated retraining runs rounds, not rebuilds
+    assert repo.get_schedule_def("weekly_retraining").job_name == "rlhf_round"
+    assert {"io_manager", "mlflow", "launcher", "notifier"} <= set(repo.get_top_level_resources())
 
 
 def test_resources_follow_rlhf_home_not_dagster_home(rlhf_home: Path, monkeypatch) -> None:

@@ -58,6 +58,88 @@ def test_unknown_override_is_a_clear_error(tmp_path: Path) -> None:
         core_config("sft", cfg, data_dir=str(tmp_path), output_dir=str(tmp_path), model_name_or_path="x")
 
 
+# ---------------------------------------------------------------- typed stage fields (Launchpad)
+# A value other than the default for every typed field of each stage.
+SUPERVISED_VALUES = {"steps": 7, "learning_rate": 1e-3, "max_seconds": 30.0, "seed": 5, "zero_stage": 0,
+                     "lora_rank": 4, "epochs": 3.0, "batch_size": 8, "micro_batch_size": 4, "max_length": 64}
+TYPED_VALUES = {
+    "sft": SUPERVISED_VALUES,
+    "reward": SUPERVISED_VALUES,
+    "ppo": {"steps": 3, "learning_rate": 2e-5, "max_seconds": 30.0, "seed": 5, "zero_stage": 2, "lora_rank": 8,
+            "kl_coef": 0.0, "kl_target": 6.0, "response_length": 16, "temperature": 1.0,
+            "rollout_batch_size": 8, "ppo_epochs": 2, "guard_every": 3, "guard_prompts": 16,
+            "guard_kl_budget": 10.0},
+}
+
+
+def stage_case(stage: str, tmp_path: Path) -> tuple[type, dict]:
+    """The asset config class of ``stage`` and the paths its asset would resolve."""
+    import pandas as pd
+
+    from assets.models import RewardModelConfig
+
+    if stage != "ppo":
+        paths = dict(data_dir=str(tmp_path), output_dir=str(tmp_path / "o"), model_name_or_path=str(tmp_path))
+        return (SFTModelConfig if stage == "sft" else RewardModelConfig), paths
+    for name in ("train.parquet", "eval.parquet"):
+        pd.DataFrame({"prompt": ["a b"]}).to_parquet(tmp_path / name)
+    paths = dict(policy_path=str(tmp_path), reward_model_path=str(tmp_path), output_dir=str(tmp_path / "o"),
+                 train_file=str(tmp_path / "train.parquet"), eval_file=str(tmp_path / "eval.parquet"))
+    return PPOPolicyConfig, paths
+
+
+def core_value(core: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        core = getattr(core, part)
+    return core
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_every_typed_field_lands_on_the_core_config(stage: str, tmp_path: Path) -> None:
+    cls, paths = stage_case(stage, tmp_path)
+    values = TYPED_VALUES[stage]
+    assert set(values) == set(FIELD_MAP[stage])  # a new typed field needs a case here
+    core = core_config(stage, cls(**values), **paths)
+    landed = {name: core_value(core, FIELD_MAP[stage][name]) for name in values}
+    assert landed == values
+    assert all(cls.model_fields[name].description for name in values), "the Launchpad shows descriptions"
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_default_typed_fields_keep_the_engine_defaults(stage: str, tmp_path: Path) -> None:
+    from ppo_core.config import to_dict
+
+    from assets.models import core_config_class
+
+    cls, paths = stage_case(stage, tmp_path)
+    core = to_dict(core_config(stage, cls(), **paths))
+    engine = to_dict(core_config_class(stage)(**paths))
+    # the one exception: the lineage pins seed 0 for every stage (assets.models.ALWAYS_APPLIED)
+    seed_path = FIELD_MAP[stage]["seed"].split(".")
+    for values in (core, engine):
+        parent = values
+        for part in seed_path[:-1]:
+            parent = parent[part]
+        parent.pop(seed_path[-1])
+    assert core == engine
+
+
+@pytest.mark.parametrize("stage, typed, overrides", [
+    ("sft", {"zero_stage": 3}, {"strategy": {"zero_stage": 0}}),
+    ("reward", {"batch_size": 16}, {"batch_size": 8}),
+    ("ppo", {"kl_coef": 0.0}, {"kl_coef": 0.1}),
+    ("ppo", {"zero_stage": 0}, {"strategy.zero_stage": 2}),
+])
+def test_a_field_set_typed_and_in_overrides_is_an_error(stage: str, typed: dict, overrides: dict,
+                                                          tmp_path: Path) -> None:
+    cls, paths = stage_case(stage, tmp_path)
+    name = next(iter(typed))
+    with pytest.raises(ValueError, match=rf"sets a field twice \({name}=.*overrides {FIELD_MAP[stage][name]}="):
+        core_config(stage, cls(**typed, overrides=overrides), **paths)
+    # overrides alone (typed field at its default) still set the same field
+    assert core_value(core_config(stage, cls(overrides=overrides), **paths), FIELD_MAP[stage][name]) != typed[name]
+
+
 @pytest.mark.parametrize("acc, passed", [(0.9, True), (0.6, True), (0.55, False)])
 def test_reward_accuracy_check(acc: float, passed: bool) -> None:
     result = reward_accuracy_result({"summary": {"eval/accuracy": acc}}, min_accuracy=0.6)
@@ -164,7 +246,7 @@ def test_whole_graph_materializes_with_mlflow_runs(lineage: dict) -> None:
         assert run.data.metrics, f"{asset}: no metrics reached MLflow"
         assert any(k.startswith("plot_") for k in meta), f"{asset}: no plot in the metadata"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"plots", "model"} <= artifacts
+        assert "plots" in artifacts  # the weights are the run's LoggedModel (test_mlflow_lineage_...)
     ppo_meta = result.asset_materializations_for_node("ppo_policy")[0].metadata
     assert "plot_frontier" in ppo_meta and "summary/objective/kl" in ppo_meta
     # the guard (configs/tiny.yaml: every step, 8 responses) plotted proxy and held-out
@@ -260,3 +342,74 @@ def test_heldout_gain_check_gates_on_the_guard() -> None:
     assert heldout_gain_result({"summary": worse}, min_gain=-1.0).passed   # smoke-test setting
     off = heldout_gain_result({"summary": {"objective/kl": 1.0}})
     assert off.passed and off.severity == dg.AssetCheckSeverity.WARN
+
+
+# ---------------------------------------------------------------- MLflow lineage of the tiny run
+TRAINING_ASSETS = ("sft_model", "reward_model", "heldout_reward_model", "ppo_policy")
+
+
+def _meta(result, asset: str) -> dict:
+    return {k: v.value for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()}
+
+
+def test_mlflow_lineage_parent_datasets_logged_models_and_system_metrics(lineage: dict) -> None:
+    result = lineage["result"]
+    res = local_resources(lineage["home"])["mlflow"]
+    client = res.client()
+    runs = client.search_runs([res.experiment_id()], filter_string=f"tags.`dagster.run_id` = '{result.run_id}'")
+    [parent] = [r for r in runs if r.data.tags.get("rlhf.parent") == "true"]
+    children = {r.data.tags["dagster.asset_key"]: r for r in runs if r is not parent}
+    assert {*TRAINING_ASSETS, "evaluation_report"} <= set(children)
+    assert {r.data.tags["mlflow.parentRunId"] for r in children.values()} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED"  # every MLflow step of the Dagster run ended well
+    data_version = _meta(result, "sft_model")["data_version"]
+    for asset in TRAINING_ASSETS:
+        run, meta = children[asset], _meta(result, asset)
+        model = client.get_logged_model(meta["mlflow_model_id"])
+        assert model.source_run_id == run.info.run_id and model.name == asset
+        # filed with its run (not the Default experiment, whose artifacts would land in ./mlruns)
+        assert model.experiment_id == run.info.experiment_id
+        assert model.artifact_location.startswith((lineage["home"] / "artifacts").as_uri())
+        assert model.model_id in {o.model_id for o in run.outputs.model_outputs}
+        # MLflow's system metrics, sampled while the stage ran
+        assert "system/cpu_utilization_percentage" in run.data.metrics, asset
+    inputs = {(i.dataset.name, i.dataset.digest) for i in children["sft_model"].inputs.dataset_inputs}
+    assert inputs == {("sft_train", data_version), ("sft_eval", data_version)}
+    ppo_inputs = {i.dataset.name for i in children["ppo_policy"].inputs.dataset_inputs}
+    assert ppo_inputs == {"ppo_train", "ppo_eval"}
+    eval_inputs = {i.dataset.name for i in children["evaluation_report"].inputs.dataset_inputs}
+    assert eval_inputs == {"test_prompts", "test_pairs"}
+    # the evaluation metrics are on the PPO policy's LoggedModel, measured on test_prompts
+    ppo_model = client.get_logged_model(_meta(result, "ppo_policy")["mlflow_model_id"])
+    on_model = {m.key: m for m in ppo_model.metrics or []}
+    report = json.loads(Path(_meta(result, "evaluation_report")["report_path"]).read_text())["metrics"]
+    assert {k for k, v in report.items() if v is not None} <= set(on_model)
+    assert on_model["ppo/gold_mean"].value == pytest.approx(report["ppo/gold_mean"])
+    assert (on_model["win_rate_rm"].dataset_name, on_model["win_rate_rm"].dataset_digest) == (
+        "test_prompts", data_version)
+
+
+def test_registered_versions_are_the_training_runs_logged_models(lineage: dict) -> None:
+    """registered_policy on the tiny run's manifests registers the PPO and reward-model LoggedModels."""
+    from assets.registry import REGISTRY_ASSETS, version_model_id
+
+    result, home = lineage["result"], lineage["home"]
+    resources = local_resources(home)
+    registry = dg.materialize([*lineage_assets(), *REGISTRY_ASSETS], instance=lineage["instance"],
+                              resources=resources, selection=["registered_policy"])
+    assert registry.success
+    client = resources["mlflow"].client()
+    manifest = json.loads((home / "manifests" / "registered_policy.json").read_text())
+    policy = client.get_model_version(manifest["model_name"], manifest["version"])
+    ppo = _meta(result, "ppo_policy")
+    assert version_model_id(policy) == ppo["mlflow_model_id"] == manifest["mlflow_model_id"]
+    assert policy.run_id == ppo["mlflow_run_id"]  # the PPO training run, not the registering one
+    rm = client.get_model_version(manifest["reward_model_name"], manifest["reward_model_version"])
+    assert version_model_id(rm) == _meta(result, "reward_model")["mlflow_model_id"]
+    linked = json.loads(client.get_logged_model(ppo["mlflow_model_id"]).tags["mlflow.modelVersions"])
+    assert {"name": manifest["model_name"], "version": str(policy.version)} in linked
+    registering = client.get_run(manifest["mlflow_run_id"])
+    assert not registering.outputs or not registering.outputs.model_outputs  # nothing logged twice
+    parent = client.get_run(registering.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["dagster.run_id"] == registry.run_id and parent.info.status == "FINISHED"
+

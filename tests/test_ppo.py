@@ -239,6 +239,7 @@ def test_resume_continues_the_same_trajectory(tiny_run, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert resumed["objective/kl_coef"] == pytest.approx(straight["objective/kl_coef"])
     assert resumed["episode"] == straight["episode"] == 32
+    assert resumed["resumed_from_step"] == 2 and "resumed_from_step" not in straight
 
 
 def test_function_reward_and_critic_from_policy(tiny_run, tmp_path):

@@ -11,7 +11,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 mlflow = pytest.importorskip("mlflow")
 
-from assets.registry import evaluation_tags, log_transformers_model, register_version  # noqa: E402
+from assets.registry import (  # noqa: E402
+    evaluation_tags,
+    log_transformers_model,
+    register_version,
+    version_model_id,
+)
 from ops.registry import (  # noqa: E402
     CHALLENGER,
     CHAMPION,
@@ -200,3 +205,40 @@ def test_champion_loads_and_generates(store: dict) -> None:
     assert isinstance(out, list) and isinstance(out[0]["generated_text"], str)
     generated = pipe(prompt, max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert generated.startswith(prompt) and len(generated.split()) > len(prompt.split())
+
+
+def test_version_registers_the_logged_model_of_its_run(store: dict) -> None:
+    """A ``models:/<model_id>`` source links both ways: the version records the LoggedModel and
+    the run that logged it, the LoggedModel lists the version."""
+    import json
+
+    name = f"{NAME}-link"
+    model_id = store["model_uri"].removeprefix("models:/")
+    assert model_id.startswith("m-")
+    version = register_version(store["client"], name, store["model_uri"], None, {})
+    assert version_model_id(version) == model_id and version.run_id == store["run_id"]
+    assert version.source == store["model_uri"]  # what the MLflow UI reads as the source model
+    logged = store["client"].get_logged_model(model_id)
+    assert logged.source_run_id == store["run_id"] and str(logged.status) == "READY"
+    # filed with its run, not in the Default experiment (whose artifacts would land in ./mlruns)
+    experiment = store["client"].get_experiment(logged.experiment_id)
+    assert experiment.name == "test-registry" and logged.artifact_location.startswith(experiment.artifact_location)
+    assert {"name": name, "version": str(version.version)} in json.loads(logged.tags["mlflow.modelVersions"])
+    # logging the model into the run did not end it (its asset still logs to it afterwards)
+    assert store["client"].get_run(store["run_id"]).info.status == "RUNNING"
+
+
+def test_without_a_logged_model_the_registry_logs_the_weights_itself(store: dict, tmp_path: Path) -> None:
+    """A stage trained with log_model_to_mlflow false has no LoggedModel: registered_policy logs
+    the directory into its own run; with one, it reuses it and logs nothing."""
+    from assets.registry import registrable_model_uri
+
+    resource, client = store["resource"], store["client"]
+    registering = client.create_run(resource.experiment_id()).info.run_id
+    reused = registrable_model_uri(resource, registering, "m-from-training", str(tmp_path / "unused"), "policy",
+                        "text-generation")
+    assert reused == "models:/m-from-training"
+    assert not client.get_run(registering).outputs.model_outputs
+    logged = registrable_model_uri(resource, registering, None, str(tiny_model_dir(tmp_path / "m")), "policy",
+                        "text-generation")
+    assert client.get_logged_model(logged.removeprefix("models:/")).source_run_id == registering

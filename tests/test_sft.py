@@ -124,6 +124,7 @@ def test_stop_and_resume_continues_the_same_trajectory(tmp_path: Path, data_dir:
     resumed = train(_cfg(data_dir, tmp_path / "split", base_model, eval_steps=0, stop_after_steps=4,
                          resume_from="latest"))
     assert resumed["completed"] is True and resumed["step"] == 8
+    assert resumed["resumed_from_step"] == 4 and "resumed_from_step" not in straight
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     b = load_file(tmp_path / "split" / "final" / "model.safetensors")
     assert a.keys() == b.keys()
