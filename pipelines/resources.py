@@ -215,7 +215,7 @@ class MLflowResource(dg.ConfigurableResource):
     def _create_parent(self, context: dg.AssetExecutionContext) -> str:
         job = context.run.job_name
         key = partition_key(context)
-        label = f"round-{key}" if key else ("lineage" if job.startswith("__") else job)
+        label = (key if key.startswith("round") else f"round-{key}") if key else ("lineage" if job.startswith("__") else job)
         name = f"{label}-{context.run.run_id[:8]}"
         tags = {"dagster.run_id": context.run.run_id, "dagster.job": job, "code_version": code_version(),
                 PARENT_TAG: "true", "mlflow.runName": name, **({ROUND_TAG: key} if key else {})}
