@@ -233,8 +233,19 @@ def _flatten(updates: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _unset_value(cls: type, name: str) -> Any:
+    """The "engine default" sentinel of a typed field: its default where it is first declared.
+    A subclass may give it a real default (a round's reward model trains one epoch), which then
+    counts as set."""
+    for base in reversed(cls.__mro__):
+        fields = base.__dict__.get("__pydantic_fields__") or {}
+        if name in fields:
+            return fields[name].default
+    return type(None)
+
+
 def _is_set(cfg: StageConfig, name: str) -> bool:
-    return getattr(cfg, name) != type(cfg).model_fields[name].default
+    return getattr(cfg, name) != _unset_value(type(cfg), name)
 
 
 def typed_values(stage: str, cfg: StageConfig) -> dict[str, Any]:

@@ -160,8 +160,9 @@ def rounds_plot(rows: Sequence[dict], out: Path) -> Path | None:
     kl = [r.get("challenger_kl_to_sft") for r in rows]
     if any(isinstance(k, (int, float)) for k in kl):
         ax2 = ax.twinx()
-        ax2.plot(xs, [k if isinstance(k, (int, float)) else float("nan") for k in kl], "k--", label="KL to SFT")
+        ax2.plot(xs, [k if isinstance(k, (int, float)) else float("nan") for k in kl], "k--")
         ax2.set_ylabel("challenger KL to SFT (nats per response)")
+        ax.plot([], [], "k--", label="challenger KL to SFT (right axis)")  # one legend for both axes
     ax.set_xticks(xs, [str(r.get("round", x)) for x, r in zip(xs, rows)], rotation=30)
     ax.set_xlabel("round")
     ax.set_title("RLHF rounds")

@@ -101,3 +101,15 @@ def test_round_metrics_rename_the_two_sides() -> None:
                                    "win_rate_gold": 0.6}}, kl_champion=1.5)
     assert m == {"champion/gold_mean": 1.0, "challenger/gold_mean": 2.0, "challenger/kl_to_champion": 0.3,
                  "win_rate_gold": 0.6, "champion/kl_to_sft_per_response": 1.5}
+
+
+def test_a_round_reward_model_trains_one_epoch_unless_told_otherwise(tmp_path: Path) -> None:
+    from assets.models import core_config
+    from assets.rounds import RoundRewardModelConfig
+    from ppo_core.reward import RewardConfig
+
+    paths = {"model_name_or_path": "m", "data_dir": str(tmp_path), "output_dir": str(tmp_path / "o")}
+    # the subclass's default (1 epoch) is a choice, not the "engine default" sentinel (0)
+    assert core_config("reward", RoundRewardModelConfig(), **paths).num_epochs == 1.0
+    assert core_config("reward", RoundRewardModelConfig(epochs=0), **paths).num_epochs == RewardConfig.num_epochs
+    assert core_config("reward", RoundRewardModelConfig(epochs=2.5), **paths).num_epochs == 2.5
