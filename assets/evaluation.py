@@ -9,6 +9,7 @@ samples (SFT is PPO's reference policy), the same estimator PPO's KL penalty use
 """
 
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from pipelines.resources import MLflowResource
 
 BUNDLED_GOLD_SCORER = "assets.bundled_task:gold_score_batch"
 # Bumped by hand when a change here changes the report for the same inputs (see assets/data.py).
-EVALUATION_REPORT_VERSION = "1"
+EVALUATION_REPORT_VERSION = "2"
 GoldScorer = Callable[[list[str], list[str]], list[float]]
 
 
@@ -45,14 +46,19 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return prev[-1]
 
 
+@functools.lru_cache(maxsize=1)
+def _rouge_l_scorer() -> Any:
+    from rouge_score import rouge_scorer  # imports nltk (~1 s): only when a report needs it
+
+    # no stemming: rouge-score's own default (use_stemmer=False)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased whitespace tokens (Lin 2004, beta = 1 as in ``rouge-score``)."""
-    c, r = candidate.lower().split(), reference.lower().split()
-    lcs = lcs_length(c, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(c), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 (Lin 2004) exactly as Google's ``rouge-score`` computes it: its tokenizer
+    lower-cases, turns every non-alphanumeric character into a space and splits on whitespace
+    (so "Nice." and "nice" match); LCS precision and recall, F with beta = 1."""
+    return float(_rouge_l_scorer().score(reference, candidate)["rougeL"].fmeasure)
 
 
 def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
@@ -145,18 +151,19 @@ def generate(model_dir: str, prompts: list[str], cfg: "EvaluationConfig") -> dic
     import torch
 
     from ppo_core import generation, models
+    from ppo_core.data import encode_prompt, pad_sequences
 
     tok = models.load_tokenizer(model_dir)
     model = models.load_causal_lm(model_dir).eval()
-    tok.padding_side = "left"  # generation.sample takes left-padded prompts
     gen = torch.Generator().manual_seed(cfg.seed)
     out: dict[str, list] = {"responses": [], "lengths": [], "ended": [], "ids": []}
     for i in range(0, len(prompts), cfg.batch_size):
-        # add_special_tokens=False: prompts are plain text, as SFT and PPO encode them (ppo_core.data)
-        enc = tok(prompts[i : i + cfg.batch_size], return_tensors="pt", padding=True,
-                  add_special_tokens=False)
+        # prompts encoded as SFT and PPO encode them (BOS / chat template as the tokenizer
+        # defines them, ppo_core.data), left-padded as generation.sample takes them
+        prompt_ids, prompt_mask = pad_sequences(
+            [encode_prompt(tok, p) for p in prompts[i : i + cfg.batch_size]], tok.pad_token_id, side="left")
         res = generation.sample(
-            model, enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+            model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             temperature=cfg.temperature, generator=gen, return_logprobs=False,
         )
@@ -173,11 +180,13 @@ def _prompt_response_batches(tok: Any, prompts: list[str], response_ids: list[li
     """Yield right-padded ``(ids (b, t), mask (b, t), prompt lengths, sequence lengths)`` batches."""
     import torch
 
+    from ppo_core.data import encode_prompt
+
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for i in range(0, len(prompts), batch_size):
         seqs, starts = [], []
         for p, r in zip(prompts[i : i + batch_size], response_ids[i : i + batch_size]):
-            p_ids = tok(p, add_special_tokens=False)["input_ids"]
+            p_ids = encode_prompt(tok, p)  # as every stage encodes prompts (ppo_core.data)
             seqs.append(p_ids + list(r))
             starts.append(len(p_ids))
         width = max(len(s) for s in seqs)
@@ -227,13 +236,14 @@ def pair_metrics(rm_dir: str, pairs: pd.DataFrame, scorer: GoldScorer | None,
     """The reward model on held-out pairs: accuracy against the (noisy) labels and, with a gold
     scorer, agreement with the noiseless gold ordering (pairs whose gold scores tie are left out)."""
     from ppo_core import models
+    from ppo_core.data import encode_response
 
     if pairs.empty:
         return {}
     tok = models.load_tokenizer(rm_dir)
     prompts = pairs["prompt"].astype(str).tolist()
     # responses are scored as PPO scores them: response tokens followed by EOS (ppo_core.data)
-    encode = lambda texts: [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    encode = lambda texts: [encode_response(tok, p, t) for p, t in zip(prompts, texts)]
     chosen, rejected = pairs["chosen"].astype(str).tolist(), pairs["rejected"].astype(str).tolist()
     s_c = rm_scores(rm_dir, prompts, encode(chosen), batch_size)
     s_r = rm_scores(rm_dir, prompts, encode(rejected), batch_size)

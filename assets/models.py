@@ -75,8 +75,10 @@ class BaseModelConfig(dg.Config):
         "fixed sizes built the same way; otherwise a local save_pretrained directory or a hub id (needs "
         "network access at run time).",
     )
-    arch: str = Field(default="llama", description="Architecture of a model built from scratch: 'llama' "
-                      "(rotary positions) or 'gpt2' (learned positions).")
+    arch: str = Field(default="llama", description="Architecture of a model built from scratch (random "
+                      "weights from its transformers config class, ppo_core.models.ARCHITECTURES): 'llama', "
+                      "'mistral', 'qwen2' (rotary positions, Llama layout), 'gpt_neox' (partial rotary), "
+                      "'gpt2' or 'opt' (learned positions). Ignored for a pretrained source.")
     n_layer: int = Field(default=0, description="Layers of a model built from scratch; 0 = chosen for the data.")
     n_embd: int = Field(default=0, description="Width of a model built from scratch; 0 = chosen for the data.")
     n_head: int = Field(default=0, description="Attention heads of a model built from scratch (must divide "
@@ -518,9 +520,12 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
     source = config.source.strip()
     dims = {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head}
     if source in BUILT_SIZES:
+        if config.arch not in models.ARCHITECTURES:
+            raise dg.Failure(description=f"base_model: arch={config.arch!r} is not one the builder knows; "
+                             f"choose one of {', '.join(models.ARCHITECTURES)}")
         texts = _training_texts(dataset_splits)
         size: Any = dims if source == "auto" else source
-        context.log.info(f"building a {source} model and tokenizer from {len(texts)} training texts")
+        context.log.info(f"building a {source} {config.arch} model and tokenizer from {len(texts)} training texts")
         models.build_base_model(texts, str(out / "final"), size=size, arch=config.arch)
     elif any(dims.values()):
         raise dg.Failure(description=f"base_model: n_layer / n_embd / n_head size a model built from scratch; "

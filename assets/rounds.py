@@ -8,7 +8,7 @@ Anthropic's iterated online RLHF do it:
    task has a gold scorer -- validated, and joined with the base ``rm_train`` pairs and every
    earlier round's pairs;
 2. ``round_reward_model``: the reward model refreshed on those cumulative pairs, warm-started
-   from the latest reward model (the previous round's, else ``reward_model``);
+   from the latest reward model (the previous round's, else ``reward_model``), early stopping on the fixed RM eval split;
 3. ``round_policy``: PPO from the champion, against the refreshed reward model. The frozen
    reference stays the SFT model (``reference: sft``): the KL penalty and the KL budget then
    measure the total drift from SFT across rounds, so rounds cannot walk away from it one
@@ -221,7 +221,8 @@ def round_preferences(context: dg.AssetExecutionContext, config: RoundPreference
     # the fixed RM eval split of the base lineage: agreement stays comparable across rounds
     (out / "rm_eval.parquet").write_bytes((Path(dataset_splits["split_dir"]) / "rm_eval.parquet").read_bytes())
     version = content_hash(cumulative, {"base": dataset_splits["data_version"]})
-    counts = {"new": n_new, "quarantined": n_bad, "earlier_rounds": len(earlier),
+    # rows read == new + quarantined: nothing of the labelled batch is dropped silently
+    counts = {"rows_read": len(raw), "new": n_new, "quarantined": n_bad, "earlier_rounds": len(earlier),
               "cumulative": len(cumulative), "base": len(base)}
     context.log.info(f"{key}: {n_new} new pairs ({origin}), {n_bad} quarantined, {len(cumulative)} cumulative")
     manifest = {"split_dir": str(out), "data_version": version, "counts": counts, "origin": origin,
@@ -240,12 +241,13 @@ class RoundRewardModelConfig(RewardModelConfig):
     """round_reward_model: ``ppo_core.reward.RewardConfig`` on the cumulative pairs."""
 
     init: str = Field(default="previous", description="'previous': warm start from the latest reward model "
-                      "(the previous round's, else reward_model), one epoch on the cumulative pairs; 'sft': "
+                      "(the previous round's, else reward_model); 'sft': "
                       "from the SFT model, the full recipe (slower).")
     min_accuracy: float = Field(default=0.6, description="Gate: pairwise accuracy on the RM eval split the "
                                 "refreshed model must reach (chance is 0.5).")
-    epochs: float = Field(default=1.0, description="Epochs over the cumulative pairs: one, since a warm-started "
-                          "model has seen all but the new pairs already (0: the engine default).")
+    epochs: float = Field(default=0.0, description="Most epochs over the cumulative pairs; 0: the engine's (at "
+                          "most 4, early stopping on the eval loss decides, as for reward_model). On the bundled "
+                          "task 1 epoch made rounds 40% faster and gained less gold per round (README, rounds).")
 
 
 def _latest_reward_model(context: dg.AssetExecutionContext, base: dict) -> tuple[str, str]:

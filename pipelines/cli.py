@@ -79,7 +79,7 @@ def load_run_config(path: str | None) -> dict[str, Any]:
     """A Dagster run config (YAML or JSON) for the lineage job, e.g. to use your own dataset."""
     if not path:
         return {}
-    file = Path(path)
+    file = settings.config_file(path)  # a shipped config by name works outside the checkout
     if not file.is_file():
         raise SystemExit(f"rlhf run --config: {file} does not exist")
     try:
@@ -173,7 +173,8 @@ def build_summary(
             "evaluation_report": report.get("report_path"),
             "samples": report.get("samples_path"),
             "policy_dir": report.get("ppo_model_path") or ppo.get("model_path"),
-            "ui": "rlhf ui  (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000)",
+            "ui": ("rlhf ui  (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000)"
+                   if not settings.is_tracking_server(tracking) else f"MLflow {settings.mlflow_ui_url(tracking)}"),
             "dagster_run": f"http://127.0.0.1:3000/runs/{run_id}",
             "load_champion": (f"mlflow.transformers.load_model('models:/{model_name}@champion')"
                               if model_name else None),
@@ -466,10 +467,17 @@ def ui_commands(host: str, dagster_port: int, mlflow_port: int) -> dict[str, lis
     if tracking.startswith("sqlite:"):
         mlflow_cmd += ["--default-artifact-root", settings.mlflow_artifact_root()]
     return {
-        "dagster": [_executable("dagster"), "dev", "-h", host, "-p", str(dagster_port),
-                    "-w", str(settings.REPO_ROOT / "workspace.yaml")],
+        "dagster": [_executable("dagster"), "dev", "-h", host, "-p", str(dagster_port), *workspace_args()],
         "mlflow": mlflow_cmd,
     }
+
+
+def workspace_args() -> list[str]:
+    """The checkout's workspace.yaml; an installed package (no checkout) names its module instead."""
+    checkout = settings.source_checkout()
+    if checkout is not None and (checkout / "workspace.yaml").is_file():
+        return ["-w", str(checkout / "workspace.yaml")]
+    return ["-m", "pipelines.definitions"]
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -484,7 +492,7 @@ def run_ui(host: str, dagster_port: int, mlflow_port: int) -> int:
     procs: dict[str, subprocess.Popen] = {}
     try:
         for name, command in ui_commands(host, dagster_port, mlflow_port).items():
-            procs[name] = start_in_own_session(command, os.environ, settings.REPO_ROOT)
+            procs[name] = start_in_own_session(command, os.environ, settings.source_checkout() or Path.cwd())
         print(f"Dagster UI: http://{host}:{dagster_port}   MLflow UI: http://{host}:{mlflow_port}   "
               "(Ctrl-C stops both)", flush=True)
         while all(p.poll() is None for p in procs.values()):

@@ -3,8 +3,12 @@
 Resources are the embedded default, resolved from ``pipelines/settings.py`` (``RLHF_HOME``,
 ``MLFLOW_TRACKING_URI``), never from ``DAGSTER_HOME``: the same code runs against the local
 SQLite Dagster home or a Postgres-backed production instance. The production profile changes
-environment variables only (see the README).
+environment variables only (see the README). Those a deployment sets are bound as ``dg.EnvVar``,
+so Dagster reads them when a run starts (in the run worker, e.g. a DockerRunLauncher container)
+and the UI shows the variable's name rather than its value; unset, the embedded default applies.
 """
+
+import os
 
 import dagster as dg
 
@@ -27,11 +31,26 @@ def manifests_dir() -> str:
     return str(settings.rlhf_home() / "manifests")
 
 
+# MLflowResource field <- environment variable a deployment may set.
+MLFLOW_ENV_FIELDS = {
+    "tracking_uri": "MLFLOW_TRACKING_URI",
+    "artifact_root": "RLHF_MLFLOW_ARTIFACT_ROOT",
+    "ui_url": "RLHF_MLFLOW_UI_URL",
+}
+
+
+def env_fields(fields: dict[str, str]) -> dict[str, dg.EnvVar]:
+    """``dg.EnvVar`` for each field whose variable is set now. An EnvVar of an unset variable
+    fails the run at launch, so unset ones keep the field's default (the embedded profile)."""
+    return {field: dg.EnvVar(var) for field, var in fields.items() if os.environ.get(var)}
+
+
 def default_resources() -> dict[str, object]:
-    """Resources of the embedded default (every path under ``RLHF_HOME``)."""
+    """Resources of the embedded default (every path under ``RLHF_HOME``), deployment settings
+    from the environment (``MLFLOW_ENV_FIELDS``)."""
     return {
         "io_manager": JsonManifestIOManager(base_dir=manifests_dir()),
-        "mlflow": MLflowResource(),
+        "mlflow": MLflowResource(**env_fields(MLFLOW_ENV_FIELDS)),
         "launcher": TrainingLauncher(),
         "notifier": Notifier(),
     }

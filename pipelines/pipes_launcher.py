@@ -59,8 +59,10 @@ class PipesMlflowCallback(Callback):
         metrics_file: str | Path | None = None,
         flush_every: int = 20,
         progress_every: int = 0,
+        launch_metadata: Mapping[str, Any] | None = None,
     ) -> None:
         self.pipes, self.client, self.run_id = pipes, mlflow_client, mlflow_run_id
+        self.launch_metadata = dict(launch_metadata or {})
         self.metrics_file = Path(metrics_file) if metrics_file else None
         self.flush_every, self.progress_every = max(1, flush_every), progress_every
         self.stage, self.total, self.t0, self.n_logs = "", 0, time.monotonic(), 0
@@ -135,7 +137,8 @@ class PipesMlflowCallback(Callback):
         self.flush()
         self._info(f"[{self.stage}] finished in {time.monotonic() - self.t0:.0f}s")
         if self.pipes is not None and self.pipes.is_asset_step:
-            self.pipes.report_asset_materialization(metadata=summary_metadata(summary, self.checkpoints))
+            self.pipes.report_asset_materialization(
+                metadata={**summary_metadata(summary, self.checkpoints), **self.launch_metadata})
 
 
 def summary_metadata(summary: Mapping[str, Any], checkpoints: Sequence[str] = ()) -> dict[str, Any]:
@@ -166,6 +169,41 @@ def _open_pipes() -> Iterator[Any | None]:
         yield pipes
 
 
+def pipes_extras() -> dict[str, Any]:
+    """The Pipes extras of this launch (``TrainingLauncher.extras``: Dagster run id, stage config).
+
+    Read from the Pipes context parameters themselves rather than from an opened session, so
+    every rank has them, not only rank 0.
+    """
+    if "DAGSTER_PIPES_CONTEXT" not in os.environ:
+        return {}
+    from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader
+
+    params = PipesEnvVarParamsLoader().load_context_params()
+    with PipesDefaultContextLoader().load_context(params) as data:
+        return dict(data.get("extras") or {})
+
+
+def ensure_config(path: str | Path, extras: Mapping[str, Any]) -> None:
+    """Write the stage config the extras carry when ``path`` does not exist on this machine (a
+    container or pod launched by a remote Pipes client); each rank writes its own temporary file
+    and renames it, so concurrent ranks never see half a file."""
+    target = Path(path)
+    config = extras.get("stage_config")
+    if target.is_file() or config is None:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(config))
+    os.replace(tmp, target)
+
+
+def launch_metadata(extras: Mapping[str, Any]) -> dict[str, Any]:
+    """Materialization metadata naming the Dagster run this process was launched for."""
+    run_id = extras.get("dagster_run_id")
+    return {"launched_for_run": {"raw_value": str(run_id), "type": "text"}} if run_id else {}
+
+
 def _mlflow_client() -> Any | None:
     if rank() != 0 or not os.environ.get("MLFLOW_RUN_ID"):
         return None
@@ -185,6 +223,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parse_args(argv)
     module = importlib.import_module(stage_module(args.stage))
+    extras = pipes_extras()
+    ensure_config(args.config, extras)
     if not Path(args.config).is_file():
         raise SystemExit(f"pipes_launcher: config file {args.config} does not exist")
     with _open_pipes() as pipes:
@@ -193,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bridge = PipesMlflowCallback(
                 pipes=pipes, mlflow_client=_mlflow_client(), mlflow_run_id=os.environ.get("MLFLOW_RUN_ID"),
                 metrics_file=os.environ.get("RLHF_METRICS_FILE"), flush_every=args.flush_every,
+                launch_metadata=launch_metadata(extras),
             )
         try:
             code = module.main(["--config", args.config, *rest], callbacks=[bridge] if bridge else [])

@@ -10,6 +10,8 @@ asset code is the same on this CPU (``nproc_per_node=1``) and on a multi-GPU nod
 from __future__ import annotations
 
 import functools
+import importlib
+import json
 import os
 import re
 import subprocess
@@ -19,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -36,24 +38,43 @@ ROUND_TAG = "rlhf.round"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
 
 
+CODE_VERSION_ENV = "RLHF_CODE_VERSION"
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The git sha of the checkout (``-dirty`` when it has local changes), else the package version."""
+    """``RLHF_CODE_VERSION`` (the image sets it at build time), else the git sha of the source
+    checkout (``-dirty`` with local changes), else the installed package version.
+
+    Only a checkout is asked for its sha: an installed package lives in site-packages, which may
+    sit inside some unrelated repository whose sha would be a lie.
+    """
+    if os.environ.get(CODE_VERSION_ENV):
+        return os.environ[CODE_VERSION_ENV]
+    checkout = settings.source_checkout()
+    sha = git_version(checkout) if checkout is not None else None
+    if sha:
+        return sha
+    try:
+        return importlib_metadata.version("rlhf-pipeline")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def git_version(root: Path) -> str | None:
+    """Short sha of the repository at ``root`` (``-dirty`` with tracked changes), None without git."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=settings.REPO_ROOT,
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
             capture_output=True, text=True, check=True, timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=settings.REPO_ROOT,
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
             capture_output=True, text=True, check=True, timeout=10,
         ).stdout.strip()
-        return f"{sha}-dirty" if dirty else sha
     except (OSError, subprocess.SubprocessError):
-        try:
-            return importlib_metadata.version("rlhf-pipeline")
-        except importlib_metadata.PackageNotFoundError:
-            return "unknown"
+        return None
+    return f"{sha}-dirty" if dirty else sha or None
 
 
 def redact_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -113,12 +134,14 @@ class MLflowResource(dg.ConfigurableResource):
     )
     artifact_root: str = Field(
         default_factory=settings.mlflow_artifact_root,
-        description="Where new experiments store artifacts (a file:// URI for the local store).",
+        description="Where new experiments store artifacts (a file:// URI for the local store); empty = "
+        "the tracking server's own artifact root.",
     )
     experiment_name: str = Field(default="rlhf-pipeline", description="MLflow experiment of every run.")
     ui_url: str = Field(
-        default="http://127.0.0.1:5000",
-        description="Base URL of the MLflow UI, used to build the run links shown in Dagster.",
+        default="",
+        description="Base URL of the MLflow UI for the run links shown in Dagster; empty = the tracking "
+        "server itself (http(s) tracking URI), else the local `rlhf ui` server (http://127.0.0.1:5000).",
     )
     log_system_metrics: bool = Field(
         default=True, description="Record CPU / memory / disk / network (and GPU) use on training runs "
@@ -141,6 +164,8 @@ class MLflowResource(dg.ConfigurableResource):
         exp = client.get_experiment_by_name(self.experiment_name)
         if exp is not None:
             return exp.experiment_id
+        if not self.artifact_root:  # a tracking server's own root (--artifacts-destination)
+            return client.create_experiment(self.experiment_name)
         if self.artifact_root.startswith("file://"):
             Path(self.artifact_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
         location = f"{self.artifact_root.rstrip('/')}/{self.experiment_name}"
@@ -291,9 +316,12 @@ class MLflowResource(dg.ConfigurableResource):
     def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client().log_artifact(run_id, str(local_path), artifact_path)
 
+    def ui_base_url(self) -> str:
+        return (self.ui_url or settings.mlflow_ui_url(self.tracking_uri)).rstrip("/")
+
     def run_url(self, run: Any) -> str:
-        """Link to the run in the MLflow UI (``mlflow ui`` on ``ui_url``)."""
-        return f"{self.ui_url.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        """Link to the run in the MLflow UI that serves ``tracking_uri`` (see ``ui_url``)."""
+        return f"{self.ui_base_url()}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
 
 def _default_accelerator() -> str:
@@ -303,8 +331,50 @@ def _default_accelerator() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+PipesClientKind = Literal["subprocess", "docker", "k8s"]
+# Where each remote Pipes client lives: (module, class, pip package). Imported on first use only,
+# so the default deployment needs neither package.
+REMOTE_PIPES_CLIENTS: dict[str, tuple[str, str, str]] = {
+    "docker": ("dagster_docker", "PipesDockerClient", "dagster-docker"),
+    "k8s": ("dagster_k8s", "PipesK8sClient", "dagster-k8s"),
+}
+# What a container or pod gets of the launch environment: the run's own variables and the
+# tracking server's credentials (it logs metrics there), nothing else of this machine.
+RUN_ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "RLHF_METRICS_FILE", "DS_ACCELERATOR",
+                "PYTHONUNBUFFERED", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "RLHF_HOME",
+                "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def remote_pipes_client_class(kind: str) -> type:
+    """The Dagster Pipes client class of ``kind`` ("docker" / "k8s"), with a clear error when its
+    package is not installed (it is only needed where that deployment is used)."""
+    module_name, class_name, package = REMOTE_PIPES_CLIENTS[kind]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise dg.DagsterInvariantViolationError(
+            f"TrainingLauncher(pipes_client={kind!r}) needs the {package} package where the Dagster "
+            f"code runs: pip install {package}=={integration_version(dg.__version__)} (the release "
+            f"that matches dagster {dg.__version__})"
+        ) from exc
+    return getattr(module, class_name)
+
+
+def integration_version(dagster_version: str) -> str:
+    """Dagster's integration libraries version as 0.(minor+16).patch: dagster 1.13.27 <-> 0.29.27."""
+    major, minor, patch = dagster_version.split(".")[:3]
+    return f"0.{int(minor) + 16}.{patch}" if major == "1" else dagster_version
+
+
 class TrainingLauncher(dg.ConfigurableResource):
-    """Runs ``torchrun --nproc-per-node N -m pipelines.pipes_launcher STAGE --config FILE`` via Pipes."""
+    """Runs ``torchrun --nproc-per-node N -m pipelines.pipes_launcher STAGE --config FILE`` via Pipes.
+
+    ``pipes_client`` chooses where: ``subprocess`` (default) on this machine, ``docker`` in a
+    container of ``image`` (dagster-docker's PipesDockerClient), ``k8s`` in a pod of ``image``
+    (dagster-k8s's PipesK8sClient). The launched process gets the Dagster run id and the stage
+    config as Pipes extras, so a container without this machine's files still has its config;
+    ``RLHF_HOME`` (checkpoints, data) must be a volume both sides mount at the same path.
+    """
 
     nproc_per_node: int = Field(default=1, description="Processes (one per GPU) on this node.")
     ds_accelerator: str = Field(
@@ -314,13 +384,31 @@ class TrainingLauncher(dg.ConfigurableResource):
         default=0, description="OMP_NUM_THREADS for each process; 0 leaves torch's own choice."
     )
     extra_env: dict[str, str] = Field(default_factory=dict, description="More env vars for the run.")
+    pipes_client: PipesClientKind = Field(
+        default="subprocess", description="Where training runs: subprocess (this machine), docker "
+        "(dagster-docker PipesDockerClient) or k8s (dagster-k8s PipesK8sClient).",
+    )
+    image: str = Field(default="", description="Image of the training container/pod (docker, k8s); "
+                       "the project's Dockerfile builds one.")
+    k8s_namespace: str = Field(default="", description="Namespace of the training pod (k8s; empty = "
+                               "the client's default).")
+    k8s_base_pod_spec: dict[str, Any] = Field(
+        default_factory=dict, description="Pod spec merged under the training pod (k8s): GPU resources, "
+        "volumes (RLHF_HOME), node selectors.",
+    )
+    docker_container_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Arguments of docker's containers.create (docker): volumes "
+        "(RLHF_HOME), device_requests for GPUs, network.",
+    )
 
     def command(self, stage: str, config_path: str | Path) -> list[str]:
-        """The launch command; ``python -m torch.distributed.run`` is ``torchrun`` from this venv."""
+        """The launch command; ``python -m torch.distributed.run`` is ``torchrun`` from this venv
+        (from the image's ``python`` for a container)."""
         if self.nproc_per_node < 1:
             raise ValueError(f"TrainingLauncher.nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        python = sys.executable if self.pipes_client == "subprocess" else "python"
         return [
-            sys.executable, "-m", "torch.distributed.run",
+            python, "-m", "torch.distributed.run",
             # --standalone: a private rendezvous on a free port, so parallel runs never collide.
             "--standalone", "--nproc-per-node", str(self.nproc_per_node),
             "-m", "pipelines.pipes_launcher", stage, "--config", str(config_path),
@@ -329,12 +417,15 @@ class TrainingLauncher(dg.ConfigurableResource):
     def env(self, mlflow_tracking_uri: str, mlflow_run_id: str, metrics_file: str | Path) -> dict[str, str]:
         """Environment of the launched processes (inherits this process's, plus what the run needs)."""
         env = dict(os.environ)
-        root = str(settings.REPO_ROOT)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        checkout = settings.source_checkout()
+        if checkout is not None:  # an installed package is importable without it
+            root = str(checkout)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         env.update({
             "MLFLOW_TRACKING_URI": mlflow_tracking_uri,
             "MLFLOW_RUN_ID": mlflow_run_id,
             "RLHF_METRICS_FILE": str(metrics_file),
+            "RLHF_HOME": str(settings.rlhf_home()),
             "DS_ACCELERATOR": self.ds_accelerator or _default_accelerator(),
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
@@ -343,6 +434,21 @@ class TrainingLauncher(dg.ConfigurableResource):
             env["OMP_NUM_THREADS"] = str(self.omp_num_threads)
         env.update(self.extra_env)
         return env
+
+    def remote_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """What a container gets: the run's own variables and ``extra_env``, never this machine's
+        whole environment (its PATH, venv and secrets mean nothing there)."""
+        keep = {k: env[k] for k in RUN_ENV_KEYS if k in env}
+        return {**keep, **self.extra_env}
+
+    def extras(self, context: dg.AssetExecutionContext, stage: str, config_path: str | Path,
+               mlflow_run_id: str) -> dict[str, Any]:
+        """Pipes extras of a launch: the Dagster run id, the stage and its config (read from
+        ``config_path`` when it exists here)."""
+        path = Path(config_path)
+        config = json.loads(path.read_text()) if path.suffix == ".json" and path.is_file() else None
+        return {"dagster_run_id": context.run.run_id, "stage": stage, "stage_config_path": str(path),
+                "stage_config": config, "mlflow_run_id": mlflow_run_id}
 
     def launch(
         self,
@@ -357,9 +463,21 @@ class TrainingLauncher(dg.ConfigurableResource):
     ) -> Any:
         """Run the stage and return the completed Pipes invocation (raises when it fails)."""
         command = self.command(stage, config_path)
-        context.log.info(f"launching {stage}: {' '.join(command)}")
-        client = dg.PipesSubprocessClient(cwd=str(settings.REPO_ROOT))
-        return client.run(
-            context=context, command=command, extras=dict(extras or {}),
-            env=self.env(mlflow_tracking_uri, mlflow_run_id, metrics_file),
-        )
+        env = self.env(mlflow_tracking_uri, mlflow_run_id, metrics_file)
+        all_extras = {**self.extras(context, stage, config_path, mlflow_run_id), **(extras or {})}
+        context.log.info(f"launching {stage} ({self.pipes_client}): {' '.join(command)}")
+        if self.pipes_client == "subprocess":
+            cwd = settings.source_checkout() or Path.cwd()
+            return dg.PipesSubprocessClient(cwd=str(cwd)).run(
+                context=context, command=command, extras=all_extras, env=env)
+        if not self.image:
+            raise dg.DagsterInvariantViolationError(
+                f"TrainingLauncher(pipes_client={self.pipes_client!r}) needs `image`: the training image "
+                "(the project's Dockerfile builds one)")
+        client = remote_pipes_client_class(self.pipes_client)()
+        if self.pipes_client == "docker":
+            return client.run(context=context, image=self.image, command=command, env=self.remote_env(env),
+                              extras=all_extras, container_kwargs=self.docker_container_kwargs or None)
+        return client.run(context=context, image=self.image, command=command, env=self.remote_env(env),
+                          extras=all_extras, namespace=self.k8s_namespace or None,
+                          base_pod_spec=self.k8s_base_pod_spec or None)

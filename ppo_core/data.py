@@ -1,14 +1,35 @@
 """Tokenization, padding, batching and a resumable deterministic sampler.
 
-The model input is ``prompt + response``: both are tokenized *separately* (no special tokens)
-and concatenated, then EOS is appended to the response, so the prompt/response boundary is
-a token boundary and generation after a prompt sees exactly the prompt tokens SFT saw.
-PPO should build its prompts with :func:`encode_prompt` for the same reason.
+The model input is ``prompt + response``: both are tokenized *separately* and concatenated,
+then EOS is appended to the response, so the prompt/response boundary is a token boundary and
+generation after a prompt sees exactly the prompt tokens SFT saw. Every stage (SFT, reward
+model, PPO, evaluation) encodes prompts with :func:`encode_prompt` for the same reason.
+
+Special tokens as the tokenizer defines them:
+
+* BOS: a tokenizer whose own encoding (``add_special_tokens=True``) starts a text with BOS
+  (Llama, Mistral) gets it prepended to the prompt exactly once (:func:`bos_ids`); one that
+  adds none (GPT-2, Qwen2, the tokenizer :func:`ppo_core.models.train_tokenizer` builds) gets
+  none. The text itself is tokenized without special tokens, so no EOS lands mid-sequence.
+* Chat templates: the stored data keeps one tokenizer-independent format, the HH-RLHF
+  transcript ``assets/ingest.py`` renders conversations to (``"\\n\\nHuman: ...\\n\\nAssistant:"``).
+  The template belongs to the tokenizer, so it is applied here, at encoding time: when the
+  tokenizer has a ``chat_template`` and the prompt is such a transcript, the transcript is
+  parsed back into messages and rendered with ``apply_chat_template(...,
+  add_generation_prompt=True)``, and the response's leading whitespace (the space after
+  ``Assistant:``) is dropped, as the template's assistant header ends the prompt. Plain-text
+  prompts and tokenizers without a template are encoded as they are.
+* Pad and EOS may be the same id (:func:`ppo_core.models.check_tokenizer` uses EOS as pad when
+  a tokenizer has none): padding is always marked by the attention mask and ``IGNORE_INDEX``
+  labels, never found by comparing ids with ``pad_token_id``, so the EOS that ends a response
+  is still a label (SFT), the scored token (reward model) and a sampled action (PPO).
 """
 
 from __future__ import annotations
 
 import math
+import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +77,78 @@ def read_table(
 # --------------------------------------------------------------------------- encoding
 
 
+# HH-RLHF transcript tags, as assets/ingest.py writes them (its ROLE_TAGS; ppo_core does not
+# import the pipeline): Anthropic, "Training a Helpful and Harmless Assistant", 2022.
+HH_ROLES: dict[str, str] = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant",
+                            "\n\nSystem:": "system"}
+_HH_SPLIT = re.compile("(" + "|".join(re.escape(tag) for tag in HH_ROLES) + ")")
+_BOS_CACHE: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+
+
+def bos_ids(tokenizer: Any) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer's own encoding starts a text with BOS, else ``[]``.
+
+    Detected by encoding a one-character text with and without special tokens (a Llama
+    tokenizer gives ``[bos, a]`` and ``[a]``; GPT-2's gives ``[a]`` both times), once per
+    tokenizer object.
+    """
+    try:
+        return list(_BOS_CACHE[tokenizer])
+    except (KeyError, TypeError):
+        pass
+    bos = tokenizer.bos_token_id
+    ids: list[int] = []
+    if bos is not None:
+        with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+        if with_special[:1] == [bos] and plain[:1] != [bos]:
+            ids = [int(bos)]
+    try:
+        _BOS_CACHE[tokenizer] = ids
+    except TypeError:  # not weak-referenceable: recomputed next time
+        pass
+    return list(ids)
+
+
+def hh_messages(prompt: str) -> list[dict[str, str]] | None:
+    """The messages of an HH transcript prompt (``"\\n\\nHuman: hi\\n\\nAssistant: hello\\n\\nHuman:
+    bye\\n\\nAssistant:"``), or None when ``prompt`` is not one: it must start with a tag and
+    end with the empty ``Assistant:`` turn the response continues."""
+    parts = _HH_SPLIT.split(prompt)  # ["", tag, text, tag, text, ..., "\n\nAssistant:", ""]
+    if len(parts) < 5 or parts[0] != "" or parts[-2] != "\n\nAssistant:" or parts[-1].strip():
+        return None
+    return [{"role": HH_ROLES[tag], "content": text.strip()}
+            for tag, text in zip(parts[1:-2:2], parts[2:-2:2])]
+
+
+def uses_chat_template(tokenizer: Any, prompt: str) -> bool:
+    """True when ``prompt`` is rendered with the tokenizer's chat template (see module doc)."""
+    return bool(getattr(tokenizer, "chat_template", None)) and hh_messages(prompt) is not None
+
+
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The text a prompt is tokenized from: its chat-template rendering when
+    :func:`uses_chat_template`, else the prompt itself."""
+    if not uses_chat_template(tokenizer, prompt):
+        return prompt
+    return str(tokenizer.apply_chat_template(hh_messages(prompt), tokenize=False,
+                                             add_generation_prompt=True))
+
+
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt token ids, no special tokens (what SFT saw before the response)."""
-    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    """Prompt token ids as every stage sees them before the response: :func:`bos_ids` (unless
+    the text already starts with BOS, as a chat template that writes it does), then
+    :func:`prompt_text` tokenized without special tokens."""
+    ids = list(tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+    bos = bos_ids(tokenizer)
+    return ids if ids[:1] == bos else bos + ids
+
+
+def encode_response(tokenizer: Any, prompt: str, response: str) -> list[int]:
+    """Response token ids followed by EOS (no other special tokens); after a chat-templated
+    prompt the response's leading whitespace is dropped (see module doc)."""
+    text = response.lstrip() if uses_chat_template(tokenizer, prompt) else response
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
 
 
 @dataclass
@@ -75,15 +165,16 @@ def encode_prompt_response(tokenizer: Any, prompt: str, response: str, max_lengt
     """``prompt + response + EOS`` with the prompt masked in ``labels``.
 
     Over ``max_length``: the prompt is cut from the left (its end, next to the response,
-    matters most) down to half the budget at most, then the response is cut from the right
-    (losing the EOS). ``truncated`` reports it so the engine can count it.
+    matters most) down to half the budget at most, keeping a leading BOS, then the response is
+    cut from the right (losing the EOS). ``truncated`` reports it so the engine can count it.
     """
     p = encode_prompt(tokenizer, prompt)
-    r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    r = encode_response(tokenizer, prompt, response)
     truncated = len(p) + len(r) > max_length
     if truncated:
-        keep_prompt = max(max_length - len(r), max_length // 2)
-        p = p[-keep_prompt:] if keep_prompt > 0 else []
+        bos = bos_ids(tokenizer) if p[:1] == bos_ids(tokenizer) else []
+        keep_prompt = max(max_length - len(r), max_length // 2) - len(bos)
+        p = bos + p[len(bos):][-keep_prompt:] if keep_prompt > 0 else bos
         r = r[: max_length - len(p)]
     return Encoded(input_ids=p + r, labels=[IGNORE_INDEX] * len(p) + r, truncated=truncated)
 

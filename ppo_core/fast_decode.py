@@ -21,6 +21,7 @@ Hugging Face path in :func:`ppo_core.generation.sample`.
 from __future__ import annotations
 
 import inspect
+import logging
 import weakref
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ from ppo_core.ppo_utils import position_ids_from_mask
 # rope variants whose tables depend only on the position (dynamic / longrope rescale with the
 # running sequence length, so a table built once would differ from the model's own per-step one)
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,9 +72,9 @@ def _structure_problem(model: nn.Module) -> str | None:
             return "sliding-window layers"
     elif getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         return "sliding-window attention"  # Mistral-style: every layer windowed
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in STATIC_ROPE:
-        return f"rope_type {rope.get('rope_type')!r}"
+    for rope_type in _rope_types(cfg):
+        if rope_type not in STATIC_ROPE:
+            return f"rope_type {rope_type!r}"
     if not all(hasattr(trunk, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "trunk lacks embed_tokens / layers / norm / rotary_emb"
     for layer in trunk.layers:
@@ -85,6 +88,22 @@ def _structure_problem(model: nn.Module) -> str | None:
                 or not hasattr(layer, "post_attention_layernorm")):
             return "attention or norm layout differs from Llama's"
     return None
+
+
+def _rope_types(cfg: object) -> list[str]:
+    """The RoPE variant(s) a config asks for, under either transformers' field names.
+
+    transformers 5 keeps them in ``rope_parameters`` (one dict, or one per layer type such as
+    ``{"full_attention": {...}, "sliding_attention": {...}}``); transformers 4.x in
+    ``rope_scaling`` (None for plain RoPE, ``rope_type`` or the older ``type`` key) next to
+    ``rope_theta``. No entry means the default, position-only table.
+    """
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return [str(rope)]
+    per_layer_type = [v for v in rope.values() if isinstance(v, dict)]
+    dicts = per_layer_type if per_layer_type and len(per_layer_type) == len(rope) else [rope]
+    return [str(d.get("rope_type", d.get("type", "default"))) for d in dicts]
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -212,24 +231,44 @@ class FastDecoder:
         return self.lm_head(self.trunk.norm(x))[:, -1]
 
 
-_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+# per model object: None when FastDecoder reproduces it, else why the HF path is used
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+# (model class, reason) pairs already logged: each fallback is reported once per process
+_LOGGED: set[tuple[str, str]] = set()
 
 
 @torch.no_grad()
-def supports_fast_decode(model: nn.Module) -> bool:
-    """Whether :class:`FastDecoder` reproduces ``model``'s own decode logits (checked once
-    per model object: structure, then three decode steps of two left-padded prompts)."""
+def fast_decode_problem(model: nn.Module) -> str | None:
+    """Why :class:`FastDecoder` does not decode ``model`` (None when it reproduces the model's
+    own decode logits). Checked once per model object: structure, then three decode steps of
+    two left-padded prompts. The first time a (class, reason) pair is met the fallback to the
+    Hugging Face forward is logged: at INFO for a layout the decoder does not cover (GPT-2,
+    LoRA, ZeRO-3 ...), at WARNING when a Llama-layout model fails the check or raises."""
     inner = unwrap(model)
     if inner in _VERIFIED:
         return _VERIFIED[inner]
-    ok = _structure_problem(inner) is None
-    if ok:
+    problem = _structure_problem(inner)
+    level = logging.INFO
+    if problem is None:
+        level = logging.WARNING
         try:
-            ok = _matches_hf(model, inner)
-        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
-            ok = False
-    _VERIFIED[inner] = ok
-    return ok
+            if not _matches_hf(model, inner):
+                problem = "its decode logits differ from the model's own forward by more than 1e-4"
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            problem = f"the check raised {type(exc).__name__}: {exc}"
+    _VERIFIED[inner] = problem
+    key = (type(inner).__name__, problem or "")
+    if problem is not None and key not in _LOGGED:
+        _LOGGED.add(key)
+        log.log(level, "fast decoder not used for %s (%s); decoding with the Hugging Face "
+                "forward instead", type(inner).__name__, problem)
+    return problem
+
+
+def supports_fast_decode(model: nn.Module) -> bool:
+    """Whether :class:`FastDecoder` reproduces ``model``'s own decode logits
+    (:func:`fast_decode_problem` is None)."""
+    return fast_decode_problem(model) is None
 
 
 def _matches_hf(model: nn.Module, inner: nn.Module) -> bool:

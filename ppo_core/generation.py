@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ppo_core.fast_decode import FastDecoder, HFDecoder, supports_fast_decode
+from ppo_core.fast_decode import FastDecoder, HFDecoder, fast_decode_problem, supports_fast_decode
 
 
 @dataclass
@@ -66,7 +66,8 @@ def _sample_step(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     """One token per row from (B, V) float logits -> (tokens (B,), logprobs (B,)).
 
     The log-prob is taken under softmax(logits / temperature) *before* top-k/top-p, which is
-    the distribution the trainer recomputes (TRL and OpenRLHF do the same).
+    the distribution the trainer recomputes; with filtering on, the tokens come from another
+    distribution than these log-probs describe, so PPO refuses top_k/top_p (``PPOConfig``).
     """
     if temperature <= 0.0:  # greedy decoding, for evaluation
         logp = F.log_softmax(logits, dim=-1)
@@ -151,9 +152,9 @@ def sample(
     prompt_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id)
     if fast is None:
         fast = supports_fast_decode(model)
-    elif fast and not supports_fast_decode(model):
+    elif fast and (problem := fast_decode_problem(model)) is not None:
         raise ValueError(f"sample(fast=True): FastDecoder does not reproduce "
-                         f"{type(model).__name__}'s forward (see ppo_core.fast_decode)")
+                         f"{type(model).__name__}'s forward: {problem} (see ppo_core.fast_decode)")
 
     # rows[i] is the output row of batch row i: finished rows leave the batch (and the KV
     # cache) once they are more than COMPACT_FRACTION of it, so late steps run on the rows

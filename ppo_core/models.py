@@ -28,7 +28,12 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PretrainedConfig,
+    Qwen2Config,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -75,7 +80,7 @@ def auto_size(n_tokens: int) -> dict[str, int]:
 _DROPOUT_ATTRS = (
     "dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
     "embd_pdrop", "attn_pdrop", "summary_first_dropout", "classifier_dropout", "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
+    "attention_probs_dropout_prob", "layerdrop",
 )
 
 
@@ -150,6 +155,62 @@ def load_tokenizer(
 # --------------------------------------------------------------------------- models
 
 
+# Architectures build_tiny_causal_lm builds from their transformers config class (random
+# weights, no hub access). Each covers a family of hub checkpoints: Llama (Llama 2/3, TinyLlama),
+# Mistral, Qwen2 (Qwen1.5/2/2.5), GPT-2, GPT-NeoX (Pythia, GPT-NeoX-20B), OPT.
+ARCHITECTURES: tuple[str, ...] = ("llama", "gpt2", "qwen2", "mistral", "gpt_neox", "opt")
+
+
+def tiny_config(arch: str, common: Mapping[str, Any], *, n_layer: int, n_embd: int, n_head: int,
+                n_positions: int) -> PretrainedConfig:
+    """The ``arch`` config at the given size; ``common`` holds vocab, special ids and tying.
+
+    The MLP is ``4 * n_embd`` wide in every architecture (GPT-2's, OPT's and Pythia's ratio,
+    kept for the gated Llama-family MLPs too, as this module always built them), every head
+    has its own keys/values (no grouped-query attention) and every dropout is 0. Other fields
+    keep their config class defaults, except:
+
+    * Mistral: ``sliding_window=None`` (full attention, as the Mistral-7B v0.2/v0.3 configs
+      ship; a window wider than ``n_positions`` would compute the same thing).
+    * OPT: ``word_embed_proj_dim = n_embd`` (no projection, as OPT-125m..: the config's
+      default 768 only fits the 125m width) and pre-LayerNorm (``do_layer_norm_before``).
+    """
+    mlp = 4 * n_embd
+    if arch == "llama":
+        return LlamaConfig(
+            hidden_size=n_embd, intermediate_size=mlp, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, num_key_value_heads=n_head,
+            max_position_embeddings=n_positions, attention_dropout=0.0, **common)
+    if arch == "qwen2":
+        return Qwen2Config(
+            hidden_size=n_embd, intermediate_size=mlp, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, num_key_value_heads=n_head,
+            max_position_embeddings=n_positions, use_sliding_window=False, attention_dropout=0.0,
+            **common)
+    if arch == "mistral":
+        return MistralConfig(
+            hidden_size=n_embd, intermediate_size=mlp, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, num_key_value_heads=n_head,
+            max_position_embeddings=n_positions, sliding_window=None, attention_dropout=0.0,
+            **common)
+    if arch == "gpt2":
+        return GPT2Config(
+            n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(
+            hidden_size=n_embd, intermediate_size=mlp, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, max_position_embeddings=n_positions,
+            hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0, **common)
+    if arch == "opt":
+        return OPTConfig(
+            hidden_size=n_embd, ffn_dim=mlp, num_hidden_layers=n_layer, num_attention_heads=n_head,
+            max_position_embeddings=n_positions, word_embed_proj_dim=n_embd,
+            do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+            layerdrop=0.0, **common)
+    raise ValueError(f"arch={arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+
+
 def build_tiny_causal_lm(
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -162,10 +223,11 @@ def build_tiny_causal_lm(
 ) -> PreTrainedModel:
     """A randomly initialised causal LM sized for CPU tests and the bundled task.
 
-    ``arch="llama"`` (default: rotary positions, so left padding only needs correct
-    ``position_ids``, no learned position table) or ``"gpt2"``. Dropout is 0 in both: RLHF
-    stages disable it anyway (see :func:`disable_dropout`), and the tiny models do not overfit
-    the generated data within the default epochs.
+    ``arch``: one of :data:`ARCHITECTURES` (default ``"llama"``: rotary positions, so left
+    padding only needs correct ``position_ids``, no learned position table); see
+    :func:`tiny_config`. Dropout is 0 in all: RLHF stages disable it anyway (see
+    :func:`disable_dropout`), and the tiny models do not overfit the generated data within the
+    default epochs.
     """
     if n_embd % n_head:
         raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
@@ -176,21 +238,12 @@ def build_tiny_causal_lm(
         "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": True,  # halves the parameters of a model whose vocab dominates
     }
-    if arch == "llama":
-        config: Any = LlamaConfig(
-            hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
-            num_attention_heads=n_head, num_key_value_heads=n_head,
-            max_position_embeddings=n_positions, attention_dropout=0.0, **common,
-        )
-    elif arch == "gpt2":
-        config = GPT2Config(
-            n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
-        )
-    else:
-        raise ValueError(f"arch={arch!r}: choose 'llama' or 'gpt2'")
+    config = tiny_config(arch, common, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                         n_positions=n_positions)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    # the configs above set every dropout to 0; disable_dropout also zeroes the copies the
+    # modules took at construction, so a config edited later cannot bring dropout back
+    return disable_dropout(AutoModelForCausalLM.from_config(config))
 
 
 def build_base_model(
@@ -201,12 +254,15 @@ def build_base_model(
 
     ``size``: a name of ``MODEL_SIZES``, ``"auto"`` (:func:`auto_size` of the texts' token
     count), or a mapping of ``n_layer`` / ``n_embd`` / ``n_head`` (missing or 0 entries are
-    filled from the automatic choice). This is the embedded default base model (the Dagster
+    filled from the automatic choice); the sizes are the same for every ``arch`` of
+    :data:`ARCHITECTURES`. This is the embedded default base model (the Dagster
     ``base_model`` asset calls it in-process); SFT then loads ``out_dir`` like any hub model.
     Returns ``out_dir``.
     """
     if isinstance(size, str) and size != "auto" and size not in MODEL_SIZES:
         raise ValueError(f"size={size!r}: choose 'auto' or one of {sorted(MODEL_SIZES)}")
+    if arch not in ARCHITECTURES:  # before the tokenizer is trained
+        raise ValueError(f"arch={arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     texts = list(texts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,14 +344,23 @@ def build_scorer_from_causal_lm(
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set every dropout probability to 0 (modules and config).
+    """Set every dropout probability to 0: ``nn.Dropout`` modules, the probabilities modules
+    copied from the config at construction, and the config.
 
     RLHF needs the log-probs of the acting policy and of the trained policy to agree on the
     same weights; dropout breaks that (TRL's and OpenRLHF's PPO disable it the same way).
+    Zeroing the config alone is not enough: Llama/Qwen2/Mistral/GPT-NeoX attention keeps
+    ``self.attention_dropout`` and OPT keeps ``self.dropout`` / ``self.layerdrop`` as plain
+    floats taken from the config in ``__init__``, and applies them in ``train()`` mode.
     """
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for attr, value in list(vars(module).items()):
+            # float attributes named like a dropout rate (dropout, attention_dropout,
+            # activation_dropout, layerdrop, attn_pdrop, ...); bools and submodules are skipped
+            if "drop" in attr and type(value) is float:
+                setattr(module, attr, 0.0)
     config = getattr(model, "config", None)
     if config is not None:
         for attr in _DROPOUT_ATTRS:

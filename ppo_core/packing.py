@@ -22,6 +22,7 @@ forward before any packed forward is trusted.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ from ppo_core.ppo_utils import position_ids_from_mask
 # attention implementations that take an explicit 4D mask (flash-attention kernels need the
 # variable-length API instead, so models using them keep the padded path)
 PACKABLE_ATTENTION = ("sdpa", "eager")
+
+log = logging.getLogger(__name__)
+# (model class, kind, reason) triples already logged: each fallback is reported once per process
+_LOGGED: set[tuple[str, str, str]] = set()
 
 
 @dataclass
@@ -198,9 +203,17 @@ def scalar_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return score_head(model)(hidden).squeeze(-1).float()
 
 
-@torch.no_grad()
 def supports_packing(model: nn.Module, kind: str, pad_token_id: int) -> bool:
-    """Whether packed forwards of ``model`` reproduce its padded ones.
+    """Whether packed forwards of ``model`` reproduce its padded ones
+    (:func:`packing_problem` is None)."""
+    return packing_problem(model, kind, pad_token_id) is None
+
+
+@torch.no_grad()
+def packing_problem(model: nn.Module, kind: str, pad_token_id: int) -> str | None:
+    """Why packed forwards of ``model`` cannot be trusted (None when they reproduce its padded
+    ones). The first time a (model class, kind, reason) triple is met, the fallback to padded
+    forwards is logged at WARNING, naming the reason.
 
     ``kind`` is "lm" (compare log-softmax of the model's own ``forward`` logits) or "scorer"
     (compare per-token head values). Runs two short left-padded episodes through both paths
@@ -208,11 +221,23 @@ def supports_packing(model: nn.Module, kind: str, pad_token_id: int) -> bool:
     ``position_ids`` or uses an attention kernel without 4D masks fails here and keeps the
     padded path.
     """
+    problem = _packing_problem(model, kind, pad_token_id)
+    key = (type(unwrap(model)).__name__, kind, problem or "")
+    if problem is not None and key not in _LOGGED:
+        _LOGGED.add(key)
+        log.warning("packing not used for %s (%s): %s; PPO scores and trains on padded "
+                    "batches instead", key[0], kind, problem)
+    return problem
+
+
+def _packing_problem(model: nn.Module, kind: str, pad_token_id: int) -> str | None:
     inner = unwrap(model)
-    if _implementation(inner) not in PACKABLE_ATTENTION:
-        return False
+    implementation = _implementation(inner)
+    if implementation not in PACKABLE_ATTENTION:
+        return (f"attention implementation {implementation!r} takes no 4D mask (packing needs "
+                f"one of {', '.join(PACKABLE_ATTENTION)})")
     if kind == "lm" and inner.get_output_embeddings() is None:
-        return False
+        return "the model has no output embeddings (LM head)"
     device = next(inner.parameters()).device
     # two episodes: prompts of 3 and 5 tokens, responses of 4 and 2 (ids clear of specials)
     vocab = int(inner.config.vocab_size)
@@ -237,6 +262,11 @@ def supports_packing(model: nn.Module, kind: str, pad_token_id: int) -> bool:
             full = trunk_of(inner)(input_ids=ids.to(device), attention_mask=mask.to(device),
                          position_ids=pos.to(device), use_cache=False).last_hidden_state
             want = scalar_head(model, full)[:, 4:8][packed.episode, packed.step]
-    except (TypeError, ValueError, RuntimeError, AttributeError):
-        return False
-    return bool(torch.allclose(got.cpu(), want.cpu(), atol=1e-4, rtol=1e-4))
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        return f"the packed forward raised {type(exc).__name__}: {exc}"
+    got, want = got.cpu(), want.cpu()
+    if got.shape != want.shape or not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+        diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+        return (f"packed outputs differ from the padded forward (max abs difference {diff:.1e}, "
+                f"tolerance 1e-4)")
+    return None

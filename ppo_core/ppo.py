@@ -148,9 +148,11 @@ class PPOConfig:
     and the KL are those of the distribution actually sampled. On the bundled task 0.7 keeps the
     tiny SFT model's junk-token tail out of the rollouts, which 1.0 lets PPO drift into."""
     top_k: int = 0
-    """0 disables top-k (TRL samples with top_k 0)"""
+    """must stay 0 (top-k off, as TRL samples): the trainer's log-probs, the ratio and the KL
+    are those of the unfiltered softmax(logits / temperature), so filtered sampling would bias
+    PPO; any other value is a ConfigError"""
     top_p: float = 1.0
-    """1.0 disables nucleus sampling (TRL samples with top_p 1.0)"""
+    """must stay 1.0 (nucleus sampling off, as TRL samples), for the same reason as ``top_k``"""
 
     # ---- optimisation ----
     learning_rate: float = 1e-4
@@ -253,7 +255,8 @@ class PPOConfig:
     log_every: int = 1
     """progress line every N steps on stderr"""
     num_threads: int | None = None
-    """torch intra-op threads per rank (None: torch's default)"""
+    """torch intra-op threads per rank; set after ``strategy.setup_distributed`` (which applies
+    ``strategy.cpu_threads``), so it takes precedence. None: ``strategy.cpu_threads`` decides"""
     pack_capacity: int = 128
     """positions per packed row in the scoring and training forwards (:mod:`ppo_core.packing`);
     0 turns packing off (padded length groups instead). A row's attention costs capacity^2:
@@ -311,10 +314,13 @@ def _validate(cfg: PPOConfig) -> list[str]:
         e.append(f"temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
     if cfg.temperature == 0:
         e.append("temperature 0 (greedy) gives PPO no exploration and undefined ratios: use > 0")
-    if not 0 < cfg.top_p <= 1:
-        e.append(f"top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.top_k < 0:
-        e.append(f"top_k must be >= 0, got {cfg.top_k}")
+    if cfg.top_k != 0 or cfg.top_p != 1.0:
+        # the sampler's log-probs and every recomputed one (actor, reference) are those of the
+        # unfiltered softmax(logits / T): filtered samples would make the ratio and KL biased
+        e.append(f"top_k={cfg.top_k}, top_p={cfg.top_p}: PPO samples from the full "
+                 "distribution (top_k 0, top_p 1.0) because its log-probs, ratio and KL are "
+                 "those of the unfiltered softmax(logits / temperature); use temperature to "
+                 "sharpen sampling instead")
     if not 0 <= cfg.gamma <= 1 or not 0 <= cfg.lam <= 1:
         e.append(f"gamma and lam must be in [0, 1], got {cfg.gamma}, {cfg.lam}")
     if cfg.kl_coef < 0 or cfg.vf_coef <= 0:
@@ -517,6 +523,9 @@ class PPOTrainer:
         self.cfg = cfg
         self.strategy = strategy
         strategy.setup_distributed()
+        if cfg.num_threads:
+            # after setup_distributed, which sets strategy.cpu_threads (default 1)
+            torch.set_num_threads(cfg.num_threads)
         self.rank, self.world = _world()
         self.step = 0
         self.episodes = 0

@@ -103,13 +103,19 @@ def test_round_metrics_rename_the_two_sides() -> None:
                  "win_rate_gold": 0.6, "champion/kl_to_sft_per_response": 1.5}
 
 
-def test_a_round_reward_model_trains_one_epoch_unless_told_otherwise(tmp_path: Path) -> None:
+def test_a_subclass_default_of_a_typed_field_counts_as_set(tmp_path: Path) -> None:
+    from pydantic import Field
+
     from assets.models import core_config
     from assets.rounds import RoundRewardModelConfig
     from ppo_core.reward import RewardConfig
 
+    class OneEpoch(RoundRewardModelConfig):
+        epochs: float = Field(default=1.0)
+
     paths = {"model_name_or_path": "m", "data_dir": str(tmp_path), "output_dir": str(tmp_path / "o")}
-    # the subclass's default (1 epoch) is a choice, not the "engine default" sentinel (0)
-    assert core_config("reward", RoundRewardModelConfig(), **paths).num_epochs == 1.0
-    assert core_config("reward", RoundRewardModelConfig(epochs=0), **paths).num_epochs == RewardConfig.num_epochs
+    # a subclass's default (1 epoch) is a choice, not the "engine default" sentinel (0)
+    assert core_config("reward", OneEpoch(), **paths).num_epochs == 1.0
+    assert core_config("reward", OneEpoch(epochs=0), **paths).num_epochs == RewardConfig.num_epochs
+    assert core_config("reward", RoundRewardModelConfig(), **paths).num_epochs == RewardConfig.num_epochs
     assert core_config("reward", RoundRewardModelConfig(epochs=2.5), **paths).num_epochs == 2.5

@@ -50,7 +50,25 @@ def test_cpu_base_torch_first_and_grpc_command() -> None:
     assert "ARG BASE_IMAGE=python:3.11-slim" in text
     assert "ARG TORCH_VERSION=2.13.0" in text
     run = " ".join(rest for word, rest in instructions() if word == "RUN")
-    assert run.index('"torch==${TORCH_VERSION}"') < run.index("pip install --no-cache-dir ."), \
+    assert run.index('"torch==${TORCH_VERSION}"') < run.index('pip install --no-cache-dir ".[${EXTRAS}]"'), \
         "torch must be installed before the project"
     cmd = [rest for word, rest in instructions() if word == "CMD"][-1]
     assert cmd == '["dagster", "api", "grpc", "-m", "pipelines.definitions", "-h", "0.0.0.0", "-p", "4000"]'
+
+
+def test_image_runs_the_installed_project_outside_the_sources() -> None:
+    """The sources are removed after `pip install`, and the server starts elsewhere, so nothing
+    may depend on the checkout: configs ship as package data, the code version comes from a
+    build arg (no git in the image)."""
+    steps = instructions()
+    run = " ".join(rest for word, rest in steps if word == "RUN")
+    assert "rm -rf /src" in run
+    workdirs = [rest for word, rest in steps if word == "WORKDIR"]
+    assert workdirs[0] == "/src" and workdirs[-1] != "/src"
+    assert "configs" in {Path(s).name for s in copy_sources()}
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert "configs" in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert pyproject["tool"]["setuptools"]["package-data"]["configs"] == ["*.yaml", "examples/*"]
+    env = " ".join(rest for word, rest in steps if word == "ENV")
+    assert "RLHF_CODE_VERSION=${RLHF_CODE_VERSION}" in env
+    assert any(word == "ARG" and rest.startswith("RLHF_CODE_VERSION") for word, rest in steps)

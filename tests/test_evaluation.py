@@ -24,19 +24,31 @@ from assets.evaluation import (
 def test_lcs_and_rouge_l_hand_computed() -> None:
     assert lcs_length("a b c d".split(), "a c d e".split()) == 3
     assert lcs_length([], ["a"]) == 0
-    # candidate 4 tokens, reference 5, LCS 3 ("the", "is", "."): P=3/4, R=3/5, F=2PR/(P+R)
-    assert rouge_l("the river is nice .", "the garden is very ugly") == pytest.approx(0.4)  # LCS "the is"
-    assert rouge_l("the river is .", "the garden is ugly .") == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    # rouge-score's tokens: lower-cased, punctuation dropped. "the river is nice" (4) against
+    # "the garden is very ugly" (5): LCS "the is" = 2, P = 2/4, R = 2/5, F = 2PR / (P + R)
+    assert rouge_l("the river is nice .", "the garden is very ugly") == pytest.approx(2 * 0.5 * 0.4 / 0.9)
+    # "the river is" (3) against "the garden is ugly" (4): LCS 2, P = 2/3, R = 1/2
+    assert rouge_l("the river is .", "the garden is ugly .") == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    # case and attached punctuation do not matter: "Nice." is the token "nice"
+    assert rouge_l("The river is NICE.", "the river is nice") == pytest.approx(1.0)
     assert rouge_l("Same Text .", "same text .") == pytest.approx(1.0)
     assert rouge_l("", "anything") == 0.0
 
 
-def test_rouge_l_agrees_with_rouge_score_package() -> None:
-    rs = pytest.importorskip("rouge_score.rouge_scorer")
-    scorer = rs.RougeScorer(["rougeL"], use_stemmer=False)
-    for cand, ref in [("the river is nice .", "the river is lovely . the river is nice ."),
-                      ("a b c d e", "e d c b a"), ("the cat sat", "the cat sat on the mat")]:
-        assert rouge_l(cand, ref) == pytest.approx(scorer.score(ref, cand)["rougeL"].fmeasure)
+@pytest.mark.parametrize("cand, ref", [
+    ("the river is nice .", "the river is lovely . the river is nice ."),
+    ("a b c d e", "e d c b a"),
+    ("the cat sat", "the cat sat on the mat"),
+    ("The River, it is NICE!", "the river is nice."),
+    ("well... it's fine, I think.", "It's fine; I think so"),
+    ("don't stop-believing", "dont stop believing"),
+    ("!!! ...", "nothing here"),
+])
+def test_rouge_l_agrees_with_rouge_score_package(cand: str, ref: str) -> None:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    assert rouge_l(cand, ref) == pytest.approx(scorer.score(ref, cand)["rougeL"].fmeasure)
 
 
 def test_win_rate_counts_ties_half() -> None:
@@ -135,13 +147,21 @@ def test_evaluate_same_policy_twice_gives_zero_kl_and_even_win_rates(tiny_models
     assert metrics["ppo/kl_to_ref"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["win_rate_gold"] == 0.5 and metrics["win_rate_rm"] == 0.5
     assert metrics["n_prompts"] == 6 and result["report"]["gold_scorer"] == BUNDLED_GOLD_SCORER
-    assert 1 <= metrics["ppo/length_mean"] <= 8 and 0.0 <= metrics["ppo/ended_eos_frac"] <= 1.0
     samples = pd.read_parquet(out_dir / "samples.parquet")
+    # lengths count response tokens up to and including EOS; a response ended with EOS exactly
+    # when its last token is EOS
+    from ppo_core.models import load_tokenizer
+
+    eos = load_tokenizer(tiny_models["lm"]).eos_token_id
+    ppo_ids = result["ids"]["ppo"]
+    assert metrics["ppo/length_mean"] == pytest.approx(sum(map(len, ppo_ids)) / len(ppo_ids))
+    assert samples["ppo_ended_eos"].tolist() == [ids[-1] == eos for ids in ppo_ids]
+    assert metrics["ppo/ended_eos_frac"] == pytest.approx(samples["ppo_ended_eos"].mean())
     # samples_per_prompt answers per prompt (default 4), all identical between the two policies
     assert list(samples["sft_response"]) == list(samples["ppo_response"]) and len(samples) == 6 * 4
     assert metrics["n_samples"] == 24
-    # the reward model on held-out pairs: an accuracy and a gold agreement, both fractions
-    assert 0.0 <= metrics["rm/pair_accuracy"] <= 1.0 and 0.0 <= metrics["rm/gold_agreement"] <= 1.0
+    # the reward model on held-out pairs (the arithmetic: test_pair_metrics_hand_computed)
+    assert {"rm/pair_accuracy", "rm/gold_agreement", "rm/gold_label_agreement"} <= set(metrics)
     assert metrics["rm/n_pairs"] == len(pd.read_parquet(Path(tiny_models["splits"]["split_dir"]) / "test_pairs.parquet"))
     assert samples["sft_gold"].tolist() == load_gold_scorer(BUNDLED_GOLD_SCORER)(
         samples["prompt"].tolist(), samples["sft_response"].tolist())
@@ -160,6 +180,40 @@ def test_evaluate_without_gold_scorer_reports_rm_only(tiny_models: dict) -> None
     metrics = result["report"]["metrics"]
     assert "win_rate_gold" not in metrics and "ppo/gold_mean" not in metrics
     assert math.isfinite(metrics["ppo/rm_score_mean"]) and metrics["win_rate_rm"] == 0.5
+
+
+def test_pair_metrics_hand_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RM accuracy against the labels and agreement with the gold ordering, on fixed scores."""
+    import assets.evaluation as ev
+    from ppo_core import models
+
+    class Tok:
+        eos_token_id = 2
+
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+            return {"input_ids": [len(text)]}
+
+    monkeypatch.setattr(models, "load_tokenizer", lambda path: Tok())
+    rm = {"c1": 1.0, "r1": 0.0, "c2": 0.0, "r2": 2.0, "c3": 5.0, "r3": 4.0, "c4": 1.0, "r4": 1.0}
+    gold = {"c1": 1.0, "r1": 0.0, "c2": 0.0, "r2": 1.0, "c3": 3.0, "r3": 3.0, "c4": 2.0, "r4": 1.0}
+    calls: list[list[list[int]]] = []
+
+    def rm_scores(rm_dir, prompts, response_ids, batch_size):
+        calls.append(response_ids)
+        col = "chosen" if len(calls) == 1 else "rejected"
+        return [rm[t] for t in pairs[col]]
+
+    monkeypatch.setattr(ev, "rm_scores", rm_scores)
+    pairs = pd.DataFrame({"prompt": ["p"] * 4, "chosen": ["c1", "c2", "c3", "c4"],
+                          "rejected": ["r1", "r2", "r3", "r4"]})
+    out = ev.pair_metrics("rm", pairs, lambda p, r: [gold[t] for t in r], batch_size=2)
+    assert len(calls) == 2   # chosen, then rejected
+    # RM prefers chosen on pair 1 and 3 (pair 4 ties: not a win) -> 2/4
+    assert out["rm/pair_accuracy"] == 0.5 and out["rm/n_pairs"] == 4.0
+    # gold decides pairs 1, 2, 4 (3 ties); RM agrees on 1 (c>r both), 2 (r>c both), not 4
+    assert out["rm/gold_agreement"] == pytest.approx(2 / 3)
+    # the labels (chosen) agree with gold on pairs 1 and 4 of the 3 decided -> 2/3
+    assert out["rm/gold_label_agreement"] == pytest.approx(2 / 3)
 
 
 def test_kl_per_response_sums_tokens_then_averages_responses() -> None:

@@ -241,3 +241,59 @@ def test_fast_decode_refuses_models_it_does_not_reproduce():
     with pytest.raises(ValueError, match="does not reproduce DoubledLlama"):
         sample(doubled, *left_padded(PROMPTS), max_new_tokens=2, eos_token_id=VOCAB + 1,
                pad_token_id=PAD, fast=True)
+
+
+def test_fast_decode_fallback_is_logged_once_with_its_reason(caplog, monkeypatch):
+    """A failing check falls back to the HF path, logged once per (class, reason) at WARNING
+    with the exception; an uncovered layout (GPT-2) is logged once at INFO."""
+    import logging
+
+    from ppo_core import fast_decode as fd
+
+    monkeypatch.setattr(fd, "_LOGGED", set())
+
+    def broken(cls, *args, **kwargs):
+        raise RuntimeError("cache layout changed")
+
+    monkeypatch.setattr(fd.FastDecoder, "after", classmethod(broken))
+    caplog.set_level(logging.INFO, logger="ppo_core.fast_decode")
+    first, second = tiny_llama(), tiny_llama()
+    assert not fd.supports_fast_decode(first) and not fd.supports_fast_decode(second)
+    assert not fd.supports_fast_decode(first)
+    records = [r for r in caplog.records if r.name == "ppo_core.fast_decode"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert "LlamaForCausalLM" in records[0].getMessage()
+    assert "RuntimeError: cache layout changed" in records[0].getMessage()
+    # the sampler still runs (HF path); insisting on the fast path names the reason
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(max_new_tokens=2, eos_token_id=VOCAB + 1, pad_token_id=PAD, temperature=0.0)
+    assert sample(first, ids, mask, **kw).responses.shape == (3, 2)
+    with pytest.raises(ValueError, match="cache layout changed"):
+        sample(first, ids, mask, fast=True, **kw)
+
+    caplog.clear()
+    assert not fd.supports_fast_decode(tiny_gpt2()) and not fd.supports_fast_decode(tiny_gpt2())
+    records = [r for r in caplog.records if r.name == "ppo_core.fast_decode"]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+    assert "GPT2LMHeadModel" in records[0].getMessage()
+    assert "no .model trunk" in records[0].getMessage()
+
+
+def test_fast_decode_rope_check_reads_transformers_4_and_5_fields():
+    """transformers 5 names the RoPE variant in ``rope_parameters``, 4.x in ``rope_scaling``
+    (``rope_type``, or ``type`` in older configs); a dynamic variant must be refused in both."""
+    from types import SimpleNamespace
+
+    from ppo_core.fast_decode import _rope_types, _structure_problem
+
+    assert _rope_types(SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 1e4})) == ["default"]
+    assert _rope_types(SimpleNamespace(rope_theta=1e4, rope_scaling=None)) == ["default"]
+    assert _rope_types(SimpleNamespace(rope_theta=1e4, rope_scaling={"type": "dynamic", "factor": 2.0})) == ["dynamic"]
+    per_layer = {"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "longrope"}}
+    assert _rope_types(SimpleNamespace(rope_parameters=per_layer)) == ["default", "longrope"]
+    # a Llama whose config has the transformers 4.x fields only
+    model = tiny_llama()
+    model.config = SimpleNamespace(rope_theta=1e4, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert _structure_problem(model) == "rope_type 'dynamic'"
+    model.config = SimpleNamespace(rope_theta=1e4, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    assert _structure_problem(model) is None

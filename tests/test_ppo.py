@@ -87,7 +87,8 @@ def test_smoke_run_logs_metrics_and_saves(tiny_run, tmp_path):
     for key in TRL_METRICS:
         assert key in rec.logs[-1], key
         assert rec.logs[-1][key] == rec.logs[-1][key] or key == "val/explained_variance", key
-    assert 0.0 <= rec.logs[-1]["val/ended_frac"] <= 1.0
+    # a fraction of the rollout's 8 episodes (tests/test_ppo_rollout.py checks it by hand)
+    assert rec.logs[-1]["val/ended_frac"] * 8 == rec.logs[-1]["val/num_eos_tokens"]
     # gradient norms are measured at every ZeRO stage (DeepSpeed reports none at stage 0)
     assert rec.logs[-1]["policy/grad_norm"] > 0 and rec.logs[-1]["val/grad_norm"] > 0
     # first step: policy == reference and logprobs come from the same weights
@@ -242,15 +243,42 @@ def test_resume_continues_the_same_trajectory(tiny_run, tmp_path):
     assert resumed["resumed_from_step"] == 2 and "resumed_from_step" not in straight
 
 
-def test_function_reward_and_critic_from_policy(tiny_run, tmp_path):
+def test_function_reward_and_critic_from_policy(tiny_run, tmp_path, monkeypatch):
+    rollouts: list[Rollout] = []
+    real_rollout = PPOTrainer.rollout
+    monkeypatch.setattr(PPOTrainer, "rollout",
+                        lambda self: rollouts.append(real_rollout(self)) or rollouts[-1])
     rec = Recorder()
     cfg = small_cfg(tiny_run, tmp_path / "f", reward_model_path=None,
                     reward_function="assets.bundled_task:gold_score_batch", kl_estimator="k3",
                     lora_rank=4)
     summary = train(cfg, [rec])
-    assert all(log["objective/kl"] >= 0 for log in rec.logs)   # k3 is never negative
-    assert "reward_norm/std" in summary and summary["reward_norm/std"] > 0
+    assert len(rollouts) == len(rec.logs) == 2
+    for ro, log in zip(rollouts, rec.logs):
+        m = ro.gen.response_mask
+        # k3 of the run's own log-probs: exp(log_r) - 1 - log_r, log_r = ref - policy
+        log_r = (ro.ref_logprobs - ro.logprobs) * m
+        torch.testing.assert_close(ro.kl, (torch.expm1(log_r) - log_r) * m)
+        assert log["objective/kl"] == pytest.approx(float(ro.kl.sum(1).mean()), rel=1e-6, abs=1e-9)
+        # scores: the summary's normalisation, then the missing-EOS penalty 1.0, clip +-10
+        norm = (ro.raw_scores - summary["reward_norm/mean"]) / summary["reward_norm/std"]
+        torch.testing.assert_close(ro.scores, (norm - (~ro.gen.ended).float()).clamp(-10, 10))
+    # the first rollout samples the reference itself (LoRA adapters start at zero)
+    assert rollouts[0].kl.abs().max() < 1e-5
     assert (Path(summary["final_dir"]) / "model.safetensors").is_file()
+
+
+def test_num_threads_survives_setup(tiny_run, tmp_path):
+    """``strategy.setup_distributed`` applies ``strategy.cpu_threads`` (1); the PPO config's
+    ``num_threads`` must win, as its docstring says."""
+    before = torch.get_num_threads()
+    try:
+        cfg = small_cfg(tiny_run, tmp_path / "n", num_threads=2)
+        assert cfg.strategy.cpu_threads == 1
+        PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(

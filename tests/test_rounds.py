@@ -101,6 +101,7 @@ def test_each_round_is_a_partition_with_its_own_lineage_and_cumulative_pairs(rou
     meta = json.loads((home / "manifests" / "round_preferences" / "partitions" / "round-0002.json").read_text())
     assert meta["champion_version"] == rounds["first"]["rounds"][0]["champion_version_after"]
     assert "simulated annotator" in meta["origin"]
+    assert meta["counts"]["rows_read"] == meta["counts"]["new"] + meta["counts"]["quarantined"] > 0
 
 
 def test_rounds_export_a_batch_to_label_and_plot_the_rounds(rounds: dict) -> None:

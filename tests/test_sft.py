@@ -84,12 +84,16 @@ def _cfg(data_dir: Path, out: Path, base: Path, **kw: Any) -> SFTConfig:
 
 
 def test_response_nll_counts_only_response_tokens() -> None:
-    vocab = 7
-    logits = torch.zeros(1, 5, vocab)  # uniform prediction: every token costs log(vocab)
-    labels = torch.tensor([[-100, -100, 3, 4, -100]])
+    # vocab 4; logit log 3 on one token gives it 3/6 = 1/2 and every other token 1/6.
+    # Position 1 favours token 3, position 2 favours token 0; the others are uniform (1/4).
+    logits = torch.zeros(1, 5, 4)
+    logits[0, 1, 3] = logits[0, 2, 0] = math.log(3.0)
+    labels = torch.tensor([[-100, -100, 3, 1, -100]])
     nll, n = response_nll(logits, labels)
-    assert int(n) == 2  # positions 1 and 2 predict the labelled tokens 3 and 4
-    assert math.isclose(float(nll), 2 * math.log(vocab), rel_tol=1e-6)
+    assert int(n) == 2  # positions 1 and 2 predict the labelled tokens 3 and 1
+    # position 1 -> token 3: -log(1/2); position 2 -> token 1: -log(1/6). Without the shift
+    # (position i scoring label i) it would be -log(1/6) - log(1/4) = log 24 instead.
+    assert math.isclose(float(nll), math.log(2.0) + math.log(6.0), rel_tol=1e-6)
 
 
 def test_sft_smoke_run_writes_final_and_reports(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
