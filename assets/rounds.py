@@ -27,7 +27,6 @@ schedule and ``rlhf rounds`` start rounds (``pipelines/automation.py``, ``pipeli
 """
 
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -142,8 +141,8 @@ class RoundPreferencesConfig(dg.Config):
     annotator_temperature: float = Field(
         default=1.0, description="Bradley-Terry noise of the simulated annotator: P(a preferred) = "
         "sigmoid((gold_a - gold_b) / T); 0 = noiseless.")
-    gold_scorer: str = Field(default="", description="'module:function'; '' = the bundled task's on bundled "
-                             "data, 'none' = no gold scorer (then labelled files are required).")
+    gold_scorer: str = Field(default="", description="'module:function'; '' = evaluation_report's (the bundled "
+                             "task's on bundled data), 'none' = no gold scorer (then labelled files are required).")
     policy_name: str = Field(default="rlhf-policy", description="Registered model whose champion is sampled.")
     max_quarantine_fraction: float = Field(default=0.5, description="Fail the round when more of the new "
                                            "rows than this were quarantined (unlabelled, invalid, ...).")
@@ -179,7 +178,7 @@ def _simulated_pairs(config: RoundPreferencesConfig, champion_dir: str, splits: 
     "champion's samples), validated, joined with the base rm_train pairs and every earlier round's pairs.",
 )
 def round_preferences(context: dg.AssetExecutionContext, config: RoundPreferencesConfig, mlflow: MLflowResource,
-                      raw_preferences: dict, dataset_splits: dict) -> dg.MaterializeResult:
+                      raw_preferences: dict, dataset_splits: dict, evaluation_report: dict) -> dg.MaterializeResult:
     from assets.evaluation import resolve_gold_scorer
 
     key = context.partition_key
@@ -188,7 +187,10 @@ def round_preferences(context: dg.AssetExecutionContext, config: RoundPreference
     client = mlflow.client()
     champion = champion_version(client, config.policy_name)
     champion_dir = version_model_dir(client, champion, rounds_root() / "champions", mlflow.tracking_uri)
+    # the lineage's yardstick unless the round names its own: rounds and lineage compare alike
     scorer = resolve_gold_scorer(config.gold_scorer, raw_preferences.get("source"))
+    if scorer is None and not config.gold_scorer.strip():
+        scorer = evaluation_report.get("gold_scorer")
     if config.files:
         try:
             raw = pd.concat([load_preferences(f, "auto").frame for f in config.files], ignore_index=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,23 @@ def _reset_dagster_defs_state_storage():
     token = _current_storage.set(_current_storage.get())
     yield
     _current_storage.reset(token)
+
+
+@contextmanager
+def env_vars(**values: str | None) -> Iterator[None]:
+    """Set (None: unset) environment variables, then restore them: for module-scoped fixtures,
+    which cannot use ``monkeypatch``."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 
 from assets import annotation

@@ -5,7 +5,6 @@ with a few steps per stage in a temporary DAGSTER_HOME / RLHF_HOME and MLflow st
 """
 
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -20,6 +19,7 @@ from assets.models import (
     reward_accuracy_result,
 )
 from assets.plots import png_markdown, read_metrics, training_plots
+from tests.conftest import env_vars
 
 
 def test_sft_config_mapping_puts_seed_in_strategy_and_keeps_defaults(tmp_path: Path) -> None:
@@ -211,19 +211,11 @@ def lineage(tmp_path_factory: pytest.TempPathFactory):
     """One tiny materialization of the whole graph, shared by the tests below."""
     home = tmp_path_factory.mktemp("rlhf_home")
     (home / "dagster_home").mkdir()
-    saved = {k: os.environ.get(k) for k in ("RLHF_HOME", "DAGSTER_HOME")}
-    os.environ.update(RLHF_HOME=str(home), DAGSTER_HOME=str(home / "dagster_home"))
-    try:
-        with dg.instance_for_test(temp_dir=str(home / "dagster_home")) as instance:
-            result = dg.materialize(lineage_assets(), instance=instance, resources=local_resources(home),
-                                    run_config=tiny_run_config(), raise_on_error=False)
-            yield {"result": result, "instance": instance, "home": home}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with env_vars(RLHF_HOME=str(home), DAGSTER_HOME=str(home / "dagster_home")), \
+            dg.instance_for_test(temp_dir=str(home / "dagster_home")) as instance:
+        result = dg.materialize(lineage_assets(), instance=instance, resources=local_resources(home),
+                                run_config=tiny_run_config(), raise_on_error=False)
+        yield {"result": result, "instance": instance, "home": home}
 
 
 def test_whole_graph_materializes_with_mlflow_runs(lineage: dict) -> None:

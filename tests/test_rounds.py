@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from pipelines import cli
+from tests.conftest import env_vars
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,12 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 def rounds(tmp_path_factory: pytest.TempPathFactory):
     """The tiny lineage, two rounds, then a round whose gate cannot be met (min_improvement 1e6)."""
     home = tmp_path_factory.mktemp("rounds_home")
-    keys = ("RLHF_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "RLHF_LANDING_DIR")
-    saved = {k: os.environ.get(k) for k in keys}
-    for k in keys:
-        os.environ.pop(k, None)
-    os.environ["RLHF_HOME"] = str(home)
-    try:
+    with env_vars(RLHF_HOME=str(home), DAGSTER_HOME=None, MLFLOW_TRACKING_URI=None, RLHF_LANDING_DIR=None):
         cli.setup_embedded_env()
         round_cfg = yaml.safe_load((REPO / "configs" / "tiny_round.yaml").read_text())
         lineage_cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
@@ -36,12 +32,6 @@ def rounds(tmp_path_factory: pytest.TempPathFactory):
         refused_code = cli.run_rounds(1, refuse, lineage_cfg)
         refused = json.loads((home / "rounds_summary.json").read_text())
         yield {"home": home, "code": code, "first": first, "refused_code": refused_code, "refused": refused}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_rounds_bootstrap_then_each_champion_is_at_least_the_previous(rounds: dict) -> None:
