@@ -1,7 +1,10 @@
-"""Annotation batches: the policy's own samples, paired for a labeller.
+"""Annotation batches: the policies' own samples, paired for a labeller.
 
 A batch is a JSONL file with one row per prompt and the columns of ingest's ``labels`` format
-(``prompt``, ``response_a``, ``response_b``, ``preference``), the preference left empty. A
+(``prompt``, ``response_a``, ``response_b``, ``preference``), the preference left empty. The two
+responses come from the two policies of the latest comparison (the champion and the challenger
+it kept or beat), as Llama 2 pairs responses of different model variants: a reward model that
+favoured a refused challenger's exploit then sees that exploit labelled. A
 person fills ``preference`` with ``a`` or ``b`` and drops the file into the landing folder;
 the next round reads it like any preference file (an empty or unknown label is quarantined
 with its reason, never dropped).
@@ -45,6 +48,21 @@ def batch_frame(prompts: Sequence[str], responses_a: Sequence[str], responses_b:
         "prompt": list(prompts), "response_a": list(responses_a), "response_b": list(responses_b),
         "preference": [None] * len(prompts), "source": batch_id,
     })
+
+
+def paired_batch(prompts: Sequence[str], first: Sequence[str], second: Sequence[str], batch_id: str,
+                 seed: int) -> pd.DataFrame:
+    """Answers of two policies side by side, each row's order drawn at random (seeded), so the
+    position of a response says nothing about which policy wrote it. ``policy_a`` /
+    ``policy_b`` record it (0 = ``first``)."""
+    rng = random.Random(seed)
+    swap = [rng.random() < 0.5 for _ in prompts]
+    a = [s if flip else f for f, s, flip in zip(first, second, swap)]
+    b = [f if flip else s for f, s, flip in zip(first, second, swap)]
+    frame = batch_frame(prompts, a, b, batch_id)
+    frame["policy_a"] = [1 if flip else 0 for flip in swap]
+    frame["policy_b"] = [0 if flip else 1 for flip in swap]
+    return frame
 
 
 def write_batch(frame: pd.DataFrame, path: Path) -> Path:

@@ -105,6 +105,41 @@ def version_model_dir(client: Any, version: Any, dest: Path, tracking_uri: str) 
     return str(target)
 
 
+def crown_sft_baseline(mlflow: MLflowResource, name: str, sft_manifest: dict) -> str:
+    """Register the SFT model as ``name``'s first champion (tag ``rlhf.baseline=sft``).
+
+    For a task where the lineage's PPO did not pass its gates: rounds then start from SFT, and
+    their labels on its samples and on the refused challengers' are what can teach the reward
+    model its blind spots. An operator's choice (``rlhf rounds --start-from-sft``), never implicit.
+    """
+    from assets.registry import register_version, registrable_model_uri
+    from ops.registry import PromotionDecision, alias_version, apply_promotion
+
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.client()
+    try:
+        existing = alias_version(client, name, "champion")
+    except MlflowException:  # no registered model yet
+        existing = None
+    if existing is not None:
+        raise ValueError(f"registered model {name!r} already has a champion (v{existing.version})")
+    sft_dir = str(sft_manifest["model_path"])
+    run_id = sft_manifest.get("mlflow_run_id")
+    if not sft_manifest.get("mlflow_model_id"):  # SFT logged no model: log it in a run of its own
+        run_id = client.create_run(mlflow.experiment_id(), tags={"rlhf.baseline": "sft"},
+                                   run_name="sft-baseline").info.run_id
+    uri = registrable_model_uri(mlflow, str(run_id), sft_manifest.get("mlflow_model_id"), sft_dir, "policy",
+                                "text-generation")
+    if not sft_manifest.get("mlflow_model_id"):
+        client.set_terminated(str(run_id), status="FINISHED")
+    version = register_version(client, name, uri, run_id, {"source_dir": sft_dir, "rlhf.baseline": "sft"}, alias=None)
+    decision = PromotionDecision(True, "SFT baseline: rounds start from the SFT policy (rlhf rounds --start-from-sft)",
+                                 "none", str(version.version), None)
+    apply_promotion(client, name, decision, None, version)
+    return str(version.version)
+
+
 # ---------------------------------------------------------------- earlier rounds
 def earlier_partitions(context: dg.AssetExecutionContext) -> list[str]:
     """Round keys added before this one, oldest first."""
@@ -154,17 +189,45 @@ def _round_index(key: str) -> int:
     return int(tail) if tail.isdigit() else int(hashlib.sha256(key.encode()).hexdigest()[:6], 16)
 
 
-def _simulated_pairs(config: RoundPreferencesConfig, champion_dir: str, splits: dict, scorer_spec: str,
-                     key: str, log: Any) -> tuple[pd.DataFrame, Path]:
-    from assets.evaluation import EvaluationConfig, generate, load_gold_scorer
+def sample_pairs(champion_dir: str, other_dir: str, prompts: list[str], max_new_tokens: int, temperature: float,
+                 seed: int, batch_id: str) -> pd.DataFrame:
+    """One answer of the champion and one of ``other_dir`` per prompt (two of the champion when
+    they are the same policy), in random order."""
+    from assets.evaluation import EvaluationConfig, generate
+
+    cfg = EvaluationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    if other_dir == champion_dir:
+        both = generate(champion_dir, [p for p in prompts for _ in range(2)], cfg)["responses"]
+        first, second = both[0::2], both[1::2]
+    else:
+        first = generate(champion_dir, prompts, cfg)["responses"]
+        second = generate(other_dir, prompts, cfg)["responses"]
+    return annotation.paired_batch(prompts, first, second, batch_id, seed)
+
+
+def other_policy(context: dg.AssetExecutionContext, champion_dir: str) -> tuple[str, str]:
+    """The policy the champion was last compared with: the previous round's challenger when it
+    was refused, the champion it replaced when it won; the champion itself in the first round."""
+    for key in reversed(earlier_partitions(context)):
+        meta = partition_metadata(context, "round_champion", key)
+        if meta is None:
+            continue
+        other = meta.get("other_policy_dir")
+        if other and Path(str(other)).is_dir() and str(other) != champion_dir:
+            return str(other), f"{'refused challenger' if not meta.get('promoted') else 'previous champion'} of {key}"
+        break
+    return champion_dir, "the champion (two samples)"
+
+
+def _simulated_pairs(config: RoundPreferencesConfig, champion_dir: str, other_dir: str, splits: dict,
+                     scorer_spec: str, key: str) -> tuple[pd.DataFrame, Path]:
+    from assets.evaluation import load_gold_scorer
 
     seed = config.seed + _round_index(key)
     prompts = annotation.pick_prompts(pd.read_parquet(Path(splits["split_dir"]) / "ppo_train.parquet")["prompt"],
                                       config.n_prompts, seed)
-    gen_cfg = EvaluationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=seed)
-    log(f"simulated annotator: the champion answers {len(prompts)} training prompts twice")
-    both = generate(champion_dir, [p for p in prompts for _ in range(2)], gen_cfg)["responses"]
-    batch = annotation.batch_frame(prompts, both[0::2], both[1::2], batch_id=f"{key}-simulated")
+    batch = sample_pairs(champion_dir, other_dir, prompts, config.max_new_tokens, config.temperature, seed,
+                         f"{key}-simulated")
     labelled = annotation.simulate_labels(batch, load_gold_scorer(scorer_spec), config.annotator_temperature, seed)
     out = rounds_root() / key / "annotation_simulated.jsonl"
     out.unlink(missing_ok=True)  # a retried round relabels the same samples (same seed)
@@ -198,9 +261,12 @@ def round_preferences(context: dg.AssetExecutionContext, config: RoundPreference
             raise dg.Failure(description=f"round_preferences: {exc}", allow_retries=False) from exc
         origin = f"files: {', '.join(Path(f).name for f in config.files)}"
     elif scorer:
-        labelled, batch_path = _simulated_pairs(config, champion_dir, dataset_splits, scorer, key, context.log.info)
+        other_dir, other = other_policy(context, champion_dir)
+        context.log.info(f"simulated annotator: champion v{champion.version} against {other}")
+        labelled, batch_path = _simulated_pairs(config, champion_dir, other_dir, dataset_splits, scorer, key)
         raw = load_preferences(str(batch_path), "labels").frame
-        origin = f"simulated annotator on champion v{champion.version} (T={config.annotator_temperature})"
+        origin = (f"simulated annotator (T={config.annotator_temperature}) on champion v{champion.version} "
+                  f"against {other}")
     else:
         raise dg.Failure(description="round_preferences: no labelled files for this round and no gold scorer for "
                          "a simulated annotator; label an annotation batch (outbox) and drop it in the landing "
@@ -512,8 +578,12 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
     if not decision.promoted:
         notifier.notify("promotion_refused", f"{key}: challenger v{challenger.version} of {config.policy_name} "
                         f"not promoted: {decision.reason}", {"round": key, **decision.to_dict()})
-    batch = _next_batch(context, config, client, dataset_splits, mlflow.tracking_uri)
+    # the policy the champion was just compared with: next round's pairs put the two side by side
+    other_dir = (round_evaluation["champion_model_path"] if decision.promoted
+                 else round_evaluation["challenger_model_path"])
+    batch = _next_batch(context, config, client, dataset_splits, mlflow.tracking_uri, other_dir)
     metadata: dict[str, Any] = {**{k: v for k, v in row.items() if v is not None}, "decision": decision.reason,
+                                "other_policy_dir": dg.MetadataValue.path(other_dir),
                                 "challenger_version": str(challenger.version), "metric": decision.metric,
                                 "rounds": dg.MetadataValue.md(_table_markdown(rows)),
                                 "mlflow_run": dg.MetadataValue.url(url)}
@@ -532,30 +602,29 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
 
 
 def export_batch(client: Any, tracking_uri: str, policy_name: str, split_dir: str, n_prompts: int,
-                 seed: int, tag: str) -> Path:
-    """The champion's samples for a labeller: two answers to ``n_prompts`` training prompts,
-    ``preference`` empty, in ``outbox_dir()/<tag>-v<champion>.jsonl``."""
-    from assets.evaluation import EvaluationConfig, generate
-
+                 seed: int, tag: str, other_dir: str | None = None) -> Path:
+    """A batch for a labeller: the champion's answer and ``other_dir``'s (another champion
+    answer when None) to ``n_prompts`` training prompts, ``preference`` empty, in
+    ``outbox_dir()/<tag>-v<champion>.jsonl``."""
     champion = champion_version(client, policy_name)
     model_dir = version_model_dir(client, champion, rounds_root() / "champions", tracking_uri)
     prompts = annotation.pick_prompts(pd.read_parquet(Path(split_dir) / "ppo_train.parquet")["prompt"], n_prompts, seed)
-    # temperature 1: the policy's own distribution, so the two answers differ
-    gen = generate(model_dir, [p for p in prompts for _ in range(2)],
-                   EvaluationConfig(temperature=1.0, seed=seed))["responses"]
     name = f"{tag}-v{champion.version}"
+    # temperature 1: the policies' own distributions, so two answers of one policy differ
+    frame = sample_pairs(model_dir, other_dir or model_dir, prompts, 32, 1.0, seed, name)
     path = outbox_dir() / f"{name}.jsonl"
     path.unlink(missing_ok=True)  # the same tag and champion write the same batch again
-    return annotation.write_batch(annotation.batch_frame(prompts, gen[0::2], gen[1::2], batch_id=name), path)
+    return annotation.write_batch(frame, path)
 
 
 def _next_batch(context: dg.AssetExecutionContext, config: RoundChampionConfig, client: Any,
-                splits: dict, tracking_uri: str) -> Path | None:
-    """The (possibly new) champion's samples for the next round's labeller."""
+                splits: dict, tracking_uri: str, other_dir: str) -> Path | None:
+    """The next round's batch for a human labeller: the champion against ``other_dir``."""
     if config.n_annotation_prompts <= 0:
         return None
     return export_batch(client, tracking_uri, config.policy_name, splits["split_dir"], config.n_annotation_prompts,
-                        config.seed + 7919 * _round_index(context.partition_key), f"after-{context.partition_key}")
+                        config.seed + 7919 * _round_index(context.partition_key), f"after-{context.partition_key}",
+                        other_dir)
 
 
 ROUND_ASSETS = [round_preferences, round_reward_model, round_policy, round_evaluation, round_champion]

@@ -82,6 +82,8 @@ storage:
       password:
         env: DAGSTER_PG_PASSWORD
       db_name: dagster
+      # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2
+      scheme: postgresql+psycopg2
 concurrency:
   pools:
     default_limit: 1
@@ -100,7 +102,7 @@ start_mlflow() {
   mkdir -p "$PROD_DIR/mlflow-artifacts"
   # Its own session, so `down` stops the server and its workers by the one process-group id.
   setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-    --backend-store-uri "postgresql://$PG_USER:$DAGSTER_PG_PASSWORD@127.0.0.1:$PG_PORT/mlflow" \
+    --backend-store-uri "postgresql+psycopg2://$PG_USER:$DAGSTER_PG_PASSWORD@127.0.0.1:$PG_PORT/mlflow" \
     --serve-artifacts --artifacts-destination "$PROD_DIR/mlflow-artifacts" \
     --default-artifact-root mlflow-artifacts:/ \
     >"$PROD_DIR/mlflow.log" 2>&1 </dev/null &

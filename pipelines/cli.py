@@ -356,7 +356,7 @@ def format_rounds(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def run_rounds(n: int, round_config: Mapping[str, Any], lineage_config: Mapping[str, Any],
-               files: Sequence[str] = ()) -> int:
+               files: Sequence[str] = (), start_from_sft: bool = False) -> int:
     """``n`` rounds from the current champion (the lineage first when there is none)."""
     import dagster as dg
 
@@ -373,8 +373,16 @@ def run_rounds(n: int, round_config: Mapping[str, Any], lineage_config: Mapping[
         print("no champion yet: running the lineage first (rlhf run)", flush=True)
         code = run_lineage(lineage_config)
         bootstrap = round(time.monotonic() - start, 1)
-        if code != 0 or not has_champion(MLflowResource()):
-            print("error: the lineage made no champion; rounds start from one", file=sys.stderr)
+        if not has_champion(MLflowResource()) and start_from_sft and read_manifest("sft_model"):
+            from assets.rounds import crown_sft_baseline
+            from ops.registry import DEFAULT_POLICY_NAME
+
+            version = crown_sft_baseline(MLflowResource(), DEFAULT_POLICY_NAME, read_manifest("sft_model") or {})
+            print(f"the lineage made no champion (exit {code}); the SFT model is champion v{version} "
+                  "(--start-from-sft)", flush=True)
+        if not has_champion(MLflowResource()):
+            print("error: the lineage made no champion; rounds start from one (--start-from-sft starts them "
+                  "from the SFT model)", file=sys.stderr)
             return 1
     instance = dg.DagsterInstance.get()
     rows = []
@@ -526,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     rounds.add_argument("--lineage-config", help="run config of the lineage, when it has to run first")
     rounds.add_argument("--files", nargs="*", default=[], help="labelled files for the first round "
                         "(default: the simulated annotator)")
+    rounds.add_argument("--start-from-sft", action="store_true", help="when the lineage makes no champion "
+                        "(its PPO failed a gate), register the SFT model as the first champion and start there")
     annotate = sub.add_parser("annotate", help="write the champion's samples as a batch to label (outbox)")
     annotate.add_argument("-n", "--prompts", type=int, default=256, help="prompts answered twice (default 256)")
     annotate.add_argument("--seed", type=int, default=0)
@@ -553,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rounds < 1:
             raise SystemExit("rlhf rounds: --rounds must be >= 1")
         return run_rounds(args.rounds, load_run_config(args.config), load_run_config(args.lineage_config),
-                          [str(Path(f).resolve()) for f in args.files])
+                          [str(Path(f).resolve()) for f in args.files], args.start_from_sft)
     return run_ui(args.host, args.dagster_port, args.mlflow_port)
 
 

@@ -118,3 +118,35 @@ def test_a_subclass_default_of_a_typed_field_counts_as_set(tmp_path: Path) -> No
     assert core_config("reward", OneEpoch(epochs=0), **paths).num_epochs == RewardConfig.num_epochs
     assert core_config("reward", RoundRewardModelConfig(), **paths).num_epochs == RewardConfig.num_epochs
     assert core_config("reward", RoundRewardModelConfig(epochs=2.5), **paths).num_epochs == 2.5
+
+
+def test_paired_batch_hides_which_policy_wrote_which_answer() -> None:
+    prompts = [f"p{i}" for i in range(200)]
+    first, second = [f"champion{i}" for i in range(200)], [f"other{i}" for i in range(200)]
+    frame = annotation.paired_batch(prompts, first, second, "b", seed=3)
+    for _, row in frame.iterrows():
+        i = int(row["prompt"][1:])
+        by_policy = {row["policy_a"]: row["response_a"], row["policy_b"]: row["response_b"]}
+        assert by_policy == {0: f"champion{i}", 1: f"other{i}"}  # nothing lost or mixed up
+    share = (frame["policy_a"] == 0).mean()
+    assert 0.35 < share < 0.65  # the champion is not always "a" (binomial sd 0.035 at n=200)
+    again = annotation.paired_batch(prompts, first, second, "b", seed=3)
+    assert again["policy_a"].tolist() == frame["policy_a"].tolist()
+
+
+def test_sft_baseline_becomes_the_first_champion_once(tmp_path: Path) -> None:
+    from assets.rounds import crown_sft_baseline
+    from pipelines.resources import MLflowResource
+    from tests.test_registry import tiny_model_dir
+
+    mlflow = MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                            artifact_root=(tmp_path / "artifacts").as_uri())
+    sft = {"model_path": str(tiny_model_dir(tmp_path / "sft")), "mlflow_run_id": None, "mlflow_model_id": None}
+    version = crown_sft_baseline(mlflow, "rlhf-policy", sft)
+    client = mlflow.client()
+    model = client.get_registered_model("rlhf-policy")
+    assert str(model.aliases["champion"]) == version == "1"
+    assert client.get_model_version("rlhf-policy", version).tags["rlhf.baseline"] == "sft"
+    assert json.loads(model.tags["last_promotion_decision"])["promoted"] is True
+    with pytest.raises(ValueError, match="already has a champion"):
+        crown_sft_baseline(mlflow, "rlhf-policy", sft)

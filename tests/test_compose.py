@@ -109,7 +109,9 @@ def test_mlflow_server_matches_what_the_code_is_told() -> None:
     artifacts = option(command, "--artifacts-destination")
     assert mounts("mlflow")[artifacts] in COMPOSE["volumes"]
     backend = option(command, "--backend-store-uri")
-    assert backend.startswith("postgresql://") and "@postgres:5432/mlflow" in backend
+    # psycopg2 explicitly: SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3, not installed
+    assert backend.startswith("postgresql+psycopg2://") and "@postgres:5432/mlflow" in backend
+    assert DEPLOY_INSTANCE["storage"]["postgres"]["postgres_db"]["scheme"] == "postgresql+psycopg2"
     assert "CREATE DATABASE mlflow" in (REPO_ROOT / "deploy" / "postgres-init.sql").read_text()
     allowed = option(command, "--allowed-hosts").split(",")
     for name in ("user_code", "webserver", "daemon"):

@@ -2,8 +2,6 @@
 follow the tracking server, the code version and configs of an installed package (no checkout), and
 the launcher's Pipes client (subprocess here; docker / k8s where their packages are deployed)."""
 
-from __future__ import annotations
-
 import json
 import os
 import shutil

@@ -165,8 +165,6 @@ def test_evaluation_paths_encode_prompts_with_bos(tok: PreTrainedTokenizerFast, 
     assert seen[0].tolist() == [[BOS, *ids_of(tok, "hello world")], [-1, BOS, ids_of(tok, "hi")[0]]]
 
 
-@pytest.mark.xfail(strict=True, reason="ppo_core.ppo.encode_prompts still tokenizes with "
-                   "add_special_tokens=False; it should call ppo_core.data.encode_prompt")
 def test_ppo_prompts_start_with_bos(tok: PreTrainedTokenizerFast) -> None:
     from ppo_core.ppo import encode_prompts
 
