@@ -53,7 +53,7 @@ from ppo_core import checkpoint as ckpt
 from ppo_core import ppo_utils as U
 from ppo_core.callbacks import Callback, CallbackList, ProgressPrinter
 from ppo_core.config import ConfigError, parse_cli, to_dict
-from ppo_core.data import pad_sequences
+from ppo_core.data import encode_prompt, pad_sequences
 from ppo_core.generation import GenerationOutput, sample
 from ppo_core.guard import GuardPoint, OveroptimizationGuard
 from ppo_core.kl_controller import build_kl_controller
@@ -407,9 +407,9 @@ def read_prompts(path: str, column: str = "prompt") -> list[str]:
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_len: int, where: str) -> list[list[int]]:
-    """Token ids per prompt, as SFT saw them (``add_special_tokens=False``: the prompt is plain
-    text followed directly by the response, see ``ppo_core.data``)."""
-    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    """Token ids per prompt, as SFT saw them (``ppo_core.data.encode_prompt``: BOS when the
+    tokenizer adds one, the chat template when it has one)."""
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
     too_long = [i for i, x in enumerate(ids) if len(x) > max_len]
     if too_long:
         longest = max(len(ids[i]) for i in too_long)

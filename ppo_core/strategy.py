@@ -77,6 +77,7 @@ class DeepSpeedStrategy:
     def __init__(self, cfg: StrategyConfig | None = None) -> None:
         self.cfg = cfg or StrategyConfig()
         self.validate()
+        self._threads_applied = False
 
     # ------------------------------------------------------------------ validation
 
@@ -149,9 +150,14 @@ class DeepSpeedStrategy:
 
         Without a launcher, the env variables a launcher would set are filled in for a world of
         one, so ``python -m ppo_core.sft`` and ``torchrun -m ppo_core.sft`` run the same code.
+        ``cpu_threads`` is applied on the first call only: ``prepare_train``/``prepare_eval``
+        call this again, and must not undo a thread count the caller set in between (PPO's
+        ``num_threads``).
         """
-        if self.cfg.cpu_threads > 0 and not torch.cuda.is_available():
-            torch.set_num_threads(self.cfg.cpu_threads)
+        if not self._threads_applied:
+            self._threads_applied = True
+            if self.cfg.cpu_threads > 0 and not torch.cuda.is_available():
+                torch.set_num_threads(self.cfg.cpu_threads)
         if dist.is_initialized():
             return
         os.environ.setdefault("RANK", "0")

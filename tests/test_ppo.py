@@ -257,14 +257,16 @@ def test_function_reward_and_critic_from_policy(tiny_run, tmp_path, monkeypatch)
     for ro, log in zip(rollouts, rec.logs):
         m = ro.gen.response_mask
         # k3 of the run's own log-probs: exp(log_r) - 1 - log_r, log_r = ref - policy
+        # (relative tolerance only: after a few LoRA steps the per-token KL is ~1e-6)
         log_r = (ro.ref_logprobs - ro.logprobs) * m
-        torch.testing.assert_close(ro.kl, (torch.expm1(log_r) - log_r) * m)
+        torch.testing.assert_close(ro.kl, (torch.expm1(log_r) - log_r) * m, rtol=1e-5, atol=1e-12)
         assert log["objective/kl"] == pytest.approx(float(ro.kl.sum(1).mean()), rel=1e-6, abs=1e-9)
         # scores: the summary's normalisation, then the missing-EOS penalty 1.0, clip +-10
         norm = (ro.raw_scores - summary["reward_norm/mean"]) / summary["reward_norm/std"]
         torch.testing.assert_close(ro.scores, (norm - (~ro.gen.ended).float()).clamp(-10, 10))
-    # the first rollout samples the reference itself (LoRA adapters start at zero)
-    assert rollouts[0].kl.abs().max() < 1e-5
+    # the first rollout samples the reference itself (LoRA adapters start at zero); the
+    # second one a policy that moved, so the comparison above was not between zeros
+    assert rollouts[0].kl.abs().max() < 1e-5 and rollouts[1].kl.max() > 0
     assert (Path(summary["final_dir"]) / "model.safetensors").is_file()
 
 
