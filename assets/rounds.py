@@ -95,11 +95,13 @@ def version_model_dir(client: Any, version: Any, dest: Path, tracking_uri: str) 
         return local
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    from pipelines.mlflow_models import process_uris
+
     target = dest / f"{version.name}-v{version.version}"
     if not (target / "config.json").is_file():
-        loaded = mlflow.transformers.load_model(f"models:/{version.name}/{version.version}", return_type="components")
+        with process_uris(tracking_uri):
+            loaded = mlflow.transformers.load_model(f"models:/{version.name}/{version.version}",
+                                                    return_type="components")
         loaded["model"].save_pretrained(target, safe_serialization=True)
         loaded["tokenizer"].save_pretrained(target)
     return str(target)

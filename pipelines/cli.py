@@ -110,7 +110,7 @@ def registry_state(tracking_uri: str, name: str) -> dict[str, Any]:
 
     from ops.registry import LAST_DECISION_TAG
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         model = client.get_registered_model(name)
     except MlflowException:
@@ -258,14 +258,14 @@ def run_lineage(run_config: Mapping[str, Any], promote: bool = True) -> int:
     run_output.quiet_environment()  # before transformers / huggingface_hub are imported
     from ops.registry import DEFAULT_POLICY_NAME
     from pipelines.automation import with_op_config
-    from pipelines.definitions import defs
+    from pipelines.definitions import build_defs
 
     instance = dg.DagsterInstance.get()
     start = time.monotonic()
     run_id = make_new_run_id()
     log = run_output.log_file(run_id)
     print(f"rlhf run {run_id}: full Dagster log in {log}", flush=True)
-    job = defs.resolve_job_def(LINEAGE_JOB)
+    job = build_defs().resolve_job_def(LINEAGE_JOB)
     with run_output.output_to_log(log) as terminal:
         lines = run_output.StepLines(run_output.asset_steps(job), terminal)
         loggers = run_output.run_loggers(log, lines)
@@ -364,7 +364,7 @@ def run_rounds(n: int, round_config: Mapping[str, Any], lineage_config: Mapping[
 
     run_output.quiet_environment()
     from pipelines.automation import has_champion
-    from pipelines.definitions import defs
+    from pipelines.definitions import build_defs
     from pipelines.resources import MLflowResource
 
     start = time.monotonic()
@@ -385,6 +385,7 @@ def run_rounds(n: int, round_config: Mapping[str, Any], lineage_config: Mapping[
                   "from the SFT model)", file=sys.stderr)
             return 1
     instance = dg.DagsterInstance.get()
+    defs = build_defs()
     rows = []
     for i in range(n):
         row = run_round(defs, instance, round_config, files if i == 0 else ())

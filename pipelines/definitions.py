@@ -59,11 +59,18 @@ def default_resources() -> dict[str, object]:
 ASSETS = [*DATA_ASSETS, *MODEL_ASSETS, *EVAL_ASSETS, *REGISTRY_ASSETS, *PROMOTION_ASSETS, *ROUND_ASSETS]
 ASSET_CHECKS = [*DATA_CHECKS, *MODEL_CHECKS, *EVAL_CHECKS, *PROMOTION_CHECKS, *ROUND_CHECKS]
 
-defs = dg.Definitions(
-    assets=ASSETS,
-    asset_checks=ASSET_CHECKS,
-    jobs=ALL_JOBS,
-    schedules=SCHEDULES,
-    sensors=SENSORS,
-    resources=default_resources(),
-)
+def build_defs() -> dg.Definitions:
+    """The project's Definitions with resources resolved now: ``rlhf run`` / ``rlhf rounds``
+    call it after setting up the environment, so a process that changed ``RLHF_HOME`` since
+    this module was imported (a test, a notebook) never writes to the earlier home."""
+    return dg.Definitions(
+        assets=ASSETS,
+        asset_checks=ASSET_CHECKS,
+        jobs=ALL_JOBS,
+        schedules=SCHEDULES,
+        sensors=SENSORS,
+        resources=default_resources(),
+    )
+
+
+defs = build_defs()

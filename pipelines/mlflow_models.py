@@ -89,23 +89,46 @@ def log_transformers_model(
     import mlflow
 
     components = load_components(model_dir, task)
-    # The flavor resolves its store from the global tracking URI.
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run = client.get_run(run_id)
     # the run's params, as the flavor gives a model it creates itself
     model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
                                        params=dict(run.data.params))
-    info = mlflow.transformers.log_model(
-        transformers_model=components,
-        name=name,
-        task=task,
-        pip_requirements=pip_requirements(),
-        run_id=run_id,
-        model_id=model.model_id,
-    )
+    with process_uris(tracking_uri):  # the flavor resolves its store from the process-wide URIs
+        info = mlflow.transformers.log_model(
+            transformers_model=components,
+            name=name,
+            task=task,
+            pip_requirements=pip_requirements(),
+            run_id=run_id,
+            model_id=model.model_id,
+        )
     return info.model_uri
+
+
+@contextmanager
+def process_uris(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs set to ``uri`` for the body, then put
+    back. ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also export ``MLFLOW_TRACKING_URI``
+    / ``MLFLOW_REGISTRY_URI``, which every later subprocess (a training stage, a server, another
+    store's command) would otherwise inherit."""
+    import os
+
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: MLflow's default again
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def logged_model_id(model_uri: str) -> str | None:
@@ -126,21 +149,11 @@ def version_model_id(version: Any) -> str | None:
     return getattr(version, "model_id", None) or logged_model_id(str(version.source or ""))
 
 
-@contextmanager
-def process_tracking_uri(client: Any) -> Iterator[None]:
-    """Point MLflow's process-wide tracking URI at ``client``'s store for the body.
-
-    The SQL registry store resolves a ``models:/<model_id>`` source through an ``MlflowClient()``
-    of the process-wide URI, not through the client that registers.
-    """
-    import mlflow
-
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
+def process_tracking_uri(client: Any) -> Any:
+    """``process_uris`` of ``client``'s store: the SQL registry store resolves a
+    ``models:/<model_id>`` source through an ``MlflowClient()`` of the process-wide URI, not
+    through the client that registers."""
+    return process_uris(client.tracking_uri)
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,9 @@ class MLflowResource(dg.ConfigurableResource):
 
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        # registry_uri explicitly: MLflow otherwise takes the process-wide registry URI, which
+        # logging a transformers model sets (pipelines.mlflow_models), maybe to another store
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def experiment_id(self) -> str:
         """Id of ``experiment_name``, created with ``artifact_root`` when it does not exist yet."""

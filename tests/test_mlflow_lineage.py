@@ -160,3 +160,17 @@ def test_a_retry_that_succeeds_leaves_the_parent_finished(tmp_path: Path, mlflow
     attempts = sorted(c.info.status for c in _children(mlflow_res, parent.info.run_id))
     assert attempts == ["FAILED", "FINISHED"] and parent.info.status == "FINISHED"
 
+
+
+def test_process_wide_uris_are_put_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logging a model must not leave MLFLOW_*_URI exported for every later subprocess."""
+    import os
+
+    from pipelines.mlflow_models import process_uris
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
+    with process_uris(f"sqlite:///{tmp_path / 'other.db'}"):
+        assert os.environ["MLFLOW_REGISTRY_URI"].endswith("other.db")
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    assert os.environ["MLFLOW_TRACKING_URI"].endswith("mine.db")

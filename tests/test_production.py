@@ -66,7 +66,7 @@ def production() -> Iterator[dict]:
     prod_dir.chmod(0o755)
     env = {**os.environ, "RLHF_PROD_DIR": str(prod_dir), "RLHF_PG_PORT": str(free_port()),
            "RLHF_MLFLOW_PORT": str(free_port()), "RLHF_BIN": str(Path(sys.executable).parent)}
-    for var in ("DAGSTER_HOME", "RLHF_HOME", "MLFLOW_TRACKING_URI", "RLHF_MLFLOW_ARTIFACT_ROOT"):
+    for var in ("DAGSTER_HOME", "RLHF_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RLHF_MLFLOW_ARTIFACT_ROOT"):
         env.pop(var, None)  # the script sets them; a developer's own must not leak in
     commands = readme_production_commands()
     teardown = [c for c in commands if c.split()[1] == "down"]
@@ -130,7 +130,7 @@ def test_champion_is_promoted_on_the_server_and_generates(production: dict) -> N
     env = _env_of(production)
     uri = env["MLFLOW_TRACKING_URI"]
     assert uri.startswith("http://127.0.0.1:")
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     model = client.get_registered_model("rlhf-policy")
     assert "champion" in model.aliases
     version = client.get_model_version_by_alias("rlhf-policy", "champion")

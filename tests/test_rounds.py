@@ -57,7 +57,7 @@ def test_a_refused_challenger_is_registered_but_the_champion_stays(rounds: dict)
     [row] = rounds["refused"]["rounds"]
     assert row["round"] == "round-0003" and row["promoted"] is False
     assert rounds["refused"]["seconds_lineage"] is None  # a champion existed: no lineage
-    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"], registry_uri=os.environ["MLFLOW_TRACKING_URI"])
     model = client.get_registered_model("rlhf-policy")
     before = rounds["first"]["rounds"][-1]["champion_version_after"]
     assert str(model.aliases["champion"]) == before == row["champion_version_after"]
@@ -111,7 +111,7 @@ def test_rounds_export_a_batch_to_label_and_plot_the_rounds(rounds: dict) -> Non
 def test_each_round_is_one_mlflow_parent_run_with_its_stage_runs(rounds: dict) -> None:
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"], registry_uri=os.environ["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("rlhf-pipeline")
     parents = client.search_runs([exp.experiment_id], "tags.`rlhf.parent` = 'true' and tags.`rlhf.round` = 'round-0002'")
     assert len(parents) == 1
@@ -221,7 +221,7 @@ def test_the_uis_show_rounds_staleness_and_the_registered_lineage(rounds: dict, 
     from mlflow import MlflowClient
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"], registry_uri=os.environ["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias("rlhf-policy", "champion")
     with sync_api.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
         browser = p.chromium.launch_persistent_context(profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
