@@ -317,7 +317,7 @@ class RoundRewardModelConfig(RewardModelConfig):
                                 "refreshed model must reach (chance is 0.5).")
     epochs: float = Field(default=0.0, description="Most epochs over the cumulative pairs; 0: the engine's (at "
                           "most 4, early stopping on the eval loss decides, as for reward_model). On the bundled "
-                          "task 1 epoch made rounds 40% faster and gained less gold per round (README, rounds).")
+                          "task 1 epoch made rounds 40% faster; one run each could not rank the two (README, rounds).")
 
 
 def _latest_reward_model(context: dg.AssetExecutionContext, base: dict) -> tuple[str, str]:
