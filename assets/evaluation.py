@@ -33,19 +33,6 @@ GoldScorer = Callable[[list[str], list[str]], list[float]]
 
 
 # ---------------------------------------------------------------- pure metrics
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (O(len(a) * len(b)) dynamic programme, one row)."""
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, start=1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
-
-
 @functools.lru_cache(maxsize=1)
 def _rouge_l_scorer() -> Any:
     from rouge_score import rouge_scorer  # imports nltk (~1 s): only when a report needs it

@@ -299,9 +299,6 @@ def run_lineage(run_config: Mapping[str, Any], promote: bool = True) -> int:
 
 # ---------------------------------------------------------------- rlhf rounds
 ROUND_JOB = "rlhf_round"
-ROUND_FIELDS = ("champion_gold", "challenger_gold", "rm_gold_agreement", "challenger_kl_to_sft", "promoted",
-                "champion_version_after")
-
 
 def run_round(defs: Any, instance: Any, run_config: Mapping[str, Any], files: Sequence[str] = ()) -> dict[str, Any]:
     """One round as a new partition of ``rlhf_round``, run in this process; returns its table row."""
@@ -331,7 +328,7 @@ def run_round(defs: Any, instance: Any, run_config: Mapping[str, Any], files: Se
     row: dict[str, Any] = {"round": key, "run_id": run_id, "seconds": round(time.monotonic() - start, 1),
                            "status": "succeeded" if result.success else "failed", "log": str(log)}
     if made is not None and result.success:
-        row.update({k: made["row"].get(k) for k in ROUND_FIELDS})
+        row.update(made["row"])  # round_champion's table row (assets.rounds.ROUND_COLUMNS)
         row["decision"] = made["decision"]["reason"]
         row["challenger_version"] = made["challenger_version"]
     else:
