@@ -48,6 +48,13 @@ class ModelSize:
 
 TINY_SIZE = ModelSize(n_layer=1, n_embd=64, n_head=2, sft_steps=40, rm_steps=30)
 
+# The second benchmark scale (issue 13, ``bench/ppo_vs_trl.py --scale 20m``): the same Llama
+# architecture (MLP 4x wide, tied embeddings) at 6 layers x width 512 x 8 heads, 25.4M
+# parameters with the task's 458-token vocabulary, where matrix multiplies dominate. Only
+# speed is compared at this size, so the fixture is trained very briefly: 40 SFT steps (the
+# policy learns the answer format and to stop) and 20 reward-model steps.
+SCALE_20M = ModelSize(n_layer=6, n_embd=512, n_head=8, sft_steps=40, rm_steps=20)
+
 
 @dataclass(frozen=True)
 class Fixture:
@@ -387,3 +394,84 @@ def forward_backward_flops(model: PreTrainedModel, positions: int, episode_len: 
         step()
         best = min(best, time.perf_counter() - t0)
     return 6.0 * n_params(model) * rows * width / best
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs of a whole PPO iteration (the second benchmark scale, issue 13)
+# ---------------------------------------------------------------------------------------
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights that take part in a matrix multiply per token: every ``nn.Linear`` weight,
+    the LM head included even when it is tied to the input embedding (the embedding lookup
+    itself is a gather, no FLOPs; norms and biases are element-wise). The ``N`` of the FLOP
+    count of :func:`ppo_iteration_flops`."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module) not in seen:
+            seen.add(id(module))
+            total += module.weight.numel()
+    return total
+
+
+def ppo_iteration_flops(n_policy: int, n_critic: int, n_reward: int, real_tokens: int,
+                        train_tokens: int) -> dict[str, float]:
+    """FLOPs of PPO rollouts and updates, by phase, from the tokens they processed.
+
+    ``real_tokens``: prompt + response tokens (through EOS, no padding) of all episodes;
+    ``train_tokens``: the same summed over every PPO-epoch forward of the update (= PPO epochs
+    x ``real_tokens``). ``n_*``: :func:`matmul_params` of each model (the reference is the
+    policy's shape). A forward costs 2 N FLOPs per token, a forward + backward 6 N (Kaplan et
+    al. 2020, sec. 2.1); attention's O(t^2) term is left out (at width 512 and ~50-token
+    episodes it adds about t / 6d ~ 2%).
+
+    * generation: 2 N_policy per prompt token (prefill) and per generated token (decode)
+    * scoring (no grad): 2 (N_reference + N_critic + N_reward) per token
+    * training: 6 (N_policy + N_critic) per token of every PPO-epoch forward
+    """
+    generation = 2.0 * n_policy * real_tokens
+    scoring = 2.0 * (n_policy + n_critic + n_reward) * real_tokens
+    training = 6.0 * (n_policy + n_critic) * train_tokens
+    return {"generation": generation, "scoring": scoring, "training": training,
+            "total": generation + scoring + training}
+
+
+def matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """Best-of-``repeats`` fp32 FLOP/s of an (m x k) @ (k x n) ``torch.mm`` (2 m k n FLOPs) at
+    the current thread count, after one warm-up call."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * k * n / best
+
+
+def layer_matmul_rate(tokens: int, width: int, mlp: int, repeats: int = 5) -> float:
+    """FLOP/s of one Llama layer's forward matmuls at ``tokens`` rows, one after the other:
+    q, k, v, o (width x width each), gate and up (width x mlp) and down (mlp x width); best of
+    ``repeats``. The ceiling of a forward at that many tokens if everything but the matmuls
+    were free."""
+    x = torch.randn(tokens, width)
+    h = torch.randn(tokens, mlp)
+    sq = [torch.randn(width, width) for _ in range(4)]
+    up = [torch.randn(width, mlp) for _ in range(2)]
+    down = torch.randn(mlp, width)
+
+    def layer() -> None:
+        for w in sq:
+            torch.mm(x, w)
+        for w in up:
+            torch.mm(x, w)
+        torch.mm(h, down)
+
+    layer()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        layer()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * tokens * (4 * width * width + 3 * width * mlp) / best

@@ -397,7 +397,7 @@ def run_trl(split_dir: str, base_dir: str, out_dir: Path, recipe: TRLRecipe, log
 
 
 def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str, test_pairs, test_prompts: list[str],
-                      gold_scorer, settings: dict[str, Any]) -> dict[str, float]:
+                      gold_scorer, settings: dict[str, Any]) -> dict[str, Any]:
     """The same numbers for any (SFT, PPO, RM) triple, with ``assets/evaluation.py``'s helpers.
 
     ``settings`` are ``EvaluationConfig`` fields (max_prompts, samples_per_prompt,
@@ -438,10 +438,14 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str, test_pairs, test_
         "ppo_response_tokens": mean(ppo["lengths"]),
         "sft_response_tokens": mean(sft["lengths"]),
         "n_samples": float(len(prompts)),
+        # per-sample gold scores, i-th SFT and PPO answer to the same prompt: the win rate and
+        # both means can be recomputed from the report
+        "gold_sft_scores": gold_sft,
+        "gold_ppo_scores": gold_ppo,
     }
 
 
-def evaluate_side(paths: dict[str, str], split_dir: str, task: str, settings: dict[str, Any]) -> dict[str, float]:
+def evaluate_side(paths: dict[str, str], split_dir: str, task: str, settings: dict[str, Any]) -> dict[str, Any]:
     import pandas as pd
 
     split = Path(split_dir)

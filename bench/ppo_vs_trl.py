@@ -13,6 +13,14 @@ batch size.
     .venv/bin/python bench/ppo_vs_trl.py --out bench/results/latest.json
     .venv/bin/python bench/ppo_vs_trl.py --tiny --out /tmp/tiny.json     # ~1 min, for tests
 
+A second scale (issue 13): the same comparison on a 6-layer width-512 Llama (25.4M parameters)
+where matrix multiplies dominate, speed only, both stacks per round in ABBA order, episodes/s
+median / mean +- standard error over rounds, the ratio ours/TRL per round and the share of the
+matmul peak each stack's iteration reaches (FLOP accounting: :data:`FLOP_FORMULA`; ~13 min,
+plus ~8 min to build and cache its fixture the first time):
+
+    .venv/bin/python bench/ppo_vs_trl.py --scale 20m --out bench/results/scale20m.json
+
 Quality mode (no speed sections): gold gain and KL of both stacks over N seeds, each seed with
 its own fixture, and the paired difference ours - TRL with a 95% t-interval (~2 min a seed):
 
@@ -53,6 +61,7 @@ import torch
 
 from bench.common import (
     REPO_ROOT,
+    SCALE_20M,
     TINY_SIZE,
     Fixture,
     ModelSize,
@@ -60,9 +69,13 @@ from bench.common import (
     eval_prompts,
     evaluate_policy,
     forward_backward_flops,
+    layer_matmul_rate,
+    matmul_params,
     matmul_peak_flops,
     mean_ci,
+    n_params,
     peak_rss_mb,
+    ppo_iteration_flops,
     set_seed,
     training_flops,
     untrained_policy_dir,
@@ -139,6 +152,10 @@ class RunSpec:
     ours_overrides: tuple[tuple[str, Any], ...] = ()
     """ours only: (field, value) pairs set on ``ppo_core.ppo.PPOConfig`` after the benchmark's
     own settings (``strategy.<field>`` for ``StrategyConfig``), for A/B runs of an option"""
+    scale_probe: bool = False
+    """the second scale (``--scale 20m``): instead of the toy probe, measure after training the
+    matmul peak and the model's own matmul shapes (one layer's matmuls at a training
+    mini-batch's tokens and at a decode step's rows); no forward + backward alone"""
     out: str = ""
     """JSON file the worker writes its result to"""
 
@@ -227,7 +244,9 @@ def _finish(spec: RunSpec, timer: PhaseTimer, step_times: list[float], cpu_s: fl
         "training_flops": training_flops(n_params_policy, n_params_critic, train_tokens),
         "peak_rss_mb": peak_rss_mb(),
     }
-    if not spec.sweep and spec.probe:
+    if spec.scale_probe:
+        result.update(_scale_probe(spec, fx, train_tokens))
+    elif not spec.sweep and spec.probe:
         result.update(_probe(spec, fx, train_tokens, alone=spec.stack == "ours"))
     if spec.evaluate:
         tok = load_tokenizer(fx)
@@ -263,6 +282,30 @@ def _probe(spec: RunSpec, fx: Fixture, train_tokens: int, alone: bool) -> dict:
             rates[n] = max(rates[n], forward_backward_flops(policy, n))
     return {"probe_peak_flops": peak,
             "probe_alone": [{"positions": n, "flops": v} for n, v in sorted(rates.items())]}
+
+
+def _scale_probe(spec: RunSpec, fx: Fixture, train_tokens: int) -> dict:
+    """The matmul rates of this CPU right after a run's training, in its process, on
+    ``threads`` torch threads, best of three, interleaved: the ``peak_n``^2 fp32 ``torch.mm``
+    peak, and one Llama layer's matmuls (:func:`bench.common.layer_matmul_rate`) at one
+    training mini-batch's real tokens and at ``batch_size`` rows (a decode step)."""
+    from transformers import AutoConfig
+
+    torch.set_num_threads(spec.threads)
+    cfg = AutoConfig.from_pretrained(fx.policy_dir)
+    updates = spec.iterations * spec.num_ppo_epochs * spec.num_mini_batches
+    mb = max(1, round(train_tokens / updates))
+    best = {"peak": 0.0, "layer_train": 0.0, "layer_decode": 0.0}
+    for _ in range(3):
+        best["peak"] = max(best["peak"], matmul_peak_flops(spec.peak_n))
+        best["layer_train"] = max(best["layer_train"], layer_matmul_rate(
+            mb, cfg.hidden_size, cfg.intermediate_size))
+        best["layer_decode"] = max(best["layer_decode"], layer_matmul_rate(
+            spec.batch_size, cfg.hidden_size, cfg.intermediate_size))
+    return {"probe_peak_flops": best["peak"], "probe_layer_train_tokens": mb,
+            "probe_layer_train_flops": best["layer_train"],
+            "probe_layer_decode_rows": spec.batch_size,
+            "probe_layer_decode_flops": best["layer_decode"]}
 
 
 def _count_until_eos(responses: torch.Tensor, eos_token_id: int) -> int:
@@ -625,7 +668,7 @@ def _comparable(spec: dict) -> dict:
     """The parts of a TRL run's spec that decide its result (not where it writes), as they
     read back from JSON (tuples become lists)."""
     return json.loads(json.dumps({k: v for k, v in spec.items()
-                                  if k not in ("out", "ours_overrides", "stack")}))
+                                  if k not in ("out", "ours_overrides", "stack", "scale_probe")}))
 
 
 def run_quality(args: argparse.Namespace, size: ModelSize) -> dict:
@@ -1061,7 +1104,7 @@ def build_report(args: argparse.Namespace, size: ModelSize, fx: Fixture, base: R
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/ppo_vs_trl.py",
                                                      *sys.argv[1:]]),
         "config": {k: v for k, v in asdict(base).items()
-                   if k not in ("fixture", "stack", "out", "sweep", "evaluate")},
+                   if k not in ("fixture", "stack", "out", "sweep", "evaluate", "scale_probe")},
         "size": asdict(size),
         "fixture": asdict(fx),
         "machine": {"threads": args.threads, "cpu": platform.processor() or platform.machine(),
@@ -1078,6 +1121,269 @@ def build_report(args: argparse.Namespace, size: ModelSize, fx: Fixture, base: R
     }
     report["missed"] = closing_notes(report)
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# the second scale (issue 13): about 20M parameters, where matrix multiplies dominate
+# ---------------------------------------------------------------------------------------------
+
+
+# iterations, batch size, response length, rounds of each --scale (and of --tiny)
+SCALE_DEFAULTS = {"toy": (16, 32, 64, 4), "20m": (3, 32, 64, 6)}
+TINY_DEFAULTS = {"toy": (2, 4, 16, 1), "20m": (1, 4, 16, 2)}
+
+FLOP_FORMULA = (
+    "FLOPs of each run from the tokens it processed, N = weights in matrix multiplies "
+    "(every nn.Linear, the tied LM head included; bench.common.matmul_params), T = real "
+    "prompt + response tokens of all episodes (= training tokens / PPO epochs): generation "
+    "2 N_policy T (prefill and one decode step per token), scoring 2 (N_reference + N_critic "
+    "+ N_reward) T (no-grad forwards), training 6 (N_policy + N_critic) x training tokens "
+    "(forward + backward of every PPO-epoch forward; Kaplan et al. 2020); attention's "
+    "O(t^2) term left out. Achieved GFLOP/s = FLOPs / seconds of the phase (whole: wall "
+    "time); share of peak = against the fp32 torch.mm peak (--scale 20m: 2048^2) measured "
+    "in the same process right after the run's training, at the same thread count")
+
+
+def model_counts(fx: Fixture) -> dict[str, Any]:
+    """Shape and parameter counts of the fixture's models (critic = reward model's weights)."""
+    policy, scorer = load_policy(fx), load_scorer(fx)
+    cfg = policy.config
+    return {"n_layer": cfg.num_hidden_layers, "width": cfg.hidden_size,
+            "n_head": cfg.num_attention_heads, "mlp": cfg.intermediate_size,
+            "vocab": cfg.vocab_size, "tied_embeddings": bool(cfg.tie_word_embeddings),
+            "policy_params": n_params(policy), "reward_params": n_params(scorer),
+            "policy_matmul_params": matmul_params(policy),
+            "reward_matmul_params": matmul_params(scorer)}
+
+
+def run_flop_rates(result: dict, counts: dict, epochs: int) -> dict:
+    """One run's FLOPs by phase (:func:`bench.common.ppo_iteration_flops`), its GFLOP/s per
+    phase and whole, and each as a share of the matmul peak its own process measured."""
+    real = result["train_tokens"] / epochs
+    flops = ppo_iteration_flops(counts["policy_matmul_params"], counts["reward_matmul_params"],
+                                counts["reward_matmul_params"], real, result["train_tokens"])
+    seconds = {"generation": result["generation_s"], "scoring": result["scoring_s"],
+               "training": result["training_s"], "total": result["wall_s"]}
+    gflops = {k: flops[k] / seconds[k] / 1e9 if seconds[k] > 0 else float("nan") for k in flops}
+    peak = result["probe_peak_flops"] / 1e9
+    return {"real_tokens": real, "flops": flops, "gflops": gflops, "peak_gflops": peak,
+            "fraction": {k: v / peak for k, v in gflops.items()}}
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, range, mean and standard error (NaN with one value) of per-round numbers."""
+    vals = [float(v) for v in values]
+    se = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
+    return {"n": len(vals), "median": statistics.median(vals), "min": min(vals),
+            "max": max(vals), "mean": statistics.fmean(vals), "se": se}
+
+
+def scale_summary(rounds: list[dict], batch_size: int) -> dict:
+    """Statistics over rounds: episodes/s of each stack, the per-round ratio ours/TRL (the two
+    runs of a round are adjacent in time, so the ratio is the paired comparison), phase
+    seconds per iteration, GFLOP/s and shares of the peak."""
+    def per_round(fn: Callable[[dict], float]) -> dict[str, float]:
+        return spread([fn(r["ours"]) / fn(r["trl"]) for r in rounds])
+
+    # the machine's ceiling: the highest peak any run's process measured (a run's own peak
+    # can be caught in a slow moment of the shared CPU)
+    best_peak = max(r[f"{side}_flops"]["peak_gflops"] for r in rounds for side in ("ours", "trl"))
+    out: dict[str, Any] = {
+        "ratio": per_round(lambda x: x["episodes_per_s"]),
+        # contention-robust: CPU time moves less than wall time when other jobs share the cores
+        "ratio_cpu": per_round(lambda x: x["episodes_per_cpu_s"]),
+        # work-normalised: the stacks' responses (hence tokens per episode) can differ
+        "ratio_gflops": spread([r["ours_flops"]["gflops"]["total"] / r["trl_flops"]["gflops"]["total"]
+                                for r in rounds]),
+        # both: the FLOPs each stack's tokens cost, per CPU-second
+        "ratio_gflops_cpu": spread([(r["ours_flops"]["flops"]["total"] / r["ours"]["cpu_s"])
+                                    / (r["trl_flops"]["flops"]["total"] / r["trl"]["cpu_s"])
+                                    for r in rounds]),
+        "best_peak_gflops": best_peak,
+    }
+    for side in ("ours", "trl"):
+        runs = [r[side] for r in rounds]
+        rates = [r[f"{side}_flops"] for r in rounds]
+        per_cpu = [f["flops"]["total"] / x["cpu_s"] / 1e9 for f, x in zip(rates, runs)]
+        out[side] = {
+            "episodes_per_s": spread([x["episodes_per_s"] for x in runs]),
+            "episodes_per_cpu_s": spread([x["episodes_per_cpu_s"] for x in runs]),
+            "steady_step_s": spread([steady_step_s(x) for x in runs]),
+            "generated_tokens_per_episode": spread([x["generated_tokens"] / x["episodes"]
+                                                    for x in runs]),
+            "real_tokens_per_episode": spread([f["real_tokens"] / x["episodes"]
+                                               for f, x in zip(rates, runs)]),
+            **{f"{p}_s_per_iteration": spread([x[f"{p}_s"] / x["iterations"] for x in runs])
+               for p in ("generation", "scoring", "training")},
+            "gflops": {k: spread([f["gflops"][k] for f in rates]) for k in rates[0]["gflops"]},
+            "fraction": {k: spread([f["fraction"][k] for f in rates]) for k in rates[0]["fraction"]},
+            "peak_gflops": spread([f["peak_gflops"] for f in rates]),
+            "fraction_of_best_peak": {k: spread([f["gflops"][k] / best_peak for f in rates])
+                                      for k in ("total", "training")},
+            "gflops_per_cpu_s": spread(per_cpu),
+            "cpu_fraction_of_best_peak": spread([g / best_peak for g in per_cpu]),
+            "layer_train_gflops": spread([x["probe_layer_train_flops"] / 1e9 for x in runs]),
+            "layer_decode_gflops": spread([x["probe_layer_decode_flops"] / 1e9 for x in runs]),
+            "layer_train_tokens": runs[0]["probe_layer_train_tokens"],
+            "peak_rss_mb": spread([x["peak_rss_mb"] for x in runs]),
+        }
+    out["layer_decode_rows"] = batch_size
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def scale_main(args: argparse.Namespace, t_start: float) -> int:
+    """``--scale 20m``: ours and TRL on a 6-layer width-512 model, interleaved over rounds
+    (ABBA: TRL, ours, ours, TRL, ...), with the FLOP accounting of :data:`FLOP_FORMULA`.
+    Speed only: the fixture is trained very briefly (``bench.common.SCALE_20M``) and no
+    gold evaluation runs. ``--tiny`` runs the same path on the 1-layer width-64 model, in
+    this process (the test)."""
+    import transformers
+    import trl as trl_pkg
+
+    size = TINY_SIZE if args.tiny else SCALE_20M
+    print(f"fixture ({'tiny' if args.tiny else args.scale}) ...", file=sys.stderr, flush=True)
+    fx = build_fixture(size, seed=args.seed)
+    counts = model_counts(fx)
+    print(f"policy: {counts['policy_params']:,} parameters ({counts['n_layer']} layers x width "
+          f"{counts['width']} x {counts['n_head']} heads, MLP {counts['mlp']}, vocabulary "
+          f"{counts['vocab']}); critic / reward model {counts['reward_params']:,}",
+          file=sys.stderr, flush=True)
+    base = RunSpec(stack="ours", fixture=asdict(fx), iterations=args.iterations,
+                   batch_size=args.batch_size, response_length=args.response_length,
+                   seed=args.seed, threads=args.threads, parallel_critic=args.parallel_critic,
+                   evaluate=False, probe=False, scale_probe=True,
+                   peak_n=512 if args.tiny else 2048)
+    log_dir = args.out.parent / (args.out.stem + "_logs")
+    run: Callable[..., dict] = (
+        (lambda spec, suffix="": execute(spec)) if args.tiny
+        else lambda spec, suffix="": run_worker(spec, log_dir, suffix))
+    rounds = []
+    for r in range(args.rounds):
+        order = ("trl", "ours") if r % 2 == 0 else ("ours", "trl")
+        results = {stack: run(replace(base, stack=stack), suffix=f"_{args.scale}_round{r + 1}")
+                   for stack in order}
+        row = {"round": r + 1, "order": list(order), **results}
+        for side in ("ours", "trl"):
+            row[f"{side}_flops"] = run_flop_rates(results[side], counts, base.num_ppo_epochs)
+        rounds.append(row)
+        print(f"  round {r + 1}: ours {results['ours']['episodes_per_s']:.3f}, TRL "
+              f"{results['trl']['episodes_per_s']:.3f} episodes/s", file=sys.stderr, flush=True)
+    report = {
+        "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/ppo_vs_trl.py",
+                                                     *sys.argv[1:]]),
+        "mode": "scale", "scale": args.scale, "tiny": args.tiny, "commit": _git_commit(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "config": {k: v for k, v in asdict(base).items()
+                   if k not in ("fixture", "stack", "out", "sweep", "evaluate")},
+        "rounds_n": args.rounds,
+        "size": asdict(size), "fixture": asdict(fx), "models": counts,
+        "machine": {"threads": args.threads, "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "trl": trl_pkg.__version__,
+                    "load_avg_1m": os.getloadavg()[0]},
+        "flop_formula": FLOP_FORMULA,
+        "rounds": rounds,
+        "summary": scale_summary(rounds, args.batch_size),
+    }
+    report["total_bench_s"] = time.perf_counter() - t_start
+    print(render_scale(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.out} ({report['total_bench_s']:.0f}s)", file=sys.stderr)
+    return 0
+
+
+def render_scale(report: dict) -> str:
+    """The ``--scale`` report as Markdown."""
+    cfg, m, s = report["config"], report["models"], report["summary"]
+    o, t = s["ours"], s["trl"]
+
+    def med(c: dict, pct: bool = False) -> str:
+        if pct:
+            return f"{c['median']:.1%} [{c['min']:.1%}, {c['max']:.1%}]"
+        return f"{_fmt(c['median'])} [{_fmt(c['min'])}, {_fmt(c['max'])}]"
+
+    def mse(c: dict) -> str:
+        return f"{_fmt(c['mean'])} ± {_fmt(c['se'])}"
+
+    lines = [
+        f"PPO at --scale {report['scale']}, ours vs TRL {report['machine']['trl']} -- policy "
+        f"{m['policy_params']:,} parameters ({m['n_layer']} layers x width {m['width']} x "
+        f"{m['n_head']} heads, MLP {m['mlp']}, vocabulary {m['vocab']}, tied embeddings: "
+        f"{m['policy_matmul_params']:,} in matmuls), critic = reward model "
+        f"{m['reward_params']:,} ({m['reward_matmul_params']:,} in matmuls); "
+        f"{cfg['iterations']} iterations x {cfg['batch_size']} episodes per run, response length "
+        f"{cfg['response_length']}, {cfg['num_ppo_epochs']} PPO epochs x "
+        f"{cfg['num_mini_batches']} minibatches, {report['machine']['threads']} threads, "
+        f"{report['rounds_n']} rounds (each: both stacks, ABBA order)",
+        "",
+        "| round | order | ours episodes/s | TRL episodes/s | ours/TRL | ours GFLOP/s | "
+        "TRL GFLOP/s | ours share of peak | TRL share of peak | peak GFLOP/s (ours / TRL run) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["rounds"]:
+        fo, ft = r["ours_flops"], r["trl_flops"]
+        lines.append(
+            f"| {r['round']} | {', '.join(r['order'])} | {_fmt(r['ours']['episodes_per_s'])} | "
+            f"{_fmt(r['trl']['episodes_per_s'])} | "
+            f"{_fmt(r['ours']['episodes_per_s'] / r['trl']['episodes_per_s'])} | "
+            f"{_fmt(fo['gflops']['total'])} | {_fmt(ft['gflops']['total'])} | "
+            f"{fo['fraction']['total']:.1%} | {ft['fraction']['total']:.1%} | "
+            f"{_fmt(fo['peak_gflops'])} / {_fmt(ft['peak_gflops'])} |")
+    r = s["ratio"]
+    lines += [
+        "",
+        "| over rounds: median [min, max]; mean ± standard error | ours | TRL | ours/TRL (per round) |",
+        "|---|---:|---:|---:|",
+        f"| episodes/s, median | {med(o['episodes_per_s'])} | {med(t['episodes_per_s'])} | "
+        f"{med(r)} |",
+        f"| episodes/s, mean | {mse(o['episodes_per_s'])} | {mse(t['episodes_per_s'])} | "
+        f"{mse(r)} |",
+        f"| episodes per CPU-second, median | {med(o['episodes_per_cpu_s'])} | "
+        f"{med(t['episodes_per_cpu_s'])} | {med(s['ratio_cpu'])} |",
+        f"| step time s (steady), median | {med(o['steady_step_s'])} | {med(t['steady_step_s'])} | |",
+        f"| generated tokens per episode | {_fmt(o['generated_tokens_per_episode']['mean'])} | "
+        f"{_fmt(t['generated_tokens_per_episode']['mean'])} | |",
+        f"| prompt + response tokens per episode | {_fmt(o['real_tokens_per_episode']['mean'])} | "
+        f"{_fmt(t['real_tokens_per_episode']['mean'])} | |",
+        *(f"| {p} s per iteration, median | {med(o[f'{p}_s_per_iteration'])} | "
+          f"{med(t[f'{p}_s_per_iteration'])} | |" for p in ("generation", "scoring", "training")),
+        f"| GFLOP/s, whole iteration, median | {med(o['gflops']['total'])} | "
+        f"{med(t['gflops']['total'])} | {med(s['ratio_gflops'])} |",
+        f"| GFLOP per CPU-second, whole iteration, median | {med(o['gflops_per_cpu_s'])} | "
+        f"{med(t['gflops_per_cpu_s'])} | {med(s['ratio_gflops_cpu'])} |",
+        f"| share of matmul peak, whole iteration, median | {med(o['fraction']['total'], True)} | "
+        f"{med(t['fraction']['total'], True)} | |",
+        *(f"| share of matmul peak, {p} phase, median | {med(o['fraction'][p], True)} | "
+          f"{med(t['fraction'][p], True)} | |" for p in ("generation", "scoring", "training")),
+        f"| matmul peak GFLOP/s ({cfg['peak_n']}^2 fp32 torch.mm, in each run's process) | "
+        f"{med(o['peak_gflops'])} | {med(t['peak_gflops'])} | |",
+        f"| share of the highest peak of all runs ({_fmt(s['best_peak_gflops'])} GFLOP/s), whole "
+        f"iteration, median | {med(o['fraction_of_best_peak']['total'], True)} | "
+        f"{med(t['fraction_of_best_peak']['total'], True)} | |",
+        f"| share of the highest peak, training phase, median | "
+        f"{med(o['fraction_of_best_peak']['training'], True)} | "
+        f"{med(t['fraction_of_best_peak']['training'], True)} | |",
+        f"| share of the highest peak per CPU-second, whole iteration, median | "
+        f"{med(o['cpu_fraction_of_best_peak'], True)} | {med(t['cpu_fraction_of_best_peak'], True)} | |",
+        f"| one layer's matmuls at a training mini-batch's tokens ({o['layer_train_tokens']} / "
+        f"{t['layer_train_tokens']}), GFLOP/s | {med(o['layer_train_gflops'])} | "
+        f"{med(t['layer_train_gflops'])} | |",
+        f"| one layer's matmuls at {s['layer_decode_rows']} rows (a decode step), GFLOP/s | "
+        f"{med(o['layer_decode_gflops'])} | {med(t['layer_decode_gflops'])} | |",
+        f"| peak RSS MiB, median | {med(o['peak_rss_mb'])} | {med(t['peak_rss_mb'])} | |",
+        "",
+        report["flop_formula"] + ".",
+    ]
+    return "\n".join(lines)
 
 
 def _override(text: str) -> tuple[str, Any]:
@@ -1113,6 +1419,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="runs per stack in ABBA order, the fastest of each compared (4; tiny 1)")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the fixture and both runs; in the quality mode the first seed")
+    ap.add_argument("--scale", choices=tuple(SCALE_DEFAULTS), default="toy",
+                    help="toy: the 0.58M-parameter benchmark above (default); 20m: a 6-layer "
+                         "width-512 model (25.4M parameters) where matmuls dominate, ours vs "
+                         "TRL over interleaved rounds with episodes/s, the ratio and the share "
+                         "of the matmul peak only (defaults 3 iterations x 32 episodes, "
+                         "response length 64, 6 rounds; with --tiny: the tiny model, 1 "
+                         "iteration x 4 episodes, 2 rounds)")
     q = ap.add_argument_group("quality mode (instead of the speed benchmark)")
     q.add_argument("--quality-seeds", type=int, default=0,
                    help="N >= 2: gold gain of ours and TRL on seeds --seed .. --seed+N-1, each "
@@ -1135,7 +1448,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--quality-seeds must be >= 2 (a confidence interval over seeds needs two)")
     if (args.ours_set or args.reuse_trl) and not args.quality_seeds:
         ap.error("--ours-set and --reuse-trl belong to the quality mode (--quality-seeds N)")
-    defaults = (2, 4, 16, 1) if args.tiny else (16, 32, 64, 4)
+    if args.quality_seeds and args.scale != "toy":
+        ap.error("the quality mode runs at --scale toy only")
+    defaults = (TINY_DEFAULTS if args.tiny else SCALE_DEFAULTS)[args.scale]
     for name, d in zip(("iterations", "batch_size", "response_length", "rounds"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, d)
@@ -1154,6 +1469,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     size = TINY_SIZE if args.tiny else ModelSize()
     t_start = time.perf_counter()
+    if args.scale != "toy":
+        return scale_main(args, t_start)
     if args.quality_seeds:
         return quality_main(args, size, t_start)
     lengths = (8, 16, 32) if args.tiny else (32, 64, 128)

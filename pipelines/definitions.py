@@ -39,19 +39,31 @@ MLFLOW_ENV_FIELDS = {
 }
 
 
+# TrainingLauncher field <- environment variable: a GPU node's ranks and, on several nodes, the
+# rendezvous (README, "Several ranks and nodes"); a run config (configs/gpu.yaml) still wins.
+LAUNCHER_ENV_FIELDS = {
+    "nproc_per_node": "RLHF_NPROC_PER_NODE",
+    "nnodes": "RLHF_NNODES",
+    "rdzv_endpoint": "RLHF_RDZV_ENDPOINT",
+}
+INT_FIELDS = frozenset({"nproc_per_node", "nnodes"})
+
+
 def env_fields(fields: dict[str, str]) -> dict[str, dg.EnvVar]:
-    """``dg.EnvVar`` for each field whose variable is set now. An EnvVar of an unset variable
-    fails the run at launch, so unset ones keep the field's default (the embedded profile)."""
-    return {field: dg.EnvVar(var) for field, var in fields.items() if os.environ.get(var)}
+    """``dg.EnvVar`` for each field whose variable is set now (``EnvVar.int`` for the integer
+    ones). An EnvVar of an unset variable fails the run at launch, so unset ones keep the field's
+    default (the embedded profile)."""
+    return {field: dg.EnvVar.int(var) if field in INT_FIELDS else dg.EnvVar(var)
+            for field, var in fields.items() if os.environ.get(var)}
 
 
 def default_resources() -> dict[str, object]:
     """Resources of the embedded default (every path under ``RLHF_HOME``), deployment settings
-    from the environment (``MLFLOW_ENV_FIELDS``)."""
+    from the environment (``MLFLOW_ENV_FIELDS``, ``LAUNCHER_ENV_FIELDS``)."""
     return {
         "io_manager": JsonManifestIOManager(base_dir=manifests_dir()),
         "mlflow": MLflowResource(**env_fields(MLFLOW_ENV_FIELDS)),
-        "launcher": TrainingLauncher(),
+        "launcher": TrainingLauncher(**env_fields(LAUNCHER_ENV_FIELDS)),
         "notifier": Notifier(),
     }
 

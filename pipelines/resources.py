@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -334,6 +335,7 @@ def _default_accelerator() -> str:
 
 
 PipesClientKind = Literal["subprocess", "docker", "k8s"]
+RdzvBackend = Literal["static", "c10d"]
 # Where each remote Pipes client lives: (module, class, pip package). Imported on first use only,
 # so the default deployment needs neither package.
 REMOTE_PIPES_CLIENTS: dict[str, tuple[str, str, str]] = {
@@ -376,9 +378,27 @@ class TrainingLauncher(dg.ConfigurableResource):
     (dagster-k8s's PipesK8sClient). The launched process gets the Dagster run id and the stage
     config as Pipes extras, so a container without this machine's files still has its config;
     ``RLHF_HOME`` (checkpoints, data) must be a volume both sides mount at the same path.
+
+    Ranks: one node (``nnodes: 1``, no ``rdzv_endpoint``) uses ``--standalone``, a private
+    rendezvous on a free port. Several nodes use torchrun's static rendezvous: Dagster launches
+    node 0 here, and ``launch`` logs the command every other node runs (``node_command``). Node 0
+    must be the Dagster side because global rank 0 reports through Pipes and logs to MLflow
+    (ppo_core fires callbacks on rank 0 only); torchrun's ``c10d`` backend orders nodes by host
+    name, so it is accepted for one node only.
     """
 
-    nproc_per_node: int = Field(default=1, description="Processes (one per GPU) on this node.")
+    nproc_per_node: int = Field(default=1, description="Processes (one per GPU) on each node.")
+    nnodes: int = Field(
+        default=1, description="Nodes taking part (torchrun --nnodes); > 1 needs rdzv_endpoint, and every "
+        "other node runs the command the training step logs, with RLHF_HOME on a shared filesystem.")
+    rdzv_endpoint: str = Field(
+        default="", description="host:port of the rendezvous on node 0 (this machine), reachable from "
+        "every node (torchrun --rdzv-endpoint); empty on one node = --standalone.")
+    rdzv_backend: RdzvBackend = Field(
+        default="static", description="torchrun --rdzv-backend: static (node ranks as given: node 0 is "
+        "this machine) or c10d (one node only: it ranks nodes by host name).")
+    rdzv_id: str = Field(
+        default="", description="torchrun --rdzv-id of the c10d backend; empty = the stage's name.")
     ds_accelerator: str = Field(
         default="", description="DS_ACCELERATOR for DeepSpeed; empty = cuda when visible, else cpu."
     )
@@ -403,18 +423,75 @@ class TrainingLauncher(dg.ConfigurableResource):
         "(RLHF_HOME), device_requests for GPUs, network.",
     )
 
-    def command(self, stage: str, config_path: str | Path) -> list[str]:
-        """The launch command; ``python -m torch.distributed.run`` is ``torchrun`` from this venv
-        (from the image's ``python`` for a container)."""
+    def check(self) -> None:
+        """Refuse a combination torchrun would reject, or one whose rank 0 could miss Pipes."""
         if self.nproc_per_node < 1:
             raise ValueError(f"TrainingLauncher.nproc_per_node must be >= 1, got {self.nproc_per_node}")
-        python = sys.executable if self.pipes_client == "subprocess" else "python"
-        return [
-            python, "-m", "torch.distributed.run",
+        if self.nnodes < 1:
+            raise ValueError(f"TrainingLauncher.nnodes must be >= 1, got {self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"TrainingLauncher.nnodes={self.nnodes} needs rdzv_endpoint: host:port of this machine "
+                "(node 0) that every node can reach, e.g. 10.0.0.1:29500")
+        if self.rdzv_endpoint:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"TrainingLauncher.rdzv_endpoint={self.rdzv_endpoint!r}: write host:port, "
+                                 "e.g. 10.0.0.1:29500")
+        if self.rdzv_backend == "c10d" and self.nnodes > 1:
+            raise ValueError(
+                f"TrainingLauncher.rdzv_backend='c10d' with nnodes={self.nnodes}: c10d ranks the nodes by "
+                "host name, so global rank 0 (which reports to Dagster and MLflow) may land on another "
+                "node; use rdzv_backend 'static', where this machine is node 0")
+        if self.rdzv_backend == "c10d" and not self.rdzv_endpoint:
+            raise ValueError("TrainingLauncher.rdzv_backend='c10d' needs rdzv_endpoint (host:port); "
+                             "leave both unset for --standalone")
+        if self.rdzv_id and self.rdzv_backend != "c10d":
+            raise ValueError(f"TrainingLauncher.rdzv_id={self.rdzv_id!r} is read by the c10d backend only "
+                             f"(rdzv_backend is {self.rdzv_backend!r}): remove it")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.check()  # a bad launcher fails the run when it sets up resources, before any launch
+
+    def rendezvous_args(self, stage: str, node_rank: int = 0) -> list[str]:
+        """torchrun's rendezvous flags for ``node_rank``: ``--standalone`` on one node without an
+        endpoint, else ``--nnodes --node-rank --rdzv-backend --rdzv-endpoint [--rdzv-id]``."""
+        self.check()
+        if not 0 <= node_rank < self.nnodes:
+            raise ValueError(f"node_rank={node_rank}: choose 0 to {self.nnodes - 1} (nnodes={self.nnodes})")
+        if self.nnodes == 1 and not self.rdzv_endpoint:
             # --standalone: a private rendezvous on a free port, so parallel runs never collide.
-            "--standalone", "--nproc-per-node", str(self.nproc_per_node),
+            return ["--standalone"]
+        args = ["--nnodes", str(self.nnodes), "--node-rank", str(node_rank),
+                "--rdzv-backend", self.rdzv_backend, "--rdzv-endpoint", self.rdzv_endpoint]
+        if self.rdzv_backend == "c10d":
+            args += ["--rdzv-id", self.rdzv_id or stage]
+        return args
+
+    def command(self, stage: str, config_path: str | Path, node_rank: int = 0,
+                python: str | None = None) -> list[str]:
+        """The launch command of ``node_rank`` (0: the one Dagster runs); ``python -m
+        torch.distributed.run`` is ``torchrun`` from this venv (from the image's or the other
+        node's ``python`` otherwise)."""
+        if python is None:
+            python = sys.executable if self.pipes_client == "subprocess" else "python"
+        return [
+            python, "-m", "torch.distributed.run", *self.rendezvous_args(stage, node_rank),
+            "--nproc-per-node", str(self.nproc_per_node),
             "-m", "pipelines.pipes_launcher", stage, "--config", str(config_path),
         ]
+
+    def node_command(self, stage: str, config_path: str | Path, node_rank: int) -> str:
+        """The shell line another node runs to join a launch: its environment (the run's, minus
+        what only rank 0 uses) and ``command`` with that node's rank and its own ``python``."""
+        env = {"RLHF_HOME": str(settings.rlhf_home()),
+               "DS_ACCELERATOR": self.ds_accelerator or _default_accelerator(),
+               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+               **({"OMP_NUM_THREADS": str(self.omp_num_threads)} if self.omp_num_threads > 0 else {}),
+               **self.extra_env}
+        words = [f"{k}={v}" for k, v in env.items()]
+        words += self.command(stage, config_path, node_rank=node_rank, python="python")
+        return " ".join(shlex.quote(w) for w in words)
 
     def env(self, mlflow_tracking_uri: str, mlflow_run_id: str, metrics_file: str | Path) -> dict[str, str]:
         """Environment of the launched processes (inherits this process's, plus what the run needs)."""
@@ -468,6 +545,9 @@ class TrainingLauncher(dg.ConfigurableResource):
         env = self.env(mlflow_tracking_uri, mlflow_run_id, metrics_file)
         all_extras = {**self.extras(context, stage, config_path, mlflow_run_id), **(extras or {})}
         context.log.info(f"launching {stage} ({self.pipes_client}): {' '.join(command)}")
+        for node in range(1, self.nnodes):
+            context.log.info(f"node {node} of {self.nnodes}: waiting for it to join; run there, with "
+                             f"the same RLHF_HOME mounted: {self.node_command(stage, config_path, node)}")
         if self.pipes_client == "subprocess":
             cwd = settings.source_checkout() or Path.cwd()
             return dg.PipesSubprocessClient(cwd=str(cwd)).run(

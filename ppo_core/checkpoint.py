@@ -137,6 +137,14 @@ def load_checkpoint(strategy: DeepSpeedStrategy, path: str | Path, engines: Mapp
             f"checkpoint {path} was written with world_size={state['world_size']}, this run has "
             f"{strategy.world_size}: resume with the same number of ranks or set resume_from to null"
         )
+    # each ZeRO stage has its own on-disk layout (stage 3 also partitions the weights per rank),
+    # which DeepSpeed cannot read under another stage
+    saved_stage = state.get("zero_stage")
+    if saved_stage is not None and saved_stage != strategy.cfg.zero_stage:
+        raise ValueError(
+            f"checkpoint {path} was written with zero_stage={saved_stage}, this run has "
+            f"{strategy.cfg.zero_stage}: resume with the same ZeRO stage or set resume_from to null"
+        )
     missing = sorted(set(engines) - set(state["engines"]))
     if missing:
         raise ValueError(f"checkpoint {path} has no state for {missing}; it holds {state['engines']}")

@@ -14,8 +14,9 @@ It covers decoders laid out like Llama (Llama, Mistral, Qwen2, ...): RMSNorm, ro
 attention with optional q/k/v biases and grouped KV heads, a gated MLP, no logit soft-capping
 or sliding windows. :func:`supports_fast_decode` checks a model once against its own
 forward (logits to 1e-4, as :func:`ppo_core.packing.supports_packing` does for training);
-anything else (GPT-2, LoRA-wrapped projections, ZeRO-3-partitioned weights) keeps the
-Hugging Face path in :func:`ppo_core.generation.sample`.
+anything else (GPT-2, LoRA-wrapped projections, ZeRO-3 weights that are partitioned at the
+time, i.e. not gathered for generation) keeps the Hugging Face path in
+:func:`ppo_core.generation.sample`.
 """
 
 from __future__ import annotations
@@ -61,8 +62,6 @@ def _structure_problem(model: nn.Module) -> str | None:
     trunk = getattr(model, "model", None)
     if cfg is None or trunk is None or not isinstance(getattr(model, "lm_head", None), nn.Linear):
         return "no .model trunk or .lm_head Linear"
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        return "ZeRO-3 partitioned weights"
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(cfg, name, None):
             return f"{name} is set"
@@ -245,6 +244,12 @@ def fast_decode_problem(model: nn.Module) -> str | None:
     Hugging Face forward is logged: at INFO for a layout the decoder does not cover (GPT-2,
     LoRA, ZeRO-3 ...), at WARNING when a Llama-layout model fails the check or raises."""
     inner = unwrap(model)
+    if _partitioned_now(inner):
+        # not cached: the same model decodes fast inside a gather (ppo_core.strategy's
+        # generation_model), where its weights are whole
+        problem = "ZeRO-3 partitioned weights (gather them for generation: ds3_gather_for_generation)"
+        _log_once(inner, problem, logging.INFO)
+        return problem
     if inner in _VERIFIED:
         return _VERIFIED[inner]
     problem = _structure_problem(inner)
@@ -257,12 +262,23 @@ def fast_decode_problem(model: nn.Module) -> str | None:
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             problem = f"the check raised {type(exc).__name__}: {exc}"
     _VERIFIED[inner] = problem
-    key = (type(inner).__name__, problem or "")
-    if problem is not None and key not in _LOGGED:
+    if problem is not None:
+        _log_once(inner, problem, level)
+    return problem
+
+
+def _partitioned_now(model: nn.Module) -> bool:
+    """True when some ZeRO-3 parameter holds only its local shard at this moment (``ds_numel``
+    is its full size; inside ``deepspeed.zero.GatheredParameters`` the data is whole)."""
+    return any(hasattr(p, "ds_id") and p.numel() != p.ds_numel for p in model.parameters())
+
+
+def _log_once(model: nn.Module, problem: str, level: int) -> None:
+    key = (type(model).__name__, problem)
+    if key not in _LOGGED:
         _LOGGED.add(key)
         log.log(level, "fast decoder not used for %s (%s); decoding with the Hugging Face "
-                "forward instead", type(inner).__name__, problem)
-    return problem
+                "forward instead", type(model).__name__, problem)
 
 
 def supports_fast_decode(model: nn.Module) -> bool:

@@ -8,7 +8,9 @@ are preallocated, and the log-probs of the sampled tokens come for free from the
 sampler already has (so PPO needs no extra forward for the old-policy log-probs).
 
 Works with any Hugging Face causal LM that accepts ``position_ids``, ``past_key_values`` and
-``logits_to_keep`` (GPT-2, Llama, Qwen, ...) and with a DeepSpeed engine wrapping one. For
+``logits_to_keep`` (GPT-2, Llama, Qwen, ...) and with a DeepSpeed engine wrapping one (under
+ZeRO-3 that engine all-gathers the weights at every forward; ``DeepSpeedStrategy.generation_model``
+gathers them once for the whole call instead). For
 Llama-layout models the decode steps skip the module stack altogether
 (:mod:`ppo_core.fast_decode`, verified once per model against its own forward).
 """
@@ -94,8 +96,12 @@ def _should_compact(finished: torch.Tensor, decoder: HFDecoder | FastDecoder) ->
 def _all_finished(finished: torch.Tensor, sync_ranks: bool) -> bool:
     """True when every row (on every rank, if ``sync_ranks``) has emitted EOS.
 
-    Under ZeRO-3 each forward gathers parameters collectively, so all ranks must run the same
-    number of forwards: a rank that is done keeps stepping until all are.
+    Called with a ZeRO-3 engine, each forward all-gathers parameters collectively, so all
+    ranks must run the same number of forwards: a rank that is done keeps stepping until all
+    are. With the weights gathered once for the rollout (``DeepSpeedStrategy.generation_model``)
+    the forwards are local, but the lockstep is kept: it is one 1-element all-reduce per
+    token, and it makes the response width and the random stream (a finished rank still draws
+    for its rows) the same whether or not the weights were gathered.
     """
     done = torch.tensor([int(bool(finished.all()))], device=finished.device)
     if sync_ranks:
@@ -124,7 +130,9 @@ def sample(
 
     input_ids, attention_mask: (B, P), left-padded. ``temperature <= 0`` is greedy.
     ``sync_ranks`` (default: when torch.distributed has more than one rank) keeps all ranks
-    in lockstep so ZeRO-3 collective forwards match. Stops early once every row has ended.
+    in lockstep so ZeRO-3 collective forwards match (see :func:`_all_finished`). Stops early
+    once every row has ended. Under ZeRO-3 pass the module from
+    ``DeepSpeedStrategy.generation_model`` (weights gathered once per call, not per token).
     ``compact`` drops ended rows from the batch and the KV cache (see ``COMPACT_FRACTION``);
     the sampled distribution is the same, the random stream (fewer rows per draw) is not.
     ``fast`` picks :class:`~ppo_core.fast_decode.FastDecoder` for the decode steps (default

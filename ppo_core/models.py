@@ -15,6 +15,7 @@ Safe defaults: safetensors on save, ``trust_remote_code=False`` unless asked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -336,11 +337,23 @@ def build_scorer_from_causal_lm(
     )
     head = score_head(model)
     hidden = head.in_features
-    with torch.no_grad():
+    with torch.no_grad(), _whole_for_init(head):
         nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
         if head.bias is not None:
             head.bias.zero_()
     return model
+
+
+def _whole_for_init(module: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """Whole weights of ``module`` to initialise in place. For a model loaded ZeRO-3-partitioned
+    (``DeepSpeedStrategy.partitioned_loading``) each rank holds an empty shard: gather it, and
+    on exit rank 0's values are partitioned to every rank (``modifier_rank=0``, DeepSpeed's
+    documented way to initialise a partitioned parameter). A no-op for ordinary modules."""
+    if not is_partitioned(module):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -416,6 +429,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     under ZeRO-3 the HF model itself carries a ``module`` attribute that is None."""
     inner = getattr(model, "module", None)
     return inner if isinstance(inner, nn.Module) else model
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """True when ZeRO-3 manages ``model``'s weights (created under ``deepspeed.zero.Init``, e.g.
+    in ``DeepSpeedStrategy.partitioned_loading``, or wrapped by a stage-3 engine): DeepSpeed
+    tags each such parameter with a ``ds_id``."""
+    return any(hasattr(p, "ds_id") for p in unwrap(model).parameters())
 
 
 def score_head(model: nn.Module) -> nn.Module:

@@ -153,6 +153,14 @@ class PPOConfig:
     PPO; any other value is a ConfigError"""
     top_p: float = 1.0
     """must stay 1.0 (nucleus sampling off, as TRL samples), for the same reason as ``top_k``"""
+    ds3_gather_for_generation: bool = True
+    """under ZeRO-3, gather the policy's (and, for reward normalisation, the reference's)
+    weights once per rollout and generate with the whole model on each rank, instead of
+    all-gathering every layer at every decoded token. TRL's GRPO/RLOO option of the same name
+    and default (``trl/trainer/grpo_config.py``: "disabling this option allows training models
+    that exceed the VRAM capacity of a single GPU, albeit at the cost of slower generation").
+    The samples do not depend on it (same tokens for the same seed, tests/test_zero3.py);
+    no effect below stage 3"""
 
     # ---- optimisation ----
     learning_rate: float = 1e-4
@@ -542,22 +550,27 @@ class PPOTrainer:
         self.stream = PromptStream(len(prompts), cfg.rollout_batch_size, cfg.seed, self.rank, self.world)
 
         torch.manual_seed(cfg.seed)
-        policy = load_causal_lm(cfg.policy_path)
         if cfg.ref_model_path:
             self._check_same_tokenizer(cfg.ref_model_path)
-        self.ref = strategy.prepare_eval(load_causal_lm(cfg.ref_model_path or cfg.policy_path))
-        self.reward: RewardSource
         if cfg.reward_model_path is not None:
             self._check_same_tokenizer(cfg.reward_model_path)
-            rm = load_sequence_scorer(cfg.reward_model_path, pad_token_id=self.pad_id)
-            self.reward = ModelReward(strategy.prepare_eval(rm))
-        else:
-            self.reward = FunctionReward(cfg.reward_function or "")
-        critic_src = cfg.critic_path or cfg.reward_model_path
-        if critic_src is not None:
-            critic = load_sequence_scorer(critic_src, pad_token_id=self.pad_id)
-        else:
-            critic = build_scorer_from_causal_lm(cfg.policy_path, pad_token_id=self.pad_id, seed=cfg.seed)
+        # under ZeRO-3 every model is created already partitioned: no rank ever holds a
+        # whole one (a no-op at lower stages)
+        with strategy.partitioned_loading():
+            policy = load_causal_lm(cfg.policy_path)
+            self.ref = strategy.prepare_eval(load_causal_lm(cfg.ref_model_path or cfg.policy_path))
+            self.reward: RewardSource
+            if cfg.reward_model_path is not None:
+                rm = load_sequence_scorer(cfg.reward_model_path, pad_token_id=self.pad_id)
+                self.reward = ModelReward(strategy.prepare_eval(rm))
+            else:
+                self.reward = FunctionReward(cfg.reward_function or "")
+            critic_src = cfg.critic_path or cfg.reward_model_path
+            if critic_src is not None:
+                critic = load_sequence_scorer(critic_src, pad_token_id=self.pad_id)
+            else:
+                critic = build_scorer_from_causal_lm(cfg.policy_path, pad_token_id=self.pad_id,
+                                                     seed=cfg.seed)
         if cfg.lora_rank > 0:
             policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules,
                               task_type="CAUSAL_LM")
@@ -576,7 +589,8 @@ class PPOTrainer:
         self.guard_normalizer: RewardNormalizer | None = None
         if cfg.guard_reward_model_path is not None:
             self._check_same_tokenizer(cfg.guard_reward_model_path)
-            held = load_sequence_scorer(cfg.guard_reward_model_path, pad_token_id=self.pad_id)
+            with strategy.partitioned_loading():
+                held = load_sequence_scorer(cfg.guard_reward_model_path, pad_token_id=self.pad_id)
             self.guard_rm = ModelReward(strategy.prepare_eval(held))
         self.sample_rng = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.shuffle_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + self.rank)
@@ -618,16 +632,18 @@ class PPOTrainer:
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, model: torch.nn.Module | None = None,
                  temperature: float | None = None, generator: torch.Generator | None = None,
                  ) -> GenerationOutput:
-        if model is None:
-            # below ZeRO-3 the weights are whole on every rank: call the module and skip the
-            # engine's per-forward bookkeeping, which is paid once per generated token
-            model = self.actor.engine if self.cfg.strategy.zero_stage == 3 else self.actor.module
-        return sample(model, ids, mask,
-                      max_new_tokens=self.cfg.response_length, eos_token_id=self.eos_id,
-                      pad_token_id=self.pad_id,
-                      temperature=self.cfg.temperature if temperature is None else temperature,
-                      top_k=self.cfg.top_k, top_p=self.cfg.top_p,
-                      generator=self.sample_rng if generator is None else generator)
+        """Sample responses to left-padded prompts (B, P) with ``model`` (default: the policy
+        being trained; an engine or a module). Under ZeRO-3 the weights are gathered once for
+        the whole call unless ``ds3_gather_for_generation`` is off (see
+        :meth:`DeepSpeedStrategy.generation_model`); below it the plain module is called."""
+        with self.strategy.generation_model(self.actor.engine if model is None else model,
+                                            gather=self.cfg.ds3_gather_for_generation) as m:
+            return sample(m, ids, mask,
+                          max_new_tokens=self.cfg.response_length, eos_token_id=self.eos_id,
+                          pad_token_id=self.pad_id,
+                          temperature=self.cfg.temperature if temperature is None else temperature,
+                          top_k=self.cfg.top_k, top_p=self.cfg.top_p,
+                          generator=self.sample_rng if generator is None else generator)
 
     def decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(responses.masked_fill(~mask, self.pad_id),
@@ -923,9 +939,7 @@ class PPOTrainer:
         for start in range(0, n_local, cfg.rollout_batch_size):
             idx = chosen[start:start + cfg.rollout_batch_size]
             ids, mask = pad_sequences([self.prompt_ids[i] for i in idx], self.pad_id, side="left")
-            gen = sample(self.ref, ids, mask, max_new_tokens=cfg.response_length,
-                         eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=rng)
+            gen = self.generate(ids, mask, model=self.ref, generator=rng)
             raw, _ = self.raw_scores([self.prompts[i] for i in idx], gen)
             scores.append(raw)
         s = torch.cat(scores).double()

@@ -175,10 +175,11 @@ class RewardTrainer(SupervisedTrainer):
         s.setup_distributed()
         s.set_seed()
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        model = build_scorer_from_causal_lm(
-            cfg.model_name_or_path, pad_token_id=self.tokenizer.pad_token_id,
-            trust_remote_code=cfg.trust_remote_code, seed=cfg.strategy.seed,
-        )
+        with s.partitioned_loading():  # ZeRO-3: each rank allocates only its shards
+            model = build_scorer_from_causal_lm(
+                cfg.model_name_or_path, pad_token_id=self.tokenizer.pad_token_id,
+                trust_remote_code=cfg.trust_remote_code, seed=cfg.strategy.seed,
+            )
         self.train_data, self.eval_data = self._encode(train_rows), self._encode(eval_rows)
         self.prepare(model)
 

@@ -181,7 +181,8 @@ class SFTTrainer(SupervisedTrainer):
         s.set_seed()
         source = self._model_source(train_rows)
         self.tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
-        model = load_causal_lm(source, trust_remote_code=cfg.trust_remote_code)
+        with s.partitioned_loading():  # ZeRO-3: each rank allocates only its shards
+            model = load_causal_lm(source, trust_remote_code=cfg.trust_remote_code)
         self.train_data, self.eval_data = self._encode(train_rows), self._encode(eval_rows)
         self.prepare(model)
 

@@ -17,6 +17,8 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ppo_core.config import ConfigError
-from ppo_core.models import unwrap
+from ppo_core.models import is_partitioned, unwrap
 
 if not torch.cuda.is_available():
     # DeepSpeed picks its accelerator at first use; without CUDA it must be told "cpu" or it
@@ -286,7 +288,9 @@ class DeepSpeedStrategy:
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+            # a ZeRO-3 partitioned parameter is a flat shard locally; ds_shape is its real shape
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (no_decay if ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 
@@ -325,7 +329,7 @@ class DeepSpeedStrategy:
         on the device (no DeepSpeed overhead for a model that never steps)."""
         model.requires_grad_(False)
         model.eval()
-        if self.cfg.bf16:
+        if self.cfg.bf16 and not is_partitioned(model):  # zero.Init created them in bf16
             model = model.to(torch.bfloat16)
         if self.cfg.zero_stage != 3:
             return model.to(self.device)
@@ -337,6 +341,84 @@ class DeepSpeedStrategy:
         )
         engine.eval()
         return engine
+
+    @contextmanager
+    def partitioned_loading(self) -> Iterator[None]:
+        """Models loaded (``from_pretrained``) or built (``from_config``) inside come out
+        ZeRO-3-partitioned under stage 3: each rank allocates only its shard of every weight,
+        instead of the whole model that ``deepspeed.initialize`` would partition afterwards.
+        A no-op below stage 3.
+
+        This is transformers' "non-Trainer DeepSpeed integration": an ``HfDeepSpeedConfig``
+        that is alive while the model is created makes ``is_deepspeed_zero3_enabled()`` true,
+        and ``from_pretrained`` / ``from_config`` then construct the model inside
+        ``deepspeed.zero.Init`` and load the checkpoint shard by shard. transformers keeps
+        only a weak reference to the object (``transformers.integrations.deepspeed``), so it
+        must be held for as long as models are loaded; it is dropped on exit, so code after
+        the context (saving, ``tiny`` models built for a new base) sees no ZeRO-3 state.
+        The partitioning options (``offload_param``, bf16) are :meth:`eval_ds_config`'s, the
+        same as the engines' later.
+        """
+        if self.cfg.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        self.setup_distributed()  # zero.Init partitions over the initialised process group
+        keep_alive = HfDeepSpeedConfig(self.eval_ds_config())
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del keep_alive
+
+    @contextmanager
+    def generation_model(self, model: Any, gather: bool = True) -> Iterator[nn.Module]:
+        """The model to call for a whole rollout's token-by-token generation.
+
+        * Below ZeRO-3: the plain module (weights are whole on every rank; the engine's own
+          per-forward bookkeeping would be paid once per generated token).
+        * ZeRO-3 with ``gather`` (the default): the partitioned weights are all-gathered
+          *once* for the whole context (``deepspeed.zero.GatheredParameters``) and the
+          engine's per-submodule fetch/release hooks are removed while it lasts, so each
+          decode step is a plain local forward (and :mod:`ppo_core.fast_decode` applies).
+          As TRL's ``unwrap_model_for_generation(..., gather_deepspeed3_params=True)``
+          (``trl/models/utils.py``) and DeepSpeed's own
+          ``deepspeed.runtime.zero.unwrap_model_for_generation``. Costs one whole copy of
+          the model per rank for the duration.
+        * ZeRO-3 without ``gather``: the engine itself; every forward of every decoded token
+          all-gathers each layer's weights again (collective: all ranks must step together,
+          see ``sync_ranks`` of :func:`ppo_core.generation.sample`). For models whose full
+          weights do not fit on one rank.
+
+        Every rank must enter and leave it together (the gather and the re-partitioning on
+        exit are collectives).
+        """
+        if self.cfg.zero_stage != 3 or not is_partitioned(model):
+            yield unwrap(model)
+            return
+        if not gather:
+            yield model
+            return
+        import deepspeed
+
+        offload = _zero3_parameter_offload(model)
+        with deepspeed.zero.GatheredParameters(list(unwrap(model).parameters())):
+            # what TRL's remove_hooks does: forget which submodules were mid-forward, then
+            # drop the fetch (pre-forward) / release (post-forward) and backward hooks
+            for p in unwrap(model).parameters():
+                p.ds_active_sub_modules.clear()
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield unwrap(model)
+            finally:
+                # DeepSpeed's unwrap_model_for_generation re-adds them this way (it also
+                # invalidates the recorded prefetch trace, which the generation forwards
+                # would not match anyway)
+                offload._register_deepspeed_module(offload.module)
 
     @staticmethod
     def backward(loss: torch.Tensor, engine: Any) -> None:
@@ -439,6 +521,18 @@ def get_world_size() -> int:
 def is_rank_zero() -> bool:
     """True on the process that logs and writes shared files (callbacks use this)."""
     return get_rank() == 0
+
+
+def _zero3_parameter_offload(engine: Any) -> Any:
+    """The object owning a ZeRO-3 engine's parameter hooks (``DeepSpeedZeRoOffload``): the
+    stage-3 optimizer's ``parameter_offload`` for a trained engine, the engine's optimizer
+    slot itself for a frozen one (DeepSpeed puts a ``DeepSpeedZeRoOffload`` there)."""
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    if offload is None or not hasattr(offload, "forward_hooks"):
+        raise TypeError(f"{type(engine).__name__} is not a ZeRO-3 DeepSpeed engine: no parameter "
+                        "offload hooks to remove for generation")
+    return offload
 
 
 def replace_dir(src: Path, dst: Path) -> None:

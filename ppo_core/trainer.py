@@ -219,7 +219,10 @@ class SupervisedTrainer:
         if reason != "early_stopping":  # the last step's weights are a candidate too
             eval_metrics = self._evaluate_and_track(last)
         kept = self.tracker.best_step if cfg.stopping.keep_best else last
-        if cfg.stopping.keep_best and self.best_dir.is_dir():
+        # rank 0's answer for all: its move_dir can rename best/ before another rank looks, which
+        # would send that rank alone into save_pretrained's ZeRO-3 gather (a hang)
+        has_best = bool(self.strategy.broadcast_object(cfg.stopping.keep_best and self.best_dir.is_dir()))
+        if has_best:
             # best/ holds the kept evaluation's weights (the last step's too when it was the best)
             self.strategy.move_dir(self.best_dir, self.out / "final")
         else:

@@ -3,6 +3,9 @@
 A ``--tiny`` run of ``bench/ppo_vs_trl.py`` in a subprocess writes its JSON report; the test
 checks the report's structure and that every measured number is finite and positive where it
 must be. No timing assertions: speed is what the benchmark reports, not what a test enforces.
+The second scale (``--scale 20m``, issue 13) is checked by its parameter count and FLOP formula
+against hand-computed values, and by a ``--tiny --scale 20m`` run whose stored FLOP accounting
+is recomputed from its token counts.
 """
 
 from __future__ import annotations
@@ -201,3 +204,100 @@ def test_quality_ab_reuses_trl(quality_report: dict, tmp_path: Path) -> None:
     assert ab["gain_diff"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert ab["gain_diff"]["lo"] <= ab["gain_diff"]["mean"] <= ab["gain_diff"]["hi"]
     assert "A/B against ours in" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the second scale (issue 13): --scale 20m, FLOP accounting and parameter counts
+# ---------------------------------------------------------------------------------------------
+
+
+def _llama_params(n_layer: int, width: int, mlp: int, vocab: int) -> tuple[int, int]:
+    """(all parameters, weights in matmuls) of the fixture's Llama causal LM, by hand: per
+    layer q, k, v, o (width^2 each), gate, up, down (width x mlp each) and two RMSNorms; a
+    final norm; the embedding, tied to the LM head (one tensor, but a matmul per token)."""
+    layer_mm = 4 * width * width + 3 * width * mlp
+    total = n_layer * (layer_mm + 2 * width) + width + vocab * width
+    return total, n_layer * layer_mm + vocab * width
+
+
+def test_20m_config_parameter_count() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from bench.common import SCALE_20M, matmul_params, n_params
+    from ppo_core.models import tiny_config
+
+    assert (SCALE_20M.n_layer, SCALE_20M.n_embd, SCALE_20M.n_head) == (6, 512, 8)
+    # the task's byte-level BPE tokenizer has 458 tokens (the toy policy's 583,552 parameters
+    # = 2 x 262,400 + 128 + 458 x 128)
+    vocab = 458
+    config = tiny_config("llama", {"vocab_size": vocab, "tie_word_embeddings": True},
+                         n_layer=SCALE_20M.n_layer, n_embd=SCALE_20M.n_embd,
+                         n_head=SCALE_20M.n_head, n_positions=256)
+    model = AutoModelForCausalLM.from_config(config)
+    # 6 x (4 x 512^2 + 3 x 512 x 2048 + 2 x 512) + 512 + 458 x 512
+    assert n_params(model) == 25_406_976 == _llama_params(6, 512, 2048, vocab)[0]
+    # 6 x (4 x 512^2 + 3 x 512 x 2048) + 458 x 512: the tied LM head counted once, norms not
+    assert matmul_params(model) == 25_400_320 == _llama_params(6, 512, 2048, vocab)[1]
+
+
+def test_ppo_iteration_flops_hand_computed() -> None:
+    from bench.common import ppo_iteration_flops
+
+    # policy 100 matmul weights, critic = reward model 80; 50 real tokens, 4 PPO epochs
+    f = ppo_iteration_flops(100, 80, 80, real_tokens=50, train_tokens=200)
+    assert f["generation"] == 2 * 100 * 50 == 10_000
+    assert f["scoring"] == 2 * (100 + 80 + 80) * 50 == 26_000
+    assert f["training"] == 6 * (100 + 80) * 200 == 216_000
+    assert f["total"] == 252_000
+
+
+@pytest.fixture(scope="module")
+def scale_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "scale.json"
+    proc = run_bench_script([str(SCRIPT), "--tiny", "--scale", "20m", "--out", str(out)],
+                            timeout=600)
+    assert proc.returncode == 0, f"--scale failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    data = json.loads(out.read_text())
+    data["_stdout"] = proc.stdout
+    return data
+
+
+def test_scale_path_rounds_and_flop_accounting(scale_report: dict) -> None:
+    from bench.common import ppo_iteration_flops
+
+    r = scale_report
+    assert r["mode"] == "scale" and r["scale"] == "20m" and "--scale 20m" in r["command"]
+    # --tiny: the 1-layer width-64 model, 2 rounds interleaved (TRL first, then ours first)
+    m = r["models"]
+    assert (m["n_layer"], m["width"], m["mlp"]) == (1, 64, 256)
+    assert (m["policy_params"], m["policy_matmul_params"]) == _llama_params(1, 64, 256, m["vocab"])
+    # the scorer: no LM head, a 64 -> 1 score head
+    assert m["reward_matmul_params"] == 4 * 64 * 64 + 3 * 64 * 256 + 64
+    assert f"policy {m['policy_params']:,} parameters" in r["_stdout"]
+    assert [x["order"] for x in r["rounds"]] == [["trl", "ours"], ["ours", "trl"]]
+    epochs = r["config"]["num_ppo_epochs"]
+    ratios = []
+    for row in r["rounds"]:
+        for side in ("ours", "trl"):
+            run, fl = row[side], row[f"{side}_flops"]
+            assert run["episodes"] == r["config"]["iterations"] * r["config"]["batch_size"]
+            assert "gold_after" not in run  # speed only at this scale
+            # training covers every episode once per PPO epoch; the rest is prompt tokens
+            real = run["train_tokens"] / epochs
+            assert real == int(real) and real - run["generated_tokens"] >= run["episodes"]
+            expect = ppo_iteration_flops(m["policy_matmul_params"], m["reward_matmul_params"],
+                                         m["reward_matmul_params"], real, run["train_tokens"])
+            assert fl["flops"] == pytest.approx(expect)
+            assert fl["gflops"]["total"] == pytest.approx(expect["total"] / run["wall_s"] / 1e9)
+            assert fl["gflops"]["training"] == pytest.approx(
+                expect["training"] / run["training_s"] / 1e9)
+            assert fl["fraction"]["total"] == pytest.approx(
+                fl["gflops"]["total"] / (run["probe_peak_flops"] / 1e9))
+        ratios.append(row["ours"]["episodes_per_s"] / row["trl"]["episodes_per_s"])
+    s = r["summary"]
+    assert s["ratio"]["median"] == pytest.approx(sum(ratios) / 2)  # two rounds
+    assert s["ratio"]["se"] == pytest.approx(abs(ratios[0] - ratios[1]) / 2)
+    assert s["ours"]["episodes_per_s"]["min"] == min(x["ours"]["episodes_per_s"] for x in r["rounds"])
+    for metric in ("episodes/s, median", "share of matmul peak, whole iteration, median",
+                   "share of matmul peak, training phase, median"):
+        assert f"| {metric} |" in r["_stdout"]

@@ -70,8 +70,16 @@ def test_both_sides_ran_on_the_same_data(report: dict) -> None:
 @pytest.mark.parametrize("side", ["ours", "trl"])
 def test_numbers_finite_and_in_range(report: dict, side: str) -> None:
     ev = report["tasks"][TASK]["runs"][0][side]["eval"]
-    for key in ("rm_gold_agreement", "gold_win_rate", "rm_pair_accuracy"):
+    for key in ("rm_gold_agreement", "rm_pair_accuracy"):
         assert 0.0 <= ev[key] <= 1.0, f"{side}.{key} = {ev[key]!r}"
+    # the win rate and the means, recomputed from the per-sample gold scores the report keeps
+    # (the i-th SFT and PPO answers are to the same prompt; a tie counts half)
+    sft, ppo = ev["gold_sft_scores"], ev["gold_ppo_scores"]
+    assert len(sft) == len(ppo) == ev["n_samples"] > 0
+    wins = sum(p > s for p, s in zip(ppo, sft)) + 0.5 * sum(p == s for p, s in zip(ppo, sft))
+    assert ev["gold_win_rate"] == pytest.approx(wins / len(sft))
+    assert ev["gold_sft"] == pytest.approx(sum(sft) / len(sft))
+    assert ev["gold_ppo"] == pytest.approx(sum(ppo) / len(ppo))
     for key in ("gold_sft", "gold_ppo", "gold_gain", "kl_nats_per_response", "kl_per_token"):
         assert isinstance(ev[key], float) and math.isfinite(ev[key]), f"{side}.{key} = {ev[key]!r}"
     assert ev["gold_gain"] == pytest.approx(ev["gold_ppo"] - ev["gold_sft"])
