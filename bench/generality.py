@@ -29,6 +29,7 @@ one line per task and stage.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -468,6 +469,37 @@ def _ppo_stage_settings(path: str) -> dict[str, Any]:
     return {k: stage[k] for k in ("response_length", "temperature") if k in stage}
 
 
+def trl_inputs(split_dir: str, base_dir: str, recipe: TRLRecipe) -> dict[str, Any]:
+    """What TRL's side is a function of: the splits (their folder is named by the data
+    version), the base model's files (sha256) and the recipe."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(base_dir).iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return {"data_version": Path(split_dir).name, "base_sha256": digest.hexdigest(), "recipe": asdict(recipe)}
+
+
+def reusable_trl(report_path: str, task: str, seed: int, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """TRL's side of ``task``/``seed`` from an earlier report when it was computed from the same
+    inputs (:func:`trl_inputs`); None otherwise, and then TRL runs again. TRL's side does not
+    depend on our code, so a change to ours is measured against the same TRL numbers."""
+    if not report_path:
+        return None
+    report = json.loads(Path(report_path).read_text())
+    for run in report.get("tasks", {}).get(task, {}).get("runs", []):
+        if run["seed"] != seed or "eval" not in run.get("trl", {}):
+            continue
+        earlier = run.get("trl_inputs")
+        if earlier is None and Path(run["ours"]["paths"]["base"]).is_dir():  # reports before trl_inputs
+            earlier = trl_inputs(run["ours"]["paths"]["split_dir"], run["ours"]["paths"]["base"],
+                                 TRLRecipe(**run["trl"]["recipe"]))
+        if earlier == inputs:
+            return run["trl"]
+        say(f"[{task} seed {seed}] TRL: {report_path} was computed from other inputs; running TRL again")
+    return None
+
+
 def run_task(task: str, seed: int, args: argparse.Namespace, recipe: TRLRecipe) -> dict[str, Any]:
     root = Path(args.work_dir).resolve() / task / f"seed{seed}"
     if root.exists():
@@ -490,14 +522,22 @@ def run_task(task: str, seed: int, args: argparse.Namespace, recipe: TRLRecipe) 
     result["ours"] = ours
 
     recipe = replace(recipe, **_ppo_stage_settings(ours["paths"]["ppo_stage_config"]))
-    say(f"{tag} TRL: SFT -> RM -> PPO on the same splits and base model (log {root / 'trl.log'})")
-    trl = run_trl(ours["paths"]["split_dir"], ours["paths"]["base"], root / "trl", recipe,
-                  root / "trl.log", args.threads)
-    say(f"{tag} TRL: done in {trl['wall_s']:.0f}s "
-        f"(SFT {trl['stage_s']['sft_s']:.0f}s, RM {trl['stage_s']['rm_s']:.0f}s, PPO {trl['stage_s']['ppo_s']:.0f}s)")
-    result["trl"] = trl
+    result["trl_inputs"] = trl_inputs(ours["paths"]["split_dir"], ours["paths"]["base"], recipe)
+    reused = reusable_trl(args.reuse_trl, task, seed, result["trl_inputs"])
+    if reused is not None:
+        say(f"{tag} TRL: reused from {args.reuse_trl} (same splits, base model and recipe)")
+        result["trl"] = {**reused, "reused_from": args.reuse_trl}
+        sides: tuple[str, ...] = ("ours",)
+    else:
+        say(f"{tag} TRL: SFT -> RM -> PPO on the same splits and base model (log {root / 'trl.log'})")
+        trl = run_trl(ours["paths"]["split_dir"], ours["paths"]["base"], root / "trl", recipe,
+                      root / "trl.log", args.threads)
+        say(f"{tag} TRL: done in {trl['wall_s']:.0f}s "
+            f"(SFT {trl['stage_s']['sft_s']:.0f}s, RM {trl['stage_s']['rm_s']:.0f}s, PPO {trl['stage_s']['ppo_s']:.0f}s)")
+        result["trl"] = trl
+        sides = ("ours", "trl")
 
-    for side in ("ours", "trl"):
+    for side in sides:
         say(f"{tag} evaluating {side}: {settings['max_prompts']} test prompts x "
             f"{settings['samples_per_prompt']} samples, up to {settings['max_new_tokens']} tokens "
             f"(log {root / 'eval.log'})")
@@ -628,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OMP_NUM_THREADS / torch threads for every process (0 = torch's choice)")
     p.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR), help="task data, RLHF_HOMEs, models, logs")
     p.add_argument("--out", default="", help="JSON report")
+    p.add_argument("--reuse-trl", default="", metavar="REPORT",
+                   help="take TRL's side from an earlier --out report where its splits, base model and "
+                        "recipe are the same (TRL runs again where they are not)")
     p.add_argument("--trl-worker", default="", help=argparse.SUPPRESS)
     return p
 

@@ -13,7 +13,9 @@ runs the same arithmetic from the model's own weights:
 It covers decoders laid out like Llama (Llama, Mistral, Qwen2, ...): RMSNorm, rotary
 attention with optional q/k/v biases and grouped KV heads, a gated MLP, no logit soft-capping
 or sliding windows. :func:`supports_fast_decode` checks a model once against its own
-forward (logits to 1e-4, as :func:`ppo_core.packing.supports_packing` does for training);
+forward, in the model's dtype (logits to 1e-4 in float32, to 4 ulps of the dtype in bf16:
+:func:`ppo_core.ppo_utils.verification_tolerance`, as
+:func:`ppo_core.packing.supports_packing` does for training);
 anything else (GPT-2, LoRA-wrapped projections, ZeRO-3 weights that are partitioned at the
 time, i.e. not gathered for generation) keeps the Hugging Face path in
 :func:`ppo_core.generation.sample`.
@@ -32,7 +34,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ppo_core.models import unwrap
-from ppo_core.ppo_utils import position_ids_from_mask
+from ppo_core.ppo_utils import position_ids_from_mask, verification_tolerance
 
 # rope variants whose tables depend only on the position (dynamic / longrope rescale with the
 # running sequence length, so a table built once would differ from the model's own per-step one)
@@ -257,8 +259,12 @@ def fast_decode_problem(model: nn.Module) -> str | None:
     if problem is None:
         level = logging.WARNING
         try:
-            if not _matches_hf(model, inner):
-                problem = "its decode logits differ from the model's own forward by more than 1e-4"
+            dtype = inner.lm_head.weight.dtype
+            tol = verification_tolerance(dtype)
+            diff = _max_difference_from_hf(model, inner, tol)
+            if diff is not None:
+                problem = (f"its decode logits differ from the model's own forward by {diff:.1e}, "
+                           f"more than {tol:.1e} ({dtype})")
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             problem = f"the check raised {type(exc).__name__}: {exc}"
     _VERIFIED[inner] = problem
@@ -287,7 +293,10 @@ def supports_fast_decode(model: nn.Module) -> bool:
     return fast_decode_problem(model) is None
 
 
-def _matches_hf(model: nn.Module, inner: nn.Module) -> bool:
+def _max_difference_from_hf(model: nn.Module, inner: nn.Module, tol: float) -> float | None:
+    """None when three decode steps of two left-padded prompts give the model's own logits to
+    ``tol`` (atol = rtol), else the largest absolute difference. Both run in the model's dtype
+    (a bf16 policy decodes in bf16) and are compared in float32."""
     device = next(inner.parameters()).device
     vocab = int(inner.config.vocab_size)
     ids = (torch.arange(10, device=device).reshape(2, 5) * 7 + 3) % max(vocab - 1, 1) + 1
@@ -300,6 +309,6 @@ def _matches_hf(model: nn.Module, inner: nn.Module) -> bool:
         full_mask = torch.cat([full_mask, torch.ones_like(mask[:, :1])], 1)
         ref = hf.step(new[:, t], pos + t, 5 + t, full_mask).float()
         got = dec.step(new[:, t], pos + t, 5 + t, full_mask).float()
-        if not torch.allclose(got, ref, atol=1e-4, rtol=1e-4):
-            return False
-    return True
+        if not torch.allclose(got, ref, atol=tol, rtol=tol):
+            return float((got - ref).abs().max())
+    return None

@@ -12,7 +12,8 @@ Works with any Hugging Face causal LM that accepts ``position_ids``, ``past_key_
 ZeRO-3 that engine all-gathers the weights at every forward; ``DeepSpeedStrategy.generation_model``
 gathers them once for the whole call instead). For
 Llama-layout models the decode steps skip the module stack altogether
-(:mod:`ppo_core.fast_decode`, verified once per model against its own forward).
+(:mod:`ppo_core.fast_decode`, verified once per model against its own forward, in the
+model's dtype). A bf16 model decodes in bf16; the sampling and the log-probs are float32.
 """
 
 from __future__ import annotations
@@ -177,6 +178,8 @@ def sample(
         del prefill  # the fast decoder copied its cache
         steps = 0
         for t in range(T):
+            # float32 before the temperature, as the trainer's recomputation
+            # (ppo_utils.logprobs_from_logits): a bf16 policy's logits keep 8 bits
             tok, lp = _sample_step(logits.float(), temperature, top_k, top_p, generator)
             tok = tok.masked_fill(finished, pad_token_id)
             at = slice(None) if rows is None else rows

@@ -16,7 +16,7 @@ benchmark's width-128 model rows of 96-160 positions measured fastest, BENCHMARK
 
 Everything here is pure tensor bookkeeping; which model runs it is the caller's business
 (:mod:`ppo_core.ppo`). :func:`supports_packing` checks a model once against its own padded
-forward before any packed forward is trusted.
+forward, in the model's dtype, before any packed forward is trusted.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import nn
 
 from ppo_core.generation import GenerationOutput
 from ppo_core.models import score_head, trunk_of, unwrap
-from ppo_core.ppo_utils import position_ids_from_mask
+from ppo_core.ppo_utils import position_ids_from_mask, verification_tolerance
 
 # attention implementations that take an explicit 4D mask (flash-attention kernels need the
 # variable-length API instead, so models using them keep the padded path)
@@ -265,8 +265,10 @@ def _packing_problem(model: nn.Module, kind: str, pad_token_id: int) -> str | No
     except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
         return f"the packed forward raised {type(exc).__name__}: {exc}"
     got, want = got.cpu(), want.cpu()
-    if got.shape != want.shape or not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+    dtype = next(inner.parameters()).dtype
+    tol = verification_tolerance(dtype)  # 1e-4 in float32; 4 ulps of a bf16 model's dtype
+    if got.shape != want.shape or not torch.allclose(got, want, atol=tol, rtol=tol):
         diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
         return (f"packed outputs differ from the padded forward (max abs difference {diff:.1e}, "
-                f"tolerance 1e-4)")
+                f"tolerance {tol:.1e} for {dtype})")
     return None

@@ -278,8 +278,13 @@ class PPOConfig:
     Single process only; on tiny models one more core does more this way than as a second
     intra-op thread. Off by default: it doubles the cores a run takes"""
     strategy: StrategyConfig = field(default_factory=lambda: StrategyConfig(zero_stage=0))
-    """DeepSpeed options (ZeRO stage, offload, clipping). Stage 0 by default: on one CPU rank
-    ZeRO only adds bookkeeping; use 2 under torchrun (DeepSpeed-Chat's training default)"""
+    """DeepSpeed options (ZeRO stage, offload, clipping, bf16). Stage 0 by default: on one CPU
+    rank ZeRO only adds bookkeeping; use 2 under torchrun (DeepSpeed-Chat's training default).
+    ``bf16: true`` is OpenRLHF's and DeepSpeed-Chat's ``--bf16``: actor and critic are DeepSpeed
+    bf16 engines (bf16 weights, fp32 master copies in the optimizer), the reference, reward and
+    guard models are cast to bf16, and log-probs, entropies, values, scores, rewards and
+    advantages are computed in float32 (logits are upcast before the temperature,
+    :func:`ppo_core.ppo_utils.logprobs_from_logits`). Saved models hold the bf16 weights"""
 
     def __post_init__(self) -> None:
         errors = _validate(self)
@@ -348,8 +353,6 @@ def _validate(cfg: PPOConfig) -> list[str]:
         e.append(f"guard_kl_budget must be > 0 or null, got {cfg.guard_kl_budget}")
     if min(cfg.save_every, cfg.eval_every, cfg.warmup_steps, cfg.keep_last_checkpoints) < 0:
         e.append("save_every, eval_every, warmup_steps and keep_last_checkpoints must be >= 0")
-    if cfg.strategy.bf16:
-        e.append("strategy.bf16 is not supported by PPO on this engine yet: set it to false")
     if cfg.parallel_critic and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         e.append("parallel_critic needs a single process (two threads would issue the actor's "
                  "and the critic's collectives in a different order on each rank): set it to "

@@ -78,20 +78,29 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
     logits (B, T, V), tokens (B, T) -> (B, T). Dividing by the sampling temperature makes the
     log-probs those of the distribution the tokens were actually drawn from (TRL and OpenRLHF
     both do this; without it the PPO ratio compares against the wrong policy).
+
+    Computed in float32 whatever the model's dtype: a bf16 policy (``strategy.bf16``) gives
+    bf16 logits, and bf16 keeps 8 significant bits, so dividing by the temperature or
+    normalising in bf16 would shift log-probs by ~|logit| x 2^-8. OpenRLHF's actor casts its
+    logits to float32 before ``log_probs_from_logits`` divides them for the same reason
+    (``openrlhf/models/actor.py``, PR #634). The sampler (:mod:`ppo_core.generation`) casts
+    before dividing too, so the rollout's old log-probs and these recomputed ones round alike
+    and the ratio exp(new - old) is not bf16-rounded.
     """
+    logits = logits.float()  # before the division: see above
     if temperature != 1.0:
         logits = logits / temperature
-    logits = logits.float()
     # gather-then-logsumexp avoids materialising the full (B, T, V) log-softmax tensor
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T)."""
+    """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T), in float32
+    whatever the logits' dtype (as :func:`logprobs_from_logits`)."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    logits = logits.float()
     logp = F.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
@@ -123,6 +132,19 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     0 for empty rows. Reward models read their score there; PPO puts the score there."""
     positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
     return (positions * mask.to(torch.long)).argmax(-1)
+
+
+def verification_tolerance(dtype: torch.dtype) -> float:
+    """atol = rtol for checking that a faster path (:mod:`ppo_core.fast_decode`, packed
+    forwards in :mod:`ppo_core.packing`) reproduces a model's own forward in ``dtype``.
+
+    1e-4 in float32 (room for another summation order, far below the O(1) logit errors of a
+    wrong mask, rotary table or weight layout that the checks exist to catch). A bf16 model
+    rounds every activation to 8 significant bits, so two correct kernels that sum in another
+    order (a fused q/k/v matmul, GPU GEMMs picking another split) differ by an ulp or more:
+    4 ulps of the dtype (bf16 4 x 2^-7 = 0.031, fp16 0.0039), still far below those errors.
+    """
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

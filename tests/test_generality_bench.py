@@ -102,3 +102,31 @@ def test_cross_check_and_table(report: dict) -> None:
         summary["reward_model_gold_agreement"], abs=1e-6)
     for row in block["table"]:
         assert f"| {row['label']} |" in report["_stdout"]
+
+
+def test_trl_side_reused_only_from_the_same_inputs(tmp_path: Path) -> None:
+    """--reuse-trl takes TRL's side from a report only when splits, base model and recipe match."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from bench.generality import TRLRecipe, reusable_trl, trl_inputs
+
+    split, base = tmp_path / "splits" / "abc123", tmp_path / "base"
+    split.mkdir(parents=True)
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    inputs = trl_inputs(str(split), str(base), TRLRecipe())
+    trl_side = {"eval": {"gold_win_rate": 0.7}, "stage_s": {"sft_s": 1, "rm_s": 1, "ppo_s": 1}}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"tasks": {TASK: {"runs": [
+        {"seed": 0, "trl_inputs": inputs, "trl": trl_side, "ours": {"paths": {}}}]}}}))
+
+    assert reusable_trl(str(report), TASK, 0, inputs) == trl_side
+    assert reusable_trl(str(report), TASK, 1, inputs) is None          # another seed
+    assert reusable_trl(str(report), "style", 0, inputs) is None       # another task
+    assert reusable_trl("", TASK, 0, inputs) is None                   # no report given
+    (base / "model.safetensors").write_bytes(b"other weights")         # another base model
+    assert reusable_trl(str(report), TASK, 0, trl_inputs(str(split), str(base), TRLRecipe())) is None
+    (base / "model.safetensors").write_bytes(b"weights")
+    longer = TRLRecipe(response_length=TRLRecipe().response_length + 1)  # another recipe
+    assert reusable_trl(str(report), TASK, 0, trl_inputs(str(split), str(base), longer)) is None
