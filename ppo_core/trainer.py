@@ -38,13 +38,10 @@ class StoppingConfig:
     ``early_stopping_patience``; 3 = 1.5 epochs at two evaluations per epoch); 0 never stops early"""
     min_delta: float = 0.0
     """smallest improvement that counts, relative to the best value so far (|best| x min_delta;
-    HF's ``early_stopping_threshold`` is the absolute form, default 0, as here). 0 because the
-    SFT eval loss is mostly the data's own entropy: it keeps falling by well under 1% per
-    evaluation while the model still learns what the reward model later builds on. With 1%,
-    SFT stopped after 2.5 of 10 epochs on bench/tasks/style.py and the reward model trained
-    from it agreed with the gold ordering 0.80; from the 10-epoch SFT, 0.91 (the 4-epoch
-    reward-model recipe; BENCHMARKS.md, generality suite). On the
-    bundled task the same change gave 0.83 -> 0.84, on arithmetic SFT already ran ~10 epochs"""
+    HF's ``early_stopping_threshold`` is the absolute form, default 0, as here). A loss that is
+    mostly the data's own entropy falls by well under 1% per evaluation while the model still
+    learns: with 1%, SFT stopped after 2.5 of 10 epochs on bench/tasks/style.py and the reward
+    model trained from it agreed with the gold ordering 0.80, against 0.91 from 10 epochs"""
     metric: str = "eval/loss"
     """evaluation metric that selects the kept weights (HF ``metric_for_best_model`` default: the
     eval loss; for the reward model a smoother signal than accuracy on noisy labels)"""

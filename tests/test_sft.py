@@ -20,7 +20,7 @@ from assets.bundled_task import generate_preferences
 from ppo_core.callbacks import Callback
 from ppo_core.config import ConfigError, from_dict
 from ppo_core.models import ModelLoadError, build_tiny_causal_lm, load_causal_lm, train_tokenizer
-from ppo_core.sft import SFTConfig, main, response_nll, train
+from ppo_core.sft import SFTConfig, main, response_correct, response_nll, train
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +94,24 @@ def test_response_nll_counts_only_response_tokens() -> None:
     # position 1 -> token 3: -log(1/2); position 2 -> token 1: -log(1/6). Without the shift
     # (position i scoring label i) it would be -log(1/6) - log(1/4) = log 24 instead.
     assert math.isclose(float(nll), math.log(2.0) + math.log(6.0), rel_tol=1e-6)
+
+
+def test_response_correct_counts_argmax_hits_on_response_tokens() -> None:
+    # position 1 predicts token 3 (label 3: hit), position 2 predicts 0 (label 1: miss),
+    # position 0 predicts 2 but its target is a prompt token (ignored)
+    logits = torch.zeros(1, 5, 4)
+    logits[0, 0, 2] = logits[0, 1, 3] = logits[0, 2, 0] = 1.0
+    labels = torch.tensor([[-100, 2, 3, 1, -100]])
+    labels[0, 1] = -100
+    assert int(response_correct(logits, labels)) == 1
+    labels[0, 3] = 0  # now position 2's argmax is right too
+    assert int(response_correct(logits, labels)) == 2
+
+
+def test_sft_default_runs_its_epochs_and_ships_the_last_weights() -> None:
+    cfg = SFTConfig(data_dir="d", output_dir="o", model_name_or_path="m")
+    assert cfg.stopping.patience == 0 and not cfg.stopping.keep_best
+    assert (cfg.learning_rate, cfg.lr_scheduler, cfg.warmup_ratio) == (1e-3, "linear", 0.0)
 
 
 def test_sft_smoke_run_writes_final_and_reports(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
