@@ -116,7 +116,8 @@ def test_a_subclass_default_of_a_typed_field_counts_as_set(tmp_path: Path) -> No
     # a subclass's default (1 epoch) is a choice, not the "engine default" sentinel (0)
     assert core_config("reward", OneEpoch(), **paths).num_epochs == 1.0
     assert core_config("reward", OneEpoch(epochs=0), **paths).num_epochs == RewardConfig.num_epochs
-    assert core_config("reward", RoundRewardModelConfig(), **paths).num_epochs == RewardConfig.num_epochs
+    assert core_config("reward", RoundRewardModelConfig(), **paths).num_epochs == 1.0
+    assert core_config("reward", RoundRewardModelConfig(epochs=0), **paths).num_epochs == RewardConfig.num_epochs
     assert core_config("reward", RoundRewardModelConfig(epochs=2.5), **paths).num_epochs == 2.5
 
 
