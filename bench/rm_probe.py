@@ -1,0 +1,183 @@
+"""Reward-model recipe probes on a finished lineage's splits (BENCHMARKS.md, generality suite).
+
+Trains one reward model with a plain PyTorch loop (our recipe: AdamW, LR 5e-4, cosine with 3%
+warmup, batch 32, 4 epochs, head std 1/sqrt(h+1)) from an SFT model on ``rm_train.parquet`` and
+prints, twice per epoch, the eval-split loss and accuracy and the gold-order agreement on
+``test_pairs.parquet``; the last line is a JSON summary (agreement at the best eval loss and at
+the end). Options change one thing at a time: ``--pool sum|mean`` (score pooled over the
+response instead of the last token), ``--lm-coef`` (an LM loss on the chosen response),
+``--gold-labels`` (training pairs put in gold order), ``--extra N`` (N more generated pairs),
+``--all-pairs`` (the held-out RM's pairs too), ``--sft DIR`` (another SFT start).
+
+    .venv/bin/python bench/rm_probe.py --home RLHF_HOME --task constraints [--pool sum]
+
+``--task`` is a generality task name or a gold scorer ``module:function``.
+"""
+import argparse, glob, importlib, json, math, sys, time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import get_cosine_schedule_with_warmup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ppo_core.data import encode_prompt, encode_prompt_response, pad_sequences
+from ppo_core.models import build_scorer_from_causal_lm, load_tokenizer, trunk_of, score_head
+
+
+p = argparse.ArgumentParser()
+p.add_argument("--home", required=True)
+p.add_argument("--task", required=True)
+p.add_argument("--pool", default="last")
+p.add_argument("--all-pairs", action="store_true")
+p.add_argument("--epochs", type=float, default=4)
+p.add_argument("--lr", type=float, default=5e-4)
+p.add_argument("--seed", type=int, default=42)
+p.add_argument("--sft", default="")
+p.add_argument("--extra", type=int, default=0)
+p.add_argument("--train-file", default="rm_train.parquet")
+p.add_argument("--lm-coef", type=float, default=0.0)
+p.add_argument("--gold-labels", action="store_true")
+args = p.parse_args()
+torch.set_num_threads(1)
+home = Path(args.home)
+split = Path(glob.glob(str(home / "data/splits/*/manifest.json"))[0]).parent
+sft = args.sft or glob.glob(str(home / "models/sft_model/*/final"))[0]
+if ":" in args.task:
+    _m, _f = args.task.split(":")
+    gold = getattr(importlib.import_module(_m), _f)
+else:
+    gold = getattr(importlib.import_module(f"bench.tasks.{args.task}"), "gold_score_batch")
+tok = load_tokenizer(sft)
+train = pd.read_parquet(split / args.train_file)
+if args.all_pairs:
+    train = pd.concat([train, pd.read_parquet(split / "rm_heldout.parquet")], ignore_index=True)
+if args.extra:
+    gen = importlib.import_module(f"bench.tasks.{args.task}").generate_pairs(args.extra, seed=99)
+    train = pd.concat([train, gen[["prompt", "chosen", "rejected"]]], ignore_index=True)
+if args.gold_labels:
+    _g = getattr(importlib.import_module(f"bench.tasks.{args.task}"), "gold_score_batch")
+    gc, gr = _g(train.prompt.tolist(), train.chosen.tolist()), _g(train.prompt.tolist(), train.rejected.tolist())
+    flip = [a < b for a, b in zip(gc, gr)]
+    c2 = [r if f else c for c, r, f in zip(train.chosen, train.rejected, flip)]
+    r2 = [c if f else r for c, r, f in zip(train.chosen, train.rejected, flip)]
+    train = train.assign(chosen=c2, rejected=r2)
+print("train pairs", len(train), flush=True)
+ev = pd.read_parquet(split / "rm_eval.parquet")
+test = pd.read_parquet(split / "test_pairs.parquet")
+
+
+def enc(df):
+    out = []
+    for r in df.itertuples():
+        pl = len(encode_prompt(tok, r.prompt))
+        c = encode_prompt_response(tok, r.prompt, r.chosen, 128).input_ids
+        j = encode_prompt_response(tok, r.prompt, r.rejected, 128).input_ids
+        out.append((c, j, pl))
+    return out
+
+
+tr, evd, ted = enc(train), enc(ev), enc(test)
+g_c = gold(test.prompt.tolist(), test.chosen.tolist())
+g_r = gold(test.prompt.tolist(), test.rejected.tolist())
+if args.lm_coef > 0:
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(sft)
+    hsz = model.config.hidden_size
+    model.score = torch.nn.Linear(hsz, 1)
+    torch.nn.init.normal_(model.score.weight, std=1.0 / (hsz + 1) ** 0.5); torch.nn.init.zeros_(model.score.bias)
+    trunk, head = model.model, model.score
+else:
+    model = build_scorer_from_causal_lm(sft, pad_token_id=tok.pad_token_id, seed=args.seed)
+    trunk, head = trunk_of(model), score_head(model)
+LM = {}
+model.train()
+
+
+def scores(batch):
+    seqs = [b[0] for b in batch] + [b[1] for b in batch]
+    pls = [b[2] for b in batch] * 2
+    ids, mask = pad_sequences(seqs, tok.pad_token_id)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    h = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    v = head(h).squeeze(-1)  # (2b, t)
+    if args.lm_coef > 0 and model.training:
+        b = len(batch)
+        logits = model.lm_head(h[:b, :-1])
+        tgt = ids[:b, 1:].clone()
+        t_ = torch.arange(1, ids.shape[1])[None]
+        keep = (t_ >= torch.tensor(pls[:b])[:, None]) & mask[:b, 1:].bool()
+        tgt[~keep] = -100
+        LM["loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+    if args.pool == "last":
+        idx = mask.sum(1) - 1
+        s = v.gather(1, idx[:, None]).squeeze(1)
+    else:
+        t = torch.arange(ids.shape[1])[None]
+        resp = (t >= torch.tensor(pls)[:, None]) & mask.bool()
+        s = (v * resp).sum(1)
+        if args.pool == "mean":
+            s = s / resp.sum(1)
+        elif args.pool == "sumlast":
+            idx = mask.sum(1) - 1
+            s = s + v.gather(1, idx[:, None]).squeeze(1)
+    b = len(batch)
+    return s[:b], s[b:]
+
+
+@torch.no_grad()
+def evaluate(data):
+    model.eval()
+    cs, rs = [], []
+    for i in range(0, len(data), 64):
+        c, r = scores(data[i:i + 64]); cs.append(c); rs.append(r)
+    model.train()
+    return torch.cat(cs), torch.cat(rs)
+
+
+def agreement(c, r):
+    n = ok = 0
+    for a, b, ga, gb in zip(c.tolist(), r.tolist(), g_c, g_r):
+        if ga == gb:
+            continue
+        n += 1
+        ok += (a > b) == (ga > gb)
+    return ok / n
+
+
+bs = 32
+steps_per_epoch = len(tr) // bs
+total = int(steps_per_epoch * args.epochs)
+opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+sched = get_cosine_schedule_with_warmup(opt, int(0.03 * total), total)
+g = torch.Generator().manual_seed(args.seed)
+best = (float("inf"), None)
+hist = []
+t0 = time.time()
+step = 0
+for ep in range(math.ceil(args.epochs)):
+    perm = torch.randperm(len(tr), generator=g).tolist()
+    for k in range(steps_per_epoch):
+        if step >= total:
+            break
+        batch = [tr[i] for i in perm[k * bs:(k + 1) * bs]]
+        c, r = scores(batch)
+        loss = -F.logsigmoid(c - r).mean()
+        if args.lm_coef > 0:
+            loss = loss + args.lm_coef * LM["loss"]
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step(); step += 1
+        if step % max(1, steps_per_epoch // 2) == 0 or step == total:
+            c, r = evaluate(evd)
+            el = float(-F.logsigmoid(c - r).mean()); ea = float((c > r).float().mean())
+            tc, trr = evaluate(ted)
+            ag = agreement(tc, trr)
+            hist.append((step, round(el, 4), round(ea, 3), round(ag, 3)))
+            print(f"step {step} eval_loss {el:.4f} eval_acc {ea:.3f} gold_agree {ag:.3f} ({time.time()-t0:.0f}s)", flush=True)
+            if el < best[0]:
+                best = (el, (step, ag))
+print(json.dumps({"lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed,
+                  "best_step": best[1][0], "gold_agree_at_best": best[1][1], "final": hist[-1][3]}))
