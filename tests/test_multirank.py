@@ -78,10 +78,9 @@ def kill_one_rank_at_first_checkpoint(checkpoints: Callable[[], Path | None], ki
 def _materialize(selection: object, ops: Callable[[str], bool], home: Path,
                  instance: dg.DagsterInstance) -> dg.ExecuteInJobResult:
     """The tests' local resources (launcher at its 1-rank default), 2 ranks by run config."""
-    from test_model_assets import lineage_assets, local_resources
+    from test_resume import materialize_lineage
 
-    return dg.materialize(lineage_assets(), selection=selection, instance=instance,
-                          resources=local_resources(home), run_config=two_rank_run_config(ops))
+    return materialize_lineage(selection, two_rank_run_config(ops), home, instance)
 
 
 def test_two_ranks_zero3_lineage_and_resume(rlhf_home: Path) -> None:

@@ -153,12 +153,18 @@ def kill_at_first_checkpoint(ppo_root: Path, skip: Path, killed: dict, stop: thr
         time.sleep(0.05)
 
 
-def _materialize(selection: object, ops: Callable[[str], bool], home: Path,
-                 instance: dg.DagsterInstance) -> dg.ExecuteInJobResult:
+def materialize_lineage(selection: object, run_config: dict, home: Path,
+                        instance: dg.DagsterInstance) -> dg.ExecuteInJobResult:
+    """``selection`` of the lineage with the tests' local resources and ``run_config``."""
     from test_model_assets import lineage_assets, local_resources
 
     return dg.materialize(lineage_assets(), selection=selection, instance=instance,
-                          resources=local_resources(home), run_config=resume_run_config(ops))
+                          resources=local_resources(home), run_config=run_config)
+
+
+def _materialize(selection: object, ops: Callable[[str], bool], home: Path,
+                 instance: dg.DagsterInstance) -> dg.ExecuteInJobResult:
+    return materialize_lineage(selection, resume_run_config(ops), home, instance)
 
 
 def test_killed_ppo_step_resumes_from_its_checkpoint(rlhf_home: Path) -> None:
