@@ -1,7 +1,8 @@
 """``evaluation_report``: SFT against PPO on held-out prompts, and the ``ppo_beats_sft`` gate.
 
 Both policies answer every prompt of ``test_prompts.parquet`` (sampled, same seed). Each
-answer is scored by the reward model, by the gold scorer when the data has one, against the
+answer is scored by the reward model, by the held-out reward model (trained on pairs PPO never
+saw, the guard's signal), by the gold scorer when the data has one, against the
 ``chosen`` response of ``test_pairs.parquet`` (ROUGE-L F1), and by length and whether it ended
 with EOS. KL to the reference is the per-token mean of ``logp_ppo - logp_sft`` on PPO's own
 samples (SFT is PPO's reference policy), the same estimator PPO's KL penalty uses
@@ -28,7 +29,7 @@ from pipelines.resources import MLflowResource
 
 BUNDLED_GOLD_SCORER = "assets.bundled_task:gold_score_batch"
 # Bumped by hand when a change here changes the report for the same inputs (see assets/data.py).
-EVALUATION_REPORT_VERSION = "2"
+EVALUATION_REPORT_VERSION = "3"
 GoldScorer = Callable[[list[str], list[str]], list[float]]
 
 
@@ -91,6 +92,7 @@ def policy_metrics(
     ended: Sequence[bool],
     references: Sequence[str | None],
     gold: Sequence[float] | None,
+    heldout: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """Headline numbers of one policy's answers."""
     refs = [(r, ref) for r, ref in zip(responses, references) if ref is not None]
@@ -100,16 +102,19 @@ def policy_metrics(
         "ended_eos_frac": mean([1.0 if e else 0.0 for e in ended]),
         "rouge_l_mean": mean([rouge_l(r, ref) for r, ref in refs]) if refs else float("nan"),
     }
+    if heldout is not None:
+        out["heldout_score_mean"] = mean(heldout)
     if gold is not None:
         out["gold_mean"] = mean(gold)
     return out
 
 
 def compare(sft: dict[str, list], ppo: dict[str, list]) -> dict[str, float]:
-    """PPO-against-SFT win rates (by RM score and, when present, by gold score)."""
+    """PPO-against-SFT win rates: by RM score and, when present, by held-out RM and gold score."""
     out = {"win_rate_rm": win_rate(ppo["rm"], sft["rm"])}
-    if ppo.get("gold") is not None and sft.get("gold") is not None:
-        out["win_rate_gold"] = win_rate(ppo["gold"], sft["gold"])
+    for key in ("heldout", "gold"):
+        if ppo.get(key) is not None and sft.get(key) is not None:
+            out[f"win_rate_{key}"] = win_rate(ppo[key], sft[key])
     return out
 
 
@@ -120,7 +125,8 @@ def samples_markdown(df: pd.DataFrame, n: int) -> str:
         text = text.replace("|", "\\|").replace("\n", " ")
         return text if len(text) <= 120 else text[:117] + "..."
 
-    cols = [c for c in ("prompt", "sft_response", "ppo_response", "sft_rm", "ppo_rm", "sft_gold", "ppo_gold")
+    cols = [c for c in ("prompt", "sft_response", "ppo_response", "sft_rm", "ppo_rm", "sft_heldout", "ppo_heldout",
+                        "sft_gold", "ppo_gold")
             if c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(row[c]) for c in cols) + " |" for _, row in df.head(n).iterrows()]
@@ -320,8 +326,9 @@ def _model_dir(manifest: dict, asset: str) -> str:
 
 def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: EvaluationConfig,
              out_dir: Path, data_source: str | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole comparison; writes ``report.json`` and ``samples.parquet`` under ``out_dir``."""
+             log: Callable[[str], None] = print, heldout_rm_dir: str | None = None) -> dict[str, Any]:
+    """Run the whole comparison; writes ``report.json`` and ``samples.parquet`` under ``out_dir``.
+    ``heldout_rm_dir``: the held-out reward model, scored beside the reward model (None: skipped)."""
     prompts_df = _read_split(splits, "test_prompts.parquet")
     pairs = _read_split(splits, "test_pairs.parquet")
     prompts = [str(p) for p in prompts_df["prompt"].tolist()]
@@ -341,6 +348,7 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
         gen = generate(model_dir, prompts, cfg)
         log(f"evaluation: scoring {name} answers with the reward model")
         gen["rm"] = rm_scores(rm_dir, prompts, gen["ids"], cfg.batch_size)
+        gen["heldout"] = rm_scores(heldout_rm_dir, prompts, gen["ids"], cfg.batch_size) if heldout_rm_dir else None
         gen["gold"] = [float(x) for x in scorer(prompts, gen["responses"])] if scorer else None
         if gen["gold"] is not None and len(gen["gold"]) != len(prompts):
             raise ValueError(f"gold_scorer {scorer_spec}: returned {len(gen['gold'])} scores for "
@@ -354,7 +362,8 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
 
     metrics: dict[str, float] = {}
     for name, gen in per.items():
-        pm = policy_metrics(gen["responses"], gen["rm"], gen["lengths"], gen["ended"], refs, gen["gold"])
+        pm = policy_metrics(gen["responses"], gen["rm"], gen["lengths"], gen["ended"], refs, gen["gold"],
+                            gen["heldout"])
         metrics.update({f"{name}/{k}": v for k, v in pm.items()})
     metrics.update(compare(per["sft"], per["ppo"]))
     metrics["ppo/kl_to_ref"] = kl_per_token(lp_ppo, lp_ref)
@@ -369,13 +378,15 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
         "sft_rm": per["sft"]["rm"], "ppo_rm": per["ppo"]["rm"],
         "sft_ended_eos": per["sft"]["ended"], "ppo_ended_eos": per["ppo"]["ended"],
     })
+    if heldout_rm_dir:
+        samples["sft_heldout"], samples["ppo_heldout"] = per["sft"]["heldout"], per["ppo"]["heldout"]
     if scorer:
         samples["sft_gold"], samples["ppo_gold"] = per["sft"]["gold"], per["ppo"]["gold"]
     out_dir.mkdir(parents=True, exist_ok=True)
     samples.to_parquet(out_dir / "samples.parquet", index=False)
     report = {
         "metrics": metrics, "gold_scorer": scorer_spec, "data_version": splits.get("data_version"),
-        "sft_model": sft_dir, "ppo_model": ppo_dir, "reward_model": rm_dir,
+        "sft_model": sft_dir, "ppo_model": ppo_dir, "reward_model": rm_dir, "heldout_reward_model": heldout_rm_dir,
         "config": cfg.model_dump(), "samples_path": str(out_dir / "samples.parquet"),
     }
     # NaN is not JSON: a metric that does not apply (no gold scorer) is written as null.
@@ -398,6 +409,7 @@ def evaluation_report(
     dataset_splits: dict,
     sft_model: dict,
     reward_model: dict,
+    heldout_reward_model: dict,
     ppo_policy: dict,
 ) -> dg.MaterializeResult:
     out_dir = settings.models_root() / "evaluation_report" / context.run.run_id
@@ -406,13 +418,15 @@ def evaluation_report(
         run_id = run.info.run_id
         mlflow.log_params(run_id, {"eval": config.model_dump(), "sft_model": sft_model.get("model_path"),
                                    "ppo_model": ppo_policy.get("model_path"),
-                                   "reward_model": reward_model.get("model_path")})
+                                   "reward_model": reward_model.get("model_path"),
+                                   "heldout_reward_model": heldout_reward_model.get("model_path")})
         test_set, test_pairs = split_inputs(dataset_splits, {"test_prompts": EVAL, "test_pairs": EVAL})
         log_datasets(mlflow.client(), run_id, [test_set, test_pairs])
         result = evaluate(
             dataset_splits, _model_dir(sft_model, "sft_model"), _model_dir(ppo_policy, "ppo_policy"),
             _model_dir(reward_model, "reward_model"), config, out_dir,
             data_source=raw_preferences.get("source"), log=context.log.info,
+            heldout_rm_dir=heldout_reward_model.get("model_path") or None,
         )
         metrics = result["report"]["metrics"]  # json-safe: None where a metric does not apply
         _log_report_metrics(mlflow, run_id, {k: v for k, v in metrics.items() if v is not None},
@@ -482,17 +496,21 @@ def _guard_section(ppo_policy: dict, scorer_spec: str | None, out_dir: Path) -> 
 
 class PPOBeatsSFTConfig(dg.Config):
     min_win_rate: float = Field(
-        default=0.5, description="PPO's win rate over SFT must reach this (gold when present, else RM)."
+        default=0.5, description="PPO's win rate over SFT must reach this (by gold when the data has a gold "
+        "scorer, else by the held-out reward model, else by the reward model)."
     )
 
 
 def ppo_beats_sft_result(metrics: dict[str, float | None], min_win_rate: float) -> dg.AssetCheckResult:
     """Pass when PPO's mean score is above SFT's and its win rate reaches ``min_win_rate``.
 
-    Gold scores decide when the data has a gold scorer; otherwise the reward model does.
+    Gold scores decide when the data has a gold scorer. Otherwise the held-out reward model
+    does: PPO never optimised it, while it drove the reward model's score up whether or not the
+    policy got better. Only without a held-out reward model (``heldout_fraction`` 0) does the
+    reward model itself decide.
     """
-    basis = "gold" if metrics.get("win_rate_gold") is not None else "rm"
-    key = "gold_mean" if basis == "gold" else "rm_score_mean"
+    basis = next((b for b in ("gold", "heldout") if metrics.get(f"win_rate_{b}") is not None), "rm")
+    key = {"gold": "gold_mean", "heldout": "heldout_score_mean", "rm": "rm_score_mean"}[basis]
     ppo, sft = metrics.get(f"ppo/{key}"), metrics.get(f"sft/{key}")
     rate = metrics.get(f"win_rate_{basis}")
     if ppo is None or sft is None or rate is None:

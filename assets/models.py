@@ -60,7 +60,7 @@ BUILT_SIZES = ("auto", "tiny", "small")
 # (or to the shared trainer / strategy) changes the weights it produces for the same inputs.
 BASE_MODEL_VERSION = "1"
 SFT_MODEL_VERSION = "1"
-REWARD_MODEL_VERSION = "1"  # reward_model and heldout_reward_model (same engine)
+REWARD_MODEL_VERSION = "2"  # reward_model and heldout_reward_model (same engine)
 PPO_POLICY_VERSION = "1"
 
 
@@ -139,7 +139,16 @@ class SFTModelConfig(SupervisedStageConfig):
     """sft_model: maps onto ``ppo_core.sft.SFTConfig``."""
 
 
-class RewardModelConfig(SupervisedStageConfig):
+class RewardStageConfig(SupervisedStageConfig):
+    """The typed fields of both reward models."""
+
+    mismatched_negatives: Optional[float] = Field(
+        default=None, description="Extra training pairs, as a fraction of the real ones, that prefer a "
+        "prompt's chosen response over another prompt's chosen response (a response must answer its own "
+        "prompt); None keeps the engine default (0.5), 0 turns them off.")
+
+
+class RewardModelConfig(RewardStageConfig):
     """reward_model: maps onto ``ppo_core.reward.RewardConfig``."""
 
 
@@ -184,7 +193,7 @@ _SUPERVISED = {**_COMMON, "steps": "max_steps", "seed": "strategy.seed", "max_se
                "max_length": "max_length"}
 FIELD_MAP: dict[str, dict[str, str]] = {
     "sft": _SUPERVISED,
-    "reward": _SUPERVISED,
+    "reward": {**_SUPERVISED, "mismatched_negatives": "mismatched_negatives"},
     "ppo": {**_COMMON, "steps": "num_steps", "seed": "seed", "max_seconds": "max_seconds",
             "kl_coef": "kl_coef", "kl_target": "kl_target", "response_length": "response_length",
             "temperature": "temperature", "rollout_batch_size": "rollout_batch_size",
@@ -612,7 +621,7 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, m
     )
 
 
-class HeldoutRewardModelConfig(SupervisedStageConfig):
+class HeldoutRewardModelConfig(RewardStageConfig):
     """heldout_reward_model: maps onto ``ppo_core.reward.RewardConfig`` (``train_file`` = rm_heldout)."""
 
 

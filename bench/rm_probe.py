@@ -39,6 +39,8 @@ p.add_argument("--extra", type=int, default=0)
 p.add_argument("--train-file", default="rm_train.parquet")
 p.add_argument("--lm-coef", type=float, default=0.0)
 p.add_argument("--gold-labels", action="store_true")
+p.add_argument("--mismatch", type=float, default=0.0)
+p.add_argument("--save", default="", help="save the final reward model here (save_pretrained)")
 args = p.parse_args()
 torch.set_num_threads(1)
 home = Path(args.home)
@@ -79,6 +81,19 @@ def enc(df):
 
 
 tr, evd, ted = enc(train), enc(ev), enc(test)
+if args.mismatch > 0:
+    # (prompt, its chosen) over (prompt, another prompt's chosen)
+    rng = torch.Generator().manual_seed(args.seed + 1)
+    n_add = int(args.mismatch * len(train))
+    rows = torch.randint(len(train), (n_add,), generator=rng).tolist()
+    others = torch.randint(len(train), (n_add,), generator=rng).tolist()
+    P, C = train.prompt.tolist(), train.chosen.tolist()
+    for i, j in zip(rows, others):
+        if P[i] == P[j] or C[i] == C[j]:
+            continue
+        tr.append((encode_prompt_response(tok, P[i], C[i], 128).input_ids,
+                   encode_prompt_response(tok, P[i], C[j], 128).input_ids, len(encode_prompt(tok, P[i]))))
+    print("train pairs with mismatched negatives", len(tr), flush=True)
 g_c = gold(test.prompt.tolist(), test.chosen.tolist())
 g_r = gold(test.prompt.tolist(), test.rejected.tolist())
 if args.lm_coef > 0:
@@ -179,5 +194,7 @@ for ep in range(math.ceil(args.epochs)):
             print(f"step {step} eval_loss {el:.4f} eval_acc {ea:.3f} gold_agree {ag:.3f} ({time.time()-t0:.0f}s)", flush=True)
             if el < best[0]:
                 best = (el, (step, ag))
-print(json.dumps({"lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed,
+print(json.dumps({"lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed,
                   "best_step": best[1][0], "gold_agree_at_best": best[1][1], "final": hist[-1][3]}))
+if args.save:
+    model.save_pretrained(args.save); tok.save_pretrained(args.save)

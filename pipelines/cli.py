@@ -154,6 +154,7 @@ def build_summary(
         "gold_reward_ppo": _num(metrics.get("ppo/gold_mean")),
         "gold_win_rate": _num(metrics.get("win_rate_gold")),
         "rm_win_rate": _num(metrics.get("win_rate_rm")),
+        "heldout_win_rate": _num(metrics.get("win_rate_heldout")),
         "kl_to_sft": _num(metrics.get("ppo/kl_to_ref")),
         "kl_to_sft_per_response": _num(metrics.get("ppo/kl_to_ref_per_response")),
         "ppo_kept_step": _num(ppo.get("summary", {}).get("kept_step")),
@@ -199,6 +200,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{fmt(summary['gold_reward_sft'])} -> {fmt(summary['gold_reward_ppo'])}",
         f"  gold win rate PPO vs SFT               : {fmt(summary['gold_win_rate'])}",
         f"  RM win rate PPO vs SFT                 : {fmt(summary['rm_win_rate'])}",
+        f"  held-out RM win rate PPO vs SFT        : {fmt(summary.get('heldout_win_rate'))}",
         f"  KL(PPO || SFT) held-out, per response  : {fmt(summary.get('kl_to_sft_per_response'))} nats "
         f"({fmt(summary['kl_to_sft'])} per token)",
         f"  PPO step kept by the guard             : {fmt(summary.get('ppo_kept_step'))} "

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -90,6 +91,13 @@ class RewardConfig:
     """Fraction of steps of linear warmup (OpenRLHF's default 0.03)."""
     use_margin: bool = True
     """Subtract the data's ``margin`` column inside the sigmoid (Llama 2) when the column exists."""
+    mismatched_negatives: float = 0.5
+    """Extra training pairs, as a fraction of the real ones: ``(prompt, its chosen)`` preferred over
+    ``(prompt, the chosen response of another prompt)``. They teach that a response must answer its
+    own prompt, which pairwise labels on two answers to the same prompt teach slowly. Gold-order
+    agreement on test pairs (bench/rm_probe.py, 6,000 pairs, 0 -> 0.5): arithmetic 0.755 -> 0.809,
+    constraints 0.734 -> 0.735, style 0.947 -> 0.926 (1.0: 0.936), bundled 0.811 -> 0.808 (1.0).
+    0 turns them off; the eval split never gets them, so early stopping sees real pairs only."""
     center_coef: float = 0.0
     """Reward-centering auxiliary loss coefficient on (r_c + r_r)^2; Eisenstein et al. use 0.01.
     0 disables it."""
@@ -132,6 +140,8 @@ class RewardConfig:
             raise ConfigError("set num_epochs > 0 or max_steps > 0")
         if self.center_coef < 0:
             raise ConfigError(f"center_coef={self.center_coef} must be >= 0")
+        if self.mismatched_negatives < 0:
+            raise ConfigError(f"mismatched_negatives={self.mismatched_negatives} must be >= 0")
 
 
 def bradley_terry_loss(
@@ -145,6 +155,33 @@ def bradley_terry_loss(
     if center_coef:
         loss = loss + center_coef * (chosen + rejected) ** 2
     return loss
+
+
+def mismatched_pairs(rows: list[dict[str, Any]], fraction: float, seed: int) -> list[dict[str, Any]]:
+    """``round(fraction * len(rows))`` pairs ``(prompt_i, chosen_i) > (prompt_i, chosen_j)``.
+
+    ``i`` runs over a seeded permutation of the rows (repeating it when ``fraction`` > 1) and
+    ``j`` is the row ``offset`` places on in a second permutation; a ``j`` with the same prompt or
+    the same chosen text as ``i`` is passed over for the next one, so every pair is a real
+    mismatch. Rows with fewer than two distinct prompts give none. Margins are 0.
+    """
+    n_out = round(fraction * len(rows))
+    if n_out == 0 or len({r["prompt"] for r in rows}) < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, Any]] = []
+    while len(out) < n_out:
+        first, second = rng.permutation(len(rows)), rng.permutation(len(rows))
+        for k, i in enumerate(first[: n_out - len(out)]):
+            a = rows[i]
+            for step in range(len(rows)):
+                b = rows[second[(k + step) % len(rows)]]
+                if b["prompt"] != a["prompt"] and b["chosen"] != a["chosen"]:
+                    break
+            else:  # every other row shares this prompt or chosen text
+                continue
+            out.append({"prompt": a["prompt"], "chosen": a["chosen"], "rejected": b["chosen"], "margin": 0.0})
+    return out
 
 
 class RewardTrainer(SupervisedTrainer):
@@ -172,6 +209,9 @@ class RewardTrainer(SupervisedTrainer):
         eval_rows = read_table(data / "rm_eval.parquet", cols, ("margin",), text_columns=cols)
         if cfg.max_eval_examples > 0:
             eval_rows = eval_rows[: cfg.max_eval_examples]
+        extra = mismatched_pairs(train_rows, cfg.mismatched_negatives, cfg.strategy.seed)
+        self.data_counts = {"train_preference_pairs": len(train_rows), "train_mismatched_pairs": len(extra)}
+        train_rows = train_rows + extra
         s.setup_distributed()
         s.set_seed()
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)

@@ -121,6 +121,8 @@ class SupervisedTrainer:
         self.resume_path = resolve_resume(cfg.resume_from, self.out / "checkpoints")
         self.train_data: list[Any] = []
         self.eval_data: list[Any] = []
+        self.data_counts: dict[str, int] = {}
+        """counts a stage adds to its summary (how many rows it synthesised, for example)"""
 
     # ------------------------------------------------------------------ stage hooks
 
@@ -241,7 +243,8 @@ class SupervisedTrainer:
             "stopped_reason": reason, "epochs": step / self.sampler.steps_per_epoch,
             **({"resumed_from_step": self.start_step} if self.resume_path is not None else {}),
             f"train_{name}": len(self.train_data), f"eval_{name}": len(self.eval_data),
-            "train_truncated": sum(e.truncated for e in self.train_data), "runtime_s": time.monotonic() - t0,
+            "train_truncated": sum(e.truncated for e in self.train_data), **self.data_counts,
+            "runtime_s": time.monotonic() - t0,
             **train_metrics, **eval_metrics,
         }
         return finish_run(self.strategy, self.out, summary, self.cb)

@@ -68,6 +68,11 @@ def test_policy_metrics_and_compare() -> None:
     c = compare({"rm": [1.0, 2.0], "gold": [0.0, 0.0]}, {"rm": [2.0, 1.0], "gold": [1.0, 0.0]})
     assert c == {"win_rate_rm": 0.5, "win_rate_gold": 0.75}
     assert "win_rate_gold" not in compare({"rm": [1.0], "gold": None}, {"rm": [2.0], "gold": None})
+    # the held-out reward model's scores: PPO 1 win, 1 loss, 1 tie out of 3 -> (1 + 0.5) / 3
+    c = compare({"rm": [0.0] * 3, "heldout": [1.0, 2.0, 0.5]}, {"rm": [1.0] * 3, "heldout": [2.0, 1.0, 0.5]})
+    assert c == {"win_rate_rm": 1.0, "win_rate_heldout": 0.5}
+    m = policy_metrics(["a", "b"], [1.0, 3.0], [1, 1], [True, True], [None, None], None, heldout=[-1.0, 2.0])
+    assert m["heldout_score_mean"] == 0.5 and "gold_mean" not in m
 
 
 def test_gold_scorer_resolution_and_loading() -> None:
@@ -103,9 +108,23 @@ def test_ppo_beats_sft_gate_on_gold(ppo_gold: float, win: float, expected: bool)
     assert result.metadata["basis"].value == "gold"  # gold decides when present, not the RM
 
 
+def test_ppo_beats_sft_gate_without_gold_uses_the_heldout_reward_model() -> None:
+    # the reward model PPO optimised says PPO wins; the held-out one says it got worse
+    hacked = {"ppo/rm_score_mean": 2.0, "sft/rm_score_mean": 0.0, "win_rate_rm": 0.95, "win_rate_gold": None,
+              "ppo/heldout_score_mean": -0.2, "sft/heldout_score_mean": 0.0, "win_rate_heldout": 0.4}
+    result = ppo_beats_sft_result(hacked, 0.5)
+    assert result.passed is False and result.metadata["basis"].value == "heldout"
+    assert "heldout_score_mean -0.200 vs SFT 0.000" in result.description
+    better = {**hacked, "ppo/heldout_score_mean": 0.3, "win_rate_heldout": 0.6}
+    assert ppo_beats_sft_result(better, 0.5).passed
+    assert ppo_beats_sft_result(better, 0.7).passed is False
+
+
 def test_ppo_beats_sft_gate_falls_back_to_rm_and_fails_without_numbers() -> None:
-    rm_only = {"ppo/rm_score_mean": 1.0, "sft/rm_score_mean": 0.0, "win_rate_rm": 0.8, "win_rate_gold": None}
+    rm_only = {"ppo/rm_score_mean": 1.0, "sft/rm_score_mean": 0.0, "win_rate_rm": 0.8, "win_rate_gold": None,
+               "win_rate_heldout": None}
     assert ppo_beats_sft_result(rm_only, 0.5).passed
+    assert ppo_beats_sft_result(rm_only, 0.5).metadata["basis"].value == "rm"
     assert ppo_beats_sft_result(rm_only, 0.9).passed is False
     assert ppo_beats_sft_result({}, 0.5).passed is False
 
@@ -176,7 +195,26 @@ def test_evaluate_without_gold_scorer_reports_rm_only(tiny_models: dict) -> None
                       tiny_models["root"] / "report_rm", log=lambda _: None)
     metrics = result["report"]["metrics"]
     assert "win_rate_gold" not in metrics and "ppo/gold_mean" not in metrics
+    assert "win_rate_heldout" not in metrics  # no held-out reward model given
     assert math.isfinite(metrics["ppo/rm_score_mean"]) and metrics["win_rate_rm"] == 0.5
+
+
+def test_evaluate_scores_with_the_heldout_reward_model(tiny_models: dict) -> None:
+    from assets.evaluation import EvaluationConfig, evaluate, rm_scores
+
+    cfg = EvaluationConfig(max_prompts=3, max_new_tokens=4, batch_size=4, gold_scorer="none")
+    out_dir = tiny_models["root"] / "report_heldout"
+    # the same scorer as both: held-out scores must equal the RM's, sample for sample
+    result = evaluate(tiny_models["splits"], tiny_models["lm"], tiny_models["lm"], tiny_models["rm"], cfg,
+                      out_dir, log=lambda _: None, heldout_rm_dir=tiny_models["rm"])
+    metrics, samples = result["report"]["metrics"], pd.read_parquet(out_dir / "samples.parquet")
+    assert samples["ppo_heldout"].tolist() == samples["ppo_rm"].tolist()
+    assert metrics["ppo/heldout_score_mean"] == pytest.approx(samples["ppo_heldout"].mean())
+    assert metrics["win_rate_heldout"] == 0.5  # identical policies: all ties
+    prompts = samples["prompt"].tolist()
+    assert samples["sft_heldout"].tolist() == pytest.approx(
+        rm_scores(tiny_models["rm"], prompts, result["ids"]["sft"], 4))
+    assert result["report"]["heldout_reward_model"] == tiny_models["rm"]
 
 
 def test_pair_metrics_hand_computed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,7 @@ from ppo_core.models import (
     load_tokenizer,
     train_tokenizer,
 )
-from ppo_core.reward import RewardConfig, bradley_terry_loss, main, train
+from ppo_core.reward import RewardConfig, bradley_terry_loss, main, mismatched_pairs, train
 
 torch.set_num_threads(1)
 
@@ -64,7 +64,7 @@ def sft_model(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 def _cfg(data_dir: Path, out: Path, model: Path, **kw: Any) -> RewardConfig:
     fields = {"data_dir": str(data_dir), "output_dir": str(out), "model_name_or_path": str(model),
               "batch_size": 16, "micro_batch_size": 8, "learning_rate": 3e-3, "num_epochs": 3,
-              "eval_steps": 6, "save_steps": 0, "strategy": {"zero_stage": 2}}
+              "eval_steps": 6, "save_steps": 0, "strategy": {"zero_stage": 2}, "mismatched_negatives": 0.0}
     fields.update(kw)
     return from_dict(RewardConfig, fields)
 
@@ -97,6 +97,37 @@ def test_reward_smoke_run(tmp_path: Path, data_dir: Path, sft_model: Path) -> No
     gap = _eval_gaps(final, data_dir)
     assert math.isclose(float(gap.mean()), summary["eval/margin_mean"], rel_tol=1e-3, abs_tol=1e-4)
     assert math.isclose(float((gap > 0).float().mean()), summary["eval/accuracy"], abs_tol=1e-9)
+
+
+def test_mismatched_pairs_pair_each_prompt_with_another_prompts_chosen() -> None:
+    rows = [{"prompt": p, "chosen": c, "rejected": "r"} for p, c in
+            [("p1", "a"), ("p1", "b"), ("p2", "c"), ("p3", "c"), ("p4", "d")]]
+    out = mismatched_pairs(rows, 1.0, seed=0)
+    assert len(out) == 5  # round(1.0 * 5)
+    for pair in out:
+        own = [r for r in rows if r["prompt"] == pair["prompt"] and r["chosen"] == pair["chosen"]]
+        assert own and pair["margin"] == 0.0
+        # the rejected side is another prompt's chosen text, never this prompt's nor the same text
+        assert pair["rejected"] in {r["chosen"] for r in rows if r["prompt"] != pair["prompt"]}
+        assert pair["rejected"] != pair["chosen"]
+    # every real row is used once at fraction 1 (a permutation), more than once above it
+    assert sorted((p["prompt"], p["chosen"]) for p in out) == sorted((r["prompt"], r["chosen"]) for r in rows)
+    assert len(mismatched_pairs(rows, 2.5, seed=0)) == 12 and len(mismatched_pairs(rows, 0.4, seed=0)) == 2
+    assert mismatched_pairs(rows, 1.0, seed=0) == out  # seeded
+    assert mismatched_pairs(rows[:2], 1.0, seed=0) == []  # one prompt: nothing to mismatch
+    assert mismatched_pairs(rows, 0.0, seed=0) == []
+
+
+def test_mismatched_negatives_are_added_to_training_and_counted(tmp_path: Path, data_dir: Path,
+                                                                sft_model: Path) -> None:
+    rec = Recorder()
+    summary = train(_cfg(data_dir, tmp_path / "rm", sft_model, mismatched_negatives=0.5, eval_steps=0), [rec])
+    # 64 real pairs + round(0.5 * 64) = 96 pairs; batch 16, 3 epochs -> 18 steps
+    assert (summary["train_preference_pairs"], summary["train_mismatched_pairs"], summary["train_pairs"]) == (
+        64, 32, 96)
+    assert summary["total_steps"] == 18 and summary["eval_pairs"] == 32  # the eval split gets none
+    with pytest.raises(ConfigError, match="mismatched_negatives"):
+        RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", mismatched_negatives=-0.5)
 
 
 def _eval_gaps(final: Path, data_dir: Path) -> torch.Tensor:
