@@ -121,8 +121,8 @@ class SupervisedTrainer:
         self.resume_path = resolve_resume(cfg.resume_from, self.out / "checkpoints")
         self.train_data: list[Any] = []
         self.eval_data: list[Any] = []
+        # counts a stage adds to its summary (how many rows it synthesised, for example)
         self.data_counts: dict[str, int] = {}
-        """counts a stage adds to its summary (how many rows it synthesised, for example)"""
 
     # ------------------------------------------------------------------ stage hooks
 
