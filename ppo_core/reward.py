@@ -160,29 +160,29 @@ def bradley_terry_loss(
 
 
 def mismatched_pairs(rows: list[dict[str, Any]], fraction: float, seed: int) -> list[dict[str, Any]]:
-    """``round(fraction * len(rows))`` pairs ``(prompt_i, chosen_i) > (prompt_i, chosen_j)``.
+    """Up to ``round(fraction * len(rows))`` pairs ``(prompt_i, chosen_i) > (prompt_i, chosen_j)``.
 
-    ``i`` runs over a seeded permutation of the rows (repeating it when ``fraction`` > 1) and
-    ``j`` is the row ``offset`` places on in a second permutation; a ``j`` with the same prompt or
-    the same chosen text as ``i`` is passed over for the next one, so every pair is a real
-    mismatch. Rows with fewer than two distinct prompts give none. Margins are 0.
+    ``i`` runs over a seeded permutation of the rows (a fresh one per pass when ``fraction`` > 1);
+    ``j`` is the first row, walking a second permutation from the same position, whose prompt and
+    chosen text both differ from ``i``'s, so every pair is a real mismatch. A row without such a
+    partner gives none, and a pass that finds no pair at all ends the search. Margins are 0.
     """
     n_out = round(fraction * len(rows))
-    if n_out == 0 or len({r["prompt"] for r in rows}) < 2:
-        return []
     rng = np.random.default_rng(seed)
     out: list[dict[str, Any]] = []
     while len(out) < n_out:
         first, second = rng.permutation(len(rows)), rng.permutation(len(rows))
+        found = len(out)
         for k, i in enumerate(first[: n_out - len(out)]):
             a = rows[i]
             for step in range(len(rows)):
                 b = rows[second[(k + step) % len(rows)]]
                 if b["prompt"] != a["prompt"] and b["chosen"] != a["chosen"]:
+                    out.append({"prompt": a["prompt"], "chosen": a["chosen"], "rejected": b["chosen"],
+                                "margin": 0.0})
                     break
-            else:  # every other row shares this prompt or chosen text
-                continue
-            out.append({"prompt": a["prompt"], "chosen": a["chosen"], "rejected": b["chosen"], "margin": 0.0})
+        if len(out) == found:  # no row has a partner: more passes would find none either
+            break
     return out
 
 

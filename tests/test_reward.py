@@ -115,6 +115,12 @@ def test_mismatched_pairs_pair_each_prompt_with_another_prompts_chosen() -> None
     assert len(mismatched_pairs(rows, 2.5, seed=0)) == 12 and len(mismatched_pairs(rows, 0.4, seed=0)) == 2
     assert mismatched_pairs(rows, 1.0, seed=0) == out  # seeded
     assert mismatched_pairs(rows[:2], 1.0, seed=0) == []  # one prompt: nothing to mismatch
+    # two prompts with the same chosen text: no real mismatch exists, and the search ends
+    assert mismatched_pairs(rows[2:4], 3.0, seed=0) == []
+    # p2 and p3 share the text "c", so each can only be paired with p4's "d"
+    three = mismatched_pairs(rows[2:], 1.0, seed=0)
+    assert len(three) == 3
+    assert {(p["prompt"], p["rejected"]) for p in three} == {("p2", "d"), ("p3", "d"), ("p4", "c")}
     assert mismatched_pairs(rows, 0.0, seed=0) == []
 
 
