@@ -7,7 +7,9 @@ prints, twice per epoch, the eval-split loss and accuracy and the gold-order agr
 the end). Options change one thing at a time: ``--pool sum|mean`` (score pooled over the
 response instead of the last token), ``--lm-coef`` (an LM loss on the chosen response),
 ``--gold-labels`` (training pairs put in gold order), ``--extra N`` (N more generated pairs),
-``--all-pairs`` (the held-out RM's pairs too), ``--sft DIR`` (another SFT start).
+``--all-pairs`` (the held-out RM's pairs too), ``--sft DIR`` (another SFT start),
+``--mismatch F`` (F x the pairs more, from ``ppo_core.reward.mismatched_pairs``), ``--save DIR``
+(the final model, save_pretrained).
 
     .venv/bin/python bench/rm_probe.py --home RLHF_HOME --task constraints [--pool sum]
 
@@ -24,6 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ppo_core.data import encode_prompt, encode_prompt_response, pad_sequences
 from ppo_core.models import build_scorer_from_causal_lm, load_tokenizer, trunk_of, score_head
+from ppo_core.reward import mismatched_pairs
 
 
 p = argparse.ArgumentParser()
@@ -65,6 +68,10 @@ if args.gold_labels:
     c2 = [r if f else c for c, r, f in zip(train.chosen, train.rejected, flip)]
     r2 = [c if f else r for c, r, f in zip(train.chosen, train.rejected, flip)]
     train = train.assign(chosen=c2, rejected=r2)
+if args.mismatch > 0:  # the engine's own pairs (ppo_core.reward.mismatched_pairs)
+    extra = mismatched_pairs(train[["prompt", "chosen", "rejected"]].to_dict("records"), args.mismatch, args.seed)
+    train = pd.concat([train, pd.DataFrame(extra)[["prompt", "chosen", "rejected"]]], ignore_index=True)
+    print("mismatched pairs added", len(extra), flush=True)
 print("train pairs", len(train), flush=True)
 ev = pd.read_parquet(split / "rm_eval.parquet")
 test = pd.read_parquet(split / "test_pairs.parquet")
@@ -81,19 +88,6 @@ def enc(df):
 
 
 tr, evd, ted = enc(train), enc(ev), enc(test)
-if args.mismatch > 0:
-    # (prompt, its chosen) over (prompt, another prompt's chosen)
-    rng = torch.Generator().manual_seed(args.seed + 1)
-    n_add = int(args.mismatch * len(train))
-    rows = torch.randint(len(train), (n_add,), generator=rng).tolist()
-    others = torch.randint(len(train), (n_add,), generator=rng).tolist()
-    P, C = train.prompt.tolist(), train.chosen.tolist()
-    for i, j in zip(rows, others):
-        if P[i] == P[j] or C[i] == C[j]:
-            continue
-        tr.append((encode_prompt_response(tok, P[i], C[i], 128).input_ids,
-                   encode_prompt_response(tok, P[i], C[j], 128).input_ids, len(encode_prompt(tok, P[i]))))
-    print("train pairs with mismatched negatives", len(tr), flush=True)
 g_c = gold(test.prompt.tolist(), test.chosen.tolist())
 g_r = gold(test.prompt.tolist(), test.rejected.tolist())
 if args.lm_coef > 0:

@@ -96,8 +96,8 @@ class RewardConfig:
     ``(prompt, the chosen response of another prompt)``. They teach that a response must answer its
     own prompt, which pairwise labels on two answers to the same prompt teach slowly. Gold-order
     agreement on test pairs (bench/rm_probe.py, 6,000 pairs, last weights): 0 -> 0.5 arithmetic
-    0.755 -> 0.809, constraints 0.734 -> 0.758; 0 -> 1.0 style 0.947 -> 0.936, bundled 0.811 ->
-    0.814. Through the whole lineage (BENCHMARKS.md, two seeds) PPO's gold win rate rose on
+    0.755 -> 0.799, constraints 0.734 -> 0.730; 0 -> 1.0 style 0.947 -> 0.928, bundled 0.811 ->
+    0.846. Through the whole lineage (BENCHMARKS.md, two seeds) PPO's gold win rate rose on
     arithmetic and style and fell on constraints, where repeating prompt items then paid more.
     0 turns them off; the eval split never gets them, so early stopping sees real pairs only."""
     center_coef: float = 0.0
