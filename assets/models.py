@@ -177,6 +177,10 @@ class PPOPolicyConfig(StageConfig):
     guard_kl_budget: Optional[float] = Field(
         default=None, description="Largest KL to the reference (nats per response) a kept checkpoint may "
         "have; None keeps the engine default (no budget).")
+    guard_select_z: Optional[float] = Field(
+        default=None, description="Keep the least-KL checkpoint whose held-out score is within this many "
+        "standard errors of the best one's (the one-standard-error rule); 0 keeps the best-scoring "
+        "checkpoint; None keeps the engine default (1.0).")
 
 
 # ---------------------------------------------------------------- config mapping (the one place)
@@ -198,7 +202,7 @@ FIELD_MAP: dict[str, dict[str, str]] = {
             "kl_coef": "kl_coef", "kl_target": "kl_target", "response_length": "response_length",
             "temperature": "temperature", "rollout_batch_size": "rollout_batch_size",
             "ppo_epochs": "ppo_epochs", "guard_every": "guard_every", "guard_prompts": "guard_prompts",
-            "guard_kl_budget": "guard_kl_budget"},
+            "guard_kl_budget": "guard_kl_budget", "guard_select_z": "guard_select_z"},
 }
 # Applied even at its default: the lineage pins seed 0 for every stage, whatever an engine's own
 # default seed (SFTConfig's strategy seed is 42), so runs of the pipeline are comparable.

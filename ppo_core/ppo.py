@@ -227,8 +227,8 @@ class PPOConfig:
     guard_reward_model_path: str | None = None
     """a reward model the policy is never trained on (the lineage trains it on the disjoint
     ``rm_heldout`` pairs); with ``eval_file`` it scores held-out samples every ``guard_every``
-    steps, the best checkpoint by that score is kept and the run stops once it falls while
-    the proxy rises. None: no guard, the last step is kept"""
+    steps, the least-KL checkpoint within ``guard_select_z`` standard errors of the best score
+    is kept, and the run stops once the score falls. None: no guard, the last step is kept"""
     guard_every: int = 5
     """steps between guard evaluations (each samples ``guard_prompts`` responses: about one
     rollout's generation time, so 5 costs ~15% more on the default budget)"""
@@ -239,6 +239,10 @@ class PPOConfig:
     units of the held-out model's spread on SFT samples)"""
     guard_kl_budget: float | None = None
     """largest KL to the reference (nats per response) a kept checkpoint may have; None: any"""
+    guard_select_z: float = 1.0
+    """keep the least-KL checkpoint whose held-out score is within this many standard errors of
+    the best one's (the one-standard-error rule, Breiman et al. 1984; ``ppo_core.guard``); 0
+    keeps the best-scoring checkpoint"""
     guard_patience: int = 3
     """guard evaluations in a row clearly below the best (see ``guard_stop_z``) or over the KL
     budget before the run stops (0: never stop early)"""
@@ -349,6 +353,8 @@ def _validate(cfg: PPOConfig) -> list[str]:
         e.append("guard_reward_model_path needs eval_file: the guard scores held-out prompts")
     if cfg.guard_every < 1 or cfg.guard_prompts < 1 or cfg.guard_patience < 0 or cfg.max_seconds < 0:
         e.append("guard_every and guard_prompts must be >= 1, guard_patience and max_seconds >= 0")
+    if cfg.guard_select_z < 0 or cfg.guard_stop_z < 0:
+        e.append(f"guard_select_z and guard_stop_z must be >= 0, got {cfg.guard_select_z}, {cfg.guard_stop_z}")
     if cfg.guard_kl_budget is not None and cfg.guard_kl_budget <= 0:
         e.append(f"guard_kl_budget must be > 0 or null, got {cfg.guard_kl_budget}")
     if min(cfg.save_every, cfg.eval_every, cfg.warmup_steps, cfg.keep_last_checkpoints) < 0:
@@ -588,7 +594,8 @@ class PPOTrainer:
         self.kl_ctl = build_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.normalizer: RewardNormalizer | None = None
         self.guard_rm: ModelReward | None = None
-        self.guard = OveroptimizationGuard(cfg.guard_kl_budget, cfg.guard_patience, stop_z=cfg.guard_stop_z)
+        self.guard = OveroptimizationGuard(cfg.guard_kl_budget, cfg.guard_patience, stop_z=cfg.guard_stop_z,
+                                           select_z=cfg.guard_select_z)
         self.guard_normalizer: RewardNormalizer | None = None
         if cfg.guard_reward_model_path is not None:
             self._check_same_tokenizer(cfg.guard_reward_model_path)
@@ -1029,12 +1036,14 @@ class PPOTrainer:
                            kl=float(np.mean(kl)))
         return point, rows
 
-    def best_dir(self) -> Path:
-        return Path(self.cfg.output_dir) / "best"
+    def best_dir(self, step: int | None = None) -> Path:
+        """Where the guard's candidate checkpoints are saved (one directory per step)."""
+        root = Path(self.cfg.output_dir) / "best"
+        return root if step is None else root / f"step-{step:06d}"
 
     def run_guard(self, samples_file: Path) -> tuple[GuardPoint, bool]:
-        """One guard evaluation: record it, save the weights if they are the new best; returns
-        the point and whether the run should stop."""
+        """One guard evaluation: record it, save the weights if they may be kept and delete those
+        that no longer can; returns the point and whether the run should stop."""
         point, rows = self.guard_point()
         decision = self.guard.update(point)
         if self.rank == 0:
@@ -1042,7 +1051,10 @@ class PPOTrainer:
             with samples_file.open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         if decision.keep:
-            self.strategy.save_pretrained(self.actor.engine, self.tokenizer, self.best_dir())
+            self.strategy.save_pretrained(self.actor.engine, self.tokenizer, self.best_dir(point.step))
+        if self.rank == 0:
+            for step in decision.drop:
+                shutil.rmtree(self.best_dir(step), ignore_errors=True)
         return point, decision.stop
 
     # ---------------------------------------------------------------- checkpoints
@@ -1265,10 +1277,11 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     finally:
         trainer.close()
     kept = trainer.step
-    if guarded and trainer.guard.improved and trainer.guard.best.step != trainer.step:
+    kept_point = trainer.guard.kept if guarded else None
+    if kept_point is not None and kept_point.step != trainer.step:
         # ship the kept checkpoint: evaluate and save that policy, not the last one
-        kept = trainer.guard.best.step
-        final = trainer.strategy.move_dir(trainer.best_dir(), Path(cfg.output_dir) / "final")
+        kept = kept_point.step
+        final = trainer.strategy.move_dir(trainer.best_dir(kept), Path(cfg.output_dir) / "final")
         eval_metrics: dict[str, float] = {}
     else:
         eval_metrics = trainer.evaluate()

@@ -76,3 +76,45 @@ def test_state_round_trip_resumes_the_same_decisions() -> None:
     h.load_state_dict(g.state_dict())
     assert h.best == g.best and h.bad_evals == 1
     assert h.update(pt(15, 3, 0.2, 3)).stop and g.update(pt(15, 3, 0.2, 3)).stop
+
+
+def test_one_se_rule_keeps_the_least_kl_checkpoint_near_the_best() -> None:
+    # plateau: 0.45 (KL 1), 0.50 (KL 2, the best), 0.48 (KL 3). With SE 0.1 and select_z 1
+    # the band is >= 0.40: all three qualify, step 5 has the least KL
+    pts = [pt(0, 0, 0.0, 0.0), pt(5, 1, 0.45, 1.0), pt(10, 2, 0.50, 2.0), pt(15, 3, 0.48, 3.0)]
+    g = OveroptimizationGuard(kl_budget=None, patience=2, select_z=1.0)
+    decisions = [g.update(p) for p in pts]
+    assert [d.keep for d in decisions] == [False, True, True, True]   # every candidate is saved
+    assert all(d.drop == () for d in decisions)
+    assert g.best is not None and g.best.step == 10
+    assert g.kept is not None and g.kept.step == 5
+    s = g.summary()
+    assert s["guard/kept_step"] == 5.0 and s["guard/best_step"] == 10.0
+    assert s["guard/heldout_gain"] == pytest.approx(0.45) and s["guard/kl_kept"] == 1.0
+    # select_z = 0 is the plain best-score rule: step 15 (0.48 < 0.50) is not saved
+    h = OveroptimizationGuard(kl_budget=None, patience=2, select_z=0.0)
+    assert [h.update(p).keep for p in pts] == [False, True, True, False]
+    assert h.kept is not None and h.kept.step == 10
+
+
+def test_a_higher_best_drops_checkpoints_that_left_the_band() -> None:
+    # step 5 (0.2) is a candidate until step 10 scores 0.6: the band becomes >= 0.5, so the
+    # step-5 weights are dropped; step 15 (0.55, KL 1.5) is then kept over step 10 (KL 2)
+    g = OveroptimizationGuard(kl_budget=None, patience=2, select_z=1.0)
+    d = [g.update(p) for p in [pt(0, 0, 0.0, 0.0), pt(5, 1, 0.2, 1.0), pt(10, 2, 0.6, 2.0), pt(15, 3, 0.55, 1.5)]]
+    assert [(x.keep, x.drop) for x in d] == [(False, ()), (True, ()), (True, (5,)), (True, ())]
+    assert g.kept is not None and g.kept.step == 15
+
+
+def test_one_se_rule_respects_the_kl_budget_and_never_keeps_the_reference() -> None:
+    # step 5 is within the band but over the 1.5-nat budget; the reference (step 0) is within
+    # one SE of the best (0.05 >= 0.08 - 0.1) but is never a candidate
+    g = OveroptimizationGuard(kl_budget=1.5, patience=0, select_z=1.0)
+    for p in [pt(0, 0, 0.05, 0.0), pt(5, 1, 0.07, 2.0), pt(10, 2, 0.08, 1.2)]:
+        g.update(p)
+    assert g.kept is not None and g.kept.step == 10
+    # no trained checkpoint beat the reference: nothing is kept
+    n = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
+    for p in [pt(0, 0, 0.3, 0.0), pt(5, 1, 0.25, 1.0)]:
+        n.update(p)
+    assert n.kept is None and not n.improved

@@ -348,38 +348,49 @@ def test_torchrun_two_ranks(tiny_run, tmp_path, stage):
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
 
 
-def test_guard_keeps_the_best_heldout_checkpoint(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("heldout, se, kl, kept", [
+    # a clear peak at step 2 (SE 0.01): the best-scoring checkpoint is kept
+    ({0: 0.0, 1: 0.2, 2: 0.5, 3: 0.1, 4: 0.0}, 0.01, None, 2),
+    # step 1 scores 0.4, within one SE (0.2) of step 2's 0.5, at half its KL: the
+    # one-standard-error rule keeps step 1
+    ({0: 0.0, 1: 0.4, 2: 0.5, 3: 0.1, 4: 0.0}, 0.2, {0: 0.0, 1: 0.5, 2: 1.0, 3: 1.5, 4: 2.0}, 1),
+])
+def test_guard_keeps_the_heldout_selected_checkpoint(tiny_run, tmp_path, monkeypatch, heldout, se, kl, kept):
     """The guard's real evaluation runs (samples, KL, both reward models); its held-out means
-    are then replaced by a scripted curve peaking at step 2, so the kept checkpoint is known:
-    final/ must hold exactly the weights of a plain 2-step run (constant LR, same seed)."""
+    (and, in the second case, KLs) are then replaced by a scripted curve, so the kept checkpoint
+    is known: final/ must hold exactly the weights of a plain run of that many steps (constant
+    LR, same seed). Both curves stop at step 4: steps 3 and 4 fall more than one SE of the
+    difference below the best (patience 2)."""
     import dataclasses
 
-    curve = {0: 0.0, 1: 0.2, 2: 0.5, 3: 0.1, 4: 0.0}
     real = PPOTrainer.guard_point
 
     def scripted(self):
         point, rows = real(self)
-        return dataclasses.replace(point, heldout=curve[point.step], heldout_se=0.01), rows
+        over = {"kl": kl[point.step]} if kl else {}
+        return dataclasses.replace(point, heldout=heldout[point.step], heldout_se=se, **over), rows
 
     monkeypatch.setattr(PPOTrainer, "guard_point", scripted)
     over = dict(lr_scheduler="constant", eval_file=tiny_run["eval_file"], guard_prompts=8)
     rec = Recorder()
     guarded = train(small_cfg(tiny_run, tmp_path / "g", num_steps=6, guard_every=1, guard_patience=2,
                               guard_reward_model_path=tiny_run["reward_model_path"], **over), [rec])
-    assert guarded["step"] == 4 and guarded["kept_step"] == 2
+    assert guarded["step"] == 4 and guarded["kept_step"] == kept
     assert guarded["stopped_reason"] in ("overoptimization", "decline")
-    assert guarded["guard/kept_step"] == 2 and guarded["guard/improved"] == 1.0
-    assert guarded["guard/heldout_gain"] == pytest.approx(0.5)
+    assert guarded["guard/kept_step"] == kept and guarded["guard/best_step"] == 2
+    assert guarded["guard/improved"] == 1.0
+    assert guarded["guard/heldout_gain"] == pytest.approx(heldout[kept])
     points = [e for e in rec.evals if "guard/heldout" in e]
-    assert [p["guard/heldout"] for p in points] == [curve[s] for s in range(5)]
-    # step 0 samples the reference itself: the KL to it is zero up to float error
-    assert points[0]["guard/kl_per_response"] == pytest.approx(0.0, abs=1e-4)
+    assert [p["guard/heldout"] for p in points] == [heldout[s] for s in range(5)]
+    if kl is None:
+        # step 0 samples the reference itself: the KL to it is zero up to float error
+        assert points[0]["guard/kl_per_response"] == pytest.approx(0.0, abs=1e-4)
     rows = [json.loads(line) for line in (tmp_path / "g" / "guard_samples.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in rows}) == [0, 1, 2, 3, 4] and len(rows) == 5 * 8
     assert not (tmp_path / "g" / "best").exists()
 
     monkeypatch.setattr(PPOTrainer, "guard_point", real)
-    plain = train(small_cfg(tiny_run, tmp_path / "p", num_steps=2, **over), [Recorder()])
+    plain = train(small_cfg(tiny_run, tmp_path / "p", num_steps=kept, **over), [Recorder()])
     a = load_file(Path(guarded["final_dir"]) / "model.safetensors")
     b = load_file(Path(plain["final_dir"]) / "model.safetensors")
     for k in a:
