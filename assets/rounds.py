@@ -30,7 +30,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import dagster as dg
 import pandas as pd
@@ -365,6 +365,11 @@ class RoundPolicyConfig(PPOPolicyConfig):
 
     reference: str = Field(default="sft", description="Frozen KL reference: 'sft' (the KL and its budget count "
                            "the whole drift from SFT across rounds) or 'champion' (KL restarts each round).")
+    guard_select_z: Optional[float] = Field(
+        default=0.0, description="The guard keeps the best-scoring checkpoint (0), not the least-KL one within "
+        "this many standard errors of it: a round's gain over the champion is small next to the held-out "
+        "score's standard error, so the one-standard-error rule kept the round's first checkpoint and lost "
+        "0.06 +- 0.03 win rate over the champion on six recorded rounds (BENCHMARKS.md, guard).")
 
 
 @dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,

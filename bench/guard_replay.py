@@ -1,0 +1,111 @@
+"""Replay recorded PPO runs through the guard's selection rules (BENCHMARKS.md, guard).
+
+A guarded PPO run writes ``guard_samples.jsonl``: at every guard evaluation, the same held-out
+prompts sampled with the same random numbers, with each response's proxy score, held-out
+score and KL. The stop rule does not depend on which checkpoint is *kept*, so every selection
+rule can be replayed on one recorded run: this script feeds the recorded points to
+``ppo_core.guard.OveroptimizationGuard`` at each ``select_z`` and scores the checkpoint each
+rule keeps with the task's gold scorer: mean gold, and the win rate over the reference's
+sample for the same prompt (step 0 samples the reference with the same random numbers).
+
+    .venv/bin/python bench/guard_replay.py --z 0,0.5,1 RUN [RUN ...]
+
+``RUN`` is ``TASK=PATH``: a generality task name or a gold scorer ``module:function``, and a
+``guard_samples.jsonl`` (or a directory searched for them). Prints one row per run and the
+mean paired difference of each rule against the first one, with its standard error.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ppo_core.guard import GuardPoint, OveroptimizationGuard  # noqa: E402
+
+GoldFn = Callable[[list[str], list[str]], list[float]]
+
+
+def gold_scorer(task: str) -> GoldFn:
+    module, name = task.split(":") if ":" in task else (f"bench.tasks.{task}", "gold_score_batch")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_run(path: Path) -> dict[int, list[dict]]:
+    """Rows of one ``guard_samples.jsonl`` by step, in the order they were sampled."""
+    by_step: dict[int, list[dict]] = collections.defaultdict(list)
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        by_step[row["step"]].append(row)
+    return dict(sorted(by_step.items()))
+
+
+def guard_points(by_step: dict[int, list[dict]]) -> list[GuardPoint]:
+    """The points the trainer handed the guard (means and the held-out standard error)."""
+    points = []
+    for step, rows in by_step.items():
+        held = [r["heldout"] for r in rows]
+        points.append(GuardPoint(step=step, proxy=statistics.fmean(r["proxy"] for r in rows),
+                                 heldout=statistics.fmean(held), heldout_se=statistics.stdev(held) / len(held) ** 0.5,
+                                 kl=statistics.fmean(r["kl"] for r in rows)))
+    return points
+
+
+def kept_step(points: list[GuardPoint], select_z: float, patience: int, stop_z: float,
+              kl_budget: float | None) -> int:
+    """The step a guard with these settings ships (the last evaluated one when nothing beat the
+    reference, as ``ppo_core.ppo.train`` does)."""
+    guard = OveroptimizationGuard(kl_budget, patience, stop_z=stop_z, select_z=select_z)
+    for p in points:
+        if guard.update(p).stop:
+            break
+    kept = guard.kept
+    return guard.points[-1].step if kept is None else kept.step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", metavar="TASK=PATH")
+    ap.add_argument("--z", default="0,1", help="comma-separated select_z values; the first is the baseline")
+    ap.add_argument("--patience", type=int, default=3, help="guard_patience of the runs (engine default 3)")
+    ap.add_argument("--stop-z", type=float, default=1.0, help="guard_stop_z of the runs (engine default 1)")
+    ap.add_argument("--kl-budget", type=float, default=None)
+    args = ap.parse_args(argv)
+    zs = [float(z) for z in args.z.split(",")]
+    results: dict[float, list[tuple[float, float]]] = {z: [] for z in zs}
+    for spec in args.runs:
+        task, _, where = spec.partition("=")
+        root = Path(where)
+        files = sorted(root.rglob("guard_samples.jsonl")) if root.is_dir() else [root]
+        gold = gold_scorer(task)
+        for f in files:
+            by_step = load_run(f)
+            g = {s: gold([r["prompt"] for r in rows], [r["response"] for r in rows]) for s, rows in by_step.items()}
+            points = guard_points(by_step)
+            cells = []
+            for z in zs:
+                step = kept_step(points, z, args.patience, args.stop_z, args.kl_budget)
+                win = statistics.fmean((a > b) + 0.5 * (a == b) for a, b in zip(g[step], g[0]))
+                kl = next(p.kl for p in points if p.step == step)
+                results[z].append((win, kl))
+                cells.append(f"z={z:g}: step {step:3d} gold {statistics.fmean(g[step]):6.2f} win {win:.3f} KL {kl:5.2f}")
+            print(f"{task:12s} {' | '.join(cells)}  {f}")
+    base = results[zs[0]]
+    n = len(base)
+    print(f"\n{n} runs; paired difference against select_z={zs[0]:g} (mean +- standard error):")
+    for z in zs[1:]:
+        dw = [a[0] - b[0] for a, b in zip(results[z], base)]
+        dk = [a[1] - b[1] for a, b in zip(results[z], base)]
+        se = (lambda d: statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan"))
+        print(f"  select_z={z:g}: win rate over the reference {statistics.fmean(dw):+.4f} +- {se(dw):.4f}, "
+              f"KL {statistics.fmean(dk):+.2f} +- {se(dk):.2f} nats/response")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

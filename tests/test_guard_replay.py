@@ -1,0 +1,48 @@
+"""bench/guard_replay.py: a recorded guard run replayed through the selection rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.guard_replay import guard_points, kept_step, load_run, main
+
+
+def words(prompts: list[str], responses: list[str]) -> list[float]:
+    """A gold scorer for the test: the number of words."""
+    return [float(len(r.split())) for r in responses]
+
+
+def write_run(path: Path) -> Path:
+    # two prompts per evaluation; (response, held-out score, KL) per row
+    steps = {0: [("a", 0.0, 0.0), ("a", 0.0, 0.0)],
+             5: [("a b", 0.35, 1.0), ("a b", 0.55, 1.0)],       # mean 0.45, KL 1
+             10: [("a", 0.4, 2.0), ("a b c", 0.6, 2.0)]}        # mean 0.50 (the best), SE 0.1, KL 2
+    lines = [json.dumps({"prompt": f"p{i}", "response": r, "step": s, "proxy": float(s), "heldout": h, "kl": kl})
+             for s, rows in steps.items() for i, (r, h, kl) in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_points_and_kept_steps_by_hand(tmp_path: Path) -> None:
+    points = guard_points(load_run(write_run(tmp_path / "guard_samples.jsonl")))
+    assert [p.step for p in points] == [0, 5, 10]
+    assert points[2].heldout == pytest.approx(0.5) and points[2].heldout_se == pytest.approx(0.1)
+    assert points[1].kl == 1.0 and points[2].proxy == 10.0
+    assert kept_step(points, 0.0, patience=3, stop_z=1.0, kl_budget=None) == 10
+    # 0.45 is within one SE (0.1) of 0.50, at half the KL
+    assert kept_step(points, 1.0, patience=3, stop_z=1.0, kl_budget=None) == 5
+    # a 0.5-nat budget rules out every trained checkpoint: the last one is shipped, as train() does
+    assert kept_step(points, 1.0, patience=0, stop_z=1.0, kl_budget=0.5) == 10
+
+
+def test_main_prints_each_rule_and_the_paired_difference(tmp_path: Path, capsys) -> None:
+    run = write_run(tmp_path / "guard_samples.jsonl")
+    assert main(["--z", "0,1", f"test_guard_replay:words={run}"]) == 0
+    out = capsys.readouterr().out
+    # z=0 keeps step 10: p0 ties (1 vs 1 word), p1 wins (3 vs 1) -> 0.75; z=1 keeps step 5: both win
+    assert "z=0: step  10 gold   2.00 win 0.750 KL  2.00" in out
+    assert "z=1: step   5 gold   2.00 win 1.000 KL  1.00" in out
+    assert "select_z=1: win rate over the reference +0.2500" in out and "KL -1.00" in out
