@@ -83,9 +83,10 @@ class OveroptimizationGuard:
         return self.kl_budget is None or p.kl <= self.kl_budget
 
     def candidate(self, p: GuardPoint) -> bool:
-        """``p`` could be kept: a trained checkpoint within the KL budget whose held-out score
-        is within ``select_z`` standard errors of the best's."""
+        """``p`` could be kept: a trained checkpoint within the KL budget that beats the reference
+        and whose held-out score is within ``select_z`` standard errors of the best's."""
         return (self.best is not None and self.best.step > 0 and p.step > 0 and self.within_budget(p)
+                and p.heldout > self.points[0].heldout + self.min_delta
                 and p.heldout >= self.best.heldout - self.select_z * self.best.heldout_se)
 
     def update(self, p: GuardPoint) -> GuardDecision:
