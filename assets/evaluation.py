@@ -22,6 +22,7 @@ import pandas as pd
 from pydantic import Field
 
 from assets.ingest import content_hash
+from assets.models import model_dir_version
 from assets.plots import guard_plot, png_markdown
 from pipelines import settings
 from pipelines.mlflow_models import EVAL, SplitInput, log_datasets, model_metrics, split_inputs
@@ -29,7 +30,7 @@ from pipelines.resources import MLflowResource
 
 BUNDLED_GOLD_SCORER = "assets.bundled_task:gold_score_batch"
 # Bumped by hand when a change here changes the report for the same inputs (see assets/data.py).
-EVALUATION_REPORT_VERSION = "3"
+EVALUATION_REPORT_VERSION = "4"
 GoldScorer = Callable[[list[str], list[str]], list[float]]
 
 
@@ -387,6 +388,8 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
     report = {
         "metrics": metrics, "gold_scorer": scorer_spec, "data_version": splits.get("data_version"),
         "sft_model": sft_dir, "ppo_model": ppo_dir, "reward_model": rm_dir, "heldout_reward_model": heldout_rm_dir,
+        # the weights' hash: promotion compares held-out scores only under the same model
+        "heldout_reward_model_version": model_dir_version(Path(heldout_rm_dir)) if heldout_rm_dir else None,
         "config": cfg.model_dump(), "samples_path": str(out_dir / "samples.parquet"),
     }
     # NaN is not JSON: a metric that does not apply (no gold scorer) is written as null.
@@ -444,6 +447,7 @@ def evaluation_report(
         "report_path": str(out_dir / "report.json"), "samples_path": str(out_dir / "samples.parquet"),
         "metrics": metrics,
         "gold_scorer": result["report"]["gold_scorer"], "mlflow_run_id": run_id,
+        "heldout_reward_model_version": result["report"]["heldout_reward_model_version"],
         "data_version": dataset_splits.get("data_version"), "ppo_model_path": ppo_policy.get("model_path"),
         "sft_model_path": sft_model.get("model_path"),
         "ppo_model_id": ppo_policy.get("mlflow_model_id"),

@@ -22,7 +22,8 @@ class ChampionConfig(dg.Config):
     promote: bool = Field(default=True, description="False: register only; the champion alias does not move "
                           "(`rlhf run --no-promote`).")
     metric: str = Field(default=DEFAULT_PROMOTION_METRIC, description="Version tag metric.<name> that decides; "
-                        "'auto' = the challenger's promotion_metric (gold mean, else reward-model score).")
+                        "'auto' = the challenger's promotion_metric: gold mean, else the held-out reward model's "
+                        "score, else the reward model's.")
     allow_different_eval_sets: bool = Field(default=False, description="Compare scores from different "
                                             "evaluation sets (normally refused).")
 

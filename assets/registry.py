@@ -46,7 +46,11 @@ EVAL_DATA_VERSION_TAG = "eval.data_version"
 # Gold reward is the ground truth when the data has a gold scorer; otherwise the only score
 # left is the reward model's (metric names from assets/evaluation.py).
 GOLD_METRIC = "ppo/gold_mean"
+# Without a gold scorer the held-out reward model decides: PPO never optimised it, so a policy
+# that games the reward model does not win on it (the reward model's own score would prefer it).
+HELDOUT_METRIC = "ppo/heldout_score_mean"
 RM_METRIC = "ppo/rm_score_mean"
+PROMOTION_METRICS = (GOLD_METRIC, HELDOUT_METRIC, RM_METRIC)
 # Bumped by hand when a change here changes what is registered (see assets/data.py).
 REGISTERED_POLICY_VERSION = "1"
 
@@ -98,11 +102,19 @@ def evaluation_tags(report: Mapping[str, Any]) -> dict[str, str]:
                          "promotion cannot tell which evaluation set the scores belong to")
     tags = {metric_tag(k): repr(float(v)) for k, v in metrics.items() if v is not None}
     n_prompts = int(metrics.get("n_prompts") or 0)
-    promotion_metric = GOLD_METRIC if metrics.get(GOLD_METRIC) is not None else RM_METRIC
+    promotion_metric = next((m for m in PROMOTION_METRICS if metrics.get(m) is not None), RM_METRIC)
+    # Same data, prompt count and gold scorer => the same held-out questions and yardstick.
+    eval_set = f"{data_version}|n={n_prompts}|gold={report.get('gold_scorer') or 'none'}"
+    if promotion_metric == HELDOUT_METRIC:
+        # a held-out score is comparable only under the same held-out reward model's weights
+        heldout = report.get("heldout_reward_model_version")
+        if not heldout:
+            raise ValueError("registered_policy: the evaluation has held-out reward-model scores but no "
+                             "'heldout_reward_model_version'; re-materialize evaluation_report")
+        eval_set += f"|heldout={heldout}"
     tags.update({
         EVAL_DATA_VERSION_TAG: str(data_version),
-        # Same data, prompt count and gold scorer => the same held-out questions and yardstick.
-        EVAL_SET_TAG: f"{data_version}|n={n_prompts}|gold={report.get('gold_scorer') or 'none'}",
+        EVAL_SET_TAG: eval_set,
         PROMOTION_METRIC_TAG: promotion_metric,
     })
     return tags

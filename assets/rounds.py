@@ -424,7 +424,7 @@ def round_metrics(report: dict[str, Any], kl_champion: float) -> dict[str, float
           "scores, win rate, KL to SFT, and the refreshed reward model's agreement with gold.")
 def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationConfig, mlflow: MLflowResource,
                      raw_preferences: dict, dataset_splits: dict, round_preferences: dict, round_policy: dict,
-                     round_reward_model: dict, sft_model: dict) -> dg.MaterializeResult:
+                     round_reward_model: dict, sft_model: dict, heldout_reward_model: dict) -> dg.MaterializeResult:
     from assets.evaluation import EvaluationConfig, evaluate, json_safe, kl_per_response, sequence_logprobs
 
     key = context.partition_key
@@ -435,7 +435,8 @@ def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationC
     with mlflow.run(context, "round_evaluation", {"data_version": dataset_splits["data_version"], "rlhf.round": key}) as run:
         # champion as the baseline ("sft" side of evaluate): win rates are challenger vs champion
         result = evaluate(dataset_splits, champion_dir, challenger_dir, rm_dir, cfg, out,
-                          data_source=raw_preferences.get("source"), log=context.log.info)
+                          data_source=raw_preferences.get("source"), log=context.log.info,
+                          heldout_rm_dir=heldout_reward_model.get("model_path") or None)
         # KL to SFT of both policies, each on its own samples (per response, as users read it)
         prompts = result["samples"]["prompt"].astype(str).tolist()
         kls = {}
@@ -458,10 +459,12 @@ def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationC
         url = mlflow.run_url(run)
     report = {"metrics": metrics, "data_version": dataset_splits["data_version"],
               "gold_scorer": result["report"]["gold_scorer"], "mlflow_run_id": run.info.run_id,
+              "heldout_reward_model_version": result["report"]["heldout_reward_model_version"],
               "challenger_model_path": challenger_dir, "champion_model_path": champion_dir,
               "challenger_model_id": round_policy.get("mlflow_model_id"),
               "champion_version": round_preferences["champion_version"], "report_path": str(out / "report.json")}
-    shown = ("challenger/gold_mean", "champion/gold_mean", "win_rate_gold", "challenger/rm_score_mean",
+    shown = ("challenger/gold_mean", "champion/gold_mean", "win_rate_gold", "challenger/heldout_score_mean",
+             "champion/heldout_score_mean", "win_rate_heldout", "challenger/rm_score_mean",
              "champion/rm_score_mean", "win_rate_rm", "rm/gold_agreement", "rm/pair_accuracy",
              "challenger/kl_to_sft_per_response", "champion/kl_to_sft_per_response")
     return dg.MaterializeResult(value=report, metadata={
@@ -490,7 +493,8 @@ def paired_tags(report: dict[str, Any], side: str) -> dict[str, str]:
     metrics = {k.replace(f"{side}/", "ppo/", 1): v for k, v in report["metrics"].items() if k.startswith(f"{side}/")}
     metrics["n_prompts"] = report["metrics"].get("n_prompts")
     return evaluation_tags({"metrics": metrics, "data_version": report["data_version"],
-                            "gold_scorer": report.get("gold_scorer")})
+                            "gold_scorer": report.get("gold_scorer"),
+                            "heldout_reward_model_version": report.get("heldout_reward_model_version")})
 
 
 def round_decision(challenger: Any, champion: Any, report: dict[str, Any], min_improvement: float) -> Any:

@@ -30,12 +30,13 @@ CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
 HISTORY_TAG = "champion_history"
 LAST_DECISION_TAG = "last_promotion_decision"
-# Data version, prompt count and gold scorer of the evaluation (set by assets/registry.py).
+# Data version, prompt count and gold scorer of the evaluation, and the held-out reward model's
+# weights when its score decides (set by assets/registry.py).
 EVAL_SET_TAG = "eval.set"
 METRIC_TAG_PREFIX = "metric."
 # The metric the registering asset chose for this version: the policy's mean gold reward on
-# the held-out prompts when the data has a gold scorer (the bundled task's ground truth),
-# otherwise its mean reward-model score.
+# the held-out prompts when the data has a gold scorer (the bundled task's ground truth), else
+# its mean held-out reward-model score (a model PPO never optimised), else its reward-model score.
 PROMOTION_METRIC_TAG = "promotion_metric"
 DEFAULT_POLICY_NAME = "rlhf-policy"
 # "auto" = the challenger's PROMOTION_METRIC_TAG.
@@ -261,7 +262,8 @@ class PromoteConfig(dg.Config):
     metric: str = Field(
         default=DEFAULT_PROMOTION_METRIC,
         description="Evaluation metric (version tag metric.<name>) that decides the promotion; "
-        "'auto' = the one the challenger recorded (gold mean reward, else reward-model score).",
+        "'auto' = the one the challenger recorded (gold mean reward, else the held-out reward "
+        "model's score, else the reward model's).",
     )
     higher_is_better: bool = Field(default=True, description="False for metrics to minimise.")
     allow_different_eval_sets: bool = Field(

@@ -95,6 +95,18 @@ def test_round_promotion_uses_the_paired_scores_of_the_round() -> None:
     assert not refused.promoted and refused.challenger_score == 0.9
 
 
+def test_without_gold_a_round_is_judged_by_the_heldout_reward_model() -> None:
+    # the challenger games the refreshed reward model (0.9 > 0.1) but loses on the held-out one
+    metrics = {"champion/rm_score_mean": 0.1, "challenger/rm_score_mean": 0.9, "champion/heldout_score_mean": 0.4,
+               "challenger/heldout_score_mean": 0.3, "n_prompts": 8.0}
+    report = {"metrics": metrics, "data_version": "dv1", "gold_scorer": None, "heldout_reward_model_version": "h"}
+    champion = _version("1", {"eval.set": "dv1|n=8|gold=none|heldout=h"})
+    challenger = _version("2", paired_tags(report, "challenger"))
+    assert challenger.tags["promotion_metric"] == "ppo/heldout_score_mean"
+    decision = round_decision(challenger, champion, report, min_improvement=0.0)
+    assert not decision.promoted and (decision.challenger_score, decision.champion_score) == (0.3, 0.4)
+
+
 def test_round_metrics_rename_the_two_sides() -> None:
     m = round_metrics({"metrics": {"sft/gold_mean": 1.0, "ppo/gold_mean": 2.0, "ppo/kl_to_ref": 0.3,
                                    "win_rate_gold": 0.6}}, kl_champion=1.5)

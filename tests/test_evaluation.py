@@ -215,6 +215,9 @@ def test_evaluate_scores_with_the_heldout_reward_model(tiny_models: dict) -> Non
     assert samples["sft_heldout"].tolist() == pytest.approx(
         rm_scores(tiny_models["rm"], prompts, result["ids"]["sft"], 4))
     assert result["report"]["heldout_reward_model"] == tiny_models["rm"]
+    # promotion compares held-out scores only under the same weights: their hash is recorded
+    from assets.models import model_dir_version
+    assert result["report"]["heldout_reward_model_version"] == model_dir_version(Path(tiny_models["rm"]))
 
 
 def test_pair_metrics_hand_computed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,6 +98,17 @@ def test_evaluation_tags_record_metrics_eval_set_and_promotion_metric() -> None:
     no_gold = report(1.0)
     no_gold["metrics"]["ppo/gold_mean"] = None
     assert evaluation_tags(no_gold)["promotion_metric"] == "ppo/rm_score_mean"
+    assert evaluation_tags(no_gold)["eval.set"] == "dv1|n=16|gold=assets.bundled_task:gold_score_batch"
+    # with held-out scores they decide, and the held-out weights join the evaluation set
+    held = {**no_gold, "metrics": {**no_gold["metrics"], "ppo/heldout_score_mean": 0.3},
+            "heldout_reward_model_version": "abc123"}
+    tags = evaluation_tags(held)
+    assert tags["promotion_metric"] == "ppo/heldout_score_mean"
+    assert tags["eval.set"] == "dv1|n=16|gold=assets.bundled_task:gold_score_batch|heldout=abc123"
+    with pytest.raises(ValueError, match="heldout_reward_model_version"):
+        evaluation_tags({**held, "heldout_reward_model_version": None})
+    # gold still decides when there is one, and then the held-out weights do not matter
+    assert evaluation_tags({**report(1.0), "heldout_reward_model_version": "x"})["eval.set"].endswith("gold_score_batch")
     with pytest.raises(ValueError, match="data_version"):
         evaluation_tags({"metrics": {"a": 1.0}})
 
@@ -117,6 +128,33 @@ def test_first_challenger_becomes_champion_and_worse_one_is_not_promoted(store: 
 
     add_challenger(store, name, gold=2.0)  # a tie is not strictly better
     assert not promote(store["client"], name).promoted
+    assert aliases(store, name)[CHAMPION] == v1
+
+
+def no_gold_report(rm: float, heldout: float, heldout_version: str = "h1") -> dict:
+    """An evaluation of data without a gold scorer: reward-model and held-out scores only."""
+    return {"data_version": "dv1", "gold_scorer": None, "heldout_reward_model_version": heldout_version,
+            "metrics": {"ppo/gold_mean": None, "ppo/rm_score_mean": rm, "ppo/heldout_score_mean": heldout,
+                        "n_prompts": 16.0}}
+
+
+def test_without_gold_the_heldout_score_decides_and_a_gamed_reward_model_does_not(store: dict) -> None:
+    name = f"{NAME}-heldout"
+    v1 = str(register_version(store["client"], name, store["model_uri"], store["run_id"],
+                              evaluation_tags(no_gold_report(rm=0.5, heldout=0.4))).version)
+    assert promote(store["client"], name).promoted
+    # a challenger that games the reward model (1.5 > 0.5) but loses on the held-out one (0.2 < 0.4)
+    register_version(store["client"], name, store["model_uri"], store["run_id"],
+                     evaluation_tags(no_gold_report(rm=1.5, heldout=0.2)))
+    decision = promote(store["client"], name)
+    assert not decision.promoted and decision.metric == "ppo/heldout_score_mean"
+    assert (decision.challenger_score, decision.champion_score) == (0.2, 0.4)
+    assert aliases(store, name)[CHAMPION] == v1
+    # scores under another held-out model's weights are not comparable
+    register_version(store["client"], name, store["model_uri"], store["run_id"],
+                     evaluation_tags(no_gold_report(rm=0.1, heldout=0.9, heldout_version="h2")))
+    with pytest.raises(IncomparableEvaluationError, match="heldout=h2"):
+        promote(store["client"], name)
     assert aliases(store, name)[CHAMPION] == v1
 
 
