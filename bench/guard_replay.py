@@ -49,10 +49,10 @@ def guard_points(by_step: dict[int, list[dict]]) -> list[GuardPoint]:
     """The points the trainer handed the guard (means and the held-out standard error)."""
     points = []
     for step, rows in by_step.items():
-        held = [r["heldout"] for r in rows]
+        held, kl = [r["heldout"] for r in rows], [r["kl"] for r in rows]
         points.append(GuardPoint(step=step, proxy=statistics.fmean(r["proxy"] for r in rows),
                                  heldout=statistics.fmean(held), heldout_se=statistics.stdev(held) / len(held) ** 0.5,
-                                 kl=statistics.fmean(r["kl"] for r in rows)))
+                                 kl=statistics.fmean(kl), kl_se=statistics.stdev(kl) / len(kl) ** 0.5))
     return points
 
 

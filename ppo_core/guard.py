@@ -14,12 +14,13 @@ held-out score and the KL to the reference per response. :class:`Overoptimizatio
 * finds the checkpoint with the best held-out score among those within the KL budget
   (step 0, the reference itself, is the baseline every checkpoint must beat), then keeps
   the one with the *least KL* whose score is within ``select_z`` standard errors of that
-  best: the one-standard-error rule of model selection (Breiman et al. 1984, "Classification
-  and Regression Trees", sec. 3.4.3; Hastie et al., "Elements of Statistical Learning",
-  sec. 7.10). Once the held-out curve plateaus, which checkpoint on the plateau scores
-  highest is noise, while KL keeps creeping up; on 21 recorded PPO runs of four tasks the
-  rule (z = 1) kept checkpoints 0.76 nats closer to the reference at the same gold win rate
-  (+0.013 +- 0.010), BENCHMARKS.md. ``select_z = 0`` keeps the best-scoring one;
+  best, provided its KL is lower by more than ``select_z`` standard errors of the
+  difference too: the one-standard-error rule of model selection (Breiman et al. 1984,
+  "Classification and Regression Trees", sec. 3.4.3; Hastie et al., "Elements of Statistical
+  Learning", sec. 7.10). Once the held-out curve plateaus, which checkpoint on the plateau
+  scores highest is noise, while KL keeps creeping up; a checkpoint that is not measurably
+  closer to the reference is no reason to give up score. ``select_z = 0`` keeps the
+  best-scoring one (BENCHMARKS.md has the replay of recorded runs under both rules);
 * stops the run once ``patience`` evaluations in a row fell clearly below the best (by more
   than ``stop_z`` standard errors of the difference, so a plateau's noise does not end a run
   that is still climbing slowly) or left the KL budget; the reason says whether the proxy
@@ -50,6 +51,8 @@ class GuardPoint:
     """standard error of ``heldout`` over the evaluated responses"""
     kl: float
     """mean KL(policy || reference) per response, nats (sum over its tokens)"""
+    kl_se: float = 0.0
+    """standard error of ``kl`` over the evaluated responses"""
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,15 @@ class OveroptimizationGuard:
 
     @property
     def kept(self) -> GuardPoint | None:
-        """The checkpoint to ship: the least-KL candidate (the earliest on a tie), or None when
-        no trained checkpoint beat the reference."""
+        """The checkpoint to ship, or None when no trained checkpoint beat the reference: the
+        least-KL candidate (the earliest on a tie) when its KL is measurably below the best's,
+        else the best."""
         cands = [p for p in self.points if self.candidate(p)]
-        return min(cands, key=lambda p: (p.kl, p.step)) if cands else None
+        if not cands or self.best is None:
+            return None
+        low = min(cands, key=lambda p: (p.kl, p.step))
+        closer = low.kl < self.best.kl - self.select_z * math.hypot(low.kl_se, self.best.kl_se)
+        return low if closer or low.kl == self.best.kl else self.best
 
     @property
     def baseline(self) -> GuardPoint | None:

@@ -1033,7 +1033,8 @@ class PPOTrainer:
             row.update({"step": self.step, "proxy": p, "heldout": h, "kl": k})
         point = GuardPoint(step=self.step, proxy=float(np.mean(proxy)), heldout=float(held_n.mean()),
                            heldout_se=float(held_n.std() / math.sqrt(max(len(held), 1))),
-                           kl=float(np.mean(kl)))
+                           kl=float(np.mean(kl)), kl_se=float(np.std(kl, ddof=1) / math.sqrt(len(kl)))
+                           if len(kl) > 1 else 0.0)
         return point, rows
 
     def best_dir(self, step: int | None = None) -> Path:

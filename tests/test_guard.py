@@ -97,6 +97,20 @@ def test_one_se_rule_keeps_the_least_kl_checkpoint_near_the_best() -> None:
     assert h.kept is not None and h.kept.step == 10
 
 
+def test_a_checkpoint_not_measurably_closer_to_the_reference_does_not_replace_the_best() -> None:
+    # step 5 is within one SE of the best (0.45 vs 0.50) but its KL (1.9 +- 0.1) is not lower
+    # than the best's (2.0 +- 0.1) by more than one SE of the difference (0.14): step 10 is kept.
+    # At KL 1.8 it is (0.2 > 0.14), and step 5 is kept.
+    def kept(kl5: float) -> int:
+        g = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
+        for p in [GuardPoint(0, 0, 0.0, 0.1, 0.0, 0.0), GuardPoint(5, 1, 0.45, 0.1, kl5, 0.1),
+                  GuardPoint(10, 2, 0.50, 0.1, 2.0, 0.1)]:
+            g.update(p)
+        assert g.kept is not None
+        return g.kept.step
+    assert kept(1.9) == 10 and kept(1.8) == 5
+
+
 def test_a_higher_best_drops_checkpoints_that_left_the_band() -> None:
     # step 5 (0.2) is a candidate until step 10 scores 0.6: the band becomes >= 0.5, so the
     # step-5 weights are dropped; step 15 (0.55, KL 1.5) is then kept over step 10 (KL 2)

@@ -30,7 +30,7 @@ def test_points_and_kept_steps_by_hand(tmp_path: Path) -> None:
     points = guard_points(load_run(write_run(tmp_path / "guard_samples.jsonl")))
     assert [p.step for p in points] == [0, 5, 10]
     assert points[2].heldout == pytest.approx(0.5) and points[2].heldout_se == pytest.approx(0.1)
-    assert points[1].kl == 1.0 and points[2].proxy == 10.0
+    assert points[1].kl == 1.0 and points[1].kl_se == 0.0 and points[2].proxy == 10.0
     assert kept_step(points, 0.0, patience=3, stop_z=1.0, kl_budget=None) == 10
     # 0.45 is within one SE (0.1) of 0.50, at half the KL
     assert kept_step(points, 1.0, patience=3, stop_z=1.0, kl_budget=None) == 5

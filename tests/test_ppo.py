@@ -367,7 +367,7 @@ def test_guard_keeps_the_heldout_selected_checkpoint(tiny_run, tmp_path, monkeyp
 
     def scripted(self):
         point, rows = real(self)
-        over = {"kl": kl[point.step]} if kl else {}
+        over = {"kl": kl[point.step], "kl_se": 0.1} if kl else {}
         return dataclasses.replace(point, heldout=heldout[point.step], heldout_se=se, **over), rows
 
     monkeypatch.setattr(PPOTrainer, "guard_point", scripted)
