@@ -490,9 +490,13 @@ def _kept_metadata(summary: dict[str, Any]) -> dict[str, Any]:
     if "best_metric_name" in summary:
         out["selected_on"] = f"{summary['best_metric_name']} on the eval split (best {summary['best_metric']:.4g})"
     elif "guard/kept_step" in summary:
+        best = summary.get("guard/best_step", summary["guard/kept_step"])
+        rule = ("" if best == summary["guard/kept_step"] else
+                f"; the best score was at step {int(best)}, the kept one scores within guard_select_z "
+                "standard errors of it at measurably lower KL")
         out["selected_on"] = ("held-out reward model score on held-out prompts "
                               f"(gain {summary['guard/heldout_gain']:+.3f} +- {summary['guard/heldout_gain_se']:.3f} "
-                              f"over SFT, at {summary['guard/kl_kept']:.2f} nats/response KL)")
+                              f"over SFT, at {summary['guard/kl_kept']:.2f} nats/response KL{rule})")
     return out
 
 

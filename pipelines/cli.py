@@ -159,6 +159,7 @@ def build_summary(
         "kl_to_sft_per_response": _num(metrics.get("ppo/kl_to_ref_per_response")),
         "ppo_kept_step": _num(ppo.get("summary", {}).get("kept_step")),
         "ppo_heldout_gain": _num(ppo.get("summary", {}).get("guard/heldout_gain")),
+        "ppo_best_step": _num(ppo.get("summary", {}).get("guard/best_step")),
         "ppo_train_kl": train_kl[1] if train_kl else None,
         "ppo_ended_eos_frac": _num(metrics.get("ppo/ended_eos_frac")),
         "checks": dict(checks),
@@ -204,7 +205,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"  KL(PPO || SFT) held-out, per response  : {fmt(summary.get('kl_to_sft_per_response'))} nats "
         f"({fmt(summary['kl_to_sft'])} per token)",
         f"  PPO step kept by the guard             : {fmt(summary.get('ppo_kept_step'))} "
-        f"(held-out reward gain over SFT {fmt(summary.get('ppo_heldout_gain'))} std)",
+        f"(held-out reward gain over SFT {fmt(summary.get('ppo_heldout_gain'))} std; "
+        f"best held-out score at step {fmt(summary.get('ppo_best_step'))})",
         f"  PPO responses ended with EOS           : {fmt(summary['ppo_ended_eos_frac'])}",
         f"  registered                             : {summary['registered_model'] or 'not registered'}"
         + (f" v{summary['registered_version']}" if summary["registered_version"] else ""),

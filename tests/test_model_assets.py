@@ -405,3 +405,17 @@ def test_registered_versions_are_the_training_runs_logged_models(lineage: dict) 
     parent = client.get_run(registering.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["dagster.run_id"] == registry.run_id and parent.info.status == "FINISHED"
 
+
+
+def test_kept_metadata_says_when_the_guard_kept_a_step_other_than_the_best() -> None:
+    from assets.models import _kept_metadata
+
+    summary = {"stopped_reason": "completed", "kept_step": 25.0, "step": 60.0, "guard/kept_step": 25.0,
+               "guard/best_step": 45.0, "guard/heldout_gain": 1.5, "guard/heldout_gain_se": 0.1,
+               "guard/kl_kept": 6.25}
+    meta = _kept_metadata(summary)
+    assert meta["kept_step"] == 25 and meta["trained_steps"] == 60
+    assert meta["selected_on"] == ("held-out reward model score on held-out prompts (gain +1.500 +- 0.100 over "
+                                   "SFT, at 6.25 nats/response KL; the best score was at step 45, the kept one "
+                                   "scores within guard_select_z standard errors of it at measurably lower KL)")
+    assert "best score" not in _kept_metadata({**summary, "guard/best_step": 25.0})["selected_on"]
