@@ -287,8 +287,9 @@ def guard_curve(samples_file: Path, scorer: GoldScorer | None) -> list[dict[str,
 
 
 # ---------------------------------------------------------------- asset
-class EvaluationConfig(dg.Config):
-    """What an operator tunes in the evaluation."""
+class SamplingConfig(dg.Config):
+    """How both policies answer the test prompts; ``evaluation_report`` and ``round_evaluation``
+    share it, so a round's scores compare with the registered ones."""
 
     max_prompts: int = Field(default=96, description="Held-out prompts evaluated (0 = all).")
     samples_per_prompt: int = Field(
@@ -303,6 +304,11 @@ class EvaluationConfig(dg.Config):
     )
     batch_size: int = Field(default=32, description="Prompts per generation / scoring batch.")
     seed: int = Field(default=0, description="Sampling seed, the same for both policies.")
+
+
+class EvaluationConfig(SamplingConfig):
+    """What an operator tunes in the evaluation."""
+
     gold_scorer: str = Field(
         default="",
         description="'module:function' scoring (prompts, responses); '' = the bundled task's on "

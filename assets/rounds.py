@@ -37,6 +37,7 @@ import pandas as pd
 from pydantic import Field
 
 from assets import annotation
+from assets.evaluation import SamplingConfig
 from assets.ingest import IngestError, content_hash, load_preferences
 from assets.models import TRAINING_POOL, PPOPolicyConfig, RewardModelConfig, reward_accuracy_result, train_stage
 from assets.plots import png_markdown, rounds_plot
@@ -396,16 +397,9 @@ def round_policy(context: dg.AssetExecutionContext, config: RoundPolicyConfig, m
 
 
 # ---------------------------------------------------------------- 4. evaluation
-class RoundEvaluationConfig(dg.Config):
-    """The fixed evaluation set; defaults equal evaluation_report's, so scores compare with the
+class RoundEvaluationConfig(SamplingConfig):
+    """The fixed evaluation set: evaluation_report's sampling settings, so scores compare with the
     champion's registered ones."""
-
-    max_prompts: int = Field(default=96, description="Test prompts evaluated (0 = all).")
-    samples_per_prompt: int = Field(default=4, description="Answers per prompt and policy.")
-    max_new_tokens: int = Field(default=32, description="Answer length cap, in tokens.")
-    temperature: float = Field(default=0.7, description="Sampling temperature (PPO's).")
-    batch_size: int = Field(default=32, description="Prompts per generation / scoring batch.")
-    seed: int = Field(default=0, description="Sampling seed, the same for both policies.")
 
 
 def round_metrics(report: dict[str, Any], kl_champion: float) -> dict[str, float | None]:
