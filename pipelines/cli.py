@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from pipelines import settings
+from pipelines.io_managers import manifest_path
 
 LINEAGE_JOB = "rlhf_lineage"
 # The embedded default instance. One training step at a time (the "training" pool of
@@ -94,8 +95,7 @@ def load_run_config(path: str | None) -> dict[str, Any]:
 # ---------------------------------------------------------------- summary
 def read_manifest(asset: str, run_id: str | None = None) -> dict[str, Any] | None:
     """The JSON manifest an asset wrote (for ``run_id`` when given, else the latest)."""
-    base = settings.rlhf_home() / "manifests"
-    path = base / asset / "runs" / f"{run_id}.json" if run_id else base / f"{asset}.json"
+    path = manifest_path(settings.manifests_root(), [asset], run_id=run_id)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -341,7 +341,7 @@ def run_round(defs: Any, instance: Any, run_config: Mapping[str, Any], files: Se
 
 
 def read_manifest_partition(asset: str, partition: str) -> dict[str, Any] | None:
-    path = settings.rlhf_home() / "manifests" / asset / "partitions" / f"{partition}.json"
+    path = manifest_path(settings.manifests_root(), [asset], partition=partition)
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -26,11 +26,6 @@ from pipelines.notify import Notifier
 from pipelines.resources import MLflowResource, TrainingLauncher
 
 
-def manifests_dir() -> str:
-    """Where the JSON manifests that assets hand each other live."""
-    return str(settings.rlhf_home() / "manifests")
-
-
 # MLflowResource field <- environment variable a deployment may set.
 MLFLOW_ENV_FIELDS = {
     "tracking_uri": "MLFLOW_TRACKING_URI",
@@ -61,7 +56,7 @@ def default_resources() -> dict[str, object]:
     """Resources of the embedded default (every path under ``RLHF_HOME``), deployment settings
     from the environment (``MLFLOW_ENV_FIELDS``, ``LAUNCHER_ENV_FIELDS``)."""
     return {
-        "io_manager": JsonManifestIOManager(base_dir=manifests_dir()),
+        "io_manager": JsonManifestIOManager(base_dir=str(settings.manifests_root())),
         "mlflow": MLflowResource(**env_fields(MLFLOW_ENV_FIELDS)),
         "launcher": TrainingLauncher(**env_fields(LAUNCHER_ENV_FIELDS)),
         "notifier": Notifier(),

@@ -10,20 +10,31 @@ round, as ``<asset key>/partitions/<key>.json``) and also keeps one copy per run
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 
+def manifest_path(base_dir: str | Path, key: Sequence[str], partition: str | None = None,
+                  run_id: str | None = None) -> Path:
+    """Where the manifest of asset ``key`` lives: the latest, one partition's, or one run's copy."""
+    root = Path(base_dir).joinpath(*key)
+    if partition is not None:
+        return root / "partitions" / f"{partition}.json"
+    if run_id is not None:
+        return root / "runs" / f"{run_id}.json"
+    return root.with_suffix(".json")
+
+
 class JsonManifestIOManager(dg.ConfigurableIOManager):
     base_dir: str
 
-    def _path(self, context: dg.OutputContext | dg.InputContext, partition: str | None = None) -> Path:
+    def _path(self, context: dg.OutputContext | dg.InputContext, partition: str | None = None,
+              run_id: str | None = None) -> Path:
         key = context.asset_key.path if context.has_asset_key else [context.name]
-        if partition is not None:
-            return Path(self.base_dir).joinpath(*key, "partitions", f"{partition}.json")
-        return Path(self.base_dir).joinpath(*key).with_suffix(".json")
+        return manifest_path(self.base_dir, key, partition, run_id)
 
     @staticmethod
     def _partition(context: dg.OutputContext | dg.InputContext) -> str | None:
@@ -43,7 +54,7 @@ class JsonManifestIOManager(dg.ConfigurableIOManager):
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(text)
         tmp.replace(path)
-        history = self._path(context).with_suffix("") / "runs" / f"{context.run_id}.json"
+        history = self._path(context, run_id=context.run_id)
         history.parent.mkdir(parents=True, exist_ok=True)
         history.write_text(text)
 

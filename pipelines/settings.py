@@ -103,3 +103,8 @@ def landing_dir() -> Path:
 
 def models_root() -> Path:
     return rlhf_home() / "models"
+
+
+def manifests_root() -> Path:
+    """Where the JSON manifests that assets hand each other live (``pipelines.io_managers``)."""
+    return rlhf_home() / "manifests"

@@ -161,3 +161,12 @@ def test_rlhf_run_prints_one_line_per_asset_and_logs_everything_to_a_file(tmp_pa
         assert event in text, event
     assert text.count(run_id) > 20 and "DEBUG" in text
     assert json.loads((home / "summary.json").read_text())["where"]["log"] == str(log)
+
+
+def test_manifest_paths_are_the_io_managers_layout(tmp_path: Path) -> None:
+    from pipelines.io_managers import manifest_path
+
+    assert manifest_path(tmp_path, ["ppo_policy"]) == tmp_path / "ppo_policy.json"
+    assert manifest_path(tmp_path, ["ppo_policy"], run_id="r1") == tmp_path / "ppo_policy" / "runs" / "r1.json"
+    assert (manifest_path(tmp_path, ["round_policy"], partition="round-0001")
+            == tmp_path / "round_policy" / "partitions" / "round-0001.json")
