@@ -30,7 +30,7 @@ from pipelines.resources import MLflowResource
 
 BUNDLED_GOLD_SCORER = "assets.bundled_task:gold_score_batch"
 # Bumped by hand when a change here changes the report for the same inputs (see assets/data.py).
-EVALUATION_REPORT_VERSION = "4"
+EVALUATION_REPORT_VERSION = "5"
 GoldScorer = Callable[[list[str], list[str]], list[float]]
 
 
@@ -296,8 +296,8 @@ class SamplingConfig(dg.Config):
         default=4, description="Answers sampled per prompt and policy; win rates compare the i-th answers "
         "of SFT and PPO to the same prompt. More samples, less noise on a small test split.")
     max_new_tokens: int = Field(
-        default=32, description="Answer length cap, in tokens; ppo_core.ppo's response_length default, so "
-        "'ended with EOS' is measured under the limit PPO trained with.")
+        default=0, description="Answer length cap, in tokens; 0 = the PPO stage's response_length (measured "
+        "on the data by base_model), so 'ended with EOS' is measured under the limit PPO trained with.")
     temperature: float = Field(
         default=0.7, description="Sampling temperature; 0.7 = ppo_core's PPO default, the distribution PPO "
         "optimised (0 = greedy)."
@@ -315,6 +315,21 @@ class EvaluationConfig(SamplingConfig):
         "bundled data, 'none' = no gold scores.",
     )
     n_table_samples: int = Field(default=8, description="Rows of the samples table in the metadata.")
+
+
+def response_length(max_new_tokens: int, stage_manifest: dict) -> int:
+    """``max_new_tokens``, or when it is 0 the ``response_length`` the PPO stage behind
+    ``stage_manifest`` sampled with (its stage_config.json), else the data's measured one."""
+    if max_new_tokens > 0:
+        return max_new_tokens
+    path = stage_manifest.get("config_path")
+    if path and Path(path).is_file():
+        return int(json.loads(Path(path).read_text())["response_length"])
+    seq = stage_manifest.get("lengths") or {}
+    if "response_length" in seq:
+        return int(seq["response_length"])
+    raise ValueError("max_new_tokens 0 means the PPO stage's response_length, but the policy's manifest names no "
+                     "stage config and no measured lengths; set max_new_tokens")
 
 
 def _read_split(splits: dict, name: str) -> pd.DataFrame:
@@ -422,6 +437,7 @@ def evaluation_report(
     ppo_policy: dict,
 ) -> dg.MaterializeResult:
     out_dir = settings.models_root() / "evaluation_report" / context.run.run_id
+    config = config.model_copy(update={"max_new_tokens": response_length(config.max_new_tokens, ppo_policy)})
     with mlflow.run(context, "evaluation_report",
                     {"data_version": str(dataset_splits.get("data_version", ""))}) as run:
         run_id = run.info.run_id
@@ -454,6 +470,7 @@ def evaluation_report(
         "metrics": metrics,
         "gold_scorer": result["report"]["gold_scorer"], "mlflow_run_id": run_id,
         "heldout_reward_model_version": result["report"]["heldout_reward_model_version"],
+        "max_new_tokens": config.max_new_tokens,
         "data_version": dataset_splits.get("data_version"), "ppo_model_path": ppo_policy.get("model_path"),
         "sft_model_path": sft_model.get("model_path"),
         "ppo_model_id": ppo_policy.get("mlflow_model_id"),

@@ -58,7 +58,7 @@ BUILT_SIZES = ("auto", "tiny", "small")
 # Code versions, bumped by hand as described in assets/data.py. A training asset's logic
 # includes its ppo_core engine: bump the stage's constant when a change to ppo_core/<stage>.py
 # (or to the shared trainer / strategy) changes the weights it produces for the same inputs.
-BASE_MODEL_VERSION = "1"
+BASE_MODEL_VERSION = "2"
 SFT_MODEL_VERSION = "1"
 REWARD_MODEL_VERSION = "2"  # reward_model and heldout_reward_model (same engine)
 PPO_POLICY_VERSION = "1"
@@ -284,18 +284,32 @@ def _check_no_conflict(stage: str, cfg: StageConfig) -> None:
                          "field and remove it from overrides")
 
 
-def core_config(stage: str, cfg: StageConfig, **paths: Any) -> Any:
+# Which of base_model's measured sequence lengths (ppo_core.lengths) each stage takes.
+LENGTH_FIELDS: dict[str, tuple[str, ...]] = {
+    "sft": ("max_length",), "reward": ("max_length",), "ppo": ("max_prompt_length", "response_length"),
+}
+
+
+def length_defaults(stage: str, seq: dict[str, int] | None) -> dict[str, int]:
+    """The data's lengths for ``stage`` (none for a manifest written before they were measured)."""
+    return {k: int(seq[k]) for k in LENGTH_FIELDS[stage] if k in seq} if seq else {}
+
+
+def core_config(stage: str, cfg: StageConfig, defaults: dict[str, Any] | None = None, **paths: Any) -> Any:
     """The ppo_core config of ``stage`` from the asset config plus the paths the asset resolved.
 
-    Typed fields at their default (0 / None) keep the engine's default (its source is documented
-    there). ``overrides`` set any other field (nested ones as mappings, e.g. ``strategy``);
-    ppo_core's strict loader rejects an unknown name or a wrong type, naming the valid ones.
+    ``defaults`` (the data's sequence lengths, :func:`length_defaults`) replace the engine's
+    defaults; typed fields the operator set and ``overrides`` win over them. Typed fields at
+    their default (0 / None) keep the engine's default (its source is documented there).
+    ``overrides`` set any other field (nested ones as mappings, e.g. ``strategy``); ppo_core's
+    strict loader rejects an unknown name or a wrong type, naming the valid ones.
     """
     from ppo_core.config import from_dict
 
     cls = core_config_class(stage)
     _check_no_conflict(stage, cfg)
     values: dict[str, Any] = {}
+    _merge(cls, values, dict(defaults or {}))
     _merge(cls, values, typed_values(stage, cfg))
     _merge(cls, values, dict(cfg.overrides))
     _merge(cls, values, paths)
@@ -381,10 +395,10 @@ def prepare_attempt(out: Path, metrics_file: Path, resumed: int | None, operator
         metrics_file.write_text("".join(line + "\n" for line in keep))
 
 
-def stage_core_config(stage: str, cfg: StageConfig, **paths: Any) -> Any:
+def stage_core_config(stage: str, cfg: StageConfig, defaults: dict[str, Any] | None = None, **paths: Any) -> Any:
     """``core_config`` with a bad configuration as a non-retryable failure: retrying cannot fix it."""
     try:
-        return core_config(stage, cfg, **paths)
+        return core_config(stage, cfg, defaults, **paths)
     except ValueError as exc:  # ppo_core.config.ConfigError is a ValueError
         raise dg.Failure(description=f"{stage} stage config: {exc}", allow_retries=False) from exc
 
@@ -412,17 +426,20 @@ def train_stage(
     data_version: str,
     paths: dict[str, Any],
     datasets: list[SplitInput] | None = None,
+    seq: dict[str, int] | None = None,
 ) -> dg.MaterializeResult:
     """Configure, launch, log and describe one training stage (the body of every training asset).
 
-    ``datasets``: the split files the stage reads, logged as the run's dataset inputs.
+    ``datasets``: the split files the stage reads, logged as the run's dataset inputs. ``seq``:
+    base_model's measured sequence lengths; the stage takes its own (:data:`LENGTH_FIELDS`) and
+    its manifest carries them on to the stages after it.
     """
     out = resume_dir(asset, context)
     metrics_file = out / "metrics.jsonl"
     resumed = resume_step(context, asset, cfg, out)
     prepare_attempt(out, metrics_file, resumed, operator_resume="resume_from" in cfg.overrides)
     resume = {} if resumed is None else {"resume_from": "latest"}
-    core = stage_core_config(stage, cfg, output_dir=str(out), **resume, **paths)
+    core = stage_core_config(stage, cfg, length_defaults(stage, seq), output_dir=str(out), **resume, **paths)
     config_path = write_stage_config(core, out / "stage_config.json")
     with mlflow.run(context, asset, {"data_version": data_version, "stage": stage}) as run:
         run_id = run.info.run_id
@@ -459,7 +476,7 @@ def train_stage(
         "stage": stage, "model_path": str(model_path), "output_dir": str(out),
         "config_path": str(config_path), "metrics_file": str(metrics_file),
         "mlflow_run_id": run_id, "mlflow_model_id": model_id, "data_version": data_version,
-        "summary": numbers, "plots": {k: str(v) for k, v in plots.items()},
+        "summary": numbers, "plots": {k: str(v) for k, v in plots.items()}, "lengths": seq,
     }
     metadata: dict[str, Any] = {
         **pipes_meta,
@@ -528,14 +545,51 @@ def _training_texts(splits: dict) -> list[str]:
     return texts
 
 
+# Split files whose prompts / responses set the sequence lengths (ppo_core.lengths): every
+# prompt PPO and the evaluation will see, every response SFT and the reward models train on.
+_PROMPT_SPLITS = ("sft_train.parquet", "ppo_train.parquet", "ppo_eval.parquet", "test_prompts.parquet")
+_RESPONSE_SPLITS = {"sft_train.parquet": ("completion",), "rm_train.parquet": ("chosen", "rejected"),
+                    "rm_heldout.parquet": ("chosen", "rejected")}
+
+
+def model_context(model_dir: Path) -> int | None:
+    """Positions a model attends over, from its config.json (None when it does not say)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return next((int(cfg[k]) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                 if isinstance(cfg.get(k), int)), None)
+
+
+def data_lengths(splits: dict, model_dir: Path) -> dict[str, int]:
+    """``ppo_core.lengths.length_settings`` of the split files under ``model_dir``'s tokenizer."""
+    from ppo_core import lengths, models
+
+    tok = models.load_tokenizer(str(model_dir))
+    prompts: set[str] = set()
+    owned: dict[str, str] = {}   # response -> a prompt it answers (the chat-template rule needs one)
+    for name in _PROMPT_SPLITS:
+        path = Path(splits["split_dir"]) / name
+        if path.is_file():
+            prompts.update(pd.read_parquet(path, columns=["prompt"])["prompt"].astype(str))
+    for name, cols in _RESPONSE_SPLITS.items():
+        path = Path(splits["split_dir"]) / name
+        if path.is_file():
+            frame = pd.read_parquet(path, columns=["prompt", *cols]).astype(str)
+            for col in cols:
+                owned.update(zip(frame[col], frame["prompt"]))
+    p, r = lengths.token_lengths(tok, sorted(prompts), list(owned), list(owned.values()))
+    return lengths.length_settings(p, r)
+
+
 @dg.asset(group_name="models", kinds={"pytorch"}, code_version=BASE_MODEL_VERSION,
-          description="Tokenizer and starting weights: built tiny from the training texts, or a hub id / local path.")
+          description="Tokenizer and starting weights: built tiny from the training texts, or a hub id / local path; "
+          "the sequence lengths the stages use, measured on the data.")
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, dataset_splits: dict) -> dg.MaterializeResult:
-    from ppo_core import models
+    from ppo_core import lengths, models
 
     out = run_dir("base_model", context)
     source = config.source.strip()
     dims = {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head}
+    seq: dict[str, int] | None = None
     if source in BUILT_SIZES:
         if config.arch not in models.ARCHITECTURES:
             raise dg.Failure(description=f"base_model: arch={config.arch!r} is not one the builder knows; "
@@ -544,6 +598,12 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
         size: Any = dims if source == "auto" else source
         context.log.info(f"building a {source} {config.arch} model and tokenizer from {len(texts)} training texts")
         models.build_base_model(texts, str(out / "final"), size=size, arch=config.arch)
+        # the tokenizer is trained on the texts alone: a rebuild with more positions keeps it
+        seq = data_lengths(dataset_splits, out / "final")
+        need = lengths.context_for(seq, floor=0)
+        if need > (model_context(out / "final") or need):
+            context.log.info(f"rebuilding with {need} positions: the data's sequences need them")
+            models.build_base_model(texts, str(out / "final"), size=size, arch=config.arch, n_positions=need)
     elif any(dims.values()):
         raise dg.Failure(description=f"base_model: n_layer / n_embd / n_head size a model built from scratch; "
                          f"source {source!r} is a pretrained model whose size is fixed: set them to 0")
@@ -556,11 +616,20 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
         model.save_pretrained(out / "final", safe_serialization=True)
     n_params = _count_params(out / "final")
     arch = _architecture(out / "final")
+    seq = seq or data_lengths(dataset_splits, out / "final")
+    positions = model_context(out / "final")
+    if positions is not None:
+        try:
+            seq = lengths.fit_context(seq, positions)
+        except ValueError as exc:
+            raise dg.Failure(description=f"base_model: {exc}", allow_retries=False) from exc
+    context.log.info(f"sequence lengths for this data: {seq}")
     manifest = {"model_path": str(out / "final"), "source": source,
-                "data_version": _data_version(dataset_splits), "n_params": n_params, **arch}
+                "data_version": _data_version(dataset_splits), "n_params": n_params, **arch, "lengths": seq}
     return dg.MaterializeResult(value=manifest, data_version=dg.DataVersion(model_dir_version(out / "final")),
                                 metadata={"model_path": dg.MetadataValue.path(str(out / "final")), "source": source,
-                                          "n_params": n_params, **arch})
+                                          "n_params": n_params, **arch, "context": positions or "unknown",
+                                          "lengths": dg.MetadataValue.json(seq)})
 
 
 def _architecture(model_dir: Path) -> dict[str, Any]:
@@ -611,6 +680,7 @@ def sft_model(context: dg.AssetExecutionContext, config: SFTModelConfig, mlflow:
         paths={"model_name_or_path": base_model["model_path"],
                "data_dir": _split_dir(dataset_splits, ("sft_train.parquet", "sft_eval.parquet"))},
         datasets=split_inputs(dataset_splits, {"sft_train": TRAINING, "sft_eval": EVAL}),
+        seq=base_model.get("lengths"),
     )
 
 
@@ -626,6 +696,7 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, m
         paths={"model_name_or_path": sft_model["model_path"],
                "data_dir": _split_dir(dataset_splits, ("rm_train.parquet", "rm_eval.parquet"))},
         datasets=split_inputs(dataset_splits, {"rm_train": TRAINING, "rm_eval": EVAL}),
+        seq=sft_model.get("lengths"),
     )
 
 
@@ -656,6 +727,7 @@ def heldout_reward_model(context: dg.AssetExecutionContext, config: HeldoutRewar
         paths={"model_name_or_path": sft_model["model_path"], "train_file": "rm_heldout.parquet",
                "data_dir": _split_dir(dataset_splits, ("rm_heldout.parquet", "rm_eval.parquet"))},
         datasets=split_inputs(dataset_splits, {"rm_heldout": TRAINING, "rm_eval": EVAL}),
+        seq=sft_model.get("lengths"),
     )
 
 
@@ -676,6 +748,7 @@ def ppo_policy(context: dg.AssetExecutionContext, config: PPOPolicyConfig, mlflo
                "train_file": _split(dataset_splits, "ppo_train.parquet"),
                "eval_file": _split(dataset_splits, "ppo_eval.parquet")},
         datasets=split_inputs(dataset_splits, {"ppo_train": TRAINING, "ppo_eval": EVAL}),
+        seq=sft_model.get("lengths"),
     )
 
 

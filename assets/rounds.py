@@ -46,6 +46,7 @@ from pipelines import settings
 from pipelines.mlflow_models import EVAL, TRAINING, log_datasets, model_metrics, split_inputs
 from pipelines.notify import Notifier
 from pipelines.resources import MLflowResource, TrainingLauncher
+from ppo_core.lengths import MIN_RESPONSE_LENGTH
 
 GROUP = "rounds"
 ROUNDS = dg.DynamicPartitionsDefinition(name="rlhf_round")
@@ -172,7 +173,8 @@ class RoundPreferencesConfig(dg.Config):
         "the champion's samples (needs a gold scorer).")
     n_prompts: int = Field(default=512, description="Training prompts the champion answers twice for the "
                            "simulated annotator (a new draw every round).")
-    max_new_tokens: int = Field(default=32, description="Answer length cap of those samples (PPO's default).")
+    max_new_tokens: int = Field(default=0, description="Answer length cap of those samples; 0 = the one the "
+                                "lineage's evaluation sampled with (PPO's response_length).")
     temperature: float = Field(default=1.0, description="Sampling temperature of those samples: 1.0, the "
                                "policy's own distribution, so the pairs differ (Llama 2 samples its "
                                "annotation pairs at varied temperatures).")
@@ -223,13 +225,13 @@ def other_policy(context: dg.AssetExecutionContext, champion_dir: str) -> tuple[
 
 
 def _simulated_pairs(config: RoundPreferencesConfig, champion_dir: str, other_dir: str, splits: dict,
-                     scorer_spec: str, key: str) -> tuple[pd.DataFrame, Path]:
+                     scorer_spec: str, key: str, max_new_tokens: int) -> tuple[pd.DataFrame, Path]:
     from assets.evaluation import load_gold_scorer
 
     seed = config.seed + _round_index(key)
     prompts = annotation.pick_prompts(pd.read_parquet(Path(splits["split_dir"]) / "ppo_train.parquet")["prompt"],
                                       config.n_prompts, seed)
-    batch = sample_pairs(champion_dir, other_dir, prompts, config.max_new_tokens, config.temperature, seed,
+    batch = sample_pairs(champion_dir, other_dir, prompts, max_new_tokens, config.temperature, seed,
                          f"{key}-simulated")
     labelled = annotation.simulate_labels(batch, load_gold_scorer(scorer_spec), config.annotator_temperature, seed)
     out = rounds_root() / key / "annotation_simulated.jsonl"
@@ -266,7 +268,8 @@ def round_preferences(context: dg.AssetExecutionContext, config: RoundPreference
     elif scorer:
         other_dir, other = other_policy(context, champion_dir)
         context.log.info(f"simulated annotator: champion v{champion.version} against {other}")
-        labelled, batch_path = _simulated_pairs(config, champion_dir, other_dir, dataset_splits, scorer, key)
+        length = config.max_new_tokens or int(evaluation_report.get("max_new_tokens") or MIN_RESPONSE_LENGTH)
+        labelled, batch_path = _simulated_pairs(config, champion_dir, other_dir, dataset_splits, scorer, key, length)
         raw = load_preferences(str(batch_path), "labels").frame
         origin = (f"simulated annotator (T={config.annotator_temperature}) on champion v{champion.version} "
                   f"against {other}")
@@ -350,7 +353,8 @@ def round_reward_model(context: dg.AssetExecutionContext, config: RoundRewardMod
     result = train_stage(context, asset="round_reward_model", stage="reward", cfg=config, mlflow=mlflow,
                          launcher=launcher, data_version=round_preferences["data_version"],
                          paths={"model_name_or_path": init, "data_dir": round_preferences["split_dir"]},
-                         datasets=split_inputs(round_preferences, {"rm_train": TRAINING, "rm_eval": EVAL}))
+                         datasets=split_inputs(round_preferences, {"rm_train": TRAINING, "rm_eval": EVAL}),
+                         seq=sft_model.get("lengths"))
     result.value["init_from"] = init_from
     check = reward_accuracy_result(result.value, config.min_accuracy)
     # Output + check result (not MaterializeResult): an asset with check_specs has several outputs
@@ -393,7 +397,8 @@ def round_policy(context: dg.AssetExecutionContext, config: RoundPolicyConfig, m
                "reward_model_path": round_reward_model["model_path"],
                **({"guard_reward_model_path": guard} if guard else {}),
                "train_file": str(split / "ppo_train.parquet"), "eval_file": str(split / "ppo_eval.parquet")},
-        datasets=split_inputs(dataset_splits, {"ppo_train": TRAINING, "ppo_eval": EVAL}))
+        datasets=split_inputs(dataset_splits, {"ppo_train": TRAINING, "ppo_eval": EVAL}),
+        seq=sft_model.get("lengths"))
 
 
 # ---------------------------------------------------------------- 4. evaluation
@@ -419,11 +424,13 @@ def round_metrics(report: dict[str, Any], kl_champion: float) -> dict[str, float
 def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationConfig, mlflow: MLflowResource,
                      raw_preferences: dict, dataset_splits: dict, round_preferences: dict, round_policy: dict,
                      round_reward_model: dict, sft_model: dict, heldout_reward_model: dict) -> dg.MaterializeResult:
-    from assets.evaluation import EvaluationConfig, evaluate, json_safe, kl_per_response, sequence_logprobs
+    from assets.evaluation import (EvaluationConfig, evaluate, json_safe, kl_per_response, response_length,
+                                   sequence_logprobs)
 
     key = context.partition_key
     out = settings.models_root() / "round_evaluation" / key / context.run.run_id
-    cfg = EvaluationConfig(**config.model_dump(), gold_scorer=round_preferences.get("gold_scorer") or "none")
+    cfg = EvaluationConfig(**{**config.model_dump(), "max_new_tokens": response_length(config.max_new_tokens, round_policy)},
+                           gold_scorer=round_preferences.get("gold_scorer") or "none")
     champion_dir, challenger_dir = round_preferences["champion_dir"], round_policy["model_path"]
     sft_dir, rm_dir = sft_model["model_path"], round_reward_model["model_path"]
     with mlflow.run(context, "round_evaluation", {"data_version": dataset_splits["data_version"], "rlhf.round": key}) as run:
@@ -454,7 +461,7 @@ def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationC
     report = {"metrics": metrics, "data_version": dataset_splits["data_version"],
               "gold_scorer": result["report"]["gold_scorer"], "mlflow_run_id": run.info.run_id,
               "heldout_reward_model_version": result["report"]["heldout_reward_model_version"],
-              "challenger_model_path": challenger_dir, "champion_model_path": champion_dir,
+              "max_new_tokens": cfg.max_new_tokens, "challenger_model_path": challenger_dir, "champion_model_path": champion_dir,
               "challenger_model_id": round_policy.get("mlflow_model_id"),
               "champion_version": round_preferences["champion_version"], "report_path": str(out / "report.json")}
     shown = ("challenger/gold_mean", "champion/gold_mean", "win_rate_gold", "challenger/heldout_score_mean",
@@ -587,7 +594,8 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
     # the policy the champion was just compared with: next round's pairs put the two side by side
     other_dir = (round_evaluation["champion_model_path"] if decision.promoted
                  else round_evaluation["challenger_model_path"])
-    batch = _next_batch(context, config, client, dataset_splits, mlflow.tracking_uri, other_dir)
+    batch = _next_batch(context, config, client, dataset_splits, mlflow.tracking_uri, other_dir,
+                        int(round_evaluation.get("max_new_tokens") or MIN_RESPONSE_LENGTH))
     metadata: dict[str, Any] = {**{k: v for k, v in row.items() if v is not None}, "decision": decision.reason,
                                 "other_policy_dir": dg.MetadataValue.path(other_dir),
                                 "challenger_version": str(challenger.version), "metric": decision.metric,
@@ -608,7 +616,7 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
 
 
 def export_batch(client: Any, tracking_uri: str, policy_name: str, split_dir: str, n_prompts: int,
-                 seed: int, tag: str, other_dir: str | None = None) -> Path:
+                 seed: int, tag: str, other_dir: str | None = None, max_new_tokens: int = MIN_RESPONSE_LENGTH) -> Path:
     """A batch for a labeller: the champion's answer and ``other_dir``'s (another champion
     answer when None) to ``n_prompts`` training prompts, ``preference`` empty, in
     ``outbox_dir()/<tag>-v<champion>.jsonl``."""
@@ -617,20 +625,20 @@ def export_batch(client: Any, tracking_uri: str, policy_name: str, split_dir: st
     prompts = annotation.pick_prompts(pd.read_parquet(Path(split_dir) / "ppo_train.parquet")["prompt"], n_prompts, seed)
     name = f"{tag}-v{champion.version}"
     # temperature 1: the policies' own distributions, so two answers of one policy differ
-    frame = sample_pairs(model_dir, other_dir or model_dir, prompts, 32, 1.0, seed, name)
+    frame = sample_pairs(model_dir, other_dir or model_dir, prompts, max_new_tokens, 1.0, seed, name)
     path = outbox_dir() / f"{name}.jsonl"
     path.unlink(missing_ok=True)  # the same tag and champion write the same batch again
     return annotation.write_batch(frame, path)
 
 
 def _next_batch(context: dg.AssetExecutionContext, config: RoundChampionConfig, client: Any,
-                splits: dict, tracking_uri: str, other_dir: str) -> Path | None:
+                splits: dict, tracking_uri: str, other_dir: str, max_new_tokens: int) -> Path | None:
     """The next round's batch for a human labeller: the champion against ``other_dir``."""
     if config.n_annotation_prompts <= 0:
         return None
     return export_batch(client, tracking_uri, config.policy_name, splits["split_dir"], config.n_annotation_prompts,
                         config.seed + 7919 * _round_index(context.partition_key), f"after-{context.partition_key}",
-                        other_dir)
+                        other_dir, max_new_tokens)
 
 
 ROUND_ASSETS = [round_preferences, round_reward_model, round_policy, round_evaluation, round_champion]

@@ -522,6 +522,8 @@ def run_task(task: str, seed: int, args: argparse.Namespace, recipe: TRLRecipe) 
     result["ours"] = ours
 
     recipe = replace(recipe, **_ppo_stage_settings(ours["paths"]["ppo_stage_config"]))
+    if not settings["max_new_tokens"]:   # 0: our PPO's response_length, as evaluation_report resolves it
+        settings["max_new_tokens"] = recipe.response_length
     result["trl_inputs"] = trl_inputs(ours["paths"]["split_dir"], ours["paths"]["base"], recipe)
     reused = reusable_trl(args.reuse_trl, task, seed, result["trl_inputs"])
     if reused is not None:

@@ -249,14 +249,16 @@ def build_tiny_causal_lm(
 
 def build_base_model(
     texts: Iterable[str], out_dir: str | Path, size: str | Mapping[str, int] = "tiny", *,
-    vocab_size: int = 1024, arch: str = "llama", seed: int = 0,
+    vocab_size: int = 1024, arch: str = "llama", seed: int = 0, n_positions: int | None = None,
 ) -> Path:
     """Train a tokenizer on ``texts``, build the ``size`` model, ``save_pretrained`` both.
 
     ``size``: a name of ``MODEL_SIZES``, ``"auto"`` (:func:`auto_size` of the texts' token
     count), or a mapping of ``n_layer`` / ``n_embd`` / ``n_head`` (missing or 0 entries are
     filled from the automatic choice); the sizes are the same for every ``arch`` of
-    :data:`ARCHITECTURES`. This is the embedded default base model (the Dagster
+    :data:`ARCHITECTURES`. ``n_positions`` sets the context (default: the size's, 256 for
+    built sizes); the ``base_model`` asset raises it for data whose sequences need more
+    (``ppo_core.lengths.context_for``). This is the embedded default base model (the Dagster
     ``base_model`` asset calls it in-process); SFT then loads ``out_dir`` like any hub model.
     Returns ``out_dir``.
     """
@@ -274,6 +276,8 @@ def build_base_model(
         n_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
         dims = {"n_positions": 256, **auto_size(n_tokens),
                 **({k: int(v) for k, v in size.items() if v} if not isinstance(size, str) else {})}
+    if n_positions is not None:
+        dims["n_positions"] = n_positions
     model = build_tiny_causal_lm(tokenizer, arch=arch, seed=seed, **dims)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

@@ -186,3 +186,27 @@ def test_broken_source_fails_with_named_error(
     assert message in failure.step_failure_data.error.message or \
         message in (failure.step_failure_data.user_failure_data.description or "")
     assert not result.get_asset_materialization_events()
+
+
+def test_real_hh_dialogues_get_sequence_lengths_that_fit_them(rlhf_home: Path, hh_sample: Path, tmp_path: Path) -> None:
+    """HH-RLHF prompts are whole dialogues: PPO's default prompt limit (64 tokens) refuses them;
+    the lengths base_model measures fit every prompt, and a model built for them has the positions."""
+    from assets.models import data_lengths
+    from ppo_core import lengths, models
+    from ppo_core.config import ConfigError
+    from ppo_core.ppo import encode_prompts
+
+    assert _run(rlhf_home, {"raw_preferences": {"source": str(hh_sample)}}).success
+    splits = json.loads((rlhf_home / "manifests" / "dataset_splits.json").read_text())
+    sft = pd.read_parquet(Path(splits["split_dir"]) / "sft_train.parquet")
+    model_dir = models.build_base_model((sft["prompt"] + sft["completion"]).tolist()[:400], tmp_path / "m", size="tiny")
+    seq = data_lengths(splits, model_dir)
+    assert seq["longest_prompt"] > lengths.MIN_PROMPT_LENGTH
+    assert seq["max_prompt_length"] == lengths.round_up(seq["longest_prompt"])
+    assert seq["longest_response"] >= seq["response_p99"] and seq["response_length"] >= lengths.MIN_RESPONSE_LENGTH
+    tok = models.load_tokenizer(str(model_dir))
+    prompts = pd.read_parquet(Path(splits["split_dir"]) / "ppo_train.parquet")["prompt"].tolist()
+    with pytest.raises(ConfigError, match="exceed max_prompt_length=64"):
+        encode_prompts(tok, prompts, lengths.MIN_PROMPT_LENGTH, "ppo_train")
+    assert len(encode_prompts(tok, prompts, seq["max_prompt_length"], "ppo_train")) == len(prompts)
+    assert lengths.context_for(seq) > 256    # a built model would get more positions than its default

@@ -281,3 +281,17 @@ def test_guard_curve_groups_by_step_and_adds_gold(tmp_path: Path) -> None:
                       {"step": 5, "kl": 3.0, "proxy": 2.0, "heldout": 0.5, "gold": 4.0}]
     assert "gold" not in guard_curve(f, None)[0]
     assert guard_curve(tmp_path / "missing.jsonl", None) == []
+
+
+def test_max_new_tokens_zero_samples_with_the_ppo_stages_response_length(tmp_path: Path) -> None:
+    import json as _json
+
+    from assets.evaluation import response_length
+
+    stage = tmp_path / "stage_config.json"
+    stage.write_text(_json.dumps({"response_length": 72}))
+    assert response_length(24, {"config_path": str(stage)}) == 24              # set: kept
+    assert response_length(0, {"config_path": str(stage)}) == 72               # 0: what PPO sampled with
+    assert response_length(0, {"lengths": {"response_length": 40}}) == 40      # else the measured length
+    with pytest.raises(ValueError, match="set max_new_tokens"):
+        response_length(0, {})

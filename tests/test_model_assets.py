@@ -419,3 +419,62 @@ def test_kept_metadata_says_when_the_guard_kept_a_step_other_than_the_best() -> 
                                    "SFT, at 6.25 nats/response KL; the best score was at step 45, the kept one "
                                    "scores within guard_select_z standard errors of it at measurably lower KL)")
     assert "best score" not in _kept_metadata({**summary, "guard/best_step": 25.0})["selected_on"]
+
+
+def test_core_config_takes_the_data_lengths_below_typed_fields_and_overrides(tmp_path: Path) -> None:
+    from assets.models import length_defaults
+
+    seq = {"max_prompt_length": 104, "response_length": 200, "max_length": 304, "longest_prompt": 101}
+    assert length_defaults("ppo", seq) == {"max_prompt_length": 104, "response_length": 200}
+    assert length_defaults("sft", seq) == {"max_length": 304} == length_defaults("reward", seq)
+    assert length_defaults("ppo", None) == {}        # a manifest from before lengths were measured
+    _, paths = stage_case("ppo", tmp_path)
+    core = core_config("ppo", PPOPolicyConfig(), length_defaults("ppo", seq), **paths)
+    assert (core.max_prompt_length, core.response_length) == (104, 200)
+    typed = core_config("ppo", PPOPolicyConfig(response_length=16), length_defaults("ppo", seq), **paths)
+    assert (typed.max_prompt_length, typed.response_length) == (104, 16)
+    over = core_config("ppo", PPOPolicyConfig(overrides={"max_prompt_length": 128}), length_defaults("ppo", seq),
+                       **paths)
+    assert over.max_prompt_length == 128
+    sft = core_config("sft", SFTModelConfig(), length_defaults("sft", seq), data_dir=str(tmp_path),
+                      output_dir=str(tmp_path / "s"), model_name_or_path="x")
+    assert sft.max_length == 304
+
+
+def test_base_model_measures_the_data_and_widens_a_built_models_context(tmp_path: Path) -> None:
+    """Prompts and answers of ~150 words: a built model needs more than its 256 positions."""
+    import random
+
+    import pandas as pd
+
+    from assets.models import base_model, model_context
+    from pipelines.io_managers import JsonManifestIOManager
+    from ppo_core import lengths
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(40)]
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    rows = [{"prompt": text(150), "chosen": text(140), "rejected": text(160)} for _ in range(40)]
+    split_dir = tmp_path / "splits"
+    split_dir.mkdir()
+    frame = pd.DataFrame(rows)
+    frame.rename(columns={"chosen": "completion"})[["prompt", "completion"]].to_parquet(split_dir / "sft_train.parquet")
+    frame.to_parquet(split_dir / "rm_train.parquet")
+    frame[["prompt"]].to_parquet(split_dir / "ppo_train.parquet")
+
+    @dg.asset(name="dataset_splits")
+    def splits_stub() -> dict:
+        return {"split_dir": str(split_dir), "data_version": "dv"}
+
+    home = tmp_path / "home"
+    with env_vars(RLHF_HOME=str(home)):
+        result = dg.materialize([splits_stub, base_model], resources={
+            "io_manager": JsonManifestIOManager(base_dir=str(home / "manifests"))},
+            run_config={"ops": {"base_model": {"config": {"source": "tiny"}}}})
+    manifest = json.loads((home / "manifests" / "base_model.json").read_text())
+    seq = manifest["lengths"]
+    assert seq["longest_prompt"] > 64 and seq["response_length"] > 32 and seq["max_length"] > 128
+    assert seq["max_prompt_length"] == lengths.round_up(seq["longest_prompt"])
+    positions = model_context(Path(manifest["model_path"]))
+    assert positions == lengths.context_for(seq, floor=0) > 256
+    assert result.asset_materializations_for_node("base_model")[0].metadata["context"].value == positions
