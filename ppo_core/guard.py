@@ -78,6 +78,8 @@ class OveroptimizationGuard:
         self.stop_z = stop_z
         self.select_z = select_z
         self.points: list[GuardPoint] = []
+        self.saved: set[int] = set()
+        """steps whose weights were saved and not dropped: the only ones that can be kept"""
         self.best: GuardPoint | None = None
         self.bad_evals = 0
         self.reason = ""
@@ -99,11 +101,13 @@ class OveroptimizationGuard:
             self.best = p
             return GuardDecision(keep=False, drop=(), stop=False, reason="")
         if self.within_budget(p) and p.heldout > self.best.heldout + self.min_delta:
-            before = [q.step for q in self.points[:-1] if self.candidate(q)]
             self.best, self.bad_evals = p, 0
-            drop = tuple(s for s in before if not self.candidate(self.point(s)))
+            drop = tuple(sorted(s for s in self.saved if not self.candidate(self.point(s))))
+            self.saved = (self.saved - set(drop)) | {p.step}
             return GuardDecision(keep=True, drop=drop, stop=False, reason="")
         keep = self.candidate(p)
+        if keep:
+            self.saved.add(p.step)
         fell = p.heldout < self.best.heldout - self.stop_z * math.hypot(p.heldout_se, self.best.heldout_se)
         # within the noise band of the best: neither a new best nor a step towards stopping
         self.bad_evals = self.bad_evals + 1 if fell or not self.within_budget(p) else 0
@@ -125,7 +129,8 @@ class OveroptimizationGuard:
         """The checkpoint to ship, or None when no trained checkpoint beat the reference: the
         least-KL candidate (the earliest on a tie) when its KL is measurably below the best's,
         else the best."""
-        cands = [p for p in self.points if self.candidate(p)]
+        # a point that entered the band only later (a new best with a wider SE) was never saved
+        cands = [p for p in self.points if p.step in self.saved and self.candidate(p)]
         if not cands or self.best is None:
             return None
         low = min(cands, key=lambda p: (p.kl, p.step))
@@ -156,11 +161,13 @@ class OveroptimizationGuard:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"points": [asdict(p) for p in self.points],
+        return {"points": [asdict(p) for p in self.points], "saved": sorted(self.saved),
                 "best_step": None if self.best is None else self.best.step,
                 "bad_evals": self.bad_evals, "reason": self.reason}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.points = [GuardPoint(**p) for p in state["points"]]
         self.best = next((p for p in self.points if p.step == state["best_step"]), None)
+        # states written before candidates were tracked saved only the best
+        self.saved = set(state.get("saved", [] if self.best is None or self.best.step == 0 else [self.best.step]))
         self.bad_evals, self.reason = int(state["bad_evals"]), str(state["reason"])

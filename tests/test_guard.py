@@ -138,3 +138,19 @@ def test_one_se_rule_respects_the_kl_budget_and_never_keeps_the_reference() -> N
     for p in [pt(0, 0, 0.3, 0.0), pt(5, 1, 0.25, 1.0)]:
         n.update(p)
     assert n.kept is None and not n.improved
+
+
+def test_a_point_that_enters_the_band_later_was_never_saved_and_is_not_kept() -> None:
+    # best 0.50 +- 0.05: step 10 (0.44, KL 0.5) is outside the band (>= 0.45) and not saved.
+    # The next best, 0.51 +- 0.10, widens the band to >= 0.41: step 10 would qualify, but its
+    # weights are gone, so the kept one is chosen among the saved steps (5 and 15)
+    g = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
+    decisions = [g.update(p) for p in [GuardPoint(0, 0, 0.0, 0.05, 0.0), GuardPoint(5, 1, 0.50, 0.05, 1.0),
+                                       GuardPoint(10, 2, 0.44, 0.05, 0.5), GuardPoint(15, 3, 0.51, 0.10, 2.0)]]
+    assert [d.keep for d in decisions] == [False, True, False, True]
+    assert g.saved == {5, 15}
+    assert g.kept is not None and g.kept.step == 5
+    # the saved set survives a resume
+    h = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
+    h.load_state_dict(g.state_dict())
+    assert h.saved == {5, 15} and h.kept is not None and h.kept.step == 5
