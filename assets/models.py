@@ -560,7 +560,8 @@ def model_context(model_dir: Path) -> int | None:
 
 
 def data_lengths(splits: dict, model_dir: Path) -> dict[str, int]:
-    """``ppo_core.lengths.length_settings`` of the split files under ``model_dir``'s tokenizer."""
+    """``ppo_core.lengths.length_settings`` of the split files under ``model_dir``'s tokenizer
+    (each distinct prompt and response counted once)."""
     from ppo_core import lengths, models
 
     tok = models.load_tokenizer(str(model_dir))
