@@ -429,8 +429,8 @@ def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationC
 
     key = context.partition_key
     out = settings.models_root() / "round_evaluation" / key / context.run.run_id
-    cfg = EvaluationConfig(**{**config.model_dump(), "max_new_tokens": response_length(config.max_new_tokens, round_policy)},
-                           gold_scorer=round_preferences.get("gold_scorer") or "none")
+    sampling = {**config.model_dump(), "max_new_tokens": response_length(config.max_new_tokens, round_policy)}
+    cfg = EvaluationConfig(**sampling, gold_scorer=round_preferences.get("gold_scorer") or "none")
     champion_dir, challenger_dir = round_preferences["champion_dir"], round_policy["model_path"]
     sft_dir, rm_dir = sft_model["model_path"], round_reward_model["model_path"]
     with mlflow.run(context, "round_evaluation", {"data_version": dataset_splits["data_version"], "rlhf.round": key}) as run:
@@ -461,7 +461,8 @@ def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationC
     report = {"metrics": metrics, "data_version": dataset_splits["data_version"],
               "gold_scorer": result["report"]["gold_scorer"], "mlflow_run_id": run.info.run_id,
               "heldout_reward_model_version": result["report"]["heldout_reward_model_version"],
-              "max_new_tokens": cfg.max_new_tokens, "challenger_model_path": challenger_dir, "champion_model_path": champion_dir,
+              "max_new_tokens": cfg.max_new_tokens,
+              "challenger_model_path": challenger_dir, "champion_model_path": champion_dir,
               "challenger_model_id": round_policy.get("mlflow_model_id"),
               "champion_version": round_preferences["champion_version"], "report_path": str(out / "report.json")}
     shown = ("challenger/gold_mean", "champion/gold_mean", "win_rate_gold", "challenger/heldout_score_mean",

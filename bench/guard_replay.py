@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 win = statistics.fmean((a > b) + 0.5 * (a == b) for a, b in zip(g[step], g[0]))
                 kl = next(p.kl for p in points if p.step == step)
                 results[z].append((win, kl))
-                cells.append(f"z={z:g}: step {step:3d} gold {statistics.fmean(g[step]):6.2f} win {win:.3f} KL {kl:5.2f}")
+                gold_mean = statistics.fmean(g[step])
+                cells.append(f"z={z:g}: step {step:3d} gold {gold_mean:6.2f} win {win:.3f} KL {kl:5.2f}")
             print(f"{task:12s} {' | '.join(cells)}  {f}")
     base = results[zs[0]]
     n = len(base)

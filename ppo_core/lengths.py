@@ -80,7 +80,8 @@ def fit_context(settings: dict[str, int], context: int) -> dict[str, int]:
     """``settings`` made to fit a model with ``context`` positions: the answer gives way first."""
     out = dict(settings)
     # the prompt limit's slack above the longest prompt goes before any answer token does
-    out["max_prompt_length"] = max(out["longest_prompt"], min(out["max_prompt_length"], context - out["response_length"]))
+    slack = min(out["max_prompt_length"], context - out["response_length"])
+    out["max_prompt_length"] = max(out["longest_prompt"], slack)
     room = context - out["max_prompt_length"]
     if room < MIN_RESPONSE_ROOM:
         raise ValueError(f"the longest prompt has {out['longest_prompt']} tokens: a model with {context} positions "

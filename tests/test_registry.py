@@ -108,7 +108,8 @@ def test_evaluation_tags_record_metrics_eval_set_and_promotion_metric() -> None:
     with pytest.raises(ValueError, match="heldout_reward_model_version"):
         evaluation_tags({**held, "heldout_reward_model_version": None})
     # gold still decides when there is one, and then the held-out weights do not matter
-    assert evaluation_tags({**report(1.0), "heldout_reward_model_version": "x"})["eval.set"].endswith("gold_score_batch")
+    with_gold = evaluation_tags({**report(1.0), "heldout_reward_model_version": "x"})
+    assert with_gold["eval.set"].endswith("gold_score_batch")
     with pytest.raises(ValueError, match="data_version"):
         evaluation_tags({"metrics": {"a": 1.0}})
 
