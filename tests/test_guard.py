@@ -127,12 +127,13 @@ def test_one_se_rule_respects_the_kl_budget_and_never_keeps_the_reference() -> N
     for p in [pt(0, 0, 0.05, 0.0), pt(5, 1, 0.07, 2.0), pt(10, 2, 0.08, 1.2)]:
         g.update(p)
     assert g.kept is not None and g.kept.step == 10
-    # step 5 (0.02, KL 0.5) is within one SE of the best (0.08) but below the reference (0.05):
-    # it is never kept, so the kept checkpoint always beats the reference on the held-out score
+    # after the best (step 5: 0.08, KL 1.2), step 10 (0.02, KL 0.5) is within one SE of it but
+    # below the reference (0.05): it is neither saved nor kept, so the kept checkpoint always
+    # beats the reference on the held-out score
     r = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
-    decisions = [r.update(p) for p in [pt(0, 0, 0.05, 0.0), pt(5, 1, 0.02, 0.5), pt(10, 2, 0.08, 1.2)]]
-    assert [d.keep for d in decisions] == [False, False, True]
-    assert r.kept is not None and r.kept.step == 10
+    decisions = [r.update(p) for p in [pt(0, 0, 0.05, 0.0), pt(5, 1, 0.08, 1.2), pt(10, 2, 0.02, 0.5)]]
+    assert [d.keep for d in decisions] == [False, True, False]
+    assert r.kept is not None and r.kept.step == 5
     # no trained checkpoint beat the reference: nothing is kept
     n = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
     for p in [pt(0, 0, 0.3, 0.0), pt(5, 1, 0.25, 1.0)]:
