@@ -5,10 +5,11 @@ prompts sampled with the same random numbers, with each response's proxy score, 
 score and KL. The stop rule does not depend on which checkpoint is *kept*, so every selection
 rule can be replayed on one recorded run: this script feeds the recorded points to
 ``ppo_core.guard.OveroptimizationGuard`` at each ``select_z`` and scores the checkpoint each
-rule keeps with the task's gold scorer: mean gold, and the win rate over the reference's
+rule keeps (each ``select_z`` under each KL budget) with the task's gold scorer: mean gold, and the win rate over the reference's
 sample for the same prompt (step 0 samples the reference with the same random numbers).
 
     .venv/bin/python bench/guard_replay.py --z 0,0.5,1 RUN [RUN ...]
+    .venv/bin/python bench/guard_replay.py --z 1 --kl-budget none,4 RUN [RUN ...]
 
 ``RUN`` is ``TASK=PATH``: a generality task name or a gold scorer ``module:function``, and a
 ``guard_samples.jsonl`` (or a directory searched for them). Prints one row per run and the
@@ -68,16 +69,22 @@ def kept_step(points: list[GuardPoint], select_z: float, patience: int, stop_z: 
     return guard.points[-1].step if kept is None else kept.step
 
 
+def name(select_z: float, kl_budget: float | None) -> str:
+    return f"z={select_z:g}" + ("" if kl_budget is None else f",kl<={kl_budget:g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", metavar="TASK=PATH")
     ap.add_argument("--z", default="0,1", help="comma-separated select_z values; the first is the baseline")
     ap.add_argument("--patience", type=int, default=3, help="guard_patience of the runs (engine default 3)")
     ap.add_argument("--stop-z", type=float, default=1.0, help="guard_stop_z of the runs (engine default 1)")
-    ap.add_argument("--kl-budget", type=float, default=None)
+    ap.add_argument("--kl-budget", default="none",
+                    help="comma-separated guard_kl_budget values (nats/response; 'none': no budget)")
     args = ap.parse_args(argv)
-    zs = [float(z) for z in args.z.split(",")]
-    results: dict[float, list[tuple[float, float]]] = {z: [] for z in zs}
+    budgets = [None if b.strip().lower() == "none" else float(b) for b in args.kl_budget.split(",")]
+    rules = [(float(z), b) for b in budgets for z in args.z.split(",")]
+    results: dict[tuple[float, float | None], list[tuple[float, float]]] = {r: [] for r in rules}
     for spec in args.runs:
         task, _, where = spec.partition("=")
         root = Path(where)
@@ -88,22 +95,22 @@ def main(argv: list[str] | None = None) -> int:
             g = {s: gold([r["prompt"] for r in rows], [r["response"] for r in rows]) for s, rows in by_step.items()}
             points = guard_points(by_step)
             cells = []
-            for z in zs:
-                step = kept_step(points, z, args.patience, args.stop_z, args.kl_budget)
+            for z, budget in rules:
+                step = kept_step(points, z, args.patience, args.stop_z, budget)
                 win = statistics.fmean((a > b) + 0.5 * (a == b) for a, b in zip(g[step], g[0]))
                 kl = next(p.kl for p in points if p.step == step)
-                results[z].append((win, kl))
+                results[(z, budget)].append((win, kl))
                 gold_mean = statistics.fmean(g[step])
-                cells.append(f"z={z:g}: step {step:3d} gold {gold_mean:6.2f} win {win:.3f} KL {kl:5.2f}")
+                cells.append(f"{name(z, budget)}: step {step:3d} gold {gold_mean:6.2f} win {win:.3f} KL {kl:5.2f}")
             print(f"{task:12s} {' | '.join(cells)}  {f}")
-    base = results[zs[0]]
+    base = results[rules[0]]
     n = len(base)
-    print(f"\n{n} runs; paired difference against select_z={zs[0]:g} (mean +- standard error):")
-    for z in zs[1:]:
-        dw = [a[0] - b[0] for a, b in zip(results[z], base)]
-        dk = [a[1] - b[1] for a, b in zip(results[z], base)]
+    print(f"\n{n} runs; paired difference against {name(*rules[0])} (mean +- standard error):")
+    for rule in rules[1:]:
+        dw = [a[0] - b[0] for a, b in zip(results[rule], base)]
+        dk = [a[1] - b[1] for a, b in zip(results[rule], base)]
         se = (lambda d: statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan"))
-        print(f"  select_z={z:g}: win rate over the reference {statistics.fmean(dw):+.4f} +- {se(dw):.4f}, "
+        print(f"  {name(*rule)}: win rate over the reference {statistics.fmean(dw):+.4f} +- {se(dw):.4f}, "
               f"KL {statistics.fmean(dk):+.2f} +- {se(dk):.2f} nats/response")
     return 0
 

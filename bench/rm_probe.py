@@ -44,6 +44,7 @@ p.add_argument("--lm-coef", type=float, default=0.0)
 p.add_argument("--gold-labels", action="store_true")
 p.add_argument("--mismatch", type=float, default=0.0)
 p.add_argument("--save", default="", help="save the final reward model here (save_pretrained)")
+p.add_argument("--dump", default="", help="write the test pairs' scores (final and at the best eval loss) here, .pt")
 args = p.parse_args()
 torch.set_num_threads(1)
 home = Path(args.home)
@@ -188,7 +189,11 @@ for ep in range(math.ceil(args.epochs)):
             print(f"step {step} eval_loss {el:.4f} eval_acc {ea:.3f} gold_agree {ag:.3f} ({time.time()-t0:.0f}s)", flush=True)
             if el < best[0]:
                 best = (el, (step, ag))
+                best_scores = (tc, trr)
+            last_scores = (tc, trr)
 print(json.dumps({"lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed,
                   "best_step": best[1][0], "gold_agree_at_best": best[1][1], "final": hist[-1][3]}))
+if args.dump:  # for ensembles: bench/rm_ensemble.py averages several probes' dumps
+    torch.save({"best": best_scores, "final": last_scores, "gold": (g_c, g_r)}, args.dump)
 if args.save:
     model.save_pretrained(args.save); tok.save_pretrained(args.save)

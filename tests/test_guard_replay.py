@@ -45,4 +45,4 @@ def test_main_prints_each_rule_and_the_paired_difference(tmp_path: Path, capsys)
     # z=0 keeps step 10: p0 ties (1 vs 1 word), p1 wins (3 vs 1) -> 0.75; z=1 keeps step 5: both win
     assert "z=0: step  10 gold   2.00 win 0.750 KL  2.00" in out
     assert "z=1: step   5 gold   2.00 win 1.000 KL  1.00" in out
-    assert "select_z=1: win rate over the reference +0.2500" in out and "KL -1.00" in out
+    assert "z=1: win rate over the reference +0.2500" in out and "KL -1.00" in out

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bench.tasks import TASKS, USER_CONFIG, gold_scorer_spec, write_task
-from bench.tasks import arithmetic, constraints, style
+from bench.tasks import arithmetic, constraints, recipe, style
 from bench.tasks.__main__ import main as tasks_cli
 from bench.tasks.common import bt_preference, label_stats
 
@@ -102,6 +102,26 @@ def test_arithmetic_gold(prompt: str, response: str, expected: float) -> None:
     assert arithmetic.gold_reward(prompt, response) == pytest.approx(expected)
 
 
+STEW = "make a stew with leek , tofu and corn ."
+
+
+@pytest.mark.parametrize("prompt, response, expected", [
+    # each named ingredient once, the three best distinct manners: 2.0 + 1.9 + 1.7
+    (STEW, "add the leek gently . chop the tofu carefully . stir the corn slowly .", 5.6),
+    # leek +2; leek again -1; tofu and corn never used -2
+    (STEW, "add the leek gently . add the leek carefully .", -1.0),
+    # leek +2; rice is not named (-1.5) and repeats "gently" (-0.5); tofu +1; corn +0
+    (STEW, "add the leek gently . add the rice gently . add the tofu quickly . add the corn sloppily .", 1.0),
+    # no manner: malformed (-2, leek unused -1); tofu +1.7; corn +2; no final period -1
+    (STEW, "add the leek . stir the tofu slowly . add the corn gently", -0.3),
+    # nothing: no period, three named ingredients unused
+    (STEW, "", -4.0),
+])
+def test_recipe_gold(prompt: str, response: str, expected: float) -> None:
+    assert recipe.gold_reward(prompt, response) == pytest.approx(expected)
+    assert recipe.parse_prompt(prompt) == ["leek", "tofu", "corn"]
+
+
 def test_bt_preference() -> None:
     assert bt_preference(1.0, 1.0, 0.5) == pytest.approx(0.5)
     assert bt_preference(1.0, 0.0, 0.5) == pytest.approx(1 / (1 + 2.718281828459045 ** -2))
@@ -129,9 +149,10 @@ def test_many_prompts_and_diverse_short_texts(task) -> None:
     assert pairs["prompt"].nunique() >= 300
     responses = pd.concat([pairs["chosen"], pairs["rejected"]], ignore_index=True)
     assert responses.nunique() >= 300
-    # sized for a tiny model: prompts < ~40 tokens, responses < ~30 (a word is 1-3 BPE tokens)
+    # sized for a tiny model: prompts < ~40 tokens, responses < ~32 (a word is 1-3 BPE tokens);
+    # recipe answers reach 25 words, as the bundled task's do (five five-word sentences)
     assert pairs["prompt"].str.split().str.len().max() <= 20
-    assert responses.str.split().str.len().max() <= 20
+    assert responses.str.split().str.len().max() <= 25
 
 
 def test_label_noise_in_band(task) -> None:

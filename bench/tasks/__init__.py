@@ -1,6 +1,6 @@
 """The generality suite: preference tasks of different shapes, each with a known gold reward.
 
-Each task module (``constraints``, ``style``, ``arithmetic``; see their docstrings) is a seeded
+Each task module (``constraints``, ``style``, ``arithmetic``, ``recipe``; see their docstrings) is a seeded
 generator of TRL-format pairs labelled with Bradley-Terry noise on a gold reward:
 
     generate_pairs(n_pairs, seed=0, noise_temperature=BT_TEMPERATURE) -> DataFrame  # prompt, chosen, rejected
@@ -20,11 +20,12 @@ from types import ModuleType
 
 import yaml
 
-from bench.tasks import arithmetic, constraints, style
+from bench.tasks import arithmetic, constraints, recipe, style
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 USER_CONFIG = REPO_ROOT / "configs" / "user_dataset.yaml"
-TASKS: dict[str, ModuleType] = {"constraints": constraints, "style": style, "arithmetic": arithmetic}
+TASKS: dict[str, ModuleType] = {"constraints": constraints, "style": style, "arithmetic": arithmetic,
+                                "recipe": recipe}
 
 
 def gold_scorer_spec(name: str) -> str:
