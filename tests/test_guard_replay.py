@@ -46,3 +46,13 @@ def test_main_prints_each_rule_and_the_paired_difference(tmp_path: Path, capsys)
     assert "z=0: step  10 gold   2.00 win 0.750 KL  2.00" in out
     assert "z=1: step   5 gold   2.00 win 1.000 KL  1.00" in out
     assert "z=1: win rate over the reference +0.2500" in out and "KL -1.00" in out
+
+
+def test_main_replays_each_kl_budget(tmp_path: Path, capsys) -> None:
+    run = write_run(tmp_path / "guard_samples.jsonl")
+    assert main(["--z", "0", "--kl-budget", "none,1.5", f"test_guard_replay:words={run}"]) == 0
+    out = capsys.readouterr().out
+    # without a budget the best (step 10, KL 2) is kept; a 1.5-nat budget leaves step 5 (KL 1)
+    assert "z=0: step  10 gold   2.00 win 0.750 KL  2.00" in out
+    assert "z=0,kl<=1.5: step   5 gold   2.00 win 1.000 KL  1.00" in out
+    assert "z=0,kl<=1.5: win rate over the reference +0.2500" in out
