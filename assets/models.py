@@ -161,6 +161,10 @@ class PPOPolicyConfig(StageConfig):
     kl_target: Optional[float] = Field(
         default=None, description="Adapt beta so the KL per episode approaches this value (adaptive "
         "controller, Ziegler et al. 2019); None keeps the engine default (fixed beta).")
+    kl_ceiling: Optional[float] = Field(
+        default=None, description="Raise beta above kl_coef only while the KL per response (PPO's objective/kl, "
+        "nats) is above this, and keep only checkpoints under it; None keeps the engine default, 0 turns "
+        "the ceiling off.")
     response_length: int = Field(default=0, description="Most new tokens per sampled response; 0 keeps the "
                                  "engine default.")
     temperature: float = Field(default=0.0, description="Sampling temperature of the rollouts; 0 keeps the "
@@ -199,7 +203,8 @@ FIELD_MAP: dict[str, dict[str, str]] = {
     "sft": _SUPERVISED,
     "reward": {**_SUPERVISED, "mismatched_negatives": "mismatched_negatives"},
     "ppo": {**_COMMON, "steps": "num_steps", "seed": "seed", "max_seconds": "max_seconds",
-            "kl_coef": "kl_coef", "kl_target": "kl_target", "response_length": "response_length",
+            "kl_coef": "kl_coef", "kl_target": "kl_target", "kl_ceiling": "kl_ceiling",
+            "response_length": "response_length",
             "temperature": "temperature", "rollout_batch_size": "rollout_batch_size",
             "ppo_epochs": "ppo_epochs", "guard_every": "guard_every", "guard_prompts": "guard_prompts",
             "guard_kl_budget": "guard_kl_budget", "guard_select_z": "guard_select_z"},
@@ -514,6 +519,10 @@ def _kept_metadata(summary: dict[str, Any]) -> dict[str, Any]:
         out["selected_on"] = ("held-out reward model score on held-out prompts "
                               f"(gain {summary['guard/heldout_gain']:+.3f} +- {summary['guard/heldout_gain_se']:.3f} "
                               f"over SFT, at {summary['guard/kl_kept']:.2f} nats/response KL{rule})")
+        if "guard/kl_budget" in summary:
+            out["kl_budget"] = (f"{summary['guard/kl_budget']:g} nats/response: checkpoints over it are never kept"
+                                + (f"; KL coefficient at the end {summary['objective/kl_coef']:.3g}"
+                                   if "objective/kl_coef" in summary else ""))
     return out
 
 

@@ -25,7 +25,9 @@ held-out score and the KL to the reference per response. :class:`Overoptimizatio
   than ``stop_z`` standard errors of the difference, so a plateau's noise does not end a run
   that is still climbing slowly) or left the KL budget; the reason says whether the proxy
   still rose meanwhile (``overoptimization``: Gao et al.'s signature), the KL budget was
-  exceeded (``kl_budget``), or neither (``decline``).
+  exceeded (``kl_budget``), or neither (``decline``). With ``budget_stops=False`` (PPO under a
+  KL ceiling, whose controller pulls the KL back) a point over the budget can never be kept
+  but does not count towards stopping.
 
 Pure Python, no torch: the decision rule is unit-tested on hand-made curves.
 """
@@ -71,8 +73,9 @@ class OveroptimizationGuard:
     """Best-checkpoint selection and early stopping on a held-out reward signal."""
 
     def __init__(self, kl_budget: float | None, patience: int, min_delta: float = 0.0,
-                 stop_z: float = 1.0, select_z: float = 0.0) -> None:
+                 stop_z: float = 1.0, select_z: float = 0.0, budget_stops: bool = True) -> None:
         self.kl_budget = kl_budget
+        self.budget_stops = budget_stops
         self.patience = patience
         self.min_delta = min_delta
         self.stop_z = stop_z
@@ -110,9 +113,10 @@ class OveroptimizationGuard:
             self.saved.add(p.step)
         fell = p.heldout < self.best.heldout - self.stop_z * math.hypot(p.heldout_se, self.best.heldout_se)
         # within the noise band of the best: neither a new best nor a step towards stopping
-        self.bad_evals = self.bad_evals + 1 if fell or not self.within_budget(p) else 0
+        over = self.budget_stops and not self.within_budget(p)
+        self.bad_evals = self.bad_evals + 1 if fell or over else 0
         if self.patience and self.bad_evals >= self.patience:
-            if not self.within_budget(p):
+            if over:
                 self.reason = "kl_budget"
             elif p.proxy > self.best.proxy:
                 self.reason = "overoptimization"
@@ -158,6 +162,7 @@ class OveroptimizationGuard:
             "guard/heldout_gain": b.heldout - base.heldout,
             "guard/heldout_gain_se": math.hypot(b.heldout_se, base.heldout_se),
             "guard/proxy_kept": b.proxy, "guard/kl_kept": b.kl, "guard/evaluations": float(len(self.points)),
+            **({} if self.kl_budget is None else {"guard/kl_budget": float(self.kl_budget)}),
         }
 
     def state_dict(self) -> dict[str, Any]:

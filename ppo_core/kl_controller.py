@@ -4,7 +4,9 @@ kl_controller.py``.
 
 The PPO reward is ``score - beta * KL``. A fixed beta is simplest; the adaptive controller
 moves beta so the measured KL tracks a target, which makes runs less sensitive to the
-initial beta.
+initial beta. The ceiling controller is the adaptive rule with the initial beta as a floor:
+a run whose KL stays under the ceiling is the fixed-beta run, step for step, and one that
+passes it is pulled back.
 """
 
 from __future__ import annotations
@@ -61,12 +63,41 @@ class AdaptiveKLController:
         self.horizon = float(state.get("horizon", self.horizon))
 
 
-KLController = FixedKLController | AdaptiveKLController
+class CeilingKLController(AdaptiveKLController):
+    """The adaptive rule towards ``ceiling``, never below the initial coefficient.
+
+    Under the ceiling beta stays at ``init_kl_coef``; above it beta grows by up to
+    ``0.2 * n_steps / horizon`` per update and shrinks back towards ``init_kl_coef`` once the
+    KL is under the ceiling again.
+    """
+
+    def __init__(self, init_kl_coef: float, ceiling: float, horizon: float) -> None:
+        super().__init__(init_kl_coef, ceiling, horizon)
+        self.floor = float(init_kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        super().update(current_kl, n_steps)
+        self.value = max(self.value, self.floor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "kind": "ceiling", "floor": self.floor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.floor = float(state.get("floor", self.floor))
 
 
-def build_kl_controller(kl_coef: float, target: float | None,
-                        horizon: float) -> FixedKLController | AdaptiveKLController:
-    """Adaptive when a KL ``target`` is given, fixed otherwise (OpenRLHF's rule)."""
+KLController = FixedKLController | AdaptiveKLController | CeilingKLController
+
+
+def build_kl_controller(kl_coef: float, target: float | None, horizon: float, ceiling: float | None = None,
+                        ceiling_horizon: float = 128) -> KLController:
+    """Adaptive when a KL ``target`` is given (OpenRLHF's rule), a ceiling controller when a
+    ``ceiling`` is, fixed otherwise."""
+    if target is not None and ceiling is not None:
+        raise ValueError("set kl_target or kl_ceiling, not both")
+    if ceiling is not None:
+        return CeilingKLController(kl_coef, ceiling, ceiling_horizon)
     if target is None:
         return FixedKLController(kl_coef)
     return AdaptiveKLController(kl_coef, target, horizon)

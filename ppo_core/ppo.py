@@ -202,6 +202,18 @@ class PPOConfig:
     """if set, adapt beta to this KL per episode (Ziegler et al. 2019 adaptive controller)"""
     kl_horizon: int = 10000
     """adaptive controller horizon in episodes (Ziegler et al. 2019 / OpenRLHF 10000)"""
+    kl_ceiling: float | None = 5.0
+    """raise beta (never below ``kl_coef``) while the KL per episode is above this (nats per
+    response, the unit of ``objective/kl``), and keep only checkpoints under it (the guard's
+    budget unless ``guard_kl_budget`` is set); under it the run is the fixed-beta one. 0 or
+    None: no ceiling. 5 is measured (BENCHMARKS.md, "KL ceiling"): PPO on style and arithmetic
+    never reaches it (their rollouts peak at 4.6 nats), on the bundled task it kept the same
+    gold win rate at 60% of the KL, and on constraints, where PPO exploits the reward model, it
+    halved the damage; 6 did worse on all three. A ``kl_target`` replaces it (the adaptive
+    controller tracks that KL instead)"""
+    kl_ceiling_horizon: int = 128
+    """the ceiling controller's horizon in episodes: up to +-10% of beta per 64-episode rollout.
+    OpenRLHF's 10000 moves beta by at most 8% over a whole 3,840-episode run of this engine"""
 
     # ---- reward shaping ----
     normalize_reward: bool = True
@@ -238,7 +250,8 @@ class PPOConfig:
     differ by the policy only. 256 puts the held-out mean's standard error near 0.06 (it is in
     units of the held-out model's spread on SFT samples)"""
     guard_kl_budget: float | None = None
-    """largest KL to the reference (nats per response) a kept checkpoint may have; None: any"""
+    """largest KL to the reference (nats per response) a kept checkpoint may have; None: any,
+    or ``kl_ceiling`` when that is set"""
     guard_select_z: float = 1.0
     """keep the least-KL checkpoint whose held-out score is within this many standard errors of
     the best one's, when its KL is lower by more than this many standard errors of the
@@ -298,6 +311,11 @@ class PPOConfig:
             raise ConfigError("invalid PPOConfig:\n  - " + "\n  - ".join(errors))
 
 
+def kl_ceiling(cfg: PPOConfig) -> float | None:
+    """The KL ceiling in force: none when a ``kl_target`` is tracked instead, or when 0."""
+    return None if cfg.kl_target is not None else (cfg.kl_ceiling or None)
+
+
 def _validate(cfg: PPOConfig) -> list[str]:
     """Every problem at once, each saying what to change."""
     e: list[str] = []
@@ -316,7 +334,7 @@ def _validate(cfg: PPOConfig) -> list[str]:
     if cfg.reward_function is not None and ":" not in cfg.reward_function:
         e.append(f"reward_function {cfg.reward_function!r} must look like 'package.module:function'")
     for name in ("num_steps", "rollout_batch_size", "num_mini_batches", "ppo_epochs",
-                 "response_length", "max_prompt_length", "kl_horizon", "log_every"):
+                 "response_length", "max_prompt_length", "kl_horizon", "kl_ceiling_horizon", "log_every"):
         if getattr(cfg, name) < 1:
             e.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.num_mini_batches >= 1 and cfg.rollout_batch_size % cfg.num_mini_batches:
@@ -346,6 +364,8 @@ def _validate(cfg: PPOConfig) -> list[str]:
         e.append(f"kl_coef must be >= 0 and vf_coef > 0, got {cfg.kl_coef}, {cfg.vf_coef}")
     if cfg.kl_target is not None and cfg.kl_target <= 0:
         e.append(f"kl_target must be > 0 or null, got {cfg.kl_target}")
+    if cfg.kl_ceiling is not None and cfg.kl_ceiling < 0:
+        e.append(f"kl_ceiling must be > 0, or 0 / null for none, got {cfg.kl_ceiling}")
     if cfg.normalize_reward and cfg.reward_norm_samples < 2:
         e.append("reward_norm_samples must be >= 2 when normalize_reward is true")
     if cfg.reward_clip is not None and cfg.reward_clip <= 0:
@@ -593,11 +613,16 @@ class PPOTrainer:
         self.critic = Trainee(strategy, critic, cfg.critic_learning_rate, cfg)
         for t in (self.actor, self.critic):
             t.engine.eval()
-        self.kl_ctl = build_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        ceiling = kl_ceiling(cfg)
+        self.kl_ctl = build_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, ceiling,
+                                          cfg.kl_ceiling_horizon)
         self.normalizer: RewardNormalizer | None = None
         self.guard_rm: ModelReward | None = None
-        self.guard = OveroptimizationGuard(cfg.guard_kl_budget, cfg.guard_patience, stop_z=cfg.guard_stop_z,
-                                           select_z=cfg.guard_select_z)
+        # under a KL ceiling the guard keeps only checkpoints within it, and waits while the
+        # controller pulls an overshoot back instead of stopping the run
+        budget = cfg.guard_kl_budget if cfg.guard_kl_budget is not None else ceiling
+        self.guard = OveroptimizationGuard(budget, cfg.guard_patience, stop_z=cfg.guard_stop_z,
+                                           select_z=cfg.guard_select_z, budget_stops=ceiling is None)
         self.guard_normalizer: RewardNormalizer | None = None
         if cfg.guard_reward_model_path is not None:
             self._check_same_tokenizer(cfg.guard_reward_model_path)

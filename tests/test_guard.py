@@ -40,6 +40,18 @@ def test_kl_budget_excludes_points_and_names_the_reason() -> None:
     assert g.best is not None and g.best.step == 5
 
 
+def test_under_a_kl_ceiling_a_point_over_the_budget_waits_instead_of_stopping() -> None:
+    # step 10 overshoots the 1-nat budget; the controller pulls the KL back and step 15, in
+    # budget, beats step 5. Counting the overshoot (budget_stops, the default) ends the run at
+    # step 10 with patience 1 instead.
+    points = [pt(0, 0.0, 0.0, 0.0), pt(5, 0.4, 0.5, 0.5), pt(10, 0.9, 0.9, 3.0), pt(15, 0.8, 0.7, 0.8)]
+    waiting = OveroptimizationGuard(kl_budget=1.0, patience=1, budget_stops=False)
+    assert run(waiting, points) == [(False, False, ""), (True, False, ""), (False, False, ""), (True, False, "")]
+    assert waiting.kept is not None and waiting.kept.step == 15
+    stopping = OveroptimizationGuard(kl_budget=1.0, patience=1)
+    assert run(stopping, points[:3])[-1] == (False, True, "kl_budget")
+
+
 def test_never_beating_the_reference_is_not_an_improvement() -> None:
     g = OveroptimizationGuard(kl_budget=None, patience=3)
     out = run(g, [pt(0, 0.0, 0.0, 0.0), pt(5, 0.2, -0.5, 1.0), pt(10, 0.1, -0.3, 1.5), pt(15, -0.1, -0.4, 1.6)])

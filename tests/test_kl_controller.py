@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ppo_core.kl_controller import AdaptiveKLController, FixedKLController, build_kl_controller
+from ppo_core.kl_controller import AdaptiveKLController, CeilingKLController, FixedKLController, build_kl_controller
 
 
 def test_fixed_controller_never_moves():
@@ -38,3 +38,26 @@ def test_adaptive_state_roundtrip_and_builder():
     assert isinstance(build_kl_controller(0.2, None, 100), FixedKLController)
     with pytest.raises(ValueError, match="target > 0"):
         AdaptiveKLController(0.1, 0.0, 100)
+
+
+def test_ceiling_controller_by_hand():
+    # ceiling 4 nats, horizon 128: 64 episodes move beta by at most 0.2 * 64 / 128 = 10%
+    ctl = CeilingKLController(0.05, ceiling=4.0, horizon=128)
+    ctl.update(2.0, 64)                      # under the ceiling: the floor holds it at 0.05
+    assert ctl.value == 0.05
+    for kl, expected in [(8.0, 0.055), (8.0, 0.0605), (4.4, 0.0605 * 1.05),   # error 1 -> +0.2; 0.1
+                         (0.0, 0.0605 * 1.05 * 0.9), (0.0, 0.0605 * 1.05 * 0.81), (0.0, 0.05)]:
+        ctl.update(kl, 64)
+        assert ctl.value == pytest.approx(expected, rel=1e-12)
+    other = CeilingKLController(1.0, 1.0, 1.0)
+    ctl.update(8.0, 64)
+    other.load_state_dict(ctl.state_dict())
+    assert (other.value, other.target, other.horizon, other.floor) == (pytest.approx(0.055), 4.0, 128.0, 0.05)
+    assert ctl.state_dict()["kind"] == "ceiling"
+
+
+def test_builder_picks_the_ceiling_and_refuses_both():
+    assert isinstance(build_kl_controller(0.05, None, 10000, ceiling=6.0), CeilingKLController)
+    assert build_kl_controller(0.05, None, 10000, ceiling=6.0, ceiling_horizon=256).horizon == 256.0
+    with pytest.raises(ValueError, match="not both"):
+        build_kl_controller(0.05, 6.0, 10000, ceiling=6.0)
