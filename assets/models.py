@@ -61,7 +61,7 @@ BUILT_SIZES = ("auto", "tiny", "small")
 BASE_MODEL_VERSION = "2"
 SFT_MODEL_VERSION = "1"
 REWARD_MODEL_VERSION = "2"  # reward_model and heldout_reward_model (same engine)
-PPO_POLICY_VERSION = "1"
+PPO_POLICY_VERSION = "2"
 
 
 # ---------------------------------------------------------------- configs an operator changes

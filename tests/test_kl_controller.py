@@ -61,3 +61,17 @@ def test_builder_picks_the_ceiling_and_refuses_both():
     assert build_kl_controller(0.05, None, 10000, ceiling=6.0, ceiling_horizon=256).horizon == 256.0
     with pytest.raises(ValueError, match="not both"):
         build_kl_controller(0.05, 6.0, 10000, ceiling=6.0)
+
+
+def test_kl_limits_of_a_ppo_config():
+    from ppo_core.ppo import PPOConfig, kl_limits
+
+    base = dict(policy_path="p", train_file="t", output_dir="o", reward_function="m:f")
+    # the controller aims 10% under the 5-nat ceiling; the guard's budget is the ceiling
+    assert kl_limits(PPOConfig(**base)) == (pytest.approx(4.5), 5.0)
+    assert kl_limits(PPOConfig(**base, kl_ceiling=8.0, kl_ceiling_margin=0.25)) == (6.0, 8.0)
+    assert kl_limits(PPOConfig(**base, guard_kl_budget=7.0)) == (pytest.approx(4.5), 7.0)
+    assert kl_limits(PPOConfig(**base, kl_ceiling=0.0)) == (None, None)
+    # a tracked target replaces the ceiling; an explicit guard budget still holds
+    assert kl_limits(PPOConfig(**base, kl_target=3.0)) == (None, None)
+    assert kl_limits(PPOConfig(**base, kl_target=3.0, guard_kl_budget=6.0)) == (None, 6.0)
