@@ -99,7 +99,8 @@ class StageConfig(dg.Config):
     learning_rate: float = Field(default=0.0, description="Peak learning rate; 0 keeps the ppo_core default.")
     max_seconds: float = Field(
         default=0.0, description="Wall-clock budget of the training loop in seconds; when it runs out the "
-        "stage keeps its best evaluated weights and ends. 0: no budget (epochs / early stopping decide).")
+        "stage ships the weights it would have shipped at the end (the last ones for SFT and reward models, "
+        "PPO's guard-kept checkpoint) and ends. 0: no budget.")
     seed: int = Field(default=0, description="Seed of data order, init and sampling.")
     zero_stage: Optional[int] = Field(
         default=None, description="DeepSpeed ZeRO stage 0-3 (strategy.zero_stage); None keeps the engine "
@@ -122,8 +123,8 @@ class SupervisedStageConfig(StageConfig):
     """The typed fields shared by the supervised engines (SFT and reward model)."""
 
     epochs: float = Field(
-        default=0.0, description="Most passes over the training data (num_epochs; early stopping usually "
-        "ends sooner); ignored when steps > 0. 0 keeps the engine default.")
+        default=0.0, description="Passes over the training data (num_epochs; the engines' stopping "
+        "settings can end sooner); ignored when steps > 0. 0 keeps the engine default.")
     batch_size: int = Field(
         default=0, description="Examples (pairs for a reward model) per optimizer step, all ranks together; "
         "a multiple of micro_batch_size x ranks. 0 keeps the engine default.")

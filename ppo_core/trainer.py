@@ -52,7 +52,7 @@ class StoppingConfig:
     resolution at the cost of two passes over the eval split per epoch)"""
     max_seconds: float = 0.0
     """wall-clock budget of the training loop in seconds (0: none); on expiry the run evaluates,
-    keeps its best weights and ends as if early-stopped"""
+    ships its weights (the best evaluated or the last, per ``keep_best``) and ends as if early-stopped"""
     keep_best: bool = True
     """ship the best evaluated weights in ``final/`` (False: the last step's weights)"""
 
