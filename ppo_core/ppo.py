@@ -208,10 +208,10 @@ class PPOConfig:
     of it, and the guard keeps only checkpoints under it (unless ``guard_kl_budget`` says
     otherwise); a run that stays under is the fixed-beta run. 0 or None: no ceiling; a
     ``kl_target`` replaces it (the adaptive controller tracks that KL instead). 5 is measured
-    (BENCHMARKS.md, "KL ceiling"): PPO on style and arithmetic never reaches it (their
-    rollouts peak at 4.6 nats); on the bundled task and on recipe it kept the same gold win
+    (BENCHMARKS.md, "KL ceiling"): PPO's rollouts on style and arithmetic stay under it (they
+    peak at 4.6 and 0.85 nats); on the bundled task and on recipe it kept the same gold win
     rate at half to three quarters of the KL, and on constraints, where PPO exploits the
-    reward model, it lost less gold. 6 did worse on all of them"""
+    reward model, it lost less gold. 6 did no better anywhere"""
     kl_ceiling_margin: float = 0.1
     """how far below the ceiling the controller aims, as a fraction: beta holds the rollouts'
     KL near its aim give or take ~0.5 nats, so aiming at the ceiling itself left half the

@@ -128,7 +128,7 @@ class RewardConfig:
     A reward model runs its whole epoch budget (the LR decays to 0) and ships the last weights,
     as SFT does: the eval loss turns up once the model grows overconfident on noisy labels,
     while its ranking still improves. Over 15 probes on five tasks (``bench/rm_probe.py``,
-    BENCHMARKS.md "Reward-model checkpoint"), the last weights agreed with the gold order as
+    BENCHMARKS.md "Reward models: the last weights"), the last weights agreed with the gold order as
     well as or better than those early stopping on the eval loss kept (patience 3), by up to
     0.04. Set ``{patience: 3, keep_best: true}`` to stop on the eval loss instead."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
