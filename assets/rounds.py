@@ -8,7 +8,7 @@ Anthropic's iterated online RLHF do it:
    task has a gold scorer -- validated, and joined with the base ``rm_train`` pairs and every
    earlier round's pairs;
 2. ``round_reward_model``: the reward model refreshed on those cumulative pairs, warm-started
-   from the latest reward model (the previous round's, else ``reward_model``), early stopping on the fixed RM eval split;
+   from the latest reward model (the previous round's, else ``reward_model``), evaluated on the fixed RM eval split;
 3. ``round_policy``: PPO from the champion, against the refreshed reward model. The frozen
    reference stays the SFT model (``reference: sft``): the KL penalty and the KL budget then
    measure the total drift from SFT across rounds, so rounds cannot walk away from it one
@@ -319,8 +319,8 @@ class RoundRewardModelConfig(RewardModelConfig):
                       "from the SFT model, the full recipe (slower).")
     min_accuracy: float = Field(default=0.6, description="Gate: pairwise accuracy on the RM eval split the "
                                 "refreshed model must reach (chance is 0.5).")
-    epochs: float = Field(default=1.0, description="Most epochs over the cumulative pairs (early stopping on the "
-                          "eval loss can end it sooner); 0: the engine's 4. One epoch, as InstructGPT and OpenRLHF "
+    epochs: float = Field(default=1.0, description="Epochs over the cumulative pairs; the last weights are "
+                          "shipped, as reward_model does; 0: the engine's 4. One epoch, as InstructGPT and OpenRLHF "
                           "train reward models, suffices for a warm start; with the engine's 4 it took 117 of a "
                           "round's 208 s on the embedded default (README, rounds).")
 
