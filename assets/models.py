@@ -158,7 +158,7 @@ class PPOPolicyConfig(StageConfig):
 
     kl_coef: Optional[float] = Field(
         default=None, description="KL penalty coefficient beta (the initial one when kl_target is set); "
-        "None keeps the engine default, 0 turns the penalty off.")
+        "None keeps the engine default, 0 turns the penalty (and the KL ceiling) off.")
     kl_target: Optional[float] = Field(
         default=None, description="Adapt beta so the KL per episode approaches this value (adaptive "
         "controller, Ziegler et al. 2019); None keeps the engine default (fixed beta).")

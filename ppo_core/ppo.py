@@ -206,8 +206,8 @@ class PPOConfig:
     """keep the KL per episode (nats per response, the unit of ``objective/kl``) under this:
     beta rises above ``kl_coef`` only while the rollouts' KL is over ``(1 - kl_ceiling_margin)``
     of it, and the guard keeps only checkpoints under it (unless ``guard_kl_budget`` says
-    otherwise); a run that stays under is the fixed-beta run. 0 or None: no ceiling; a
-    ``kl_target`` replaces it (the adaptive controller tracks that KL instead). 5 is measured
+    otherwise); a run that stays under is the fixed-beta run. 0 or None: no ceiling, nor with
+    ``kl_coef`` 0; a ``kl_target`` replaces it (the adaptive controller tracks that KL instead). 5 is measured
     (BENCHMARKS.md, "KL ceiling"): PPO's rollouts on style and arithmetic stay under it (they
     peak at 4.6 and 0.85 nats); on the bundled task and on recipe it kept the same gold win
     rate at half to three quarters of the KL, and on constraints, where PPO exploits the
@@ -318,8 +318,9 @@ class PPOConfig:
 
 def kl_limits(cfg: PPOConfig) -> tuple[float | None, float | None]:
     """(the KL the ceiling controller aims under, the guard's KL budget): none of either when a
-    ``kl_target`` is tracked instead or the ceiling is 0; ``guard_kl_budget`` wins when set."""
-    ceiling = None if cfg.kl_target is not None else (cfg.kl_ceiling or None)
+    ``kl_target`` is tracked instead, the ceiling is 0, or ``kl_coef`` is 0 (no penalty to
+    raise: the controller scales beta); ``guard_kl_budget`` wins when set."""
+    ceiling = None if cfg.kl_target is not None or cfg.kl_coef == 0 else (cfg.kl_ceiling or None)
     aim = None if ceiling is None else ceiling * (1.0 - cfg.kl_ceiling_margin)
     return aim, (cfg.guard_kl_budget if cfg.guard_kl_budget is not None else ceiling)
 

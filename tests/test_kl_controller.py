@@ -72,6 +72,7 @@ def test_kl_limits_of_a_ppo_config():
     assert kl_limits(PPOConfig(**base, kl_ceiling=8.0, kl_ceiling_margin=0.25)) == (6.0, 8.0)
     assert kl_limits(PPOConfig(**base, guard_kl_budget=7.0)) == (pytest.approx(4.5), 7.0)
     assert kl_limits(PPOConfig(**base, kl_ceiling=0.0)) == (None, None)
+    assert kl_limits(PPOConfig(**base, kl_coef=0.0)) == (None, None)     # no penalty to raise
     # a tracked target replaces the ceiling; an explicit guard budget still holds
     assert kl_limits(PPOConfig(**base, kl_target=3.0)) == (None, None)
     assert kl_limits(PPOConfig(**base, kl_target=3.0, guard_kl_budget=6.0)) == (None, 6.0)
