@@ -215,7 +215,7 @@ class PPOConfig:
     kl_ceiling_margin: float = 0.1
     """how far below the ceiling the controller aims, as a fraction: beta holds the rollouts'
     KL near its aim give or take ~0.5 nats, so aiming at the ceiling itself left half the
-    checkpoints over it (BENCHMARKS.md: recipe kept 0.753 of win rate aiming at 5, 0.785 at 4.5)"""
+    checkpoints over it (BENCHMARKS.md: recipe's win rate was 0.753 aiming at 5, 0.785 at 4.5)"""
     kl_ceiling_horizon: int = 128
     """the ceiling controller's horizon in episodes: up to +-10% of beta per 64-episode rollout.
     OpenRLHF's 10000 moves beta by at most 8% over a whole 3,840-episode run of this engine"""
