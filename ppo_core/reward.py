@@ -98,7 +98,8 @@ class RewardConfig:
     0.755 -> 0.799, constraints 0.734 -> 0.730; 0 -> 1.0 style 0.947 -> 0.928, bundled 0.811 ->
     0.846. Through the whole lineage (BENCHMARKS.md, two seeds) PPO's gold win rate rose on
     arithmetic and style and fell on constraints, where repeating prompt items then paid more.
-    0 turns them off; the eval split never gets them, so early stopping sees real pairs only."""
+    0 turns them off; the eval split never gets them, so its metrics (and early stopping, when
+    on) see real pairs only."""
     center_coef: float = 0.0
     """Reward-centering auxiliary loss coefficient on (r_c + r_r)^2; Eisenstein et al. use 0.01.
     0 disables it."""
