@@ -1,7 +1,7 @@
 """Generality task "recipe": use the prompt's ingredients, each once, in the best manner.
 
 * Prompts name a dish and two or three ingredients:
-  ``"make a stew with leek , tofu and corn please ."``; a few thousand distinct prompts.
+  ``"make a stew with leek , tofu and corn please ."``; about 5,900 distinct prompts in 6,000 pairs.
 * A response is short sentences ``"<verb> the <ingredient> <manner> ."``, the shape of the
   bundled task's answers: ``"chop the leek gently . stir the tofu carefully . add the corn slowly ."``.
 * :func:`gold_reward`, per sentence: ``+1 + quality(manner)`` for the first use of an
