@@ -574,7 +574,7 @@ class PPOTrainer:
         self.strategy = strategy
         strategy.setup_distributed()
         if cfg.num_threads:
-            # after setup_distributed, which sets strategy.cpu_threads (default 1)
+            # after setup_distributed, which applies strategy.cpu_threads
             torch.set_num_threads(cfg.num_threads)
         self.rank, self.world = _world()
         self.step = 0

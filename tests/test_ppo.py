@@ -271,13 +271,12 @@ def test_function_reward_and_critic_from_policy(tiny_run, tmp_path, monkeypatch)
 
 
 def test_num_threads_survives_setup(tiny_run, tmp_path):
-    """``strategy.setup_distributed`` applies ``strategy.cpu_threads`` (1); the PPO config's
-    ``num_threads`` must win, as its docstring says."""
+    """``strategy.setup_distributed`` applies ``strategy.cpu_threads`` (1 here); the PPO
+    config's ``num_threads`` must win, as its docstring says."""
     before = torch.get_num_threads()
     try:
         cfg = small_cfg(tiny_run, tmp_path / "n", num_threads=2)
-        assert cfg.strategy.cpu_threads == 1
-        PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy))
+        PPOTrainer(cfg, DeepSpeedStrategy(dataclasses.replace(cfg.strategy, cpu_threads=1)))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

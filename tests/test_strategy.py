@@ -21,7 +21,7 @@ from ppo_core.checkpoint import (
 )
 from ppo_core.config import ConfigError
 from ppo_core.models import build_tiny_causal_lm, load_causal_lm, train_tokenizer
-from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, resolve_cpu_threads
 
 torch.set_num_threads(1)
 
@@ -33,6 +33,33 @@ def test_offload_needs_a_zero_stage() -> None:
         DeepSpeedStrategy(StrategyConfig(zero_stage=2, offload_params=True))
     with pytest.raises(ConfigError, match="zero_stage=5"):
         DeepSpeedStrategy(StrategyConfig(zero_stage=5))
+
+
+@pytest.mark.parametrize(
+    ("setting", "cpus", "local_ranks", "omp", "expected"),
+    [
+        (None, 4, None, None, 4),   # one process alone: every CPU it may run on
+        (None, 4, "2", None, 2),    # two ranks share them
+        (None, 2, "8", None, 1),    # never below one
+        (None, 4, None, "3", 0),    # OMP_NUM_THREADS set: torch's own count follows it
+        (1, 4, None, None, 1),      # an explicit count wins
+        (0, 4, None, None, 0),
+    ],
+)
+def test_cpu_threads_auto_shares_the_cpus_among_ranks(monkeypatch: pytest.MonkeyPatch, setting,
+                                                      cpus, local_ranks, omp, expected) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    for name, value in (("LOCAL_WORLD_SIZE", local_ranks), ("OMP_NUM_THREADS", omp)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert resolve_cpu_threads(setting) == expected
+
+
+def test_negative_cpu_threads_is_refused() -> None:
+    with pytest.raises(ConfigError, match="cpu_threads=-1: must be >= 0"):
+        DeepSpeedStrategy(StrategyConfig(cpu_threads=-1))
 
 
 def test_impossible_batch_split_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
