@@ -60,7 +60,7 @@ BUILT_SIZES = ("auto", "tiny", "small")
 # (or to the shared trainer / strategy) changes the weights it produces for the same inputs.
 BASE_MODEL_VERSION = "2"
 SFT_MODEL_VERSION = "1"
-REWARD_MODEL_VERSION = "2"  # reward_model and heldout_reward_model (same engine)
+REWARD_MODEL_VERSION = "3"  # reward_model and heldout_reward_model (same engine)
 PPO_POLICY_VERSION = "2"
 
 
@@ -147,6 +147,10 @@ class RewardStageConfig(SupervisedStageConfig):
         default=None, description="Extra training pairs, as a fraction of the real ones, that prefer a "
         "prompt's chosen response over another prompt's chosen response (a response must answer its own "
         "prompt); None keeps the engine default (0.5), 0 turns them off.")
+    center_coef: Optional[float] = Field(
+        default=None, description="Reward-centering loss weight on (r_chosen + r_rejected)^2, which keeps "
+        "each prompt's score offset near 0 so PPO is not fed per-prompt noise; None keeps the engine "
+        "default (0.01), 0 turns it off.")
 
 
 class RewardModelConfig(RewardStageConfig):
@@ -202,7 +206,7 @@ _SUPERVISED = {**_COMMON, "steps": "max_steps", "seed": "strategy.seed", "max_se
                "max_length": "max_length"}
 FIELD_MAP: dict[str, dict[str, str]] = {
     "sft": _SUPERVISED,
-    "reward": {**_SUPERVISED, "mismatched_negatives": "mismatched_negatives"},
+    "reward": {**_SUPERVISED, "mismatched_negatives": "mismatched_negatives", "center_coef": "center_coef"},
     "ppo": {**_COMMON, "steps": "num_steps", "seed": "seed", "max_seconds": "max_seconds",
             "kl_coef": "kl_coef", "kl_target": "kl_target", "kl_ceiling": "kl_ceiling",
             "response_length": "response_length",
