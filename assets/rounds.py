@@ -46,7 +46,7 @@ from pipelines import settings
 from pipelines.mlflow_models import EVAL, TRAINING, log_datasets, model_metrics, split_inputs
 from pipelines.notify import Notifier
 from pipelines.resources import MLflowResource, TrainingLauncher
-from ppo_core.lengths import MIN_RESPONSE_LENGTH
+from ppo_core.lengths import MIN_RESPONSE_LENGTH, recorded_length
 
 GROUP = "rounds"
 ROUNDS = dg.DynamicPartitionsDefinition(name="rlhf_round")
@@ -268,7 +268,7 @@ def round_preferences(context: dg.AssetExecutionContext, config: RoundPreference
     elif scorer:
         other_dir, other = other_policy(context, champion_dir)
         context.log.info(f"simulated annotator: champion v{champion.version} against {other}")
-        length = config.max_new_tokens or int(evaluation_report.get("max_new_tokens") or MIN_RESPONSE_LENGTH)
+        length = config.max_new_tokens or recorded_length(evaluation_report, "max_new_tokens")
         labelled, batch_path = _simulated_pairs(config, champion_dir, other_dir, dataset_splits, scorer, key, length)
         raw = load_preferences(str(batch_path), "labels").frame
         origin = (f"simulated annotator (T={config.annotator_temperature}) on champion v{champion.version} "
@@ -596,7 +596,7 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
     other_dir = (round_evaluation["champion_model_path"] if decision.promoted
                  else round_evaluation["challenger_model_path"])
     batch = _next_batch(context, config, client, dataset_splits, mlflow.tracking_uri, other_dir,
-                        int(round_evaluation.get("max_new_tokens") or MIN_RESPONSE_LENGTH))
+                        recorded_length(round_evaluation, "max_new_tokens"))
     metadata: dict[str, Any] = {**{k: v for k, v in row.items() if v is not None}, "decision": decision.reason,
                                 "other_policy_dir": dg.MetadataValue.path(other_dir),
                                 "challenger_version": str(challenger.version), "metric": decision.metric,

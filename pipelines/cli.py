@@ -412,7 +412,7 @@ def export_annotation_batch(n_prompts: int, seed: int, name: str) -> int:
     """``rlhf annotate``: the champion's samples on the latest splits' training prompts."""
     from assets.rounds import export_batch
     from pipelines.resources import MLflowResource
-    from ppo_core.lengths import MIN_RESPONSE_LENGTH
+    from ppo_core.lengths import recorded_length
 
     splits = read_manifest("dataset_splits")
     if splits is None:
@@ -425,7 +425,7 @@ def export_annotation_batch(n_prompts: int, seed: int, name: str) -> int:
         seq = (read_manifest("base_model") or {}).get("lengths") or {}
         path = export_batch(mlflow.client(), mlflow.tracking_uri, name, splits["split_dir"], n_prompts, seed,
                             f"annotate-seed{seed}",
-                            max_new_tokens=int(seq.get("response_length", MIN_RESPONSE_LENGTH)))
+                            max_new_tokens=recorded_length(seq, "response_length"))
     except dg.Failure as exc:
         raise SystemExit(f"rlhf annotate: {exc.description}") from exc
     print(f"annotation batch: {path}\nfill 'preference' with a or b on each line, then move the file into "

@@ -22,7 +22,7 @@ makes them fit a model's positions, shortening the response first.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # The engines' defaults (ppo_core.ppo.PPOConfig, ppo_core.sft.SFTConfig, ppo_core.reward.
@@ -35,6 +35,13 @@ MAX_RESPONSE_LENGTH = 512
 RESPONSE_QUANTILE = 0.99
 MIN_RESPONSE_ROOM = 8
 """fewest answer tokens a context must leave after the longest prompt"""
+
+
+def recorded_length(record: Mapping[str, Any] | None, key: str) -> int:
+    """The answer length a manifest recorded under ``key`` (an evaluation's ``max_new_tokens``,
+    ``base_model``'s ``lengths.response_length``); ``MIN_RESPONSE_LENGTH`` for a manifest written
+    before lengths were measured, which sampled with the engine default."""
+    return int((record or {}).get(key) or MIN_RESPONSE_LENGTH)
 
 
 def round_up(n: int, k: int = 8) -> int:

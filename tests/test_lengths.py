@@ -20,6 +20,13 @@ def test_engine_defaults_are_the_floors() -> None:
         assert next(f.default for f in dataclasses.fields(cls) if f.name == "max_length") == L.MIN_MAX_LENGTH
 
 
+def test_recorded_length_falls_back_to_the_engine_default() -> None:
+    assert L.recorded_length({"max_new_tokens": 48}, "max_new_tokens") == 48
+    # manifests written before lengths were measured: no key, a null, or no manifest at all
+    for record in ({}, {"max_new_tokens": None}, None):
+        assert L.recorded_length(record, "max_new_tokens") == L.MIN_RESPONSE_LENGTH == 32
+
+
 def test_short_data_keeps_the_engine_defaults() -> None:
     # prompts of 10-11 tokens, responses of 6-28 (the bundled task's shape)
     s = L.length_settings([10, 11, 11], list(range(6, 29)))
