@@ -104,8 +104,9 @@ class RewardConfig:
     """Reward-centering auxiliary loss coefficient on (r_c + r_r)^2 (Eisenstein et al. 2023 and
     TRL's ``center_rewards_coefficient`` docs use 0.01); 0 disables it. Pairwise losses leave
     each prompt's score offset free, and with mismatched negatives the offsets grew into noise
-    PPO must average away: on the recipe task's SFT samples the variance of the per-prompt mean
-    score was 2.4x the within-prompt variance, uncorrelated with gold (-0.06); centered, 0.48x.
+    PPO must average away: on the recipe task's policy samples (the guard's, SFT to step 60)
+    the variance of the per-prompt mean score was 2.4x the within-prompt variance, uncorrelated
+    with gold (-0.06); centered, 0.48x.
     Paired over the suite's lineages (BENCHMARKS.md, "Reward centering"), PPO's gold win rate
     moved by +0.07 to +0.12 on recipe (three seeds), +0.04 and +0.05 on style, -0.02 on
     arithmetic, -0.06 and -0.12 on constraints (whose reward model the policy exploits either
