@@ -7,13 +7,17 @@ saw, the guard's signal), by the gold scorer when the data has one, against the
 with EOS. KL to the reference is the per-token mean of ``logp_ppo - logp_sft`` on PPO's own
 samples (SFT is PPO's reference policy), the same estimator PPO's KL penalty uses
 (Ziegler et al. 2019; TRL's ``objective/kl``).
+
+Win rates, the reward model's gold agreement and the KL carry standard errors (``<metric>_se``)
+that count the answers (or pairs) of one prompt as one cluster: on a small test split the
+prompts, not the samples, are what the numbers average over.
 """
 
 
 import functools
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ from pipelines.resources import MLflowResource
 
 BUNDLED_GOLD_SCORER = "assets.bundled_task:gold_score_batch"
 # Bumped by hand when a change here changes the report for the same inputs (see assets/data.py).
-EVALUATION_REPORT_VERSION = "5"
+EVALUATION_REPORT_VERSION = "6"
 GoldScorer = Callable[[list[str], list[str]], list[float]]
 
 
@@ -56,7 +60,7 @@ def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
         raise ValueError(f"win_rate: {len(a)} scores against {len(b)}")
     if not a:
         return float("nan")
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+    return sum(wins(a, b)) / len(a)
 
 
 def mean(values: Sequence[float]) -> float:
@@ -110,12 +114,40 @@ def policy_metrics(
     return out
 
 
-def compare(sft: dict[str, list], ppo: dict[str, list]) -> dict[str, float]:
-    """PPO-against-SFT win rates: by RM score and, when present, by held-out RM and gold score."""
-    out = {"win_rate_rm": win_rate(ppo["rm"], sft["rm"])}
-    for key in ("heldout", "gold"):
-        if ppo.get(key) is not None and sft.get(key) is not None:
-            out[f"win_rate_{key}"] = win_rate(ppo[key], sft[key])
+def clustered_se(values: Sequence[float], groups: Sequence[Hashable]) -> float:
+    """Standard error of ``mean(values)`` when values of one group (the answers to one prompt,
+    the pairs of one prompt) are correlated: the cluster-robust CR1 estimator (Cameron & Miller
+    2015, "A Practitioner's Guide to Cluster-Robust Inference", eq. 11),
+    ``sqrt(G / (G - 1) * sum_g (sum_{i in g} (x_i - mean))^2) / n`` over ``G`` groups and ``n``
+    values. One value per group gives the usual ``s / sqrt(n)``. NaN under two groups."""
+    if len(values) != len(groups):
+        raise ValueError(f"clustered_se: {len(values)} values against {len(groups)} groups")
+    sums: dict[Hashable, float] = {}
+    m = mean(values)
+    for v, g in zip(values, groups):
+        sums[g] = sums.get(g, 0.0) + float(v) - m
+    n_groups = len(sums)
+    if n_groups < 2:
+        return float("nan")
+    return math.sqrt(n_groups / (n_groups - 1) * sum(d * d for d in sums.values())) / len(values)
+
+
+def wins(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """Per item: 1 where ``a`` beats ``b``, 0.5 on a tie, 0 otherwise (``win_rate`` is their mean)."""
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+
+
+def compare(sft: dict[str, list], ppo: dict[str, list], prompts: Sequence[str] | None = None) -> dict[str, float]:
+    """PPO-against-SFT win rates: by RM score and, when present, by held-out RM and gold score.
+    With ``prompts`` (the prompt of each answer), each win rate gets its standard error
+    (``<name>_se``), answers to the same prompt counted as one cluster."""
+    out: dict[str, float] = {}
+    for key in ("rm", "heldout", "gold"):
+        if ppo.get(key) is None or sft.get(key) is None:
+            continue
+        out[f"win_rate_{key}"] = win_rate(ppo[key], sft[key])
+        if prompts is not None:
+            out[f"win_rate_{key}_se"] = clustered_se(wins(ppo[key], sft[key]), prompts)
     return out
 
 
@@ -228,7 +260,8 @@ def rm_scores(rm_dir: str, prompts: list[str], response_ids: list[list[int]], ba
 def pair_metrics(rm_dir: str, pairs: pd.DataFrame, scorer: GoldScorer | None,
                  batch_size: int) -> dict[str, float]:
     """The reward model on held-out pairs: accuracy against the (noisy) labels and, with a gold
-    scorer, agreement with the noiseless gold ordering (pairs whose gold scores tie are left out)."""
+    scorer, agreement with the noiseless gold ordering (pairs whose gold scores tie are left out).
+    Both get a standard error (``_se``) with the pairs of one prompt counted as one cluster."""
     from ppo_core import models
     from ppo_core.data import encode_response
 
@@ -241,12 +274,15 @@ def pair_metrics(rm_dir: str, pairs: pd.DataFrame, scorer: GoldScorer | None,
     chosen, rejected = pairs["chosen"].astype(str).tolist(), pairs["rejected"].astype(str).tolist()
     s_c = rm_scores(rm_dir, prompts, encode(chosen), batch_size)
     s_r = rm_scores(rm_dir, prompts, encode(rejected), batch_size)
-    out = {"rm/pair_accuracy": mean([1.0 if c > r else 0.0 for c, r in zip(s_c, s_r)]),
+    correct = [1.0 if c > r else 0.0 for c, r in zip(s_c, s_r)]
+    out = {"rm/pair_accuracy": mean(correct), "rm/pair_accuracy_se": clustered_se(correct, prompts),
            "rm/n_pairs": float(len(prompts))}
     if scorer is not None:
         g_c, g_r = scorer(prompts, chosen), scorer(prompts, rejected)
-        decided = [(c > r) == (gc > gr) for c, r, gc, gr in zip(s_c, s_r, g_c, g_r) if gc != gr]
-        out["rm/gold_agreement"] = mean([1.0 if d else 0.0 for d in decided])
+        decided = [(1.0 if (c > r) == (gc > gr) else 0.0, p)
+                   for c, r, gc, gr, p in zip(s_c, s_r, g_c, g_r, prompts) if gc != gr]
+        out["rm/gold_agreement"] = mean([d for d, _ in decided])
+        out["rm/gold_agreement_se"] = clustered_se([d for d, _ in decided], [p for _, p in decided])
         out["rm/gold_label_agreement"] = mean(
             [1.0 if gc > gr else 0.0 for gc, gr in zip(g_c, g_r) if gc != gr])
     return out
@@ -258,10 +294,15 @@ def kl_per_token(logp_policy: list[list[float]], logp_ref: list[list[float]]) ->
     return mean(diffs)
 
 
+def response_kls(logp_policy: list[list[float]], logp_ref: list[list[float]]) -> list[float]:
+    """``sum_t (logp_policy - logp_ref)`` of each response, in nats."""
+    return [sum(a - b for a, b in zip(pa, pr)) for pa, pr in zip(logp_policy, logp_ref)]
+
+
 def kl_per_response(logp_policy: list[list[float]], logp_ref: list[list[float]]) -> float:
     """Mean over responses of ``sum_t (logp_policy - logp_ref)``: KL in nats per response, the
     sequence-level figure TRL's ``objective/kl`` and Gao et al. 2022 report."""
-    return mean([sum(a - b for a, b in zip(pa, pr)) for pa, pr in zip(logp_policy, logp_ref)])
+    return mean(response_kls(logp_policy, logp_ref))
 
 
 def guard_curve(samples_file: Path, scorer: GoldScorer | None) -> list[dict[str, float]]:
@@ -387,9 +428,10 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
         pm = policy_metrics(gen["responses"], gen["rm"], gen["lengths"], gen["ended"], refs, gen["gold"],
                             gen["heldout"])
         metrics.update({f"{name}/{k}": v for k, v in pm.items()})
-    metrics.update(compare(per["sft"], per["ppo"]))
+    metrics.update(compare(per["sft"], per["ppo"], prompts))
     metrics["ppo/kl_to_ref"] = kl_per_token(lp_ppo, lp_ref)
     metrics["ppo/kl_to_ref_per_response"] = kl_per_response(lp_ppo, lp_ref)
+    metrics["ppo/kl_to_ref_per_response_se"] = clustered_se(response_kls(lp_ppo, lp_ref), prompts)
     metrics.update(metrics_rm)
     metrics["n_prompts"] = float(len(set(prompts)))
     metrics["n_samples"] = float(len(prompts))
@@ -543,14 +585,15 @@ def ppo_beats_sft_result(metrics: dict[str, float | None], min_win_rate: float) 
     if ppo is None or sft is None or rate is None:
         return dg.AssetCheckResult(passed=False, description=f"report has no {key} / win rate to compare")
     kl = metrics.get("ppo/kl_to_ref_per_response")
+    se = metrics.get(f"win_rate_{basis}_se")
     passed = ppo > sft and rate >= min_win_rate
     return dg.AssetCheckResult(
         passed=bool(passed),
-        description=f"PPO {key} {ppo:.3f} vs SFT {sft:.3f}; win rate ({basis}) {rate:.3f} "
-        f"(needs > SFT and >= {min_win_rate})"
+        description=f"PPO {key} {ppo:.3f} vs SFT {sft:.3f}; win rate ({basis}) {rate:.3f}"
+        + (f" +- {se:.3f}" if se is not None else "") + f" (needs > SFT and >= {min_win_rate})"
         + (f" at KL {kl:.2f} nats per response" if kl is not None else ""),
         metadata={"basis": basis, f"ppo_{key}": ppo, f"sft_{key}": sft, "win_rate": rate,
-                  "min_win_rate": min_win_rate,
+                  "min_win_rate": min_win_rate, **({"win_rate_se": se} if se is not None else {}),
                   **({"kl_to_sft_per_response": kl} if kl is not None else {})},
     )
 

@@ -418,7 +418,7 @@ def round_metrics(report: dict[str, Any], kl_champion: float) -> dict[str, float
     return out
 
 
-@dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, code_version="1",
+@dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, code_version="2",
           description="Challenger against champion on the fixed evaluation set: gold (when given) and reward-model "
           "scores, win rate, KL to SFT, and the refreshed reward model's agreement with gold.")
 def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationConfig, mlflow: MLflowResource,
@@ -465,8 +465,9 @@ def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationC
               "challenger_model_path": challenger_dir, "champion_model_path": champion_dir,
               "challenger_model_id": round_policy.get("mlflow_model_id"),
               "champion_version": round_preferences["champion_version"], "report_path": str(out / "report.json")}
-    shown = ("challenger/gold_mean", "champion/gold_mean", "win_rate_gold", "challenger/heldout_score_mean",
-             "champion/heldout_score_mean", "win_rate_heldout", "challenger/rm_score_mean",
+    shown = ("challenger/gold_mean", "champion/gold_mean", "win_rate_gold", "win_rate_gold_se",
+             "challenger/heldout_score_mean", "champion/heldout_score_mean", "win_rate_heldout",
+             "win_rate_heldout_se", "challenger/rm_score_mean",
              "champion/rm_score_mean", "win_rate_rm", "rm/gold_agreement", "rm/pair_accuracy",
              "challenger/kl_to_sft_per_response", "champion/kl_to_sft_per_response")
     return dg.MaterializeResult(value=report, metadata={

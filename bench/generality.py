@@ -409,6 +409,7 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str, test_pairs, test_
     """
     from assets.evaluation import (
         EvaluationConfig,
+        clustered_se,
         generate,
         kl_per_response,
         kl_per_token,
@@ -416,6 +417,7 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str, test_pairs, test_
         pair_metrics,
         sequence_logprobs,
         win_rate,
+        wins,
     )
 
     cfg = EvaluationConfig(**settings)
@@ -429,11 +431,14 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str, test_pairs, test_
     lp_sft = sequence_logprobs(sft_dir, prompts, ppo["ids"], cfg.batch_size)
     return {
         "rm_gold_agreement": rm.get("rm/gold_agreement", float("nan")),
+        "rm_gold_agreement_se": rm.get("rm/gold_agreement_se", float("nan")),
         "rm_pair_accuracy": rm.get("rm/pair_accuracy", float("nan")),
         "gold_sft": mean(gold_sft),
         "gold_ppo": mean(gold_ppo),
         "gold_gain": mean(gold_ppo) - mean(gold_sft),
         "gold_win_rate": win_rate(gold_ppo, gold_sft),
+        # this run's sampling noise, answers to one prompt as one cluster (the tables' +- is over seeds)
+        "gold_win_rate_se": clustered_se(wins(gold_ppo, gold_sft), prompts),
         "kl_nats_per_response": kl_per_response(lp_ppo, lp_sft),
         "kl_per_token": kl_per_token(lp_ppo, lp_sft),
         "ppo_response_tokens": mean(ppo["lengths"]),

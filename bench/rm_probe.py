@@ -8,8 +8,11 @@ the end). Options change one thing at a time: ``--pool sum|mean`` (score pooled 
 response instead of the last token), ``--lm-coef`` (an LM loss on the chosen response),
 ``--gold-labels`` (training pairs put in gold order), ``--extra N`` (N more generated pairs),
 ``--all-pairs`` (the held-out RM's pairs too), ``--sft DIR`` (another SFT start),
-``--mismatch F`` (F x the pairs more, from ``ppo_core.reward.mismatched_pairs``), ``--save DIR``
-(the final model, save_pretrained).
+``--mismatch F`` (F x the pairs more, from ``ppo_core.reward.mismatched_pairs``), ``--center C``
+(the engine's centering loss, ``RewardConfig.center_coef``), ``--ema D`` (also the agreement of
+an exponential moving average of the weights), ``--init-seed S`` (the new head's init seed,
+apart from the data order's), ``--save DIR`` (the final model, save_pretrained) and ``--dump F``
+(the test pairs' scores, for ``bench/rm_ensemble.py``).
 
     .venv/bin/python bench/rm_probe.py --home RLHF_HOME --task constraints [--pool sum]
 
@@ -37,12 +40,15 @@ p.add_argument("--all-pairs", action="store_true")
 p.add_argument("--epochs", type=float, default=4)
 p.add_argument("--lr", type=float, default=5e-4)
 p.add_argument("--seed", type=int, default=42)
+p.add_argument("--init-seed", type=int, default=None, help="seed of the new head's init (default: --seed)")
 p.add_argument("--sft", default="")
 p.add_argument("--extra", type=int, default=0)
 p.add_argument("--train-file", default="rm_train.parquet")
 p.add_argument("--lm-coef", type=float, default=0.0)
 p.add_argument("--gold-labels", action="store_true")
 p.add_argument("--mismatch", type=float, default=0.0)
+p.add_argument("--center", type=float, default=0.0, help="centering loss coefficient on (r_c + r_r)^2")
+p.add_argument("--ema", type=float, default=0.0, help="also report the agreement of an EMA of the weights (decay)")
 p.add_argument("--save", default="", help="save the final reward model here (save_pretrained)")
 p.add_argument("--dump", default="", help="write the test pairs' scores (final and at the best eval loss) here, .pt")
 args = p.parse_args()
@@ -100,9 +106,11 @@ if args.lm_coef > 0:
     torch.nn.init.normal_(model.score.weight, std=1.0 / (hsz + 1) ** 0.5); torch.nn.init.zeros_(model.score.bias)
     trunk, head = model.model, model.score
 else:
-    model = build_scorer_from_causal_lm(sft, pad_token_id=tok.pad_token_id, seed=args.seed)
+    model = build_scorer_from_causal_lm(sft, pad_token_id=tok.pad_token_id,
+                                        seed=args.seed if args.init_seed is None else args.init_seed)
     trunk, head = trunk_of(model), score_head(model)
 LM = {}
+EMA: dict = {}
 model.train()
 
 
@@ -175,11 +183,20 @@ for ep in range(math.ceil(args.epochs)):
         batch = [tr[i] for i in perm[k * bs:(k + 1) * bs]]
         c, r = scores(batch)
         loss = -F.logsigmoid(c - r).mean()
+        if args.center > 0:
+            loss = loss + args.center * ((c + r) ** 2).mean()
         if args.lm_coef > 0:
             loss = loss + args.lm_coef * LM["loss"]
         opt.zero_grad(); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); step += 1
+        if args.ema > 0:
+            with torch.no_grad():
+                if not EMA:
+                    EMA.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+                for k, v in model.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        EMA[k].mul_(args.ema).add_(v, alpha=1 - args.ema)
         if step % max(1, steps_per_epoch // 2) == 0 or step == total:
             c, r = evaluate(evd)
             el = float(-F.logsigmoid(c - r).mean()); ea = float((c > r).float().mean())
@@ -191,9 +208,14 @@ for ep in range(math.ceil(args.epochs)):
                 best = (el, (step, ag))
                 best_scores = (tc, trr)
             last_scores = (tc, trr)
-print(json.dumps({"lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed,
+ema_agree = None
+if EMA:
+    model.load_state_dict(EMA)
+    ema_scores = evaluate(ted)
+    ema_agree = agreement(*ema_scores)
+print(json.dumps({"center": args.center, "ema": args.ema, "ema_final": ema_agree, "lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed,
                   "best_step": best[1][0], "gold_agree_at_best": best[1][1], "final": hist[-1][3]}))
-if args.dump:  # for ensembles: bench/rm_ensemble.py averages several probes' dumps
-    torch.save({"best": best_scores, "final": last_scores, "gold": (g_c, g_r)}, args.dump)
+if args.dump:  # bench/rm_ensemble.py averages several probes' dumps
+    torch.save({"best": best_scores, "final": last_scores, "ema": ema_scores if EMA else None, "gold": (g_c, g_r)}, args.dump)
 if args.save:
     model.save_pretrained(args.save); tok.save_pretrained(args.save)

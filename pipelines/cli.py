@@ -150,13 +150,16 @@ def build_summary(
         "reward_model_accuracy": rm_acc[1] if rm_acc else None,
         "reward_model_test_accuracy": _num(metrics.get("rm/pair_accuracy")),
         "reward_model_gold_agreement": _num(metrics.get("rm/gold_agreement")),
+        "reward_model_gold_agreement_se": _num(metrics.get("rm/gold_agreement_se")),
         "gold_reward_sft": _num(metrics.get("sft/gold_mean")),
         "gold_reward_ppo": _num(metrics.get("ppo/gold_mean")),
         "gold_win_rate": _num(metrics.get("win_rate_gold")),
+        "gold_win_rate_se": _num(metrics.get("win_rate_gold_se")),
         "rm_win_rate": _num(metrics.get("win_rate_rm")),
         "heldout_win_rate": _num(metrics.get("win_rate_heldout")),
         "kl_to_sft": _num(metrics.get("ppo/kl_to_ref")),
         "kl_to_sft_per_response": _num(metrics.get("ppo/kl_to_ref_per_response")),
+        "kl_to_sft_per_response_se": _num(metrics.get("ppo/kl_to_ref_per_response_se")),
         "ppo_kept_step": _num(ppo.get("summary", {}).get("kept_step")),
         "ppo_heldout_gain": _num(ppo.get("summary", {}).get("guard/heldout_gain")),
         "ppo_best_step": _num(ppo.get("summary", {}).get("guard/best_step")),
@@ -189,6 +192,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     def fmt(value: Any) -> str:
         return f"{value:.3f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
 
+    def pm(key: str) -> str:  # a measure and its standard error, when the report has one
+        se = summary.get(f"{key}_se")
+        return fmt(summary.get(key)) + (f" +- {se:.3f}" if isinstance(se, float) else "")
+
     aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(summary["aliases"].items())) or "none"
     promotion = summary.get("promotion") or {}
     lines = [
@@ -196,13 +203,13 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"(Dagster run {summary['dagster_run_id']})",
         f"  reward-model accuracy (eval split)     : {fmt(summary['reward_model_accuracy'])}",
         f"  reward-model accuracy (test pairs)     : {fmt(summary.get('reward_model_test_accuracy'))}",
-        f"  RM agreement with gold ordering (test) : {fmt(summary.get('reward_model_gold_agreement'))}",
+        f"  RM agreement with gold ordering (test) : {pm('reward_model_gold_agreement')}",
         f"  gold reward SFT -> PPO                 : "
         f"{fmt(summary['gold_reward_sft'])} -> {fmt(summary['gold_reward_ppo'])}",
-        f"  gold win rate PPO vs SFT               : {fmt(summary['gold_win_rate'])}",
+        f"  gold win rate PPO vs SFT               : {pm('gold_win_rate')}",
         f"  RM win rate PPO vs SFT                 : {fmt(summary['rm_win_rate'])}",
         f"  held-out RM win rate PPO vs SFT        : {fmt(summary.get('heldout_win_rate'))}",
-        f"  KL(PPO || SFT) held-out, per response  : {fmt(summary.get('kl_to_sft_per_response'))} nats "
+        f"  KL(PPO || SFT) held-out, per response  : {pm('kl_to_sft_per_response')} nats "
         f"({fmt(summary['kl_to_sft'])} per token)",
         f"  PPO step kept by the guard             : {fmt(summary.get('ppo_kept_step'))} "
         f"(held-out reward gain over SFT {fmt(summary.get('ppo_heldout_gain'))} std; "

@@ -59,7 +59,7 @@ def test_summary_reads_this_runs_manifests(rlhf_home: Path) -> None:
     write_manifest(rlhf_home, "ppo_policy", run_id, {"summary": {"objective/kl": 1.5}, "model_path": "/m"})
     write_manifest(rlhf_home, "evaluation_report", run_id, {
         "data_version": "dv1", "report_path": "/r/report.json",
-        "metrics": {"sft/gold_mean": 1.0, "ppo/gold_mean": 2.5, "win_rate_gold": 0.8,
+        "metrics": {"sft/gold_mean": 1.0, "ppo/gold_mean": 2.5, "win_rate_gold": 0.8, "win_rate_gold_se": 0.05,
                     "win_rate_rm": 0.9, "ppo/kl_to_ref": 0.3, "ppo/ended_eos_frac": 0.95}})
     write_manifest(rlhf_home, "registered_policy", run_id, {"model_name": "rlhf-policy", "version": "3"})
     registry = {"aliases": {"champion": "3", "challenger": "3"},
@@ -73,6 +73,8 @@ def test_summary_reads_this_runs_manifests(rlhf_home: Path) -> None:
     assert summary["where"]["summary"] == str(rlhf_home / "summary.json")
     text = cli.format_summary(summary)
     assert "1.000 -> 2.500" in text and "champion=v3" in text and "promoted (better)" in text
+    assert summary["gold_win_rate_se"] == 0.05 and "0.800 +- 0.050" in text
+    assert summary["reward_model_gold_agreement_se"] is None   # not in the report: no "+-"
 
 
 def test_summary_of_a_run_that_stopped_early(rlhf_home: Path) -> None:

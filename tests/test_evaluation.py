@@ -73,6 +73,23 @@ def test_policy_metrics_and_compare() -> None:
     assert c == {"win_rate_rm": 1.0, "win_rate_heldout": 0.5}
     m = policy_metrics(["a", "b"], [1.0, 3.0], [1, 1], [True, True], [None, None], None, heldout=[-1.0, 2.0])
     assert m["heldout_score_mean"] == 0.5 and "gold_mean" not in m
+    # with the answers' prompts each win rate gets its standard error: wins [1, 0] on two
+    # prompts -> s / sqrt(n) = sqrt(0.5) / sqrt(2) = 0.5
+    c = compare({"rm": [1.0, 2.0]}, {"rm": [2.0, 1.0]}, prompts=["p", "q"])
+    assert c == {"win_rate_rm": 0.5, "win_rate_rm_se": pytest.approx(0.5)}
+
+
+def test_clustered_se_by_hand() -> None:
+    from assets.evaluation import clustered_se
+
+    # mean 0.75; per-prompt sums of deviations: a 0.25 - 0.75 = -0.5, b 0.25, c 0.25;
+    # squares 0.375, times G / (G - 1) = 1.5 -> 0.5625, sqrt 0.75, over n = 4 -> 0.1875
+    assert clustered_se([1.0, 0.0, 1.0, 1.0], ["a", "a", "b", "c"]) == pytest.approx(0.1875)
+    # the same values on four prompts: variance (3 x 0.0625 + 0.5625) / 3 = 0.25, s / sqrt(4) = 0.25
+    assert clustered_se([1.0, 0.0, 1.0, 1.0], ["a", "b", "c", "d"]) == pytest.approx(0.25)
+    assert math.isnan(clustered_se([1.0, 0.0], ["a", "a"]))   # one cluster: no estimate
+    with pytest.raises(ValueError, match="2 values against 1 groups"):
+        clustered_se([1.0, 0.0], ["a"])
 
 
 def test_gold_scorer_resolution_and_loading() -> None:
@@ -115,8 +132,10 @@ def test_ppo_beats_sft_gate_without_gold_uses_the_heldout_reward_model() -> None
     result = ppo_beats_sft_result(hacked, 0.5)
     assert result.passed is False and result.metadata["basis"].value == "heldout"
     assert "heldout_score_mean -0.200 vs SFT 0.000" in result.description
-    better = {**hacked, "ppo/heldout_score_mean": 0.3, "win_rate_heldout": 0.6}
+    better = {**hacked, "ppo/heldout_score_mean": 0.3, "win_rate_heldout": 0.6, "win_rate_heldout_se": 0.04}
     assert ppo_beats_sft_result(better, 0.5).passed
+    assert "win rate (heldout) 0.600 +- 0.040" in ppo_beats_sft_result(better, 0.5).description
+    assert ppo_beats_sft_result(better, 0.5).metadata["win_rate_se"].value == 0.04
     assert ppo_beats_sft_result(better, 0.7).passed is False
 
 
@@ -252,6 +271,8 @@ def test_pair_metrics_hand_computed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert out["rm/gold_agreement"] == pytest.approx(2 / 3)
     # the labels (chosen) agree with gold on pairs 1 and 4 of the 3 decided -> 2/3
     assert out["rm/gold_label_agreement"] == pytest.approx(2 / 3)
+    # every pair has the same prompt: one cluster, so no standard error
+    assert math.isnan(out["rm/gold_agreement_se"]) and math.isnan(out["rm/pair_accuracy_se"])
 
 
 def test_kl_per_response_sums_tokens_then_averages_responses() -> None:
