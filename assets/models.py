@@ -170,6 +170,10 @@ class PPOPolicyConfig(StageConfig):
         default=None, description="Raise beta above kl_coef only while the KL per response (PPO's objective/kl, "
         "nats) is above this, and keep only checkpoints under it; None keeps the engine default, 0 turns "
         "the ceiling off.")
+    kl_ceiling_headroom: Optional[float] = Field(
+        default=None, description="Raise the KL ceiling to at least the starting policy's own KL to the "
+        "reference (the guard's step-0 measurement) plus this many nats, for PPO from an already-trained "
+        "policy; None keeps the engine default (a fixed ceiling).")
     response_length: int = Field(default=0, description="Most new tokens per sampled response; 0 keeps the "
                                  "engine default.")
     temperature: float = Field(default=0.0, description="Sampling temperature of the rollouts; 0 keeps the "
@@ -209,7 +213,7 @@ FIELD_MAP: dict[str, dict[str, str]] = {
     "reward": {**_SUPERVISED, "mismatched_negatives": "mismatched_negatives", "center_coef": "center_coef"},
     "ppo": {**_COMMON, "steps": "num_steps", "seed": "seed", "max_seconds": "max_seconds",
             "kl_coef": "kl_coef", "kl_target": "kl_target", "kl_ceiling": "kl_ceiling",
-            "response_length": "response_length",
+            "kl_ceiling_headroom": "kl_ceiling_headroom", "response_length": "response_length",
             "temperature": "temperature", "rollout_batch_size": "rollout_batch_size",
             "ppo_epochs": "ppo_epochs", "guard_every": "guard_every", "guard_prompts": "guard_prompts",
             "guard_kl_budget": "guard_kl_budget", "guard_select_z": "guard_select_z"},

@@ -375,10 +375,16 @@ class RoundPolicyConfig(PPOPolicyConfig):
         "this many standard errors of it: a round's gain over the champion is small next to the held-out "
         "score's standard error, so the one-standard-error rule kept the round's first checkpoint and lost "
         "0.06 +- 0.03 win rate over the champion on six recorded rounds (BENCHMARKS.md, guard).")
+    kl_ceiling_headroom: Optional[float] = Field(
+        default=2.0, description="Nats per response a round may add to the champion's own KL to SFT: the "
+        "KL ceiling becomes at least the champion's KL (the guard's step-0 measurement) plus this. The "
+        "champion left the lineage near the 5-nat ceiling, so without it a round could only be pulled "
+        "back towards SFT (two rounds on the embedded default lost to the champion, 0.43 and 0.49 gold "
+        "win rate; README, rounds). None: the fixed ceiling.")
 
 
 @dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          code_version="1", description="PPO from the current champion against the refreshed reward model; "
+          code_version="2", description="PPO from the current champion against the refreshed reward model; "
           "heldout_reward_model guards it.")
 def round_policy(context: dg.AssetExecutionContext, config: RoundPolicyConfig, mlflow: MLflowResource,
                  launcher: TrainingLauncher, dataset_splits: dict, round_preferences: dict, round_reward_model: dict,

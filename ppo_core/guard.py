@@ -168,7 +168,7 @@ class OveroptimizationGuard:
     def state_dict(self) -> dict[str, Any]:
         return {"points": [asdict(p) for p in self.points], "saved": sorted(self.saved),
                 "best_step": None if self.best is None else self.best.step,
-                "bad_evals": self.bad_evals, "reason": self.reason}
+                "bad_evals": self.bad_evals, "reason": self.reason, "kl_budget": self.kl_budget}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.points = [GuardPoint(**p) for p in state["points"]]
@@ -176,3 +176,4 @@ class OveroptimizationGuard:
         # states written before candidates were tracked saved only the best
         self.saved = set(state.get("saved", [] if self.best is None or self.best.step == 0 else [self.best.step]))
         self.bad_evals, self.reason = int(state["bad_evals"]), str(state["reason"])
+        self.kl_budget = state.get("kl_budget", self.kl_budget)   # a widened ceiling survives a resume

@@ -219,6 +219,14 @@ class PPOConfig:
     kl_ceiling_horizon: int = 128
     """the ceiling controller's horizon in episodes: up to +-10% of beta per 64-episode rollout.
     OpenRLHF's 10000 moves beta by at most 8% over a whole 3,840-episode run of this engine"""
+    kl_ceiling_headroom: float | None = None
+    """nats per response a run may add to its starting policy's own KL: the ceiling (the
+    controller's aim and the guard's budget) becomes at least the starting KL plus this. The
+    starting KL is the guard's step-0 measurement, or without a guard the first rollout's
+    ``objective/kl`` (the same policy, before any update). For PPO from an already-trained
+    policy that keeps SFT as its reference (an RLHF round from the champion), which otherwise
+    starts near or over the ceiling and can only be pulled back towards SFT. None: the ceiling
+    is fixed; no effect without a ceiling"""
 
     # ---- reward shaping ----
     normalize_reward: bool = True
@@ -388,6 +396,8 @@ def _validate(cfg: PPOConfig) -> list[str]:
         e.append("guard_every and guard_prompts must be >= 1, guard_patience and max_seconds >= 0")
     if cfg.guard_select_z < 0 or cfg.guard_stop_z < 0:
         e.append(f"guard_select_z and guard_stop_z must be >= 0, got {cfg.guard_select_z}, {cfg.guard_stop_z}")
+    if cfg.kl_ceiling_headroom is not None and cfg.kl_ceiling_headroom <= 0:
+        e.append(f"kl_ceiling_headroom must be > 0 or null, got {cfg.kl_ceiling_headroom}")
     if cfg.guard_kl_budget is not None and cfg.guard_kl_budget <= 0:
         e.append(f"guard_kl_budget must be > 0 or null, got {cfg.guard_kl_budget}")
     if min(cfg.save_every, cfg.eval_every, cfg.warmup_steps, cfg.keep_last_checkpoints) < 0:
@@ -1094,6 +1104,19 @@ class PPOTrainer:
                 shutil.rmtree(self.best_dir(step), ignore_errors=True)
         return point, decision.stop
 
+    def widen_ceiling(self, start_kl: float) -> float | None:
+        """``kl_ceiling_headroom``: raise the ceiling to at least ``start_kl`` + headroom (the
+        controller's aim follows, and the guard's budget unless ``guard_kl_budget`` is set);
+        returns the ceiling in force, None without a headroom."""
+        cfg = self.cfg
+        if cfg.kl_ceiling_headroom is None or kl_limits(cfg)[0] is None:
+            return None
+        ceiling = max(float(cfg.kl_ceiling), start_kl + cfg.kl_ceiling_headroom)
+        self.kl_ctl.target = ceiling * (1.0 - cfg.kl_ceiling_margin)
+        if cfg.guard_kl_budget is None:
+            self.guard.kl_budget = ceiling
+        return ceiling
+
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_dir(self) -> Path:
         return Path(self.cfg.output_dir) / "checkpoints"
@@ -1291,12 +1314,20 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
             "guard/kl_per_response": point.kl, "guard/sqrt_kl": math.sqrt(max(point.kl, 0.0))})
         return stop
 
+    def widen(start_kl: float) -> None:
+        ceiling = trainer.widen_ceiling(start_kl)
+        if ceiling is not None:
+            cb.on_log(trainer.step, {"objective/kl_ceiling": ceiling})
+
     try:
         if guarded and not trainer.guard.points:
             guard_eval()   # step 0: the reference policy, the baseline to beat
+            widen(trainer.guard.points[0].kl)
         while trainer.step < cfg.num_steps:
             metrics = trainer.train_step()
             cb.on_log(trainer.step, metrics)
+            if not guarded and trainer.step == 1:
+                widen(metrics["objective/kl"])   # rollout 1 sampled the starting policy
             if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.num_steps:
                 cb.on_evaluate(trainer.step, trainer.evaluate())
             if guarded and trainer.step % cfg.guard_every == 0 and guard_eval():

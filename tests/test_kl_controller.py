@@ -76,3 +76,43 @@ def test_kl_limits_of_a_ppo_config():
     # a tracked target replaces the ceiling; an explicit guard budget still holds
     assert kl_limits(PPOConfig(**base, kl_target=3.0)) == (None, None)
     assert kl_limits(PPOConfig(**base, kl_target=3.0, guard_kl_budget=6.0)) == (None, 6.0)
+
+
+def test_ceiling_headroom_widens_the_ceiling_from_the_starting_kl():
+    from types import SimpleNamespace
+
+    from ppo_core.config import ConfigError
+    from ppo_core.guard import OveroptimizationGuard
+    from ppo_core.ppo import PPOConfig, PPOTrainer
+
+    base = dict(policy_path="p", train_file="t", output_dir="o", reward_function="m:f",
+                guard_reward_model_path="g", eval_file="e")
+    cfg = PPOConfig(**base, kl_ceiling_headroom=2.0)   # ceiling 5, aim 4.5, budget 5
+
+    def trainer(c: PPOConfig) -> SimpleNamespace:
+        return SimpleNamespace(cfg=c, kl_ctl=CeilingKLController(0.05, 4.5, 128),
+                               guard=OveroptimizationGuard(5.0, patience=3))
+
+    # a round's champion starts 4.98 nats from SFT: ceiling 6.98, aim 0.9 x 6.98, budget 6.98
+    t = trainer(cfg)
+    assert PPOTrainer.widen_ceiling(t, 4.98) == pytest.approx(6.98)
+    assert t.kl_ctl.target == pytest.approx(6.282) and t.guard.kl_budget == pytest.approx(6.98)
+    # a start from the reference itself (KL 0) keeps the configured ceiling
+    t = trainer(cfg)
+    assert PPOTrainer.widen_ceiling(t, 0.0) == 5.0 and t.kl_ctl.target == pytest.approx(4.5)
+    # an explicit guard budget is the operator's and stays; without a headroom nothing moves
+    t = trainer(PPOConfig(**base, kl_ceiling_headroom=2.0, guard_kl_budget=5.0))
+    PPOTrainer.widen_ceiling(t, 4.98)
+    assert t.guard.kl_budget == 5.0 and t.kl_ctl.target == pytest.approx(6.282)
+    t = trainer(PPOConfig(**base))
+    assert PPOTrainer.widen_ceiling(t, 4.98) is None and t.kl_ctl.target == 4.5
+    # the widened budget survives a checkpoint of the guard (a resumed run keeps it)
+    g = OveroptimizationGuard(6.98, patience=3)
+    restored = OveroptimizationGuard(5.0, patience=3)
+    restored.load_state_dict(g.state_dict())
+    assert restored.kl_budget == 6.98
+    # no ceiling in force (a tracked target instead): the headroom has nothing to widen
+    t = trainer(PPOConfig(**base, kl_ceiling_headroom=2.0, kl_target=3.0))
+    assert PPOTrainer.widen_ceiling(t, 4.98) is None and t.guard.kl_budget == 5.0
+    with pytest.raises(ConfigError, match="kl_ceiling_headroom must be > 0"):
+        PPOConfig(**base, kl_ceiling_headroom=0.0)

@@ -68,7 +68,7 @@ TYPED_VALUES = {
     "ppo": {"steps": 3, "learning_rate": 2e-5, "max_seconds": 30.0, "seed": 5, "zero_stage": 2, "lora_rank": 8,
             "kl_coef": 0.0, "kl_target": 6.0, "response_length": 16, "temperature": 1.0,
             "rollout_batch_size": 8, "ppo_epochs": 2, "guard_every": 3, "guard_prompts": 16,
-            "guard_kl_budget": 10.0, "guard_select_z": 0.5, "kl_ceiling": 0.0},
+            "guard_kl_budget": 10.0, "guard_select_z": 0.5, "kl_ceiling": 0.0, "kl_ceiling_headroom": 1.5},
 }
 
 

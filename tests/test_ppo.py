@@ -80,6 +80,18 @@ TRL_METRICS = ("objective/kl", "objective/entropy", "objective/scores", "policy/
                "val/ended_frac", "time/generation", "time/scoring", "time/training")
 
 
+def test_headroom_without_a_guard_widens_from_the_first_rollout(tiny_run, tmp_path):
+    # no guard: the first rollout's KL (the starting policy, ~0 here) is the starting KL, so a
+    # 0.5-nat ceiling with 1 nat of headroom becomes 1 + that KL; the controller aims 10% under
+    rec = Recorder()
+    cfg = small_cfg(tiny_run, tmp_path / "out", save_every=2, kl_ceiling=0.5, kl_ceiling_headroom=1.0)
+    train(cfg, [rec])
+    widened = [log["objective/kl_ceiling"] for log in rec.logs if "objective/kl_ceiling" in log]
+    assert widened == [pytest.approx(1.0 + rec.logs[0]["objective/kl"])]
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert state["extra"]["kl_controller"]["target"] == pytest.approx(0.9 * widened[0])
+
+
 def test_smoke_run_logs_metrics_and_saves(tiny_run, tmp_path):
     rec = Recorder()
     cfg = small_cfg(tiny_run, tmp_path / "out", save_every=1)
