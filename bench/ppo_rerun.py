@@ -10,8 +10,8 @@ SFT (``--against``: the config's ``policy_path``, e.g. a round's champion) with
 temperature 0.7, the config's reward model on the test pairs. Prints one JSON line.
 
     .venv/bin/python bench/ppo_rerun.py --home RLHF_HOME --task recipe --out /tmp/r seed=1 kl_ceiling=6.5
-    .venv/bin/python bench/ppo_rerun.py --home RLHF_HOME --task assets.bundled_task:gold_score_batch \
-        --stage-config RLHF_HOME/models/round_policy/RUN/round-0001/stage_config.json --against start \
+    .venv/bin/python bench/ppo_rerun.py --home RLHF_HOME --task assets.bundled_task:gold_score_batch \\
+        --stage-config RLHF_HOME/models/round_policy/RUN/round-0001/stage_config.json --against start \\
         --out /tmp/r1 kl_ceiling_headroom=null
     ENS_RM=rm1:rm2 .venv/bin/python bench/ppo_rerun.py ... reward_model_path=null \\
         'reward_function="bench.ensemble_reward:score"' 'critic_path="rm1"'
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import subprocess
 import sys
 import time
@@ -67,7 +66,7 @@ def main() -> None:
     start = time.time()
     with open(f"{args.out}.log", "w") as log:
         subprocess.run([sys.executable, "-m", "ppo_core.ppo", "--config", str(config_path)], cwd=REPO,
-                       stdout=log, stderr=subprocess.STDOUT, check=True, env=dict(os.environ))
+                       stdout=log, stderr=subprocess.STDOUT, check=True)
     ppo_s = time.time() - start
     summary = json.loads(Path(args.out, "summary.json").read_text())
 

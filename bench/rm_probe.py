@@ -29,7 +29,7 @@ from transformers import get_cosine_schedule_with_warmup
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ppo_core.data import encode_prompt, encode_prompt_response, pad_sequences
 from ppo_core.models import build_scorer_from_causal_lm, load_tokenizer, trunk_of, score_head
-from ppo_core.reward import mismatched_pairs
+from ppo_core.reward import bradley_terry_loss, mismatched_pairs
 
 
 p = argparse.ArgumentParser()
@@ -182,9 +182,7 @@ for ep in range(math.ceil(args.epochs)):
             break
         batch = [tr[i] for i in perm[k * bs:(k + 1) * bs]]
         c, r = scores(batch)
-        loss = -F.logsigmoid(c - r).mean()
-        if args.center > 0:
-            loss = loss + args.center * ((c + r) ** 2).mean()
+        loss = bradley_terry_loss(c, r, center_coef=args.center).mean()   # the engine's own loss
         if args.lm_coef > 0:
             loss = loss + args.lm_coef * LM["loss"]
         opt.zero_grad(); loss.backward()
