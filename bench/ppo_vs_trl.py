@@ -500,7 +500,7 @@ def run_ours(spec: RunSpec) -> dict:
             clip_range=spec.cliprange, value_clip_range=spec.cliprange_value,
             vf_coef=spec.vf_coef, gamma=spec.gamma, lam=spec.lam, seed=spec.seed,
             save_every=0, parallel_critic=spec.parallel_critic,
-            num_threads=max(1, spec.threads // 2) if spec.parallel_critic else spec.threads,
+            strategy={"cpu_threads": max(1, spec.threads // 2) if spec.parallel_critic else spec.threads},
         )
         cfg = ppo.PPOConfig(**apply_overrides(settings, spec.ours_overrides))
         summary = ppo.train(cfg, callbacks=[StepClock()])
@@ -521,7 +521,7 @@ def apply_overrides(settings: dict[str, Any], overrides: Sequence[Sequence[Any]]
 
     out = dict(settings)
     known = {f.name for f in fields(PPOConfig)}
-    strategy = dict(zero_stage=0)
+    strategy = dict(zero_stage=0, **out.pop("strategy", {}))
     for key, value in overrides:
         if key.startswith("strategy."):
             name = key.split(".", 1)[1]

@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
         **paths, "output_dir": str(Path(args.paths).parent / "out"), "num_steps": 1,
         "rollout_batch_size": args.batch, "num_mini_batches": 1, "ppo_epochs": 1,
         "response_length": args.response_length, "normalize_reward": False, "save_every": 0,
-        "num_threads": args.threads, "seed": 0, "strategy": {"zero_stage": 3}})
+        "seed": 0, "strategy": {"zero_stage": 3, "cpu_threads": args.threads}})
     trainer = PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy))
     _, ids, mask = trainer.next_prompts()
     per_token = dataclasses.replace(cfg, ds3_gather_for_generation=False)

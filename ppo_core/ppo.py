@@ -294,9 +294,6 @@ class PPOConfig:
     """score ``eval_file`` every N steps (0: only at the end)"""
     log_every: int = 1
     """progress line every N steps on stderr"""
-    num_threads: int | None = None
-    """torch intra-op threads per rank; set after ``strategy.setup_distributed`` (which applies
-    ``strategy.cpu_threads``), so it takes precedence. None: ``strategy.cpu_threads`` decides"""
     pack_capacity: int = 128
     """positions per packed row in the scoring and training forwards (:mod:`ppo_core.packing`);
     0 turns packing off (padded length groups instead). A row's attention costs capacity^2:
@@ -583,9 +580,6 @@ class PPOTrainer:
         self.cfg = cfg
         self.strategy = strategy
         strategy.setup_distributed()
-        if cfg.num_threads:
-            # after setup_distributed, which applies strategy.cpu_threads
-            torch.set_num_threads(cfg.num_threads)
         self.rank, self.world = _world()
         self.step = 0
         self.episodes = 0
@@ -1282,8 +1276,6 @@ def _seed_everything(seed: int) -> None:
 def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run PPO as configured; returns (and writes to ``summary.json``) the final metrics."""
     check_inputs(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     strategy = DeepSpeedStrategy(cfg.strategy)
     _seed_everything(cfg.seed)
     trainer = PPOTrainer(cfg, strategy)

@@ -176,8 +176,7 @@ class DeepSpeedStrategy:
         Without a launcher, the env variables a launcher would set are filled in for a world of
         one, so ``python -m ppo_core.sft`` and ``torchrun -m ppo_core.sft`` run the same code.
         ``cpu_threads`` is applied on the first call only: ``prepare_train``/``prepare_eval``
-        call this again, and must not undo a thread count the caller set in between (PPO's
-        ``num_threads``).
+        call this again, and must not undo a thread count the caller set in between.
         """
         if not self._threads_applied:
             self._threads_applied = True
