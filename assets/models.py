@@ -613,6 +613,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
         if config.arch not in models.ARCHITECTURES:
             raise dg.Failure(description=f"base_model: arch={config.arch!r} is not one the builder knows; "
                              f"choose one of {', '.join(models.ARCHITECTURES)}")
+        if source != "auto" and any(dims.values()):
+            raise dg.Failure(description=f"base_model: n_layer / n_embd / n_head size an 'auto' model; source "
+                             f"{source!r} has a fixed size ({models.MODEL_SIZES[source]}): set source: auto")
         texts = _training_texts(dataset_splits)
         size: Any = dims if source == "auto" else source
         context.log.info(f"building a {source} {config.arch} model and tokenizer from {len(texts)} training texts")

@@ -24,6 +24,11 @@ one line per task and stage.
     .venv/bin/python bench/generality.py --out bench/results/generality.json
     .venv/bin/python bench/generality.py --tasks arithmetic --seeds 0,1,2 --out /tmp/arith.json
     .venv/bin/python bench/generality.py --tiny --tasks style --out /tmp/tiny.json   # smoke run, ~3 min
+
+``--set OP.FIELD=VALUE`` changes one setting of our run config (``ops.OP.config.FIELD``; VALUE
+is YAML, 1e-3 included; a dotted FIELD reaches into a nested mapping such as ``overrides``), for A/B runs of
+the user path: ``--set base_model.n_layer=4 --set reward_model.center_coef=0``. TRL's side
+follows only what our run hands it (splits, base model), so it runs again when those change.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -515,6 +521,11 @@ def run_task(task: str, seed: int, args: argparse.Namespace, recipe: TRLRecipe) 
     if args.tiny:
         config_path = tiny_config(config_path, root / "data" / "config_tiny.yaml")
     config = yaml.safe_load(config_path.read_text())
+    if args.set:
+        config = apply_sets(config, args.set)
+        config_path = root / "data" / "config_set.yaml"
+        config_path.write_text(f"# the task's config with --set {' --set '.join(args.set)} (bench/generality.py)\n"
+                               + yaml.safe_dump(config, sort_keys=False))
     settings = evaluation_settings(config)
     result: dict[str, Any] = {"task": task, "seed": seed, "n_pairs": args.n_pairs, "config": str(config_path),
                               "evaluation": settings}
@@ -664,6 +675,34 @@ def git_commit() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def apply_sets(config: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """``config`` (a run config) with each ``OP.FIELD=VALUE`` of ``sets`` written into
+    ``ops.OP.config``; VALUE is parsed as YAML. An op the config does not have is an error, so
+    a typo cannot run the defaults under another name."""
+    out = json.loads(json.dumps(config))
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        op, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise SystemExit(f"--set {item!r}: expected OP.FIELD=VALUE, e.g. base_model.n_layer=4")
+        if op not in out.get("ops", {}):
+            raise SystemExit(f"--set {item!r}: the run config has no op {op!r}; ops: {sorted(out.get('ops', {}))}")
+        body = out["ops"][op] = out["ops"][op] or {}
+        if not isinstance(body.get("config"), dict):
+            body["config"] = {}
+        node = body["config"]
+        *parents, last = field.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--set {item!r}: {name!r} is not a mapping in ops.{op}.config")
+        value = yaml.safe_load(raw)
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+            value = float(value)  # YAML 1.1 reads 1e-3 as a string
+        node[last] = value
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
@@ -678,6 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-trl", default="", metavar="REPORT",
                    help="take TRL's side from an earlier --out report where its splits, base model and "
                         "recipe are the same (TRL runs again where they are not)")
+    p.add_argument("--set", action="append", default=[], metavar="OP.FIELD=VALUE",
+                   help="change one setting of our run config (repeatable), e.g. base_model.n_layer=4")
     p.add_argument("--trl-worker", default="", help=argparse.SUPPRESS)
     return p
 
@@ -702,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": shlex.join([Path(sys.executable).name, "bench/generality.py", *(argv or sys.argv[1:])]),
         "commit": git_commit(), "machine": machine_info(), "tiny": args.tiny, "n_pairs": args.n_pairs,
-        "seeds": seeds, "trl_recipe": asdict(recipe), "tasks": {}, "errors": {},
+        "seeds": seeds, "sets": args.set, "trl_recipe": asdict(recipe), "tasks": {}, "errors": {},
     }
     rendered = []
     for task in tasks:

@@ -27,8 +27,10 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("generality")
     out = tmp / "tiny.json"
     # RLHF_HOME / DAGSTER_HOME of a test fixture must not leak into the benchmark's runs
+    # --set reaches the run: a one-layer model (auto size otherwise), which TRL's side starts from too
     proc = run_bench_script(
-        [str(SCRIPT), "--tiny", "--tasks", TASK, "--work-dir", str(tmp / "work"), "--out", str(out)],
+        [str(SCRIPT), "--tiny", "--tasks", TASK, "--work-dir", str(tmp / "work"), "--out", str(out),
+         "--set", "base_model.source=auto", "--set", "base_model.n_layer=1"],
         timeout=900, drop=("RLHF_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"))
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     assert out.exists(), "the script did not write the --out JSON"
@@ -65,6 +67,13 @@ def test_both_sides_ran_on_the_same_data(report: dict) -> None:
     stage = json.loads(Path(ours["paths"]["ppo_stage_config"]).read_text())
     assert trl["recipe"]["response_length"] == stage["response_length"]
     assert set(trl["stage_s"]) == {"sft_s", "rm_s", "ppo_s"}
+    # the --set settings reached our run, and TRL started from the same one-layer base model
+    assert report["sets"] == ["base_model.source=auto", "base_model.n_layer=1"]
+    assert run["config"].endswith("config_set.yaml")
+    base = json.loads(Path(ours["paths"]["base"], "config.json").read_text())
+    assert base["num_hidden_layers"] == 1
+    for side in (ours, trl):
+        assert json.loads(Path(side["paths"]["ppo"], "config.json").read_text())["num_hidden_layers"] == 1
 
 
 @pytest.mark.parametrize("side", ["ours", "trl"])
@@ -130,3 +139,23 @@ def test_trl_side_reused_only_from_the_same_inputs(tmp_path: Path) -> None:
     (base / "model.safetensors").write_bytes(b"weights")
     longer = TRLRecipe(response_length=TRLRecipe().response_length + 1)  # another recipe
     assert reusable_trl(str(report), TASK, 0, trl_inputs(str(split), str(base), longer)) is None
+
+
+def test_set_writes_one_field_per_item() -> None:
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from bench.generality import apply_sets
+
+    config = {"ops": {"base_model": {"config": {"source": "auto"}}, "sft_model": {"config": {}},
+                      "reward_model": None}}
+    out = apply_sets(config, ["base_model.n_layer=4", "sft_model.overrides.stopping.patience=3",
+                              "reward_model.center_coef=0", "sft_model.learning_rate=1e-3"])
+    assert out["ops"]["base_model"]["config"] == {"source": "auto", "n_layer": 4}
+    assert out["ops"]["sft_model"]["config"] == {"overrides": {"stopping": {"patience": 3}}, "learning_rate": 0.001}
+    assert out["ops"]["reward_model"]["config"] == {"center_coef": 0}
+    assert config["ops"]["base_model"]["config"] == {"source": "auto"}     # the input is left alone
+    for bad, says in (("base_modl.n_layer=4", "no op 'base_modl'"), ("base_model.n_layer", "OP.FIELD=VALUE"),
+                      ("base_model=4", "OP.FIELD=VALUE"), ("base_model.source.x=1", "'source' is not a mapping")):
+        with pytest.raises(SystemExit, match=says):
+            apply_sets(config, [bad])

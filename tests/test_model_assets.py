@@ -481,3 +481,23 @@ def test_base_model_measures_the_data_and_widens_a_built_models_context(tmp_path
     positions = model_context(Path(manifest["model_path"]))
     assert positions == lengths.context_for(seq, floor=0) > 256
     assert result.asset_materializations_for_node("base_model")[0].metadata["context"].value == positions
+
+
+def test_base_model_refuses_dimensions_for_a_fixed_size(tmp_path: Path) -> None:
+    """n_layer with source 'tiny' would be ignored (tiny is 2 x 128): it is an error instead."""
+    from assets.models import base_model
+    from pipelines.io_managers import JsonManifestIOManager
+
+    @dg.asset(name="dataset_splits")
+    def splits_stub() -> dict:
+        return {"split_dir": str(tmp_path), "data_version": "dv"}
+
+    home = tmp_path / "home"
+    with env_vars(RLHF_HOME=str(home)):
+        result = dg.materialize([splits_stub, base_model], raise_on_error=False, resources={
+            "io_manager": JsonManifestIOManager(base_dir=str(home / "manifests"))},
+            run_config={"ops": {"base_model": {"config": {"source": "tiny", "n_layer": 4}}}})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "source 'tiny' has a fixed size" in str(failure.event_specific_data.error)
+    assert not (home / "manifests" / "base_model.json").exists()
