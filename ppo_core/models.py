@@ -56,11 +56,11 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 
 # Sizes "auto" picks from, smallest first, with the training tokens (SFT and reward-model texts)
-# each starts at. Width and depth did not buy reward-model quality at a few hundred thousand
-# tokens: on bench/tasks/constraints.py (6,000 pairs, ~150k tokens; SFT 10 epochs, RM 4) the
-# gold-order agreement was 0.69 for 2x128, 0.63 for Llama 4x128, 0.69 for GPT-2 4x128 and
-# 0.66 for 2x256, at up to twice the time. Larger models start where the data can feed them
-# (Hoffmann et al. 2022 put ~20 tokens per parameter for one pass; SFT makes several passes).
+# each starts at. Depth did not buy quality at 100k-300k tokens: 4x128 instead of 2x128 through
+# the whole user path on seven suite runs (6,000-8,000 pairs; BENCHMARKS.md, "Model size at the
+# current recipe") lowered reward-model agreement on six (style by 0.13) and PPO's gold win
+# rate by 0.02 on average, at 1.3-2.2x the time. Larger models start where the data can feed
+# them (Hoffmann et al. 2022 put ~20 tokens per parameter for one pass; SFT makes several).
 AUTO_SIZES: tuple[tuple[int, dict[str, int]], ...] = (
     (0, {"n_layer": 2, "n_embd": 128, "n_head": 4}),
     (1_000_000, {"n_layer": 4, "n_embd": 192, "n_head": 6}),
