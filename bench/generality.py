@@ -26,9 +26,10 @@ one line per task and stage.
     .venv/bin/python bench/generality.py --tiny --tasks style --out /tmp/tiny.json   # smoke run, ~3 min
 
 ``--set OP.FIELD=VALUE`` changes one setting of our run config (``ops.OP.config.FIELD``; VALUE
-is YAML, 1e-3 included; a dotted FIELD reaches into a nested mapping such as ``overrides``), for A/B runs of
-the user path: ``--set base_model.n_layer=4 --set reward_model.center_coef=0``. TRL's side
-follows only what our run hands it (splits, base model), so it runs again when those change.
+is YAML, 1e-3 included; a dotted FIELD reaches into a nested mapping such as ``overrides``),
+for A/B runs of the user path: ``--set base_model.n_layer=4 --set reward_model.center_coef=0``.
+TRL's side follows only what our run hands it (splits, base model), so it runs again when
+those change.
 """
 
 from __future__ import annotations

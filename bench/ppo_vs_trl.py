@@ -521,7 +521,7 @@ def apply_overrides(settings: dict[str, Any], overrides: Sequence[Sequence[Any]]
 
     out = dict(settings)
     known = {f.name for f in fields(PPOConfig)}
-    strategy = dict(zero_stage=0, **out.pop("strategy", {}))
+    strategy = {"zero_stage": 0, **out.pop("strategy", {})}
     for key, value in overrides:
         if key.startswith("strategy."):
             name = key.split(".", 1)[1]
