@@ -1,7 +1,9 @@
 """Stage configs: frozen dataclasses loaded from JSON or YAML files.
 
 Every stage config is a ``@dataclass(frozen=True)`` whose fields carry a docstring; nested
-dataclasses (e.g. :class:`ppo_core.strategy.StrategyConfig`) are nested mappings in the file.
+dataclasses (e.g. :class:`ppo_core.strategy.StrategyConfig`) are nested mappings in the file,
+and a partial one changes only its keys of the field's own default (as the pipeline's stage
+configs do).
 Loading is strict: an unknown key or a value of the wrong type is an error that names the
 file, the field and what to change, because a silently ignored typo (``learning_rte``) would
 train with the default and nobody would notice.
@@ -69,13 +71,26 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T
             f"valid keys are {sorted(fields)}. Fix the spelling or remove them."
         )
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, f"{where}:{name}") for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        default = _field_default(fields[name])
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(default):
+            # a partial mapping changes only its keys: PPOConfig's strategy defaults to ZeRO-0,
+            # and {"cpu_threads": 1} must not bring back StrategyConfig's own ZeRO-2
+            value = {**to_dict(default), **value}
+        kwargs[name] = _coerce(hints[name], value, f"{where}:{name}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -133,8 +133,8 @@ def test_ppo_packed_equals_padded_on_each_architecture(arch: str, stages, data,
             "policy_path": run["sft"]["final_model_dir"], "reward_model_path": run["rm"]["final_model_dir"],
             "train_file": str(data["root"] / "ppo_train.parquet"), "output_dir": str(run["out"] / f"ppo{pack}"),
             "num_steps": 2, "rollout_batch_size": 8, "num_mini_batches": 2, "ppo_epochs": 1,
-            "response_length": 6, "reward_norm_samples": 8, "save_every": 0, "num_threads": 1,
-            "pack_capacity": pack})
+            "response_length": 6, "reward_norm_samples": 8, "save_every": 0,
+            "strategy": {"cpu_threads": 1}, "pack_capacity": pack})
         with caplog.at_level(logging.INFO):
             summary = ppo_train(cfg, [rec])
         assert summary["step"] == 2 and Path(summary["final_dir"], "model.safetensors").is_file()

@@ -206,6 +206,8 @@ def test_rank_micro_batches_and_eval_shards() -> None:
 class _Inner:
     stage: int = 2
     """a nested field"""
+    seed: int = 42
+    """another"""
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,8 @@ class _Cfg:
     """optional"""
     inner: _Inner = field(default_factory=_Inner)
     """nested"""
+    own: _Inner = field(default_factory=lambda: _Inner(stage=0))
+    """nested, with a default of its own"""
 
 
 def test_load_config_json_and_yaml(tmp_path: Path) -> None:
@@ -231,7 +235,19 @@ def test_load_config_json_and_yaml(tmp_path: Path) -> None:
     assert cfg.betas == (0.8, 0.9) and cfg.resume == "latest"
     save_config(cfg, tmp_path / "round.json")
     assert load_config(_Cfg, tmp_path / "round.json") == cfg
-    assert to_dict(cfg)["inner"] == {"stage": 2}
+    assert to_dict(cfg)["inner"] == {"stage": 2, "seed": 42}
+
+
+def test_a_partial_nested_mapping_keeps_the_fields_own_default() -> None:
+    """PPOConfig's strategy defaults to ZeRO-0 while StrategyConfig's own default is ZeRO-2:
+    ``{"cpu_threads": 1}`` must change the threads only."""
+    assert from_dict(_Cfg, {"path": "x", "own": {"seed": 1}}).own == _Inner(stage=0, seed=1)
+    assert from_dict(_Cfg, {"path": "x", "inner": {"seed": 1}}).inner == _Inner(stage=2, seed=1)
+    from ppo_core.ppo import PPOConfig
+
+    cfg = from_dict(PPOConfig, {"policy_path": "p", "train_file": "t", "output_dir": "o",
+                                "reward_model_path": "r", "strategy": {"cpu_threads": 1}})
+    assert (cfg.strategy.zero_stage, cfg.strategy.cpu_threads) == (0, 1)
 
 
 def test_load_config_rejects_unknown_and_mistyped_keys(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def small_cfg(tiny_run: dict[str, str], out: Path, **over) -> PPOConfig:
     base = {k: v for k, v in tiny_run.items() if k != "root"}
     base.update(output_dir=str(out), num_steps=2, rollout_batch_size=8, num_mini_batches=2,
                 ppo_epochs=2, response_length=8, reward_norm_samples=8, save_every=0,
-                num_threads=1)
+                strategy={"zero_stage": 0, "cpu_threads": 1})
     base.update(over)
     return from_dict(PPOConfig, base)
 
@@ -283,14 +283,18 @@ def test_function_reward_and_critic_from_policy(tiny_run, tmp_path, monkeypatch)
     assert (Path(summary["final_dir"]) / "model.safetensors").is_file()
 
 
-def test_num_threads_survives_setup(tiny_run, tmp_path):
-    """``strategy.setup_distributed`` applies ``strategy.cpu_threads`` (1 here); the PPO
-    config's ``num_threads`` must win, as its docstring says."""
+def test_cpu_threads_applied_once(tiny_run, tmp_path):
+    """``strategy.cpu_threads`` is the one thread setting: the first ``setup_distributed`` (the
+    trainer's) applies it, and later calls (``prepare_train`` / ``prepare_eval``) must not undo
+    a count set in between."""
     before = torch.get_num_threads()
     try:
-        cfg = small_cfg(tiny_run, tmp_path / "n", num_threads=2)
-        PPOTrainer(cfg, DeepSpeedStrategy(dataclasses.replace(cfg.strategy, cpu_threads=1)))
+        cfg = small_cfg(tiny_run, tmp_path / "n", strategy={"zero_stage": 0, "cpu_threads": 2})
+        trainer = PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy))
         assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        trainer.strategy.setup_distributed()
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
@@ -341,7 +345,7 @@ def test_torchrun_two_ranks(tiny_run, tmp_path, stage):
     cfg = {k: v for k, v in tiny_run.items() if k != "root"}
     cfg.update(output_dir=str(tmp_path / "ddp"), num_steps=2, rollout_batch_size=4,
                num_mini_batches=1, ppo_epochs=1, response_length=6, reward_norm_samples=8,
-               save_every=2, num_threads=1, strategy={"zero_stage": stage})
+               save_every=2, strategy={"zero_stage": stage, "cpu_threads": 1})
     path = tmp_path / "ddp.json"
     path.write_text(json.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

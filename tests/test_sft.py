@@ -265,7 +265,7 @@ def test_early_stopping_ships_the_best_evaluated_weights(tmp_path: Path, data_di
     rec = Recorder()
     summary = train(_cfg(data_dir, tmp_path / "run", base_model, learning_rate=0.3, num_epochs=20,
                          eval_steps=1, warmup_ratio=0.0, lr_scheduler="constant",
-                         stopping={"patience": 2, "min_delta": 0.0}), [rec])
+                         stopping={"patience": 2, "min_delta": 0.0, "keep_best": True}), [rec])
     losses = [m["eval/loss"] for _, m in rec.evals]
     best = min(range(len(losses)), key=losses.__getitem__)
     assert summary["stopped_reason"] == "early_stopping"

@@ -109,7 +109,7 @@ def worker(out_dir: str, policy: str, reward: str, train_file: str) -> None:
         "policy_path": policy, "reward_model_path": reward, "train_file": train_file,
         "output_dir": str(Path(out_dir) / "run"), "num_steps": 1, "rollout_batch_size": 4,
         "num_mini_batches": 1, "ppo_epochs": 1, "response_length": LONG, "save_every": 0,
-        "normalize_reward": False, "num_threads": 1, "seed": 0, "strategy": {"zero_stage": 3}})
+        "normalize_reward": False, "seed": 0, "strategy": {"zero_stage": 3, "cpu_threads": 1}})
     trainer = PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy))
     counter = GatherCounter()
     _, ids, mask = trainer.next_prompts()
