@@ -50,6 +50,12 @@ def main() -> None:
     home = args.home.rstrip("/")
     cfg = json.loads(Path(args.stage_config or one(f"{home}/models/ppo_policy/*/stage_config.json")).read_text())
     cfg.update(output_dir=args.out, resume_from=None)
+    if "num_threads" in cfg:  # stage configs written before PPOConfig lost it (0212c21)
+        threads = cfg.pop("num_threads")
+        if threads:
+            cfg.setdefault("strategy", {})["cpu_threads"] = threads
+        print(f"stage config: num_threads={threads} -> strategy.cpu_threads "
+              f"{cfg.get('strategy', {}).get('cpu_threads')} (PPOConfig's one thread setting)", file=sys.stderr)
     from dataclasses import fields
 
     from ppo_core.ppo import PPOConfig
