@@ -50,7 +50,7 @@ def main() -> None:
     home = args.home.rstrip("/")
     cfg = json.loads(Path(args.stage_config or one(f"{home}/models/ppo_policy/*/stage_config.json")).read_text())
     cfg.update(output_dir=args.out, resume_from=None)
-    if "num_threads" in cfg:  # stage configs written before PPOConfig lost it (0212c21)
+    if "num_threads" in cfg:  # older stage configs: strategy.cpu_threads is the thread setting now
         threads = cfg.pop("num_threads")
         if threads:
             cfg.setdefault("strategy", {})["cpu_threads"] = threads
