@@ -223,29 +223,13 @@ FIELD_MAP: dict[str, dict[str, str]] = {
 ALWAYS_APPLIED = frozenset({"seed"})
 
 
-def _nested_default(cls: type, name: str) -> dict[str, Any]:
-    """The default of a nested dataclass field as a dict, so a partial override keeps the rest."""
-    from ppo_core.config import to_dict
-
-    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
-    if f is None:
-        raise ValueError(f"{cls.__name__} has no field {name!r}; fields: {[x.name for x in dataclasses.fields(cls)]}")
-    if f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    elif f.default is not dataclasses.MISSING:
-        default = f.default
-    else:
-        return {}
-    return to_dict(default) if dataclasses.is_dataclass(default) else {}
-
-
-def _merge(cls: type, values: dict[str, Any], updates: dict[str, Any]) -> None:
-    """Apply ``updates`` (dotted names or nested mappings) onto ``values`` in place."""
+def _merge(values: dict[str, Any], updates: dict[str, Any]) -> None:
+    """Apply ``updates`` (dotted names or nested mappings) onto ``values`` in place. A nested
+    mapping stays partial: ``ppo_core.config.from_dict`` fills the rest from the field's default."""
     for key, value in updates.items():
         head, _, rest = key.partition(".")
         if rest or isinstance(value, dict):
-            nested = values.get(head) or _nested_default(cls, head)
-            nested = {**nested, **({rest: value} if rest else value)}
+            nested = {**(values.get(head) or {}), **({rest: value} if rest else value)}
             values[head] = nested
         else:
             values[key] = value
@@ -323,10 +307,10 @@ def core_config(stage: str, cfg: StageConfig, defaults: dict[str, Any] | None = 
     cls = core_config_class(stage)
     _check_no_conflict(stage, cfg)
     values: dict[str, Any] = {}
-    _merge(cls, values, dict(defaults or {}))
-    _merge(cls, values, typed_values(stage, cfg))
-    _merge(cls, values, dict(cfg.overrides))
-    _merge(cls, values, paths)
+    _merge(values, dict(defaults or {}))
+    _merge(values, typed_values(stage, cfg))
+    _merge(values, dict(cfg.overrides))
+    _merge(values, paths)
     core = from_dict(cls, values, where=f"{stage} stage config (asset config + resolved paths)")
     check = getattr(importlib.import_module(STAGE_CONFIG_CLASSES[stage][0]), "check_inputs", None)
     if check is not None:
