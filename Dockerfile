@@ -41,6 +41,7 @@ COPY pyproject.toml README.md ./
 COPY pipelines ./pipelines
 COPY assets ./assets
 COPY ops ./ops
+COPY resources ./resources
 COPY ppo_core ./ppo_core
 COPY configs ./configs
 

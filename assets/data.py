@@ -18,7 +18,7 @@ from pydantic import Field
 from assets.ingest import IngestError, content_hash, load_preferences, read_raw, write_raw
 from assets.schemas import DEFAULT_MAX_CHARS, QuarantineReason, validate_pairs
 from assets.splits import DEFAULT_SPLIT_SEED, SplitSettings, read_split_prompts, write_splits
-from pipelines import settings
+from resources import settings
 
 GROUP = "data"
 # Code versions (every asset of the project has one): bump an asset's constant by hand when a

@@ -28,9 +28,9 @@ from pydantic import Field
 from assets.ingest import content_hash
 from assets.models import model_dir_version
 from assets.plots import guard_plot, png_markdown
-from pipelines import settings
-from pipelines.mlflow_models import EVAL, SplitInput, log_datasets, model_metrics, split_inputs
-from pipelines.resources import MLflowResource
+from resources import settings
+from resources.mlflow_models import EVAL, SplitInput, log_datasets, model_metrics, split_inputs
+from resources.tracking import MLflowResource
 
 BUNDLED_GOLD_SCORER = "assets.bundled_task:gold_score_batch"
 # Bumped by hand when a change here changes the report for the same inputs (see assets/data.py).

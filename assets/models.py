@@ -31,8 +31,8 @@ import pandas as pd
 from pydantic import Field
 
 from assets.plots import png_markdown, training_plots
-from pipelines import settings
-from pipelines.mlflow_models import (
+from resources import settings
+from resources.mlflow_models import (
     EVAL,
     STAGE_TASKS,
     TRAINING,
@@ -42,7 +42,8 @@ from pipelines.mlflow_models import (
     logged_model_id,
     split_inputs,
 )
-from pipelines.resources import MLflowResource, TrainingLauncher
+from resources.tracking import MLflowResource
+from resources.launcher import TrainingLauncher
 
 TRAINING_POOL = "training"
 # A training step killed from outside (OOM killer, lost node, a dead torchrun worker) is

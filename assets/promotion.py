@@ -12,8 +12,8 @@ import dagster as dg
 from pydantic import Field
 
 from ops.registry import DEFAULT_PROMOTION_METRIC, RegistryError, promote
-from pipelines.notify import Notifier
-from pipelines.resources import MLflowResource
+from resources.notify import Notifier
+from resources.tracking import MLflowResource
 
 
 class ChampionConfig(dg.Config):

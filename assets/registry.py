@@ -29,17 +29,14 @@ from ops.registry import (
     PROMOTION_METRIC_TAG,
     metric_tag,
 )
-from pipelines.mlflow_models import (  # noqa: F401  (re-exported: the registry's public helpers)
-    TASK_MODEL_CLASSES,
+from resources.mlflow_models import (
     link_version_to_model,
-    load_components,
     log_transformers_model,
     logged_model_id,
-    pip_requirements,
     process_tracking_uri,
     version_model_id,
 )
-from pipelines.resources import MLflowResource
+from resources.tracking import MLflowResource
 
 DEFAULT_REWARD_MODEL_NAME = "rlhf-reward-model"
 EVAL_DATA_VERSION_TAG = "eval.data_version"

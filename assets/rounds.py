@@ -42,10 +42,11 @@ from assets.ingest import IngestError, content_hash, load_preferences
 from assets.models import TRAINING_POOL, PPOPolicyConfig, RewardModelConfig, reward_accuracy_result, train_stage
 from assets.plots import png_markdown, rounds_plot
 from assets.schemas import validate_pairs
-from pipelines import settings
-from pipelines.mlflow_models import EVAL, TRAINING, log_datasets, model_metrics, split_inputs
-from pipelines.notify import Notifier
-from pipelines.resources import MLflowResource, TrainingLauncher
+from resources import settings
+from resources.mlflow_models import EVAL, TRAINING, log_datasets, model_metrics, split_inputs
+from resources.notify import Notifier
+from resources.tracking import MLflowResource
+from resources.launcher import TrainingLauncher
 from ppo_core.lengths import MIN_RESPONSE_LENGTH, recorded_length
 
 GROUP = "rounds"
@@ -97,7 +98,7 @@ def version_model_dir(client: Any, version: Any, dest: Path, tracking_uri: str) 
         return local
     import mlflow
 
-    from pipelines.mlflow_models import process_uris
+    from resources.mlflow_models import process_uris
 
     target = dest / f"{version.name}-v{version.version}"
     if not (target / "config.json").is_file():

@@ -23,7 +23,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from pipelines.resources import MLflowResource
+from resources.tracking import MLflowResource
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"

@@ -1,4 +1,4 @@
-"""Wiring: the one Definitions object, resources, jobs, schedules, sensors and the CLI.
+"""Wiring: the one Definitions object, jobs, schedules, sensors, the IO manager and the CLI.
 
-Kept import-free so that ``assets`` can import ``pipelines.resources`` without a cycle.
+Settings and resources live in ``resources`` so that assets and ops never import from here.
 """

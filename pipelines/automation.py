@@ -25,10 +25,10 @@ import dagster as dg
 from assets.ingest import list_data_files
 from assets.rounds import ROUNDS, next_round_key
 from ops.registry import CHAMPION, DEFAULT_POLICY_NAME
-from pipelines import settings
+from resources import settings
 from pipelines.jobs import rlhf_lineage_job, rlhf_round_job
-from pipelines.notify import Notifier
-from pipelines.resources import MLflowResource
+from resources.notify import Notifier
+from resources.tracking import MLflowResource
 
 WEEKLY_CRON = "0 3 * * 1"
 # A file younger than this may still be being copied in; it is picked up on a later tick.

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from pipelines import settings
+from resources import settings
 from pipelines.io_managers import manifest_path
 
 LINEAGE_JOB = "rlhf_lineage"
@@ -373,7 +373,7 @@ def run_rounds(n: int, round_config: Mapping[str, Any], lineage_config: Mapping[
     run_output.quiet_environment()
     from pipelines.automation import has_champion
     from pipelines.definitions import build_defs
-    from pipelines.resources import MLflowResource
+    from resources.tracking import MLflowResource
 
     start = time.monotonic()
     bootstrap = None
@@ -418,7 +418,7 @@ def run_rounds(n: int, round_config: Mapping[str, Any], lineage_config: Mapping[
 def export_annotation_batch(n_prompts: int, seed: int, name: str) -> int:
     """``rlhf annotate``: the champion's samples on the latest splits' training prompts."""
     from assets.rounds import export_batch
-    from pipelines.resources import MLflowResource
+    from resources.tracking import MLflowResource
     from ppo_core.lengths import recorded_length
 
     splits = read_manifest("dataset_splits")

@@ -1,6 +1,6 @@
 """The one ``dg.Definitions`` of the project: assets, checks, jobs, schedules, sensors, resources.
 
-Resources are the embedded default, resolved from ``pipelines/settings.py`` (``RLHF_HOME``,
+Resources are the embedded default, resolved from ``resources/settings.py`` (``RLHF_HOME``,
 ``MLFLOW_TRACKING_URI``), never from ``DAGSTER_HOME``: the same code runs against the local
 SQLite Dagster home or a Postgres-backed production instance. The production profile changes
 environment variables only (see the README). Those a deployment sets are bound as ``dg.EnvVar``,
@@ -18,12 +18,16 @@ from assets.models import MODEL_ASSETS, MODEL_CHECKS
 from assets.promotion import PROMOTION_ASSETS, PROMOTION_CHECKS
 from assets.registry import REGISTRY_ASSETS
 from assets.rounds import ROUND_ASSETS, ROUND_CHECKS
-from pipelines import settings
+from resources import settings
 from pipelines.automation import SCHEDULES, SENSORS
 from pipelines.io_managers import JsonManifestIOManager
 from pipelines.jobs import ALL_JOBS
-from pipelines.notify import Notifier
-from pipelines.resources import MLflowResource, TrainingLauncher
+from resources.notify import Notifier
+from resources.tracking import MLflowResource
+
+
+# MLflowResource field <- environment variable a deployment may set.
+from resources.launcher import TrainingLauncher
 
 
 # MLflowResource field <- environment variable a deployment may set.

@@ -27,7 +27,7 @@ import dagster as dg
 from dagster._core.events import DagsterEvent, DagsterEventType
 from dagster._core.log_manager import get_log_record_event, has_log_record_event
 
-from pipelines import settings
+from resources import settings
 
 # Progress bars and info chatter of transformers / huggingface_hub / tqdm, in this process and
 # in the training processes (they inherit the environment). setdefault: a user's choice wins.

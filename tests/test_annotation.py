@@ -149,7 +149,7 @@ def test_paired_batch_hides_which_policy_wrote_which_answer() -> None:
 
 def test_sft_baseline_becomes_the_first_champion_once(tmp_path: Path) -> None:
     from assets.rounds import crown_sft_baseline
-    from pipelines.resources import MLflowResource
+    from resources.tracking import MLflowResource
     from tests.test_registry import tiny_model_dir
 
     mlflow = MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",

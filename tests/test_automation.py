@@ -18,8 +18,8 @@ from pipelines.automation import (
     round_run_config,
     weekly_retraining,
 )
-from pipelines.notify import Notifier
-from pipelines.resources import MLflowResource
+from resources.notify import Notifier
+from resources.tracking import MLflowResource
 
 OLD = time.time() - 3600  # mtime an hour ago: the file is complete
 

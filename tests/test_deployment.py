@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import dagster as dg
 import pytest
 
-from pipelines import settings
-from pipelines.resources import MLflowResource, TrainingLauncher, code_version, git_version
+from resources import settings
+from resources.tracking import MLflowResource, code_version, git_version
+from resources.launcher import TrainingLauncher
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,9 +128,9 @@ def test_workspace_of_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
 
 INSTALLED_PROBE = textwrap.dedent("""
     import json, os, sys
-    import pipelines, pipelines.settings as settings
+    import pipelines, resources.settings as settings
     from pipelines import cli
-    from pipelines.resources import code_version
+    from resources.tracking import code_version
     from pipelines.definitions import defs
     repo = defs.get_repository_def()
     print(json.dumps({
@@ -240,7 +241,7 @@ def test_extras_carry_the_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("kind", "package"), [("docker", "dagster-docker"), ("k8s", "dagster-k8s")])
 def test_remote_clients_need_their_package_and_an_image(kind: str, package: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.resources import REMOTE_PIPES_CLIENTS, remote_pipes_client_class
+    from resources.launcher import REMOTE_PIPES_CLIENTS, remote_pipes_client_class
 
     module = REMOTE_PIPES_CLIENTS[kind][0]
     monkeypatch.setitem(sys.modules, module, None)  # as where the package is not installed

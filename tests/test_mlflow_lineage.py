@@ -14,8 +14,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from pipelines.mlflow_models import EVAL, TRAINING, log_datasets, split_inputs
-from pipelines.resources import PARENT_RUN_ID_TAG, PARENT_TAG, ROUND_TAG, MLflowResource
+from resources.mlflow_models import EVAL, TRAINING, log_datasets, split_inputs
+from resources.tracking import PARENT_RUN_ID_TAG, PARENT_TAG, ROUND_TAG, MLflowResource
 
 ROUNDS = dg.DynamicPartitionsDefinition(name="test_round")
 
@@ -166,7 +166,7 @@ def test_process_wide_uris_are_put_back(tmp_path: Path, monkeypatch: pytest.Monk
     """Logging a model must not leave MLFLOW_*_URI exported for every later subprocess."""
     import os
 
-    from pipelines.mlflow_models import process_uris
+    from resources.mlflow_models import process_uris
 
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")

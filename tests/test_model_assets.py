@@ -189,7 +189,8 @@ def lineage_assets() -> list:
 
 def local_resources(home: Path) -> dict:
     from pipelines.io_managers import JsonManifestIOManager
-    from pipelines.resources import MLflowResource, TrainingLauncher
+    from resources.tracking import MLflowResource
+    from resources.launcher import TrainingLauncher
 
     return {
         "io_manager": JsonManifestIOManager(base_dir=str(home / "manifests")),
@@ -300,7 +301,8 @@ def test_config_files_are_valid_run_config_for_the_lineage(name: str) -> None:
 
     from assets.evaluation import load_gold_scorer
     from pipelines.io_managers import JsonManifestIOManager
-    from pipelines.resources import MLflowResource, TrainingLauncher
+    from resources.tracking import MLflowResource
+    from resources.launcher import TrainingLauncher
 
     config = yaml.safe_load((REPO / "configs" / name).read_text())
     job = dg.define_asset_job("lineage", selection=dg.AssetSelection.all())
@@ -383,7 +385,8 @@ def test_mlflow_lineage_parent_datasets_logged_models_and_system_metrics(lineage
 
 def test_registered_versions_are_the_training_runs_logged_models(lineage: dict) -> None:
     """registered_policy on the tiny run's manifests registers the PPO and reward-model LoggedModels."""
-    from assets.registry import REGISTRY_ASSETS, version_model_id
+    from assets.registry import REGISTRY_ASSETS
+    from resources.mlflow_models import version_model_id
 
     result, home = lineage["result"], lineage["home"]
     resources = local_resources(home)

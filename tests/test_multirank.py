@@ -84,7 +84,7 @@ def _materialize(selection: object, ops: Callable[[str], bool], home: Path,
 
 
 def test_two_ranks_zero3_lineage_and_resume(rlhf_home: Path) -> None:
-    from pipelines import settings
+    from resources import settings
     from test_model_assets import local_resources
 
     ppo_root = settings.models_root() / "ppo_policy"
@@ -191,7 +191,7 @@ def test_gpu_profile_is_valid_run_config_for_the_lineage(tmp_path: Path) -> None
         core_config,
     )
     from pipelines.definitions import build_defs
-    from pipelines.resources import TrainingLauncher
+    from resources.launcher import TrainingLauncher
     from test_model_assets import REPO
 
     config = yaml.safe_load((REPO / "configs" / "gpu.yaml").read_text())

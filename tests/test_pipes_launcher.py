@@ -14,7 +14,8 @@ import dagster as dg
 import pytest
 
 from pipelines.pipes_launcher import PipesMlflowCallback, stage_module, summary_metadata
-from pipelines.resources import MLflowResource, TrainingLauncher, code_version, flatten, redact_params
+from resources.tracking import MLflowResource, code_version, flatten, redact_params
+from resources.launcher import TrainingLauncher
 
 FAKE_STAGE = textwrap.dedent('''
     """A stand-in training stage: logs a loss that halves each step, then writes its summary."""

@@ -11,12 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 mlflow = pytest.importorskip("mlflow")
 
-from assets.registry import (  # noqa: E402
-    evaluation_tags,
-    log_transformers_model,
-    register_version,
-    version_model_id,
-)
+from assets.registry import evaluation_tags, register_version  # noqa: E402
 from ops.registry import (  # noqa: E402
     CHALLENGER,
     CHAMPION,
@@ -30,7 +25,8 @@ from ops.registry import (  # noqa: E402
     rollback,
     rollback_champion_job,
 )
-from pipelines.resources import MLflowResource  # noqa: E402
+from resources.mlflow_models import log_transformers_model, version_model_id  # noqa: E402
+from resources.tracking import MLflowResource  # noqa: E402
 
 NAME = "test-policy"
 WORDS = "the river garden robot is lovely dull nice . tell me about please".split()

@@ -168,7 +168,7 @@ def _materialize(selection: object, ops: Callable[[str], bool], home: Path,
 
 
 def test_killed_ppo_step_resumes_from_its_checkpoint(rlhf_home: Path) -> None:
-    from pipelines import settings
+    from resources import settings
 
     ppo_root = settings.models_root() / "ppo_policy"
     with dg.DagsterInstance.get() as instance:
@@ -230,7 +230,7 @@ def _context(run_id: str, root_run_id: str | None, partition: str | None = None)
 
 def test_resume_dir_is_stable_across_reexecution_and_per_partition(rlhf_home: Path) -> None:
     from assets.models import resume_dir
-    from pipelines import settings
+    from resources import settings
 
     root = settings.models_root() / "ppo_policy"
     assert resume_dir("ppo_policy", _context("r1", None)) == root / "r1"

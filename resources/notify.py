@@ -23,7 +23,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from pipelines import settings
+from resources import settings
 
 log = logging.getLogger(__name__)
 
