@@ -34,7 +34,7 @@ from resources.tracking import MLflowResource
 
 BUNDLED_GOLD_SCORER = "assets.bundled_task:gold_score_batch"
 # Bumped by hand when a change here changes the report for the same inputs (see assets/data.py).
-EVALUATION_REPORT_VERSION = "6"
+EVALUATION_REPORT_VERSION = "7"
 GoldScorer = Callable[[list[str], list[str]], list[float]]
 
 
@@ -358,6 +358,12 @@ class EvaluationConfig(SamplingConfig):
     n_table_samples: int = Field(default=8, description="Rows of the samples table in the metadata.")
 
 
+def sampling_key(cfg: SamplingConfig) -> str:
+    """How the answers were drawn, as the registry's ``eval.set`` tag records it: scores of answers
+    drawn with another count per prompt, temperature, length cap or seed do not compare."""
+    return f"k={cfg.samples_per_prompt},T={cfg.temperature:g},len={cfg.max_new_tokens},seed={cfg.seed}"
+
+
 def response_length(max_new_tokens: int, stage_manifest: dict) -> int:
     """``max_new_tokens``, or when it is 0 the ``response_length`` the PPO stage behind
     ``stage_manifest`` sampled with (its stage_config.json), else the data's measured one."""
@@ -512,7 +518,7 @@ def evaluation_report(
         "metrics": metrics,
         "gold_scorer": result["report"]["gold_scorer"], "mlflow_run_id": run_id,
         "heldout_reward_model_version": result["report"]["heldout_reward_model_version"],
-        "max_new_tokens": config.max_new_tokens,
+        "max_new_tokens": config.max_new_tokens, "sampling": sampling_key(config),
         "data_version": dataset_splits.get("data_version"), "ppo_model_path": ppo_policy.get("model_path"),
         "sft_model_path": sft_model.get("model_path"),
         "ppo_model_id": ppo_policy.get("mlflow_model_id"),

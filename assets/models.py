@@ -11,7 +11,8 @@ the stage ran.
 Every output goes to ``settings.models_root()/<asset>/<dagster run id>/``, so no
 materialization overwrites another; a training step uses the root run id (``resume_dir``), so
 a retry or a re-execution from failure resumes from the checkpoints the failed attempt left
-(``TRAINING_RETRY_POLICY``). All three training assets share the ``training``
+(``TRAINING_RETRY_POLICY``), unless they were trained from other inputs (``attempt_dir``).
+All three training assets share the ``training``
 concurrency pool: with a pool limit of 1 only one training step runs at a time on a machine.
 """
 
@@ -42,8 +43,8 @@ from resources.mlflow_models import (
     logged_model_id,
     split_inputs,
 )
-from resources.tracking import MLflowResource
 from resources.launcher import TrainingLauncher
+from resources.tracking import MLflowResource
 
 TRAINING_POOL = "training"
 # A training step killed from outside (OOM killer, lost node, a dead torchrun worker) is
@@ -334,19 +335,62 @@ def run_dir(asset: str, context: dg.AssetExecutionContext) -> Path:
     return out
 
 
-def resume_dir(asset: str, context: dg.AssetExecutionContext) -> Path:
+def resume_dir(asset: str, context: dg.AssetExecutionContext, run_id: str | None = None) -> Path:
     """Output folder of a training step, the same for every attempt at it.
 
     A retry runs in the same Dagster run and "re-execute from failure" starts a run whose
     ``root_run_id`` is the original's, so ``<asset>/<root run id>[/<partition>]`` is where the
     earlier attempts left their checkpoints; a partitioned asset keeps one folder per key.
+    ``run_id`` names another run's folder instead (:func:`attempt_dir`).
     """
-    out = settings.models_root() / asset / (context.run.root_run_id or context.run.run_id)
+    run_id = run_id or context.run.root_run_id or context.run.run_id
+    out = settings.models_root() / asset / run_id
     if context.has_partition_key:
         # a partition key is free text: keep it one safe path component
         out = out / re.sub(r"[^A-Za-z0-9._=-]", "_", context.partition_key)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+INPUTS_FILE = "inputs.json"
+# Fields of a stage config that name where this attempt writes or how it starts, not what it trains on.
+_ATTEMPT_FIELDS = ("output_dir", "resume_from")
+
+
+def stage_inputs(core: Any, data_version: str, paths: dict[str, Any]) -> dict[str, Any]:
+    """What a training step's checkpoints were trained from: its config (without where it writes),
+    the split data version and the content version of every model directory it reads."""
+    values = {k: v for k, v in dataclasses.asdict(core).items() if k not in _ATTEMPT_FIELDS}
+    config = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    models = {k: model_dir_version(Path(v)) for k, v in sorted(paths.items())
+              if isinstance(v, str) and (Path(v) / "config.json").is_file()}
+    return {"config": config, "data_version": data_version, "models": models}
+
+
+def attempt_dir(asset: str, context: dg.AssetExecutionContext, inputs: dict[str, Any]) -> Path:
+    """The folder this attempt trains in: the step's resume folder (:func:`resume_dir`) unless an
+    earlier run left checkpoints there from other inputs (a re-execution after the config, the
+    data or an upstream model changed). Those are never resumed nor overwritten, since a
+    registered version's files may be there; this run gets a folder of its own."""
+    out = resume_dir(asset, context)
+    recorded_file = out / INPUTS_FILE
+    if not recorded_file.is_file():
+        return out
+    recorded = json.loads(recorded_file.read_text())
+    if recorded == inputs:
+        return out
+    changed = sorted(k for k in {*recorded, *inputs} if recorded.get(k) != inputs.get(k))
+    own = resume_dir(asset, context, run_id=context.run.run_id)
+    if own == out:
+        raise dg.Failure(description=f"{asset}: {out} holds checkpoints of other inputs ({', '.join(changed)} "
+                         f"differ) from this same run; remove {recorded_file} to retrain there",
+                         allow_retries=False)
+    context.log.warning(f"{asset}: the checkpoints in {out} were trained from other inputs "
+                        f"({', '.join(changed)} differ); training afresh in {own}")
+    own_file = own / INPUTS_FILE
+    if own_file.is_file() and json.loads(own_file.read_text()) != inputs:
+        raise dg.Failure(description=f"{asset}: {own} holds checkpoints of other inputs", allow_retries=False)
+    return own
 
 
 def latest_checkpoint_step(out: Path) -> int | None:
@@ -433,10 +477,15 @@ def train_stage(
     base_model's measured sequence lengths; the stage takes its own (:data:`LENGTH_FIELDS`) and
     its manifest carries them on to the stages after it.
     """
-    out = resume_dir(asset, context)
+    # where it will write is not an input (stage_inputs leaves output_dir out)
+    inputs = stage_inputs(stage_core_config(stage, cfg, length_defaults(stage, seq),
+                                            output_dir=str(settings.models_root() / asset), **paths),
+                          data_version, paths)
+    out = attempt_dir(asset, context, inputs)
     metrics_file = out / "metrics.jsonl"
     resumed = resume_step(context, asset, cfg, out)
     prepare_attempt(out, metrics_file, resumed, operator_resume="resume_from" in cfg.overrides)
+    (out / INPUTS_FILE).write_text(json.dumps(inputs, indent=1, sort_keys=True))
     resume = {} if resumed is None else {"resume_from": "latest"}
     core = stage_core_config(stage, cfg, length_defaults(stage, seq), output_dir=str(out), **resume, **paths)
     config_path = write_stage_config(core, out / "stage_config.json")
@@ -785,9 +834,12 @@ def reward_accuracy_result(manifest: dict, min_accuracy: float) -> dg.AssetCheck
             passed=False, description=f"reward_model summary has none of {RM_ACCURACY_KEYS}",
             metadata={"summary_keys": sorted(manifest.get("summary", {}))})
     key, acc = found
+    hint = ("" if acc >= min_accuracy else
+            "; PPO would optimise noise: more pairs, or a larger or pretrained base_model (a small model "
+            "built from scratch separates real dialogue data such as HH-RLHF barely better than chance)")
     return dg.AssetCheckResult(
         passed=acc >= min_accuracy,
-        description=f"held-out accuracy {acc:.3f} (needs >= {min_accuracy})",
+        description=f"held-out accuracy {acc:.3f} (needs >= {min_accuracy}){hint}",
         metadata={"metric": key, "accuracy": acc, "min_accuracy": min_accuracy},
     )
 

@@ -28,7 +28,7 @@ class ChampionConfig(dg.Config):
                                             "evaluation sets (normally refused).")
 
 
-@dg.asset(group_name="registry", kinds={"mlflow"}, code_version="1",
+@dg.asset(group_name="registry", kinds={"mlflow"}, code_version="2",
           description="Moves the 'champion' alias to the new challenger when it beats the champion.")
 def champion_policy(context: dg.AssetExecutionContext, config: ChampionConfig, mlflow: MLflowResource,
                     notifier: Notifier, registered_policy: dict) -> dg.MaterializeResult:
@@ -40,7 +40,8 @@ def champion_policy(context: dg.AssetExecutionContext, config: ChampionConfig, m
         return dg.MaterializeResult(value={"model_name": name, "decision": decision, "skipped": True},
                                     metadata={"decision": reason})
     try:
-        made = promote(mlflow.client(), name, config.metric, True, config.allow_different_eval_sets)
+        made = promote(mlflow.client(), name, config.metric, True, config.allow_different_eval_sets,
+                       version=str(registered_policy["version"]))
     except RegistryError as exc:
         notifier.notify("promotion_failed", f"{name}: {exc}", {"model_name": name})
         raise dg.Failure(description=str(exc), allow_retries=False) from exc

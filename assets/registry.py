@@ -24,11 +24,11 @@ from pydantic import Field
 
 from ops.registry import (
     CHALLENGER,
-    DEFAULT_POLICY_NAME,
     EVAL_SET_TAG,
     PROMOTION_METRIC_TAG,
     metric_tag,
 )
+from resources import settings
 from resources.mlflow_models import (
     link_version_to_model,
     log_transformers_model,
@@ -38,7 +38,6 @@ from resources.mlflow_models import (
 )
 from resources.tracking import MLflowResource
 
-DEFAULT_REWARD_MODEL_NAME = "rlhf-reward-model"
 EVAL_DATA_VERSION_TAG = "eval.data_version"
 # Gold reward is the ground truth when the data has a gold scorer; otherwise the only score
 # left is the reward model's (metric names from assets/evaluation.py).
@@ -49,7 +48,7 @@ HELDOUT_METRIC = "ppo/heldout_score_mean"
 RM_METRIC = "ppo/rm_score_mean"
 PROMOTION_METRICS = (GOLD_METRIC, HELDOUT_METRIC, RM_METRIC)
 # Bumped by hand when a change here changes what is registered (see assets/data.py).
-REGISTERED_POLICY_VERSION = "1"
+REGISTERED_POLICY_VERSION = "2"
 
 
 def register_version(
@@ -100,8 +99,13 @@ def evaluation_tags(report: Mapping[str, Any]) -> dict[str, str]:
     tags = {metric_tag(k): repr(float(v)) for k, v in metrics.items() if v is not None}
     n_prompts = int(metrics.get("n_prompts") or 0)
     promotion_metric = next((m for m in PROMOTION_METRICS if metrics.get(m) is not None), RM_METRIC)
-    # Same data, prompt count and gold scorer => the same held-out questions and yardstick.
-    eval_set = f"{data_version}|n={n_prompts}|gold={report.get('gold_scorer') or 'none'}"
+    sampling = report.get("sampling")
+    if not sampling:
+        raise ValueError("registered_policy: the evaluation_report manifest has no 'sampling'; "
+                         "re-materialize evaluation_report")
+    # Same data, prompt count, gold scorer and sampling => the same held-out questions, answered
+    # the same way, on the same yardstick.
+    eval_set = f"{data_version}|n={n_prompts}|gold={report.get('gold_scorer') or 'none'}|{sampling}"
     if promotion_metric == HELDOUT_METRIC:
         # a held-out score is comparable only under the same held-out reward model's weights
         heldout = report.get("heldout_reward_model_version")
@@ -120,9 +124,11 @@ def evaluation_tags(report: Mapping[str, Any]) -> dict[str, str]:
 class RegistryConfig(dg.Config):
     """Names under which the models are registered."""
 
-    policy_name: str = Field(default=DEFAULT_POLICY_NAME, description="Registered model of the PPO policy.")
+    policy_name: str = Field(default_factory=settings.policy_name, description="Registered model of the PPO "
+                             "policy (default: RLHF_POLICY_NAME, else rlhf-policy).")
     reward_model_name: str = Field(
-        default=DEFAULT_REWARD_MODEL_NAME, description="Registered model of the reward model."
+        default_factory=settings.reward_model_name, description="Registered model of the reward model "
+        "(default: RLHF_REWARD_MODEL_NAME, else rlhf-reward-model)."
     )
     register_reward_model: bool = Field(
         default=True, description="Also register the reward model (text-classification)."

@@ -42,12 +42,12 @@ from assets.ingest import IngestError, content_hash, load_preferences
 from assets.models import TRAINING_POOL, PPOPolicyConfig, RewardModelConfig, reward_accuracy_result, train_stage
 from assets.plots import png_markdown, rounds_plot
 from assets.schemas import validate_pairs
+from ppo_core.lengths import MIN_RESPONSE_LENGTH, recorded_length
 from resources import settings
+from resources.launcher import TrainingLauncher
 from resources.mlflow_models import EVAL, TRAINING, log_datasets, model_metrics, split_inputs
 from resources.notify import Notifier
 from resources.tracking import MLflowResource
-from resources.launcher import TrainingLauncher
-from ppo_core.lengths import MIN_RESPONSE_LENGTH, recorded_length
 
 GROUP = "rounds"
 ROUNDS = dg.DynamicPartitionsDefinition(name="rlhf_round")
@@ -184,7 +184,8 @@ class RoundPreferencesConfig(dg.Config):
         "sigmoid((gold_a - gold_b) / T); 0 = noiseless.")
     gold_scorer: str = Field(default="", description="'module:function'; '' = evaluation_report's (the bundled "
                              "task's on bundled data), 'none' = no gold scorer (then labelled files are required).")
-    policy_name: str = Field(default="rlhf-policy", description="Registered model whose champion is sampled.")
+    policy_name: str = Field(default_factory=settings.policy_name, description="Registered model whose champion "
+                             "is sampled (default: RLHF_POLICY_NAME, else rlhf-policy).")
     max_quarantine_fraction: float = Field(default=0.5, description="Fail the round when more of the new "
                                            "rows than this were quarantined (unlabelled, invalid, ...).")
     seed: int = Field(default=0, description="Base seed; the round number is added, so rounds differ.")
@@ -338,7 +339,7 @@ def _latest_reward_model(context: dg.AssetExecutionContext, base: dict) -> tuple
 # Checks of partitioned assets run inside the asset (check_specs): a separate @asset_check is
 # not partitioned and cannot load one round's manifest.
 @dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          code_version="1", description="The reward model refreshed on the cumulative pairs of this round.",
+          code_version="2", description="The reward model refreshed on the cumulative pairs of this round.",
           check_specs=[dg.AssetCheckSpec("round_reward_model_accuracy", asset="round_reward_model", blocking=True,
                                          description="The refreshed reward model keeps its accuracy on the fixed "
                                          "RM eval split (blocks PPO on a broken reward model).")])
@@ -359,8 +360,9 @@ def round_reward_model(context: dg.AssetExecutionContext, config: RoundRewardMod
     result.value["init_from"] = init_from
     check = reward_accuracy_result(result.value, config.min_accuracy)
     # Output + check result (not MaterializeResult): an asset with check_specs has several outputs
+    # the shipped weights' content version, as every training asset's: a retrained model is new
     yield dg.Output(result.value, metadata={**(result.metadata or {}), "init_from": init_from},
-                    data_version=dg.DataVersion(f"{round_preferences['data_version']}:{init_from}"))
+                    data_version=result.data_version)
     yield dg.AssetCheckResult(check_name="round_reward_model_accuracy", passed=check.passed,
                               description=check.description, metadata=check.metadata)
 
@@ -425,14 +427,14 @@ def round_metrics(report: dict[str, Any], kl_champion: float) -> dict[str, float
     return out
 
 
-@dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, code_version="2",
+@dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, code_version="3",
           description="Challenger against champion on the fixed evaluation set: gold (when given) and reward-model "
           "scores, win rate, KL to SFT, and the refreshed reward model's agreement with gold.")
 def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationConfig, mlflow: MLflowResource,
                      raw_preferences: dict, dataset_splits: dict, round_preferences: dict, round_policy: dict,
                      round_reward_model: dict, sft_model: dict, heldout_reward_model: dict) -> dg.MaterializeResult:
     from assets.evaluation import (EvaluationConfig, evaluate, json_safe, kl_per_response, response_length,
-                                   sequence_logprobs)
+                                   sampling_key, sequence_logprobs)
 
     key = context.partition_key
     out = settings.models_root() / "round_evaluation" / key / context.run.run_id
@@ -468,7 +470,7 @@ def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationC
     report = {"metrics": metrics, "data_version": dataset_splits["data_version"],
               "gold_scorer": result["report"]["gold_scorer"], "mlflow_run_id": run.info.run_id,
               "heldout_reward_model_version": result["report"]["heldout_reward_model_version"],
-              "max_new_tokens": cfg.max_new_tokens,
+              "max_new_tokens": cfg.max_new_tokens, "sampling": sampling_key(cfg),
               "challenger_model_path": challenger_dir, "champion_model_path": champion_dir,
               "challenger_model_id": round_policy.get("mlflow_model_id"),
               "champion_version": round_preferences["champion_version"], "report_path": str(out / "report.json")}
@@ -486,8 +488,10 @@ def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationC
 class RoundChampionConfig(dg.Config):
     """Registration and the promotion gate of a round."""
 
-    policy_name: str = Field(default="rlhf-policy", description="Registered model of the policy.")
-    reward_model_name: str = Field(default="rlhf-reward-model", description="Registered model of the reward model.")
+    policy_name: str = Field(default_factory=settings.policy_name, description="Registered model of the policy "
+                             "(default: RLHF_POLICY_NAME, else rlhf-policy).")
+    reward_model_name: str = Field(default_factory=settings.reward_model_name, description="Registered model of the "
+                                   "reward model (default: RLHF_REWARD_MODEL_NAME, else rlhf-reward-model).")
     min_improvement: float = Field(default=0.0, description="The challenger's promotion metric must exceed the "
                                    "champion's by more than this (0: strictly better, as promote_champion_job).")
     n_annotation_prompts: int = Field(default=256, description="Prompts of the next annotation batch written to "
@@ -503,7 +507,7 @@ def paired_tags(report: dict[str, Any], side: str) -> dict[str, str]:
     metrics = {k.replace(f"{side}/", "ppo/", 1): v for k, v in report["metrics"].items() if k.startswith(f"{side}/")}
     metrics["n_prompts"] = report["metrics"].get("n_prompts")
     return evaluation_tags({"metrics": metrics, "data_version": report["data_version"],
-                            "gold_scorer": report.get("gold_scorer"),
+                            "gold_scorer": report.get("gold_scorer"), "sampling": report.get("sampling"),
                             "heldout_reward_model_version": report.get("heldout_reward_model_version")})
 
 
@@ -546,7 +550,7 @@ def _table_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"mlflow"}, code_version="1",
+@dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"mlflow"}, code_version="2",
           description="Registers the round's challenger and reward model, then moves 'champion' only when the "
           "challenger beats the champion on the paired evaluation; writes the next annotation batch.",
           check_specs=[dg.AssetCheckSpec("round_challenger_promoted", asset="round_champion",
@@ -560,27 +564,40 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
 
     key = context.partition_key
     client = mlflow.client()
+    evaluation_id = str(round_evaluation["mlflow_run_id"])
+    # an earlier attempt at this step may have registered (and promoted) already: a retry
+    # picks its versions up instead of registering twice or refusing its own promotion
+    earlier = registered_in_round(client, config.policy_name, key, evaluation_id)
+    earlier_rm = registered_in_round(client, config.reward_model_name, key, evaluation_id)
     champion = champion_version(client, config.policy_name)
-    if str(champion.version) != str(round_evaluation["champion_version"]):
-        raise dg.Failure(description=f"{key}: the champion moved to v{champion.version} during the round (evaluated "
-                         f"against v{round_evaluation['champion_version']}); start a new round", allow_retries=False)
+    evaluated = str(round_evaluation["champion_version"])
+    if str(champion.version) != evaluated:
+        if earlier is None or str(champion.version) != str(earlier.version):
+            raise dg.Failure(description=f"{key}: the champion moved to v{champion.version} during the round "
+                             f"(evaluated against v{evaluated}); start a new round", allow_retries=False)
+        champion = client.get_model_version(config.policy_name, evaluated)  # the champion it was judged against
     tags = paired_tags(round_evaluation, "challenger")
     lineage = {"dagster.run_id": context.run.run_id, "rlhf.round": key, "parent_champion": str(champion.version),
-               "evaluation.mlflow_run_id": round_evaluation["mlflow_run_id"]}
+               "evaluation.mlflow_run_id": evaluation_id}
     with mlflow.run(context, "round_champion", {"data_version": round_evaluation["data_version"], "rlhf.round": key}) as run:
         run_id = run.info.run_id
         # the LoggedModels of the training runs (logged here only when a stage skipped logging)
-        rm_uri = registrable_model_uri(mlflow, run_id, round_reward_model.get("mlflow_model_id"),
-                                       round_reward_model["model_path"], "reward_model", "text-classification")
-        rm_version = register_version(client, config.reward_model_name, rm_uri, run_id,
-                                      {**lineage, "source_dir": round_reward_model["model_path"]})
-        uri = registrable_model_uri(mlflow, run_id, round_evaluation.get("challenger_model_id"),
-                                    round_evaluation["challenger_model_path"], "policy", "text-generation")
-        challenger = register_version(client, config.policy_name, uri, run_id, {
-            **tags, **lineage, "source_dir": round_evaluation["challenger_model_path"],
-            "reward_model.version": rm_version.version})
+        rm_version = earlier_rm
+        if rm_version is None:
+            rm_uri = registrable_model_uri(mlflow, run_id, round_reward_model.get("mlflow_model_id"),
+                                           round_reward_model["model_path"], "reward_model", "text-classification")
+            rm_version = register_version(client, config.reward_model_name, rm_uri, run_id,
+                                          {**lineage, "source_dir": round_reward_model["model_path"]})
+        challenger = earlier
+        if challenger is None:
+            uri = registrable_model_uri(mlflow, run_id, round_evaluation.get("challenger_model_id"),
+                                        round_evaluation["challenger_model_path"], "policy", "text-generation")
+            challenger = register_version(client, config.policy_name, uri, run_id, {
+                **tags, **lineage, "source_dir": round_evaluation["challenger_model_path"],
+                "reward_model.version": rm_version.version})
         decision = round_decision(challenger, champion, round_evaluation, config.min_improvement)
-        apply_promotion(client, config.policy_name, decision, champion, challenger)
+        if str(champion_version(client, config.policy_name).version) != str(challenger.version):
+            apply_promotion(client, config.policy_name, decision, champion, challenger)
         m = round_evaluation["metrics"]
         row = {"champion_gold": m.get("champion/gold_mean"), "challenger_gold": m.get("challenger/gold_mean"),
                "rm_gold_agreement": m.get("rm/gold_agreement"),
@@ -622,6 +639,19 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
                                 metadata={k: v for k, v in decision.to_dict().items() if v is not None})
     yield dg.Output(value, metadata=metadata)
     yield check
+
+
+def registered_in_round(client: Any, name: str, key: str, evaluation_id: str) -> Any | None:
+    """The version of ``name`` that round ``key`` registered from the evaluation run
+    ``evaluation_id`` (an earlier attempt of ``round_champion``), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{name}' and tags.`rlhf.round` = '{key}' and "
+                                             f"tags.`evaluation.mlflow_run_id` = '{evaluation_id}'")
+    except MlflowException:  # the registered model does not exist yet
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
 
 
 def export_batch(client: Any, tracking_uri: str, policy_name: str, split_dir: str, n_prompts: int,

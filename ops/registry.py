@@ -11,7 +11,7 @@ versions), so repeated rollbacks walk back further than one step.
 
 Promotion compares one evaluation metric recorded as a version tag (``metric.<name>``) and only
 when both versions were evaluated on the same evaluation set (tag ``eval.set``: data version,
-prompt count and gold scorer):
+prompt count, gold scorer and how the answers were sampled):
 scores measured on different held-out prompts are not comparable, so that case is refused with
 an error instead of silently promoting or not. The challenger must be strictly better.
 """
@@ -23,6 +23,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from resources import settings
 from resources.tracking import MLflowResource
 
 CHALLENGER = "challenger"
@@ -30,15 +31,17 @@ CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
 HISTORY_TAG = "champion_history"
 LAST_DECISION_TAG = "last_promotion_decision"
-# Data version, prompt count and gold scorer of the evaluation, and the held-out reward model's
-# weights when its score decides (set by assets/registry.py).
+# Set on a version a rollback demoted: promotion never picks it again by itself.
+ROLLED_BACK_TAG = "rolled_back"
+# Data version, prompt count, gold scorer and sampling (answers per prompt, temperature, length
+# cap, seed) of the evaluation, and the held-out reward model's weights when its score decides
+# (set by assets/registry.py).
 EVAL_SET_TAG = "eval.set"
 METRIC_TAG_PREFIX = "metric."
 # The metric the registering asset chose for this version: the policy's mean gold reward on
 # the held-out prompts when the data has a gold scorer (the bundled task's ground truth), else
 # its mean held-out reward-model score (a model PPO never optimised), else its reward-model score.
 PROMOTION_METRIC_TAG = "promotion_metric"
-DEFAULT_POLICY_NAME = "rlhf-policy"
 # "auto" = the challenger's PROMOTION_METRIC_TAG.
 DEFAULT_PROMOTION_METRIC = "auto"
 
@@ -127,6 +130,10 @@ def decide_promotion(
     if current == new:
         return PromotionDecision(False, f"version {new} is already the champion", metric,
                                  new, current, challenger_score, challenger_score)
+    if challenger.tags.get(ROLLED_BACK_TAG) == "true":
+        return PromotionDecision(False, f"version {new} was rolled back (tag {ROLLED_BACK_TAG}); register a "
+                                 "new version, or delete the tag to make it eligible again", metric,
+                                 new, current, challenger_score, None)
     champion_score = version_metric(champion, metric)
     eval_challenger = challenger.tags.get(EVAL_SET_TAG)
     eval_champion = champion.tags.get(EVAL_SET_TAG)
@@ -180,14 +187,26 @@ def _require_model(client: Any, name: str) -> None:
 
 def promote(
     client: Any,
-    name: str = DEFAULT_POLICY_NAME,
+    name: str | None = None,
     metric: str = DEFAULT_PROMOTION_METRIC,
     higher_is_better: bool = True,
     allow_different_eval_sets: bool = False,
+    version: str | None = None,
 ) -> PromotionDecision:
-    """Move ``champion`` to the ``challenger`` when it is strictly better; record the decision."""
+    """Move ``champion`` to the challenger when it is strictly better; record the decision.
+
+    ``name``: the registered model (None: ``settings.policy_name()``).
+
+    The challenger is ``version`` when given (the lineage promotes the version its own run
+    registered, even if another run has moved the ``challenger`` alias since), else the
+    version the ``challenger`` alias names.
+    """
+    name = name or settings.policy_name()
     _require_model(client, name)
-    challenger = alias_version(client, name, CHALLENGER)
+    if version is not None:
+        challenger = client.get_model_version(name, str(version))
+    else:
+        challenger = alias_version(client, name, CHALLENGER)
     if challenger is None:
         raise RegistryError(
             f"registered model '{name}' has no '{CHALLENGER}' alias; materialize registered_policy first"
@@ -213,8 +232,9 @@ def apply_promotion(client: Any, name: str, decision: PromotionDecision, champio
     client.set_registered_model_tag(name, LAST_DECISION_TAG, json.dumps(decision.to_dict()))
 
 
-def rollback(client: Any, name: str = DEFAULT_POLICY_NAME) -> RollbackResult:
+def rollback(client: Any, name: str | None = None) -> RollbackResult:
     """Restore the champion before the current one; repeated calls walk further back."""
+    name = name or settings.policy_name()
     _require_model(client, name)
     champion = alias_version(client, name, CHAMPION)
     if champion is None:
@@ -236,15 +256,16 @@ def rollback(client: Any, name: str = DEFAULT_POLICY_NAME) -> RollbackResult:
         client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
     else:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
-    client.set_model_version_tag(name, str(champion.version), "rolled_back", "true")
+    client.set_model_version_tag(name, str(champion.version), ROLLED_BACK_TAG, "true")
     _set_history(client, name, history)
     return RollbackResult(str(champion.version), restored, before)
 
 
-def prune(client: Any, name: str = DEFAULT_POLICY_NAME, keep_last: int = 5) -> list[str]:
+def prune(client: Any, name: str | None = None, keep_last: int = 5) -> list[str]:
     """Delete versions that no alias or champion history names, except the newest ``keep_last``."""
     if keep_last < 0:
         raise ValueError(f"prune: keep_last must be >= 0, got {keep_last}")
+    name = name or settings.policy_name()
     _require_model(client, name)
     keep = {str(v) for v in client.get_registered_model(name).aliases.values()} | set(champion_history(client, name))
     versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True)
@@ -258,7 +279,8 @@ def prune(client: Any, name: str = DEFAULT_POLICY_NAME, keep_last: int = 5) -> l
 class PromoteConfig(dg.Config):
     """What an operator may change when promoting."""
 
-    model_name: str = Field(default=DEFAULT_POLICY_NAME, description="Registered model to act on.")
+    model_name: str = Field(default_factory=settings.policy_name, description="Registered model to act on "
+                            "(default: RLHF_POLICY_NAME, else rlhf-policy).")
     metric: str = Field(
         default=DEFAULT_PROMOTION_METRIC,
         description="Evaluation metric (version tag metric.<name>) that decides the promotion; "
@@ -273,11 +295,13 @@ class PromoteConfig(dg.Config):
 
 
 class RollbackConfig(dg.Config):
-    model_name: str = Field(default=DEFAULT_POLICY_NAME, description="Registered model to act on.")
+    model_name: str = Field(default_factory=settings.policy_name, description="Registered model to act on "
+                            "(default: RLHF_POLICY_NAME, else rlhf-policy).")
 
 
 class PruneConfig(dg.Config):
-    model_name: str = Field(default=DEFAULT_POLICY_NAME, description="Registered model to act on.")
+    model_name: str = Field(default_factory=settings.policy_name, description="Registered model to act on "
+                            "(default: RLHF_POLICY_NAME, else rlhf-policy).")
     keep_last: int = Field(default=5, description="Newest versions kept even without an alias.")
 
 

@@ -7,7 +7,7 @@
   start the whole lineage on the landing folder, which makes the first champion.
 * ``weekly_retraining`` starts one round every Monday 03:00 UTC (the simulated annotator labels
   the champion's samples when the task has a gold scorer; otherwise label the outbox batch and
-  drop it in the landing folder), or the lineage when there is no champion yet.
+  drop it in the landing folder); it skips while there is no champion yet.
 * ``record_run_failure`` writes ``$RLHF_HOME/failures/<run_id>.json`` (job, error, failed
   steps) for every failed run -- a failed gate (blocking check) fails its run -- and sends the
   alert through the ``notifier`` resource (a file record; Slack / e-mail where configured).
@@ -23,10 +23,10 @@ from typing import Any
 import dagster as dg
 
 from assets.ingest import list_data_files
-from assets.rounds import ROUNDS, next_round_key
-from ops.registry import CHAMPION, DEFAULT_POLICY_NAME
-from resources import settings
+from assets.rounds import ROUND_PREFIX, ROUNDS, next_round_key
+from ops.registry import CHAMPION
 from pipelines.jobs import rlhf_lineage_job, rlhf_round_job
+from resources import settings
 from resources.notify import Notifier
 from resources.tracking import MLflowResource
 
@@ -79,20 +79,21 @@ def round_run_config(files: list[str] | None = None) -> dict[str, Any]:
     return with_op_config(operator_run_config(ROUND_CONFIG_ENV), "round_preferences", {"files": list(files or [])})
 
 
-def has_champion(mlflow: MLflowResource, name: str = DEFAULT_POLICY_NAME) -> bool:
-    """Whether the registered policy has a champion (rounds start from it)."""
+def has_champion(mlflow: MLflowResource, name: str | None = None) -> bool:
+    """Whether the registered policy (``settings.policy_name()``) has a champion (rounds start from it)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return CHAMPION in mlflow.client().get_registered_model(name).aliases
+        return CHAMPION in mlflow.client().get_registered_model(name or settings.policy_name()).aliases
     except MlflowException:
         return False
 
 
-def round_request(instance: Any, files: list[str] | None, trigger: str, run_key: str) -> tuple[str, dg.RunRequest]:
-    """The next round's partition key and its run request."""
-    key = next_round_key(instance.get_dynamic_partitions(ROUNDS.name))
-    tags = {"rlhf/trigger": trigger, "rlhf/round": key}
+def round_request(instance: Any, files: list[str] | None, trigger: str, run_key: str,
+                  key: str | None = None, tags: dict[str, str] | None = None) -> tuple[str, dg.RunRequest]:
+    """The round's partition key (default: the next one) and its run request."""
+    key = key or next_round_key(instance.get_dynamic_partitions(ROUNDS.name))
+    tags = {**(tags or {}), "rlhf/trigger": trigger, "rlhf/round": key}
     if files:
         tags["rlhf/new_files"] = ",".join(Path(f).name for f in files)[:200]
     return key, dg.RunRequest(run_key=run_key, job_name=rlhf_round_job.name, partition_key=key,
@@ -172,10 +173,29 @@ def weekly_retraining(context: dg.ScheduleEvaluationContext, mlflow: MLflowResou
                              "(`rlhf run`, or drop preference files in the landing folder)")
     tick = context.scheduled_execution_time
     stamp = tick.strftime("%Y-%m-%d") if tick else "manual"
-    key, request = round_request(context.instance, None, "weekly", f"weekly-round-{stamp}")
-    # a schedule cannot return partition requests as a sensor can: add the round's partition first
-    context.instance.add_dynamic_partitions(ROUNDS.name, [key])
+    instance = context.instance
+    started = instance.get_runs(dg.RunsFilter(tags={"rlhf/weekly_tick": stamp}), limit=1)
+    if started:
+        return dg.SkipReason(f"the {stamp} tick already started {started[0].tags.get('rlhf/round')} "
+                             f"(run {started[0].run_id})")
+    # A schedule cannot return partition requests as a sensor can, so it adds the round's
+    # partition itself. An evaluation that launched nothing (the UI's "Test schedule", a tick
+    # evaluated again after a crash) leaves that partition without a run: the next one reuses it.
+    key = unused_round(instance)
+    if key is None:
+        key = next_round_key(instance.get_dynamic_partitions(ROUNDS.name))
+        instance.add_dynamic_partitions(ROUNDS.name, [key])
+    _, request = round_request(instance, None, "weekly", f"weekly-round-{stamp}", key, {"rlhf/weekly_tick": stamp})
     return request
+
+
+def unused_round(instance: Any) -> str | None:
+    """The newest round partition when no run has ever targeted it, else None."""
+    keys = [k for k in instance.get_dynamic_partitions(ROUNDS.name) if k.startswith(ROUND_PREFIX)]
+    if not keys:
+        return None
+    newest = max(keys, key=lambda k: (len(k), k))
+    return None if instance.get_runs_count(dg.RunsFilter(tags={"dagster/partition": newest})) else newest
 
 
 def failures_dir() -> Path:

@@ -29,8 +29,9 @@ from typing import Any
 
 import yaml
 
-from resources import settings
 from pipelines.io_managers import manifest_path
+from resources import settings
+from resources.redact import strip_credentials
 
 LINEAGE_JOB = "rlhf_lineage"
 # The embedded default instance. One training step at a time (the "training" pool of
@@ -174,7 +175,7 @@ def build_summary(
             "summary": str(home / "summary.json"),
             "rlhf_home": str(home),
             "dagster_home": os.environ.get("DAGSTER_HOME", str(settings.dagster_home())),
-            "mlflow_tracking_uri": tracking,
+            "mlflow_tracking_uri": strip_credentials(tracking),
             "evaluation_report": report.get("report_path"),
             "samples": report.get("samples_path"),
             "policy_dir": report.get("ppo_model_path") or ppo.get("model_path"),
@@ -267,7 +268,6 @@ def run_lineage(run_config: Mapping[str, Any], promote: bool = True) -> int:
     from pipelines import run_output
 
     run_output.quiet_environment()  # before transformers / huggingface_hub are imported
-    from ops.registry import DEFAULT_POLICY_NAME
     from pipelines.automation import with_op_config
     from pipelines.definitions import build_defs
 
@@ -290,7 +290,7 @@ def run_lineage(run_config: Mapping[str, Any], promote: bool = True) -> int:
         failed_steps, errors = _failures(result)
         checks = _check_results(result)
         registered = read_manifest("registered_policy", result.run_id)
-        name = (registered or {}).get("model_name") or DEFAULT_POLICY_NAME
+        name = (registered or {}).get("model_name") or settings.policy_name()
         if result.success and not registered:
             errors.append("registered_policy was not materialized: a blocking check failed (see checks)")
         promotion = promotion_of(result.run_id, errors) if registered else None
@@ -383,9 +383,8 @@ def run_rounds(n: int, round_config: Mapping[str, Any], lineage_config: Mapping[
         bootstrap = round(time.monotonic() - start, 1)
         if not has_champion(MLflowResource()) and start_from_sft and read_manifest("sft_model"):
             from assets.rounds import crown_sft_baseline
-            from ops.registry import DEFAULT_POLICY_NAME
 
-            version = crown_sft_baseline(MLflowResource(), DEFAULT_POLICY_NAME, read_manifest("sft_model") or {})
+            version = crown_sft_baseline(MLflowResource(), settings.policy_name(), read_manifest("sft_model") or {})
             print(f"the lineage made no champion (exit {code}); the SFT model is champion v{version} "
                   "(--start-from-sft)", flush=True)
         if not has_champion(MLflowResource()):
@@ -552,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     annotate = sub.add_parser("annotate", help="write the champion's samples as a batch to label (outbox)")
     annotate.add_argument("-n", "--prompts", type=int, default=256, help="prompts answered twice (default 256)")
     annotate.add_argument("--seed", type=int, default=0)
-    annotate.add_argument("--model-name", default="rlhf-policy")
+    annotate.add_argument("--model-name", default=settings.policy_name(),
+                          help="registered policy (default: RLHF_POLICY_NAME, else rlhf-policy)")
     ui = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI on localhost")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--dagster-port", type=int, default=3000)

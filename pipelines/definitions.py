@@ -18,16 +18,13 @@ from assets.models import MODEL_ASSETS, MODEL_CHECKS
 from assets.promotion import PROMOTION_ASSETS, PROMOTION_CHECKS
 from assets.registry import REGISTRY_ASSETS
 from assets.rounds import ROUND_ASSETS, ROUND_CHECKS
-from resources import settings
 from pipelines.automation import SCHEDULES, SENSORS
 from pipelines.io_managers import JsonManifestIOManager
 from pipelines.jobs import ALL_JOBS
+from resources import settings
+from resources.launcher import TrainingLauncher
 from resources.notify import Notifier
 from resources.tracking import MLflowResource
-
-
-# MLflowResource field <- environment variable a deployment may set.
-from resources.launcher import TrainingLauncher
 
 
 # MLflowResource field <- environment variable a deployment may set.

@@ -46,6 +46,9 @@ class GenerationOutput:
     0 on padding; None unless requested"""
     prompt_length: int
     """P, the padded prompt width"""
+    fast_decode: bool = False
+    """whether :class:`~ppo_core.fast_decode.FastDecoder` ran the decode steps (False: the
+    model's own forward, e.g. for a layout it does not cover; the reason is logged once)"""
 
 
 
@@ -210,4 +213,5 @@ def sample(
         ended=(responses == eos_token_id).any(-1),
         logprobs=logprobs[:, :steps].clone() if return_logprobs else None,
         prompt_length=P,
+        fast_decode=bool(fast),
     )

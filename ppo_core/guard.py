@@ -12,7 +12,7 @@ random numbers and hands this module one :class:`GuardPoint`: the mean proxy sco
 held-out score and the KL to the reference per response. :class:`OveroptimizationGuard` then
 
 * finds the checkpoint with the best held-out score among those within the KL budget
-  (step 0, the reference itself, is the baseline every checkpoint must beat), then keeps
+  (step 0, the starting policy, is the baseline every checkpoint must beat), then keeps
   the one with the *least KL* whose score is within ``select_z`` standard errors of that
   best, provided its KL is lower by more than ``select_z`` standard errors of the
   difference too: the one-standard-error rule of model selection (Breiman et al. 1984,
@@ -44,7 +44,8 @@ class GuardPoint:
     """One held-out evaluation of the policy."""
 
     step: int
-    """PPO iterations done when it was measured (0: the reference policy)"""
+    """PPO iterations done when it was measured (0: the starting policy, which is the KL
+    reference unless PPO starts from another policy, as an RLHF round from the champion does)"""
     proxy: float
     """mean normalized score of the reward model PPO optimizes"""
     heldout: float
@@ -98,7 +99,7 @@ class OveroptimizationGuard:
                 and p.heldout >= self.best.heldout - self.select_z * self.best.heldout_se)
 
     def update(self, p: GuardPoint) -> GuardDecision:
-        """Record one evaluation; the first one is the baseline (the reference policy)."""
+        """Record one evaluation; the first one is the baseline (the starting policy)."""
         self.points.append(p)
         if self.best is None:
             self.best = p

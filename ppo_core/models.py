@@ -284,11 +284,20 @@ def build_base_model(
     return out
 
 
+# Weights load in fp32 whatever the checkpoint holds (transformers 5 keeps the checkpoint's
+# dtype by default, bf16 for most hub models): an optimizer stepping bf16 weights directly
+# rounds small updates away (a 1e-4 Adam step on a weight of 0.05 does not change its bf16
+# value). With ``strategy.bf16`` DeepSpeed casts the trained models to bf16 and keeps fp32
+# master weights, and ``prepare_eval`` casts the frozen ones.
+LOAD_DTYPE = torch.float32
+
+
 def load_causal_lm(
-    path_or_id: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+    path_or_id: str | Path, *, dtype: torch.dtype | None = LOAD_DTYPE, trust_remote_code: bool = False,
     revision: str | None = None, dropout: bool = False,
 ) -> PreTrainedModel:
-    """Load an ``AutoModelForCausalLM`` (policy / reference); dropout off unless ``dropout``."""
+    """Load an ``AutoModelForCausalLM`` (policy / reference) in ``dtype`` (None: the checkpoint's);
+    dropout off unless ``dropout``."""
     source = _resolve_source(path_or_id)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -300,7 +309,7 @@ def load_causal_lm(
 
 
 def load_sequence_scorer(
-    path_or_id: str | Path, *, pad_token_id: int | None = None, dtype: torch.dtype | None = None,
+    path_or_id: str | Path, *, pad_token_id: int | None = None, dtype: torch.dtype | None = LOAD_DTYPE,
     trust_remote_code: bool = False, revision: str | None = None, dropout: bool = False,
 ) -> PreTrainedModel:
     """Load a scalar scorer (reward model / critic): ``AutoModelForSequenceClassification``, 1 label.
@@ -333,7 +342,8 @@ def build_scorer_from_causal_lm(
     """A reward model / critic initialised from an (SFT) causal LM: its trunk plus a new scalar head.
 
     The head is re-initialised with std ``1/sqrt(hidden_size + 1)`` and zero bias, as
-    OpenRLHF's value head and InstructGPT's reward model do, so initial scores are near zero.
+    lm-human-preferences (Ziegler et al. 2019) initialises its reward and value heads
+    (OpenRLHF uses std ``1/(hidden_size + 1)``), so initial scores are near zero.
     """
     torch.manual_seed(seed)
     model = load_sequence_scorer(

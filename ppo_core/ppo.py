@@ -32,6 +32,7 @@ Run: ``python -m ppo_core.ppo --config FILE`` or ``torchrun --nproc-per-node N -
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -59,6 +60,7 @@ from ppo_core.guard import GuardPoint, OveroptimizationGuard
 from ppo_core.kl_controller import build_kl_controller
 from ppo_core.models import (
     LORA_TARGETS,
+    ModelLoadError,
     add_lora,
     build_scorer_from_causal_lm,
     disable_dropout,
@@ -79,6 +81,8 @@ from ppo_core.packing import (
 )
 from ppo_core.rewards import FunctionReward, ModelReward, RewardNormalizer, RewardSource
 from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
+
+log = logging.getLogger(__name__)
 
 # How the forwards over a batch lay out its episodes: packed rows (ppo_core.packing) or
 # length groups of padded rows (row-index tensors, plan_length_groups).
@@ -244,7 +248,7 @@ class PPOConfig:
     lora_rank: int = 0
     """0 trains all policy weights; >0 trains LoRA adapters of this rank (peft)"""
     lora_alpha: int = 16
-    """LoRA alpha (peft's and OpenRLHF's default 16)"""
+    """LoRA alpha (OpenRLHF's default 16; peft's LoraConfig default is 8)"""
     lora_target_modules: tuple[str, ...] = LORA_TARGETS
     """modules that get adapters (Llama and GPT-2 attention names; missing names are skipped)"""
 
@@ -399,6 +403,9 @@ def _validate(cfg: PPOConfig) -> list[str]:
         e.append(f"guard_kl_budget must be > 0 or null, got {cfg.guard_kl_budget}")
     if min(cfg.save_every, cfg.eval_every, cfg.warmup_steps, cfg.keep_last_checkpoints) < 0:
         e.append("save_every, eval_every, warmup_steps and keep_last_checkpoints must be >= 0")
+    if cfg.strategy.seed != StrategyConfig.seed:
+        e.append(f"strategy.seed ({cfg.strategy.seed}) is not read by PPO, which seeds everything from "
+                 "its own `seed`: set that instead")
     if cfg.parallel_critic and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         e.append("parallel_critic needs a single process (two threads would issue the actor's "
                  "and the critic's collectives in a different order on each rank): set it to "
@@ -437,7 +444,10 @@ def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     if world == 1 or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    # NCCL reduces only tensors on the rank's own GPU; gloo only CPU tensors
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
 
@@ -598,8 +608,9 @@ class PPOTrainer:
         torch.manual_seed(cfg.seed)
         if cfg.ref_model_path:
             self._check_same_tokenizer(cfg.ref_model_path)
-        if cfg.reward_model_path is not None:
-            self._check_same_tokenizer(cfg.reward_model_path)
+        for other in (cfg.reward_model_path, cfg.critic_path):
+            if other is not None:
+                self._check_same_tokenizer(other)
         # under ZeRO-3 every model is created already partitioned: no rank ever holds a
         # whole one (a no-op at lower stages)
         with strategy.partitioned_loading():
@@ -642,7 +653,8 @@ class PPOTrainer:
             with strategy.partitioned_loading():
                 held = load_sequence_scorer(cfg.guard_reward_model_path, pad_token_id=self.pad_id)
             self.guard_rm = ModelReward(strategy.prepare_eval(held))
-        self.sample_rng = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        # sampling draws on the device the model runs on (multinomial needs its generator there)
+        self.sample_rng = torch.Generator(device=strategy.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.shuffle_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + self.rank)
         self.timings: dict[str, float] = {}
         # positions (padding included) and real tokens of the update's policy forwards
@@ -666,7 +678,15 @@ class PPOTrainer:
     def _check_same_tokenizer(self, path: str) -> None:
         try:
             other = load_tokenizer(path)
-        except Exception:  # an RM dir without tokenizer files: trust the caller
+        except ModelLoadError:
+            # a model dir without tokenizer files: the vocabulary size is all there is to compare
+            vocab = json.loads((Path(path) / "config.json").read_text()).get("vocab_size") \
+                if (Path(path) / "config.json").is_file() else None
+            if vocab is not None and vocab < len(self.tokenizer):
+                raise ConfigError(f"{path!r} has vocab_size {vocab}, smaller than policy_path's tokenizer "
+                                  f"({len(self.tokenizer)} tokens); PPO scores token ids directly")
+            log.warning("%s has no tokenizer files: cannot check that it shares policy_path's tokenizer "
+                        "(vocab_size %s); PPO scores token ids directly", path, vocab)
             return
         if other.get_vocab() != self.tokenizer.get_vocab():
             raise ConfigError(f"{path!r} uses a different tokenizer from policy_path "
@@ -676,8 +696,13 @@ class PPOTrainer:
     # ---------------------------------------------------------------- rollout
     def next_prompts(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         idx = self.stream.next_indices()
-        ids, mask = pad_sequences([self.prompt_ids[i] for i in idx], self.pad_id, side="left")
+        ids, mask = self.prompt_batch([self.prompt_ids[i] for i in idx])
         return [self.prompts[i] for i in idx], ids, mask
+
+    def prompt_batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and mask (B, P) on the device the models run on."""
+        ids, mask = pad_sequences(prompts, self.pad_id, side="left")
+        return ids.to(self.strategy.device), mask.to(self.strategy.device)
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, model: torch.nn.Module | None = None,
                  temperature: float | None = None, generator: torch.Generator | None = None,
@@ -705,7 +730,9 @@ class PPOTrainer:
         ``layout`` (the score at each episode's last token), a function gets the whole batch."""
         texts = self.decode(gen.responses, gen.response_mask)
         if not isinstance(self.reward, ModelReward):
-            return self.reward(prompts, texts, gen.sequences, gen.attention_mask).float(), texts
+            # a function scores on the CPU; the rollout's tensors live on the model's device
+            scores = self.reward(prompts, texts, gen.sequences, gen.attention_mask)
+            return scores.float().to(gen.sequences.device), texts
         layout = self.layout(gen) if layout is None else layout
         if isinstance(layout, PackedEpisodes):
             with torch.no_grad():
@@ -968,6 +995,8 @@ class PPOTrainer:
             "eps": self.cfg.rollout_batch_size / elapsed,
             "time/step": elapsed,
             "perf/generated_tokens_per_s": tokens / max(self.timings["time/generation"], 1e-9),
+            # 0: the fast decoder fell back to the model's own forward (why: logged once at setup)
+            "perf/fast_decode": float(ro.gen.fast_decode),
             "perf/sequence_tokens": float(ro.gen.attention_mask.numel()),
             "perf/train_forward_positions": float(self.forward_positions["train_positions"]),
             "perf/train_forward_tokens": float(self.forward_positions["train_tokens"]),
@@ -982,13 +1011,13 @@ class PPOTrainer:
         """Score ``reward_norm_samples`` reference-policy samples; mean/std over all ranks."""
         cfg = self.cfg
         n_local = max(2, math.ceil(cfg.reward_norm_samples / self.world))
-        rng = torch.Generator().manual_seed(cfg.seed * 1000 + 900 + self.rank)
-        order = torch.randperm(len(self.prompts), generator=rng).tolist()
+        rng = torch.Generator(device=self.strategy.device).manual_seed(cfg.seed * 1000 + 900 + self.rank)
+        order = torch.randperm(len(self.prompts), generator=rng, device=rng.device).tolist()
         chosen = [order[i % len(order)] for i in range(n_local)]
         scores = []
         for start in range(0, n_local, cfg.rollout_batch_size):
             idx = chosen[start:start + cfg.rollout_batch_size]
-            ids, mask = pad_sequences([self.prompt_ids[i] for i in idx], self.pad_id, side="left")
+            ids, mask = self.prompt_batch([self.prompt_ids[i] for i in idx])
             gen = self.generate(ids, mask, model=self.ref, generator=rng)
             raw, _ = self.raw_scores([self.prompts[i] for i in idx], gen)
             scores.append(raw)
@@ -1003,7 +1032,8 @@ class PPOTrainer:
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy responses of the current policy on ``eval_file``: shaped scores and EOS rate."""
+        """Greedy responses of the current policy on ``eval_file``: normalised scores (no EOS
+        penalty or clipping) and EOS rate."""
         if not self.eval_ids:
             return {}
         bs = self.cfg.rollout_batch_size
@@ -1016,7 +1046,7 @@ class PPOTrainer:
         for start in range(0, per_rank, bs):
             idx = padded[start:start + bs]
             valid = max(0, min(len(mine) - start, len(idx)))
-            ids, mask = pad_sequences([self.eval_ids[i] for i in idx], self.pad_id, side="left")
+            ids, mask = self.prompt_batch([self.eval_ids[i] for i in idx])
             gen = self.generate(ids, mask, temperature=0.0)
             raw, _ = self.raw_scores([self.eval_prompts[i] for i in idx], gen)
             scores = self.normalizer(raw) if self.normalizer else raw
@@ -1037,7 +1067,7 @@ class PPOTrainer:
         n = cfg.guard_prompts
         # common random numbers: the same draws at every evaluation, so two points differ by
         # the policy, not by the sampler's luck
-        rng = torch.Generator().manual_seed(cfg.seed * 1000 + 700 + self.rank)
+        rng = torch.Generator(device=self.strategy.device).manual_seed(cfg.seed * 1000 + 700 + self.rank)
         mine = [i % len(self.eval_ids) for i in range(self.rank, n, self.world)]
         per_rank = math.ceil(n / self.world)   # same batch count on every rank (ZeRO-3)
         padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
@@ -1046,7 +1076,7 @@ class PPOTrainer:
             idx = padded[start:start + cfg.rollout_batch_size]
             valid = max(0, min(len(mine) - start, len(idx)))
             prompts = [self.eval_prompts[i] for i in idx]
-            ids, mask = pad_sequences([self.eval_ids[i] for i in idx], self.pad_id, side="left")
+            ids, mask = self.prompt_batch([self.eval_ids[i] for i in idx])
             gen = self.generate(ids, mask, generator=rng)
             layout = self.layout(gen)
             m = gen.response_mask
@@ -1065,8 +1095,10 @@ class PPOTrainer:
             proxy, held, kl, rows = ([x for g in gathered for x in g[i]] for i in range(4))
         held_t = torch.tensor(held, dtype=torch.float64)
         if self.guard_normalizer is None:
-            # the held-out model's scale is its own: measure it on the reference's samples
-            # (the first point), as the proxy's is (Ziegler et al. 2019)
+            # the held-out model's scale is its own: measure it on the first point's samples,
+            # the starting policy's (Ziegler et al. 2019). The proxy's normaliser samples the
+            # reference, which is the same policy unless PPO starts from another one (a round
+            # from the champion): then guard/proxy and guard/heldout are on different scales
             self.guard_normalizer = RewardNormalizer.fit(held_t)
         held_n = self.guard_normalizer(held_t)
         for row, p, h, k in zip(rows, proxy, held_n.tolist(), kl):
@@ -1339,7 +1371,8 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     kept = trainer.step
     kept_point = trainer.guard.kept if guarded else None
     if kept_point is not None and kept_point.step != trainer.step:
-        # ship the kept checkpoint: evaluate and save that policy, not the last one
+        # ship the kept checkpoint's saved weights, not the last step's; eval_file is not
+        # re-scored for them (the guard's own measurement of that step is under guard/*)
         kept = kept_point.step
         final = trainer.strategy.move_dir(trainer.best_dir(kept), Path(cfg.output_dir) / "final")
         eval_metrics: dict[str, float] = {}
@@ -1367,6 +1400,9 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
     """``python -m ppo_core.ppo --config FILE``; 0 on success, 2 on a bad configuration."""
+    from ppo_core.cli import configure_logging
+
+    configure_logging()
     try:
         cfg = parse_cli(PPOConfig, argv, prog="python -m ppo_core.ppo")
         check_inputs(cfg)

@@ -150,7 +150,8 @@ def verification_tolerance(dtype: torch.dtype) -> float:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: (B, L) mask -> (B, L) with 0 at the first real token.
 
-    Padded slots get 0 (they are masked out anyway); TRL's ``forward`` uses the same rule.
+    Real tokens get the positions TRL's ``forward`` gives them; padded slots get 0 on the left
+    and repeat the last position on the right (TRL counts on), which no masked-out slot reads.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 

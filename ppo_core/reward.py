@@ -120,7 +120,7 @@ class RewardConfig:
     save_steps: int = 100
     """Full checkpoint every N optimizer steps; 0 = none."""
     keep_last_checkpoints: int = 2
-    """Older checkpoints are deleted."""
+    """Older checkpoints are deleted; 0 keeps all."""
     resume_from: str | None = None
     """"latest", a checkpoint path, or null."""
     stop_after_steps: int = 0
@@ -129,7 +129,7 @@ class RewardConfig:
     """0 trains every weight; > 0 trains LoRA adapters of this rank (peft, the ``lora`` extra)
     and saves the merged model."""
     lora_alpha: int = 16
-    """LoRA alpha (peft's and OpenRLHF's default 16)."""
+    """LoRA alpha (OpenRLHF's default 16; peft's LoraConfig default is 8)."""
     lora_target_modules: tuple[str, ...] = LORA_TARGETS
     """Modules that get adapters (Llama and GPT-2 attention names; missing names are skipped)."""
     stopping: StoppingConfig = field(default_factory=lambda: StoppingConfig(patience=0, keep_best=False))

@@ -524,7 +524,25 @@ class DeepSpeedStrategy:
 
     @staticmethod
     def load_engine_state(engine: Any, ckpt_dir: str | Path) -> None:
-        """Restore what :meth:`save_engine_state` wrote (model, optimizer, scheduler)."""
+        """Restore what :meth:`save_engine_state` wrote (model, optimizer, scheduler).
+
+        DeepSpeed's own checkpoint engine unpickles with ``weights_only=False``, which runs
+        whatever code a planted checkpoint carries; these files are read with the restricted
+        unpickler instead (tensors, containers and numbers only)."""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+            def load(self, path: str, map_location: Any = None) -> Any:
+                # the plain data types DeepSpeed writes into its state files besides tensors
+                # and containers (an enum, the loss scaler's fields, bf16 fragment offsets),
+                # found by resuming ZeRO 0-3 and bf16 engines (tests/test_strategy.py)
+                with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+
+        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
         path, _ = engine.load_checkpoint(
             str(ckpt_dir), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
         )

@@ -169,7 +169,7 @@ class SupervisedTrainer:
         path = save_checkpoint(
             self.strategy, self.out / "checkpoints", step, {"model": self.engine}, stage=self.stage,
             config=to_dict(self.cfg), data_position=self.sampler.position(step),
-            extra={"best": self.tracker.state_dict()}, keep_last=self.cfg.keep_last_checkpoints,
+            extra={"best": self.tracker.state_dict()}, keep_last=self.cfg.keep_last_checkpoints or None,
         )
         self.cb.on_checkpoint(step, str(path))
 

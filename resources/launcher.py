@@ -19,6 +19,7 @@ import dagster as dg
 from pydantic import Field
 
 from resources import settings
+from resources.redact import is_secret_key
 
 
 def _default_accelerator() -> str:
@@ -177,15 +178,19 @@ class TrainingLauncher(dg.ConfigurableResource):
 
     def node_command(self, stage: str, config_path: str | Path, node_rank: int) -> str:
         """The shell line another node runs to join a launch: its environment (the run's, minus
-        what only rank 0 uses) and ``command`` with that node's rank and its own ``python``."""
+        what only rank 0 uses) and ``command`` with that node's rank and its own ``python``.
+
+        The line is logged, so a secret-looking ``extra_env`` variable (``HF_TOKEN``, ...) is
+        passed by reference (``HF_TOKEN="$HF_TOKEN"``): that node's shell supplies its value."""
         env = {"RLHF_HOME": str(settings.rlhf_home()),
                "DS_ACCELERATOR": self.ds_accelerator or _default_accelerator(),
                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
                **({"OMP_NUM_THREADS": str(self.omp_num_threads)} if self.omp_num_threads > 0 else {}),
                **self.extra_env}
-        words = [f"{k}={v}" for k, v in env.items()]
-        words += self.command(stage, config_path, node_rank=node_rank, python="python")
-        return " ".join(shlex.quote(w) for w in words)
+        words = [f'{k}="${k}"' if is_secret_key(k) and k.isidentifier() else shlex.quote(f"{k}={v}")
+                 for k, v in env.items()]
+        words += [shlex.quote(w) for w in self.command(stage, config_path, node_rank=node_rank, python="python")]
+        return " ".join(words)
 
     def env(self, mlflow_tracking_uri: str, mlflow_run_id: str, metrics_file: str | Path) -> dict[str, str]:
         """Environment of the launched processes (inherits this process's, plus what the run needs)."""

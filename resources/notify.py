@@ -24,6 +24,7 @@ import dagster as dg
 from pydantic import Field
 
 from resources import settings
+from resources.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,17 @@ class Notifier(dg.ConfigurableResource):
                 if send(kind, message):
                     record["delivered"][channel] = "sent"
             except Exception as exc:  # a broken channel must not hide the alert
-                record["delivered"][channel] = f"failed: {type(exc).__name__}: {exc}"
-                log.warning(f"alert channel {channel} failed: {exc}")
+                # an error may quote the webhook URL or the password it was given: mask them
+                error = redact_text(f"{type(exc).__name__}: {exc}", self._secrets())
+                record["delivered"][channel] = f"failed: {error}"
+                log.warning(f"alert channel {channel} failed: {error}")
         out = alerts_dir() / f"{time.strftime('%Y%m%dT%H%M%S')}-{kind}-{uuid.uuid4().hex[:8]}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=2, default=str))
         return out
+
+    def _secrets(self) -> tuple[str, ...]:
+        return tuple(os.environ.get(name, "") for name in (self.slack_webhook_env, self.smtp_password_env))
 
     def _slack(self, kind: str, message: str) -> bool:
         url = os.environ.get(self.slack_webhook_env, "")

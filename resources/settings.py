@@ -43,6 +43,19 @@ def mlflow_tracking_uri() -> str:
     return f"sqlite:///{rlhf_home() / 'mlflow' / 'mlflow.db'}"
 
 
+def policy_name() -> str:
+    """Registered model of the PPO policy: ``RLHF_POLICY_NAME``, default ``rlhf-policy``. The one
+    name the lineage registers under, rounds start from, the landing sensor and the weekly
+    schedule look for a champion of, and the CLI reports; the assets' and jobs' ``policy_name`` /
+    ``model_name`` config fields default to it."""
+    return os.environ.get("RLHF_POLICY_NAME") or "rlhf-policy"
+
+
+def reward_model_name() -> str:
+    """Registered model of the reward model: ``RLHF_REWARD_MODEL_NAME``, default ``rlhf-reward-model``."""
+    return os.environ.get("RLHF_REWARD_MODEL_NAME") or "rlhf-reward-model"
+
+
 def is_tracking_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 

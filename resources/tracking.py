@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -22,12 +21,11 @@ import dagster as dg
 from pydantic import Field
 
 from resources import settings
+from resources.redact import REDACTED, is_secret_key, redact_text
 
 # MLflow's limits for one log_batch call (mlflow.utils.validation.MAX_METRICS_PER_BATCH etc.).
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_VALUE_LENGTH = 6000
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
-REDACTED = "***redacted***"
 PARENT_TAG = "rlhf.parent"
 ROUND_TAG = "rlhf.round"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
@@ -73,10 +71,11 @@ def git_version(root: Path) -> str | None:
 
 
 def redact_params(params: Mapping[str, Any]) -> dict[str, str]:
-    """Stringified params with secret-looking keys masked (kept, so nothing silently disappears)."""
+    """Stringified params with secrets masked (kept, so nothing silently disappears): the value of
+    a secret-looking key, and credentials or bearer tokens inside any value."""
     out: dict[str, str] = {}
     for key, value in params.items():
-        text = REDACTED if _SECRET_KEY.search(key) else str(value)
+        text = REDACTED if is_secret_key(key) else redact_text(str(value))
         out[key] = text[:MAX_PARAM_VALUE_LENGTH]
     return out
 

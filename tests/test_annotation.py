@@ -74,7 +74,7 @@ def test_round_keys_count_up() -> None:
 def _report(champion_gold: float, challenger_gold: float) -> dict:
     metrics = {"champion/gold_mean": champion_gold, "challenger/gold_mean": challenger_gold,
                "champion/rm_score_mean": 0.1, "challenger/rm_score_mean": 0.2, "n_prompts": 8.0}
-    return {"metrics": metrics, "data_version": "dv1", "gold_scorer": "m:f"}
+    return {"metrics": metrics, "data_version": "dv1", "gold_scorer": "m:f", "sampling": "k=1,T=0.7,len=32,seed=0"}
 
 
 def _version(version: str, tags: dict) -> SimpleNamespace:
@@ -99,7 +99,8 @@ def test_without_gold_a_round_is_judged_by_the_heldout_reward_model() -> None:
     # the challenger games the refreshed reward model (0.9 > 0.1) but loses on the held-out one
     metrics = {"champion/rm_score_mean": 0.1, "challenger/rm_score_mean": 0.9, "champion/heldout_score_mean": 0.4,
                "challenger/heldout_score_mean": 0.3, "n_prompts": 8.0}
-    report = {"metrics": metrics, "data_version": "dv1", "gold_scorer": None, "heldout_reward_model_version": "h"}
+    report = {"metrics": metrics, "data_version": "dv1", "gold_scorer": None, "heldout_reward_model_version": "h",
+              "sampling": "k=1,T=0.7,len=32,seed=0"}
     champion = _version("1", {"eval.set": "dv1|n=8|gold=none|heldout=h"})
     challenger = _version("2", paired_tags(report, "challenger"))
     assert challenger.tags["promotion_metric"] == "ppo/heldout_score_mean"

@@ -134,7 +134,43 @@ def test_weekly_schedule_starts_a_round_only_when_a_champion_exists(rlhf_home: P
         assert request.partition_key == "round-0001" and request.run_key == "weekly-round-2026-11-23"
         assert request.run_config == round_run_config(None)  # the simulated annotator
         assert instance.get_dynamic_partitions("rlhf_round") == ["round-0001"]
+        # evaluated again before anything ran ("Test schedule", a retried tick): no new partition
+        again = weekly_retraining(ctx, mlflow=mlflow)
+        assert again.partition_key == "round-0001" and again.run_key == request.run_key
+        assert instance.get_dynamic_partitions("rlhf_round") == ["round-0001"]
+        # once the tick's run exists, the tick is done; the next tick starts the next round
+
+        @dg.op
+        def noop() -> None:
+            pass
+
+        @dg.job(partitions_def=dg.DynamicPartitionsDefinition(name="rlhf_round"))
+        def stand_in() -> None:
+            noop()
+
+        stand_in.execute_in_process(instance=instance, partition_key="round-0001", tags=request.tags)
+        done = weekly_retraining(ctx, mlflow=mlflow)
+        assert isinstance(done, dg.SkipReason) and "already started round-0001" in done.skip_message
+        later = dg.build_schedule_context(instance=instance, scheduled_execution_time=tick + dt.timedelta(days=7))
+        assert weekly_retraining(later, mlflow=mlflow).partition_key == "round-0002"
+        assert instance.get_dynamic_partitions("rlhf_round") == ["round-0001", "round-0002"]
     assert weekly_retraining.cron_schedule == "0 3 * * 1"
+
+
+def test_automation_and_the_assets_share_the_registered_model_name(rlhf_home: Path, monkeypatch) -> None:
+    from assets.registry import RegistryConfig
+    from assets.rounds import RoundChampionConfig, RoundPreferencesConfig
+    from ops.registry import PromoteConfig
+    from pipelines.automation import has_champion
+
+    mlflow = mlflow_store(rlhf_home)
+    crown_a_champion(mlflow)  # of rlhf-policy
+    monkeypatch.setenv("RLHF_POLICY_NAME", "team-policy")
+    assert not has_champion(mlflow)  # the sensor and the schedule now watch team-policy
+    assert (RegistryConfig().policy_name == RoundPreferencesConfig().policy_name
+            == RoundChampionConfig().policy_name == PromoteConfig().model_name == "team-policy")
+    monkeypatch.delenv("RLHF_POLICY_NAME")
+    assert has_champion(mlflow) and RegistryConfig().policy_name == "rlhf-policy"
 
 
 def test_run_failure_sensor_writes_a_record(rlhf_home: Path) -> None:
@@ -161,3 +197,12 @@ def test_run_failure_sensor_writes_a_record(rlhf_home: Path) -> None:
     assert record["job_name"] == "failing_job"
     assert record["failed_steps"] == ["explode"]
     assert record["run_id"] == result.run_id
+
+
+def test_a_failing_alert_channel_is_recorded_without_its_secret(rlhf_home: Path, monkeypatch) -> None:
+    # a webhook URL without a scheme: urllib's error message quotes the whole URL
+    monkeypatch.setenv("RLHF_SLACK_WEBHOOK_URL", "hooks.slack.com/services/T000/B000/XXXXSECRET")
+    path = Notifier().notify("promotion_refused", "v3 not promoted")
+    record = json.loads(path.read_text())
+    assert record["delivered"]["slack"].startswith("failed: ValueError: unknown url type")
+    assert "XXXXSECRET" not in path.read_text() and "***redacted***" in record["delivered"]["slack"]

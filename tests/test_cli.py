@@ -77,9 +77,13 @@ def test_summary_reads_this_runs_manifests(rlhf_home: Path) -> None:
     assert summary["reward_model_gold_agreement_se"] is None   # not in the report: no "+-"
 
 
-def test_summary_of_a_run_that_stopped_early(rlhf_home: Path) -> None:
+def test_summary_of_a_run_that_stopped_early(rlhf_home: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret@mlflow.internal:5000")
     summary = cli.build_summary("run-2", "failed", {"reward_model:reward_model_accuracy": False},
                                 ["reward_model"], 3.0, {})
+    # summary.json and the terminal never carry the tracking server's credentials
+    assert summary["where"]["mlflow_tracking_uri"] == "https://mlflow.internal:5000"
+    assert "s3cret" not in json.dumps(summary) and "s3cret" not in cli.format_summary(summary)
     assert summary["gold_reward_ppo"] is None and summary["registered_version"] is None
     text = cli.format_summary(summary)
     assert "FAILED checks" in text and "reward_model_accuracy" in text and "not registered" in text

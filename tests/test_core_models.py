@@ -117,6 +117,30 @@ def test_scorer_saves_and_reloads_as_sequence_classifier(base_dir: Path, tmp_pat
     assert again.config.num_labels == 1
 
 
+def test_a_bf16_checkpoint_loads_in_fp32_for_training(base_dir: Path, tmp_path: Path) -> None:
+    # most hub checkpoints are bf16; transformers 5 would keep that dtype, and Adam steps of
+    # 1e-4 on bf16 weights round away: the optimizer must see fp32 (DeepSpeed casts for bf16 runs)
+    tok = load_tokenizer(base_dir)
+    load_causal_lm(base_dir).to(torch.bfloat16).save_pretrained(tmp_path / "lm", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "lm")
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["dtype"] == "bfloat16"
+    lm = load_causal_lm(tmp_path / "lm")
+    assert {p.dtype for p in lm.parameters()} == {torch.float32}
+    assert {p.dtype for p in load_sequence_scorer(tmp_path / "lm", pad_token_id=tok.pad_token_id).parameters()} == {
+        torch.float32}
+    assert {p.dtype for p in load_causal_lm(tmp_path / "lm", dtype=None).parameters()} == {torch.bfloat16}
+    # what fp32 loading avoids: the same Adam step moves an fp32 weight and leaves a bf16 one
+    changed = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.nn.Parameter(torch.full((4,), 0.05, dtype=dtype))
+        before = w.detach().clone()
+        opt = torch.optim.AdamW([w], lr=1e-4, weight_decay=0.0)
+        w.grad = torch.ones_like(w)
+        opt.step()
+        changed[dtype] = bool((w.detach() != before).any())
+    assert changed == {torch.float32: True, torch.bfloat16: False}
+
+
 def test_position_ids_and_last_index() -> None:
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]

@@ -15,8 +15,8 @@ import dagster as dg
 import pytest
 
 from resources import settings
-from resources.tracking import MLflowResource, code_version, git_version
 from resources.launcher import TrainingLauncher
+from resources.tracking import MLflowResource, code_version, git_version
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -189,8 +189,8 @@ def lineage_assets() -> list:
 
 def local_resources(home: Path) -> dict:
     from pipelines.io_managers import JsonManifestIOManager
-    from resources.tracking import MLflowResource
     from resources.launcher import TrainingLauncher
+    from resources.tracking import MLflowResource
 
     return {
         "io_manager": JsonManifestIOManager(base_dir=str(home / "manifests")),
@@ -301,8 +301,8 @@ def test_config_files_are_valid_run_config_for_the_lineage(name: str) -> None:
 
     from assets.evaluation import load_gold_scorer
     from pipelines.io_managers import JsonManifestIOManager
-    from resources.tracking import MLflowResource
     from resources.launcher import TrainingLauncher
+    from resources.tracking import MLflowResource
 
     config = yaml.safe_load((REPO / "configs" / name).read_text())
     job = dg.define_asset_job("lineage", selection=dg.AssetSelection.all())

@@ -14,8 +14,8 @@ import dagster as dg
 import pytest
 
 from pipelines.pipes_launcher import PipesMlflowCallback, stage_module, summary_metadata
-from resources.tracking import MLflowResource, code_version, flatten, redact_params
 from resources.launcher import TrainingLauncher
+from resources.tracking import MLflowResource, code_version, flatten, redact_params
 
 FAKE_STAGE = textwrap.dedent('''
     """A stand-in training stage: logs a loss that halves each step, then writes its summary."""
@@ -72,6 +72,11 @@ def test_params_are_flattened_and_secrets_redacted() -> None:
     assert flat == {"a.b": 1, "a.hf_token": "xyz", "lr": 0.1}
     red = redact_params(flat)
     assert red["a.hf_token"] != "xyz" and red["a.b"] == "1" and red["lr"] == "0.1"
+    # secrets inside values, under names that do not look secret
+    red = redact_params({"headers.Authorization": "Bearer sk-1", "model": "https://alice:pw@host/m",
+                         "note": "use bearer abc.def please", "plain": "https://host/m"})
+    assert red == {"headers.Authorization": "***redacted***", "model": "https://***redacted***@host/m",
+                   "note": "use bearer ***redacted*** please", "plain": "https://host/m"}
     assert code_version()  # a git sha here, else the package version
 
 
@@ -114,6 +119,12 @@ def test_several_nodes_use_a_static_rendezvous_with_this_machine_as_node_0() -> 
     assert line.startswith("RLHF_HOME=") and "DS_ACCELERATOR=" in line
     assert "python -m torch.distributed.run --nnodes 2 --node-rank 1 --rdzv-backend static" in line
     assert line.endswith("pipelines.pipes_launcher ppo --config '/shared/my config.json'")
+    # the line is logged: a secret in extra_env goes by reference, for that node's shell to fill in
+    secret = TrainingLauncher(nproc_per_node=8, nnodes=2, rdzv_endpoint="10.0.0.1:29500",
+                              extra_env={"HF_TOKEN": "hf_SECRET123", "FOO": "a b"})
+    line = secret.node_command("ppo", "/shared/c.json", 1)
+    assert "hf_SECRET123" not in line
+    assert ' HF_TOKEN="$HF_TOKEN" ' in line and " 'FOO=a b' " in line
 
 
 def test_c10d_rendezvous_on_one_node_names_its_id() -> None:

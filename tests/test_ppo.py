@@ -214,6 +214,12 @@ def test_parallel_critic_refused_under_torchrun(tiny_run, tmp_path, monkeypatch)
         small_cfg(tiny_run, tmp_path / "p", parallel_critic=True)
 
 
+def test_strategy_seed_is_refused_because_ppo_seeds_from_its_own(tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match="strategy.seed .7. is not read by PPO"):
+        small_cfg(tiny_run, tmp_path / "s", strategy={"zero_stage": 0, "cpu_threads": 1, "seed": 7})
+    assert small_cfg(tiny_run, tmp_path / "s", seed=7).seed == 7
+
+
 def test_plan_length_groups_covers_rows_and_separates_outliers():
     prompts = [4] * 8
     responses = [2, 3, 2, 60, 3, 2, 61, 2]

@@ -72,6 +72,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def report(gold: float, data_version: str = "dv1") -> dict:
     """An evaluation_report manifest as assets/evaluation.py writes it."""
     return {"data_version": data_version, "gold_scorer": "assets.bundled_task:gold_score_batch",
+            "sampling": "k=4,T=0.7,len=32,seed=0",
             "metrics": {"ppo/gold_mean": gold, "sft/gold_mean": gold - 1.0, "win_rate_gold": 0.7,
                         "ppo/rm_score_mean": 0.1, "n_prompts": 16.0}}
 
@@ -94,18 +95,23 @@ def test_evaluation_tags_record_metrics_eval_set_and_promotion_metric() -> None:
     no_gold = report(1.0)
     no_gold["metrics"]["ppo/gold_mean"] = None
     assert evaluation_tags(no_gold)["promotion_metric"] == "ppo/rm_score_mean"
-    assert evaluation_tags(no_gold)["eval.set"] == "dv1|n=16|gold=assets.bundled_task:gold_score_batch"
+    assert evaluation_tags(no_gold)["eval.set"] == "dv1|n=16|gold=assets.bundled_task:gold_score_batch|k=4,T=0.7,len=32,seed=0"
     # with held-out scores they decide, and the held-out weights join the evaluation set
     held = {**no_gold, "metrics": {**no_gold["metrics"], "ppo/heldout_score_mean": 0.3},
             "heldout_reward_model_version": "abc123"}
     tags = evaluation_tags(held)
     assert tags["promotion_metric"] == "ppo/heldout_score_mean"
-    assert tags["eval.set"] == "dv1|n=16|gold=assets.bundled_task:gold_score_batch|heldout=abc123"
+    assert tags["eval.set"] == "dv1|n=16|gold=assets.bundled_task:gold_score_batch|k=4,T=0.7,len=32,seed=0|heldout=abc123"
     with pytest.raises(ValueError, match="heldout_reward_model_version"):
         evaluation_tags({**held, "heldout_reward_model_version": None})
     # gold still decides when there is one, and then the held-out weights do not matter
     with_gold = evaluation_tags({**report(1.0), "heldout_reward_model_version": "x"})
-    assert with_gold["eval.set"].endswith("gold_score_batch")
+    assert with_gold["eval.set"].endswith("seed=0")
+    # answers drawn another way (here: a longer length cap) are another evaluation set
+    longer = evaluation_tags({**report(1.0), "sampling": "k=4,T=0.7,len=96,seed=0"})
+    assert longer["eval.set"] != evaluation_tags(report(1.0))["eval.set"]
+    with pytest.raises(ValueError, match="sampling"):
+        evaluation_tags({**report(1.0), "sampling": None})
     with pytest.raises(ValueError, match="data_version"):
         evaluation_tags({"metrics": {"a": 1.0}})
 
@@ -131,6 +137,7 @@ def test_first_challenger_becomes_champion_and_worse_one_is_not_promoted(store: 
 def no_gold_report(rm: float, heldout: float, heldout_version: str = "h1") -> dict:
     """An evaluation of data without a gold scorer: reward-model and held-out scores only."""
     return {"data_version": "dv1", "gold_scorer": None, "heldout_reward_model_version": heldout_version,
+            "sampling": "k=4,T=0.7,len=32,seed=0",
             "metrics": {"ppo/gold_mean": None, "ppo/rm_score_mean": rm, "ppo/heldout_score_mean": heldout,
                         "n_prompts": 16.0}}
 
@@ -170,11 +177,28 @@ def test_better_challenger_is_promoted_then_rolled_back(store: dict) -> None:
     assert aliases(store, name)[CHAMPION] == v2 and aliases(store, name)[PREVIOUS_CHAMPION] == v1
     assert store["client"].get_model_version(name, v3).tags["rolled_back"] == "true"
 
+    # v3 still holds the challenger alias: promoting again must not undo the rollback
+    again = promote(store["client"], name)
+    assert not again.promoted and "rolled back" in again.reason
+    assert aliases(store, name)[CHAMPION] == v2
+
     rollback(store["client"], name)
     assert aliases(store, name)[CHAMPION] == v1
     assert PREVIOUS_CHAMPION not in aliases(store, name)
     with pytest.raises(RegistryError, match="no previous champion"):
         rollback(store["client"], name)
+
+
+def test_promoting_a_given_version_ignores_where_the_challenger_alias_moved(store: dict) -> None:
+    name = f"{NAME}-version"
+    v1 = add_challenger(store, name, gold=3.0)
+    promote(store["client"], name)
+    mine = add_challenger(store, name, gold=3.4)   # this run's version
+    add_challenger(store, name, gold=3.2)          # another run registers after it and takes the alias
+    decision = promote(store["client"], name, version=mine)
+    assert (decision.promoted, decision.challenger_version, decision.champion_version) == (True, mine, v1)
+    assert decision.challenger_score == 3.4
+    assert aliases(store, name)[CHAMPION] == mine
 
 
 def test_different_eval_sets_are_refused(store: dict) -> None:
@@ -277,3 +301,18 @@ def test_without_a_logged_model_the_registry_logs_the_weights_itself(store: dict
     logged = registrable_model_uri(resource, registering, None, str(tiny_model_dir(tmp_path / "m")), "policy",
                         "text-generation")
     assert client.get_logged_model(logged.removeprefix("models:/")).source_run_id == registering
+
+
+def test_a_rounds_earlier_registration_is_found_for_its_retry(store: dict) -> None:
+    from assets.rounds import registered_in_round
+
+    name = f"{NAME}-round"
+    client = store["client"]
+    assert registered_in_round(client, name, "round-0001", "eval-a") is None  # no such model yet
+    lineage = {"rlhf.round": "round-0001", "evaluation.mlflow_run_id": "eval-a"}
+    first = register_version(client, name, store["model_uri"], store["run_id"], lineage)
+    register_version(client, name, store["model_uri"], store["run_id"], {**lineage, "rlhf.round": "round-0002"})
+    register_version(client, name, store["model_uri"], store["run_id"], {**lineage, "evaluation.mlflow_run_id": "b"})
+    found = registered_in_round(client, name, "round-0001", "eval-a")
+    assert found is not None and str(found.version) == str(first.version)
+    assert registered_in_round(client, name, "round-0003", "eval-a") is None

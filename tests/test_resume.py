@@ -224,8 +224,10 @@ def test_killed_ppo_step_resumes_from_its_checkpoint(rlhf_home: Path) -> None:
 def _context(run_id: str, root_run_id: str | None, partition: str | None = None) -> object:
     from types import SimpleNamespace
 
+    warnings: list[str] = []
     return SimpleNamespace(run=SimpleNamespace(run_id=run_id, root_run_id=root_run_id),
-                           has_partition_key=partition is not None, partition_key=partition)
+                           has_partition_key=partition is not None, partition_key=partition,
+                           log=SimpleNamespace(warning=warnings.append), warnings=warnings)
 
 
 def test_resume_dir_is_stable_across_reexecution_and_per_partition(rlhf_home: Path) -> None:
@@ -272,3 +274,43 @@ def test_prepare_attempt_drops_stale_results(tmp_path: Path) -> None:
     metrics = leave_attempt(tmp_path / "fresh")
     prepare_attempt(tmp_path / "fresh", metrics, resumed=None, operator_resume=False)
     assert list((tmp_path / "fresh").iterdir()) == []
+
+
+def test_checkpoints_of_other_inputs_are_neither_resumed_nor_overwritten(rlhf_home: Path, tmp_path: Path) -> None:
+    from assets.models import INPUTS_FILE, attempt_dir, stage_inputs
+    from ppo_core.reward import RewardConfig
+    from resources import settings
+
+    model = tmp_path / "sft_final"
+    model.mkdir()
+    (model / "config.json").write_text('{"n_layer": 2}')
+    paths = {"model_name_or_path": str(model), "data_dir": str(tmp_path)}
+    cfg = RewardConfig(model_name_or_path=str(model), data_dir=str(tmp_path), output_dir="")
+    inputs = stage_inputs(cfg, "dv1", paths)
+    assert set(inputs["models"]) == {"model_name_or_path"}  # the data dir is covered by the data version
+    # where it writes and how it starts are not inputs
+    assert stage_inputs(RewardConfig(**{**vars(cfg), "output_dir": "/x", "resume_from": "latest"}),
+                        "dv1", paths) == inputs
+    assert stage_inputs(RewardConfig(**{**vars(cfg), "learning_rate": 1e-3}), "dv1", paths)["config"] != inputs["config"]
+    assert stage_inputs(cfg, "dv2", paths)["data_version"] == "dv2"
+
+    root = settings.models_root() / "reward_model"
+    first = _context("r1", None)
+    assert attempt_dir("reward_model", first, inputs) == root / "r1"  # nothing recorded yet
+    (root / "r1" / INPUTS_FILE).write_text(json.dumps(inputs))
+    # a retry, or a re-execution of r1 with the same inputs, resumes in r1's folder
+    assert attempt_dir("reward_model", first, inputs) == root / "r1"
+    assert attempt_dir("reward_model", _context("r2", "r1"), inputs) == root / "r1"
+    # the upstream model changed (same path, other weights): r2 trains in a folder of its own
+    (model / "config.json").write_text('{"n_layer": 4}')
+    changed = stage_inputs(cfg, "dv1", paths)
+    assert changed["models"] != inputs["models"]
+    again = _context("r2", "r1")
+    assert attempt_dir("reward_model", again, changed) == root / "r2"
+    assert again.warnings == [f"reward_model: the checkpoints in {root / 'r1'} were trained from other inputs "
+                              f"(models differ); training afresh in {root / 'r2'}"]
+    assert json.loads((root / "r1" / INPUTS_FILE).read_text()) == inputs  # r1's folder untouched
+    # within r1 itself other inputs cannot appear; if its record says so, refuse rather than guess
+    with pytest.raises(dg.Failure, match="other inputs") as info:
+        attempt_dir("reward_model", _context("r1", None), changed)
+    assert info.value.allow_retries is False

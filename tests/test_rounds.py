@@ -87,6 +87,15 @@ def test_each_round_is_a_partition_with_its_own_lineage_and_cumulative_pairs(rou
     for i, k in enumerate(keys):
         cumulative = pd.read_parquet(home / "rounds" / k / "rm_train.parquet")
         assert len(cumulative) == len(base) + sum(len(new[j]) for j in keys[: i + 1])
+    # a round's reward model is versioned by the weights it shipped, as every training asset is
+    from assets.models import model_dir_version
+
+    for k in keys:
+        record = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("round_reward_model"), asset_partitions=[k]), limit=1).records[0]
+        manifest = json.loads((home / "manifests" / "round_reward_model" / "partitions" / f"{k}.json").read_text())
+        assert (record.asset_materialization.tags["dagster/data_version"]
+                == model_dir_version(Path(manifest["model_path"])))
     # every round's simulated labels come from the champion the round started from
     meta = json.loads((home / "manifests" / "round_preferences" / "partitions" / "round-0002.json").read_text())
     assert meta["champion_version"] == rounds["first"]["rounds"][0]["champion_version_after"]

@@ -155,6 +155,15 @@ def test_stop_and_resume_continues_the_same_trajectory(tmp_path: Path, data_dir:
     assert math.isclose(straight["eval/loss"], resumed["eval/loss"], rel_tol=1e-5)
 
 
+def test_keep_last_checkpoints_zero_keeps_them_all(tmp_path: Path, data_dir: Path, base_model: Path) -> None:
+    # 8 steps, a checkpoint every 2 before the end (which writes final/): 0 keeps all three
+    # (as in PPO), 2 keeps the newest two
+    for keep, expected in ((0, ["step_2", "step_4", "step_6"]), (2, ["step_4", "step_6"])):
+        out = tmp_path / f"keep{keep}"
+        train(_cfg(data_dir, out, base_model, eval_steps=0, save_steps=2, keep_last_checkpoints=keep))
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == expected
+
+
 def _write(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(json.dumps(cfg))
     return path

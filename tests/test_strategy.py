@@ -104,10 +104,11 @@ def _train_steps(strategy: DeepSpeedStrategy, engine, n: int) -> None:
         strategy.step(engine)
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_engine_checkpoint_resume_and_save_pretrained(tmp_path: Path, stage: int) -> None:
-    """2 steps, checkpoint, 2 more == restore the checkpoint into a fresh engine, 2 more."""
-    strategy = DeepSpeedStrategy(StrategyConfig(zero_stage=stage))
+@pytest.mark.parametrize("stage,bf16", [(0, False), (1, False), (2, False), (3, False), (2, True), (3, True)])
+def test_engine_checkpoint_resume_and_save_pretrained(tmp_path: Path, stage: int, bf16: bool) -> None:
+    """2 steps, checkpoint, 2 more == restore the checkpoint into a fresh engine, 2 more. The
+    engine state is read with torch.load(weights_only=True) (it fails on a file that needs more)."""
+    strategy = DeepSpeedStrategy(StrategyConfig(zero_stage=stage, bf16=bf16))
     strategy.setup_distributed()
 
     def fresh_engine():
@@ -137,6 +138,34 @@ def test_engine_checkpoint_resume_and_save_pretrained(tmp_path: Path, stage: int
     for k, v in resumed.items():
         if k in reloaded:
             torch.testing.assert_close(reloaded[k], v.to(reloaded[k].dtype))
+
+
+class _Planted:
+    """What a planted checkpoint could carry: an object whose unpickling runs code."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(_PLANTED_MARKER),))
+
+
+_PLANTED_MARKER = ""
+
+
+def test_engine_state_with_code_in_it_is_refused(tmp_path: Path) -> None:
+    global _PLANTED_MARKER
+    strategy = DeepSpeedStrategy(StrategyConfig(zero_stage=0))
+    strategy.setup_distributed()
+    model, _ = _tiny_model()
+    opt = strategy.create_optimizer(model, lr=1e-2)
+    engine = strategy.prepare_train(model, opt, None, train_batch_size=2, micro_batch_size=2)
+    strategy.save_engine_state(engine, tmp_path / "ckpt")
+    [states] = list((tmp_path / "ckpt" / "state").glob("*model_states.pt"))
+    _PLANTED_MARKER = str(tmp_path / "code_ran")
+    torch.save({"module": _Planted()}, states)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        strategy.load_engine_state(engine, tmp_path / "ckpt")
+    assert not (tmp_path / "code_ran").exists()
+    torch.load(states, weights_only=False)  # what DeepSpeed's own loader would have done
+    assert (tmp_path / "code_ran").exists()
 
 
 def test_checkpoint_discovery_ignores_partial_writes(tmp_path: Path) -> None:
