@@ -51,6 +51,20 @@ PROMOTION_METRICS = (GOLD_METRIC, HELDOUT_METRIC, RM_METRIC)
 REGISTERED_POLICY_VERSION = "2"
 
 
+def registered_with(client: Any, name: str, tags: Mapping[str, str]) -> Any | None:
+    """The newest version of ``name`` carrying all of ``tags``, or None (also when ``name`` is not
+    registered yet): how a retried or re-run registration finds what an earlier attempt
+    registered from the same evaluation, instead of registering the same weights twice."""
+    from mlflow.exceptions import MlflowException
+
+    query = " and ".join([f"name='{name}'", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
+    try:
+        found = client.search_model_versions(query)
+    except MlflowException:
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
 def register_version(
     client: Any,
     name: str,
@@ -181,19 +195,31 @@ def registered_policy(
             "registry.mlflow_run_id": run_id,
             "source_dir": ppo_dir,
         }
+        # the same evaluation registered once: a re-run (retry, re-execution, a second
+        # materialization) takes the versions registered from it back, as challenger again
+        same = {"evaluation.mlflow_run_id": lineage["evaluation.mlflow_run_id"], "source_dir": ppo_dir}
         reward_version = None
         if config.register_reward_model:
             rm_dir = _model_path(reward_model, "reward_model")
-            rm_uri = registrable_model_uri(mlflow, run_id, reward_model.get("mlflow_model_id"), rm_dir, "reward_model",
-                                "text-classification")
-            reward_version = register_version(client, config.reward_model_name, rm_uri, run_id,
-                                              {**lineage, "source_dir": rm_dir,
-                                               EVAL_DATA_VERSION_TAG: tags[EVAL_DATA_VERSION_TAG]})
-        policy_uri = registrable_model_uri(mlflow, run_id, evaluation_report.get("ppo_model_id"), ppo_dir, "policy",
-                                "text-generation")
+            reward_version = registered_with(client, config.reward_model_name,
+                                             {**same, "source_dir": rm_dir})
+            if reward_version is None:
+                rm_uri = registrable_model_uri(mlflow, run_id, reward_model.get("mlflow_model_id"), rm_dir,
+                                               "reward_model", "text-classification")
+                reward_version = register_version(client, config.reward_model_name, rm_uri, run_id,
+                                                  {**lineage, "source_dir": rm_dir,
+                                                   EVAL_DATA_VERSION_TAG: tags[EVAL_DATA_VERSION_TAG]})
         if reward_version is not None:
             lineage["reward_model.version"] = reward_version.version
-        version = register_version(client, config.policy_name, policy_uri, run_id, {**tags, **lineage})
+        version = registered_with(client, config.policy_name, same)
+        if version is None:
+            policy_uri = registrable_model_uri(mlflow, run_id, evaluation_report.get("ppo_model_id"), ppo_dir,
+                                               "policy", "text-generation")
+            version = register_version(client, config.policy_name, policy_uri, run_id, {**tags, **lineage})
+        else:
+            context.log.info(f"{config.policy_name} v{version.version} was registered from this evaluation "
+                             "already: making it the challenger again")
+            client.set_registered_model_alias(config.policy_name, CHALLENGER, version.version)
         url = mlflow.run_url(run)
     context.log.info(f"registered {config.policy_name} v{version.version} as '{CHALLENGER}'")
     manifest = {

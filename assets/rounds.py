@@ -559,7 +559,7 @@ def _table_markdown(rows: list[dict[str, Any]]) -> str:
 def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfig, mlflow: MLflowResource,
                    notifier: Notifier, round_evaluation: dict, round_reward_model: dict,
                    dataset_splits: dict) -> Iterator[dg.Output | dg.AssetCheckResult]:
-    from assets.registry import register_version, registrable_model_uri
+    from assets.registry import register_version, registered_with, registrable_model_uri
     from ops.registry import apply_promotion
 
     key = context.partition_key
@@ -567,8 +567,9 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
     evaluation_id = str(round_evaluation["mlflow_run_id"])
     # an earlier attempt at this step may have registered (and promoted) already: a retry
     # picks its versions up instead of registering twice or refusing its own promotion
-    earlier = registered_in_round(client, config.policy_name, key, evaluation_id)
-    earlier_rm = registered_in_round(client, config.reward_model_name, key, evaluation_id)
+    same = {"rlhf.round": key, "evaluation.mlflow_run_id": evaluation_id}
+    earlier = registered_with(client, config.policy_name, same)
+    earlier_rm = registered_with(client, config.reward_model_name, same)
     champion = champion_version(client, config.policy_name)
     evaluated = str(round_evaluation["champion_version"])
     if str(champion.version) != evaluated:
@@ -639,19 +640,6 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
                                 metadata={k: v for k, v in decision.to_dict().items() if v is not None})
     yield dg.Output(value, metadata=metadata)
     yield check
-
-
-def registered_in_round(client: Any, name: str, key: str, evaluation_id: str) -> Any | None:
-    """The version of ``name`` that round ``key`` registered from the evaluation run
-    ``evaluation_id`` (an earlier attempt of ``round_champion``), or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.search_model_versions(f"name='{name}' and tags.`rlhf.round` = '{key}' and "
-                                             f"tags.`evaluation.mlflow_run_id` = '{evaluation_id}'")
-    except MlflowException:  # the registered model does not exist yet
-        return None
-    return max(found, key=lambda v: int(v.version)) if found else None
 
 
 def export_batch(client: Any, tracking_uri: str, policy_name: str, split_dir: str, n_prompts: int,

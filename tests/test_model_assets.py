@@ -407,6 +407,16 @@ def test_registered_versions_are_the_training_runs_logged_models(lineage: dict) 
     assert not registering.outputs or not registering.outputs.model_outputs  # nothing logged twice
     parent = client.get_run(registering.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["dagster.run_id"] == registry.run_id and parent.info.status == "FINISHED"
+    # the same evaluation registered again (a retry, a second materialization): no new versions
+    count = {n: len(client.search_model_versions(f"name='{n}'"))
+             for n in (manifest["model_name"], manifest["reward_model_name"])}
+    again = dg.materialize([*lineage_assets(), *REGISTRY_ASSETS], instance=lineage["instance"],
+                           resources=resources, selection=["registered_policy"])
+    assert again.success
+    second = json.loads((home / "manifests" / "registered_policy.json").read_text())
+    assert (second["version"], second["reward_model_version"]) == (manifest["version"], manifest["reward_model_version"])
+    assert count == {n: len(client.search_model_versions(f"name='{n}'")) for n in count}
+    assert str(client.get_registered_model(manifest["model_name"]).aliases["challenger"]) == str(manifest["version"])
 
 
 

@@ -303,16 +303,16 @@ def test_without_a_logged_model_the_registry_logs_the_weights_itself(store: dict
     assert client.get_logged_model(logged.removeprefix("models:/")).source_run_id == registering
 
 
-def test_a_rounds_earlier_registration_is_found_for_its_retry(store: dict) -> None:
-    from assets.rounds import registered_in_round
+def test_an_earlier_registration_is_found_by_its_tags(store: dict) -> None:
+    from assets.registry import registered_with
 
     name = f"{NAME}-round"
     client = store["client"]
-    assert registered_in_round(client, name, "round-0001", "eval-a") is None  # no such model yet
-    lineage = {"rlhf.round": "round-0001", "evaluation.mlflow_run_id": "eval-a"}
-    first = register_version(client, name, store["model_uri"], store["run_id"], lineage)
-    register_version(client, name, store["model_uri"], store["run_id"], {**lineage, "rlhf.round": "round-0002"})
-    register_version(client, name, store["model_uri"], store["run_id"], {**lineage, "evaluation.mlflow_run_id": "b"})
-    found = registered_in_round(client, name, "round-0001", "eval-a")
+    same = {"rlhf.round": "round-0001", "evaluation.mlflow_run_id": "eval-a"}
+    assert registered_with(client, name, same) is None  # no such model yet
+    first = register_version(client, name, store["model_uri"], store["run_id"], same)
+    register_version(client, name, store["model_uri"], store["run_id"], {**same, "rlhf.round": "round-0002"})
+    register_version(client, name, store["model_uri"], store["run_id"], {**same, "evaluation.mlflow_run_id": "b"})
+    found = registered_with(client, name, same)
     assert found is not None and str(found.version) == str(first.version)
-    assert registered_in_round(client, name, "round-0003", "eval-a") is None
+    assert registered_with(client, name, {**same, "rlhf.round": "round-0003"}) is None
