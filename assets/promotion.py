@@ -11,7 +11,7 @@ Scores from different evaluation sets fail the step with the registry's explanat
 import dagster as dg
 from pydantic import Field
 
-from ops.registry import DEFAULT_PROMOTION_METRIC, RegistryError, promote
+from ops.registry import DEFAULT_PROMOTION_METRIC, REGISTRY_POOL, RegistryError, promote
 from resources.notify import Notifier
 from resources.tracking import MLflowResource
 
@@ -28,7 +28,7 @@ class ChampionConfig(dg.Config):
                                             "evaluation sets (normally refused).")
 
 
-@dg.asset(group_name="registry", kinds={"mlflow"}, code_version="2",
+@dg.asset(group_name="registry", kinds={"mlflow"}, code_version="2", pool=REGISTRY_POOL,
           description="Moves the 'champion' alias to the new challenger when it beats the champion.")
 def champion_policy(context: dg.AssetExecutionContext, config: ChampionConfig, mlflow: MLflowResource,
                     notifier: Notifier, registered_policy: dict) -> dg.MaterializeResult:

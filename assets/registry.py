@@ -26,6 +26,7 @@ from ops.registry import (
     CHALLENGER,
     EVAL_SET_TAG,
     PROMOTION_METRIC_TAG,
+    REGISTRY_POOL,
     metric_tag,
 )
 from resources import settings
@@ -172,6 +173,7 @@ def _model_path(manifest: Mapping[str, Any], asset: str) -> str:
     group_name="registry",
     kinds={"mlflow"},
     code_version=REGISTERED_POLICY_VERSION,
+    pool=REGISTRY_POOL,
     deps=["ppo_policy"],
     description="PPO policy (and reward model) registered in MLflow with alias 'challenger'.",
 )

@@ -42,6 +42,7 @@ from assets.ingest import IngestError, content_hash, load_preferences
 from assets.models import TRAINING_POOL, PPOPolicyConfig, RewardModelConfig, reward_accuracy_result, train_stage
 from assets.plots import png_markdown, rounds_plot
 from assets.schemas import validate_pairs
+from ops.registry import REGISTRY_POOL
 from ppo_core.lengths import MIN_RESPONSE_LENGTH, recorded_length
 from resources import settings
 from resources.launcher import TrainingLauncher
@@ -550,7 +551,7 @@ def _table_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"mlflow"}, code_version="2",
+@dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"mlflow"}, code_version="2", pool=REGISTRY_POOL,
           description="Registers the round's challenger and reward model, then moves 'champion' only when the "
           "challenger beats the champion on the paired evaluation; writes the next annotation batch.",
           check_specs=[dg.AssetCheckSpec("round_challenger_promoted", asset="round_champion",

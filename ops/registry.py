@@ -33,6 +33,10 @@ HISTORY_TAG = "champion_history"
 LAST_DECISION_TAG = "last_promotion_decision"
 # Set on a version a rollback demoted: promotion never picks it again by itself.
 ROLLED_BACK_TAG = "rolled_back"
+# Every step that moves an alias reads the registry and then writes it: one at a time across
+# runs (a lineage's champion_policy and a round's round_champion would otherwise interleave).
+# Pools default to a limit of 1 in the shipped dagster.yaml files.
+REGISTRY_POOL = "registry"
 # Data version, prompt count, gold scorer and sampling (answers per prompt, temperature, length
 # cap, seed) of the evaluation, and the held-out reward model's weights when its score decides
 # (set by assets/registry.py).
@@ -309,7 +313,7 @@ def _failure(exc: RegistryError) -> dg.Failure:
     return dg.Failure(description=str(exc), allow_retries=False)
 
 
-@dg.op(out=dg.Out(dg.Nothing), tags={"kind": "mlflow"})
+@dg.op(out=dg.Out(dg.Nothing), tags={"kind": "mlflow"}, pool=REGISTRY_POOL)
 def promote_champion(context: dg.OpExecutionContext, config: PromoteConfig, mlflow: MLflowResource):
     """Move the ``champion`` alias to the challenger when it is strictly better on the same eval set."""
     try:
@@ -321,7 +325,7 @@ def promote_champion(context: dg.OpExecutionContext, config: PromoteConfig, mlfl
     yield dg.Output(None, metadata={k: v for k, v in decision.to_dict().items() if v is not None})
 
 
-@dg.op(out=dg.Out(dg.Nothing), tags={"kind": "mlflow"})
+@dg.op(out=dg.Out(dg.Nothing), tags={"kind": "mlflow"}, pool=REGISTRY_POOL)
 def rollback_champion(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MLflowResource):
     """Give the ``champion`` alias back to the previous champion."""
     try:
@@ -332,7 +336,7 @@ def rollback_champion(context: dg.OpExecutionContext, config: RollbackConfig, ml
     yield dg.Output(None, metadata={k: v for k, v in result.to_dict().items() if v is not None})
 
 
-@dg.op(out=dg.Out(dg.Nothing), tags={"kind": "mlflow"})
+@dg.op(out=dg.Out(dg.Nothing), tags={"kind": "mlflow"}, pool=REGISTRY_POOL)
 def prune_versions(context: dg.OpExecutionContext, config: PruneConfig, mlflow: MLflowResource):
     """Delete old versions that no alias or champion history refers to."""
     try:

@@ -193,6 +193,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     def fmt(value: Any) -> str:
         return f"{value:.3f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
 
+    def step(value: Any) -> str:  # steps travel as floats through the metric summaries
+        return "n/a" if value is None else str(int(value))
+
     def pm(key: str) -> str:  # a measure and its standard error, when the report has one
         se = summary.get(f"{key}_se")
         return fmt(summary.get(key)) + (f" +- {se:.3f}" if isinstance(se, float) else "")
@@ -212,9 +215,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"  held-out RM win rate PPO vs SFT        : {fmt(summary.get('heldout_win_rate'))}",
         f"  KL(PPO || SFT) held-out, per response  : {pm('kl_to_sft_per_response')} nats "
         f"({fmt(summary['kl_to_sft'])} per token)",
-        f"  PPO step kept by the guard             : {fmt(summary.get('ppo_kept_step'))} "
+        f"  PPO step kept by the guard             : {step(summary.get('ppo_kept_step'))} "
         f"(held-out reward gain over SFT {fmt(summary.get('ppo_heldout_gain'))} std; "
-        f"best held-out score at step {fmt(summary.get('ppo_best_step'))})",
+        f"best held-out score at step {step(summary.get('ppo_best_step'))})",
         f"  PPO responses ended with EOS           : {fmt(summary['ppo_ended_eos_frac'])}",
         f"  registered                             : {summary['registered_model'] or 'not registered'}"
         + (f" v{summary['registered_version']}" if summary["registered_version"] else ""),

@@ -56,7 +56,8 @@ def write_manifest(home: Path, asset: str, run_id: str, value: dict) -> None:
 def test_summary_reads_this_runs_manifests(rlhf_home: Path) -> None:
     run_id = "run-1"
     write_manifest(rlhf_home, "reward_model", run_id, {"summary": {"eval/accuracy": 0.91}})
-    write_manifest(rlhf_home, "ppo_policy", run_id, {"summary": {"objective/kl": 1.5}, "model_path": "/m"})
+    write_manifest(rlhf_home, "ppo_policy", run_id, {"summary": {"objective/kl": 1.5, "kept_step": 45.0,
+                                                                 "guard/best_step": 50.0}, "model_path": "/m"})
     write_manifest(rlhf_home, "evaluation_report", run_id, {
         "data_version": "dv1", "report_path": "/r/report.json",
         "metrics": {"sft/gold_mean": 1.0, "ppo/gold_mean": 2.5, "win_rate_gold": 0.8, "win_rate_gold_se": 0.05,
@@ -73,6 +74,7 @@ def test_summary_reads_this_runs_manifests(rlhf_home: Path) -> None:
     assert summary["where"]["summary"] == str(rlhf_home / "summary.json")
     text = cli.format_summary(summary)
     assert "1.000 -> 2.500" in text and "champion=v3" in text and "promoted (better)" in text
+    assert ": 45 (held-out" in text and "best held-out score at step 50)" in text  # steps, not 45.000
     assert summary["gold_win_rate_se"] == 0.05 and "0.800 +- 0.050" in text
     assert summary["reward_model_gold_agreement_se"] is None   # not in the report: no "+-"
 

@@ -54,6 +54,18 @@ def test_blocking_gates_guard_registration(rlhf_home: Path) -> None:
     assert "evaluation_report" in upstream
 
 
+def test_every_step_that_moves_an_alias_shares_one_pool(rlhf_home: Path) -> None:
+    # champion_policy (lineage) and round_champion (rounds) read then write the aliases: one at a time
+    repo = repository()
+    pools = {step.name: step.definition.pool for job in ("rlhf_lineage", "rlhf_round", "promote_champion_job",
+                                                 "rollback_champion_job", "prune_versions_job")
+             for step in repo.get_job(job).nodes}
+    moving = {"registered_policy", "champion_policy", "round_champion", "promote_champion", "rollback_champion",
+              "prune_versions"}
+    assert {name: pools[name] for name in moving} == {name: "registry" for name in moving}
+    assert pools["ppo_policy"] == "training"
+
+
 def test_jobs_schedules_sensors_and_resources(rlhf_home: Path) -> None:
     repo = repository()
     assert JOBS <= {j.name for j in repo.get_all_jobs()}
