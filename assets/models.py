@@ -477,17 +477,18 @@ def train_stage(
     base_model's measured sequence lengths; the stage takes its own (:data:`LENGTH_FIELDS`) and
     its manifest carries them on to the stages after it.
     """
-    # where it will write is not an input (stage_inputs leaves output_dir out)
-    inputs = stage_inputs(stage_core_config(stage, cfg, length_defaults(stage, seq),
-                                            output_dir=str(settings.models_root() / asset), **paths),
-                          data_version, paths)
+    # the folder is chosen from the inputs, so the config is built before it is known; where
+    # it writes is not an input (stage_inputs leaves output_dir out)
+    core = stage_core_config(stage, cfg, length_defaults(stage, seq),
+                             output_dir=str(settings.models_root() / asset), **paths)
+    inputs = stage_inputs(core, data_version, paths)
     out = attempt_dir(asset, context, inputs)
     metrics_file = out / "metrics.jsonl"
     resumed = resume_step(context, asset, cfg, out)
     prepare_attempt(out, metrics_file, resumed, operator_resume="resume_from" in cfg.overrides)
     (out / INPUTS_FILE).write_text(json.dumps(inputs, indent=1, sort_keys=True))
     resume = {} if resumed is None else {"resume_from": "latest"}
-    core = stage_core_config(stage, cfg, length_defaults(stage, seq), output_dir=str(out), **resume, **paths)
+    core = dataclasses.replace(core, output_dir=str(out), **resume)
     config_path = write_stage_config(core, out / "stage_config.json")
     with mlflow.run(context, asset, {"data_version": data_version, "stage": stage}) as run:
         run_id = run.info.run_id

@@ -573,8 +573,9 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
     earlier_rm = registered_with(client, config.reward_model_name, same)
     champion = champion_version(client, config.policy_name)
     evaluated = str(round_evaluation["champion_version"])
+    promoted_before = earlier is not None and str(champion.version) == str(earlier.version)
     if str(champion.version) != evaluated:
-        if earlier is None or str(champion.version) != str(earlier.version):
+        if not promoted_before:
             raise dg.Failure(description=f"{key}: the champion moved to v{champion.version} during the round "
                              f"(evaluated against v{evaluated}); start a new round", allow_retries=False)
         champion = client.get_model_version(config.policy_name, evaluated)  # the champion it was judged against
@@ -598,7 +599,7 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
                 **tags, **lineage, "source_dir": round_evaluation["challenger_model_path"],
                 "reward_model.version": rm_version.version})
         decision = round_decision(challenger, champion, round_evaluation, config.min_improvement)
-        if str(champion_version(client, config.policy_name).version) != str(challenger.version):
+        if not promoted_before:
             apply_promotion(client, config.policy_name, decision, champion, challenger)
         m = round_evaluation["metrics"]
         row = {"champion_gold": m.get("champion/gold_mean"), "challenger_gold": m.get("challenger/gold_mean"),

@@ -438,18 +438,14 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over ranks (every rank calls it)."""
-    _, world = _world()
-    if world == 1 or not values:
+def _mean_across_ranks(strategy: DeepSpeedStrategy, values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks (every rank calls it); one all-reduce for all of them,
+    on the device the backend needs (``DeepSpeedStrategy.all_reduce_mean``)."""
+    if strategy.world_size == 1 or not values:
         return values
     keys = sorted(values)
-    # NCCL reduces only tensors on the rank's own GPU; gloo only CPU tensors
-    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
-              else torch.device("cpu"))
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+    t = strategy.all_reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64))
+    return dict(zip(keys, t.tolist()))
 
 
 # =============================================================================================
@@ -983,7 +979,7 @@ class PPOTrainer:
         metrics.update(self.train_on(ro))
         metrics["lr"] = self.actor.lr()
         # the KL controller sees the rollout's mean KL over all ranks' episodes
-        mean_kl = _mean_across_ranks({"kl": metrics["objective/kl"]})["kl"]
+        mean_kl = _mean_across_ranks(self.strategy, {"kl": metrics["objective/kl"]})["kl"]
         self.kl_ctl.update(mean_kl, self.cfg.rollout_batch_size * self.world)
         self.step += 1
         self.episodes += self.cfg.rollout_batch_size * self.world
@@ -1001,7 +997,7 @@ class PPOTrainer:
             "perf/train_forward_positions": float(self.forward_positions["train_positions"]),
             "perf/train_forward_tokens": float(self.forward_positions["train_tokens"]),
         })
-        metrics = _mean_across_ranks(metrics)
+        metrics = _mean_across_ranks(self.strategy, metrics)
         metrics["eps"] *= self.world
         return metrics
 
@@ -1022,7 +1018,7 @@ class PPOTrainer:
             raw, _ = self.raw_scores([self.prompts[i] for i in idx], gen)
             scores.append(raw)
         s = torch.cat(scores).double()
-        stats = _mean_across_ranks({"sum": float(s.sum()), "sq": float((s * s).sum()),
+        stats = _mean_across_ranks(self.strategy, {"sum": float(s.sum()), "sq": float((s * s).sum()),
                                     "n": float(s.numel())})
         n = stats["n"] * self.world
         mean = stats["sum"] * self.world / n
@@ -1053,7 +1049,7 @@ class PPOTrainer:
             total["score"] += float(scores[:valid].sum())
             total["ended"] += float(gen.ended[:valid].float().sum())
             total["n"] += valid
-        total = _mean_across_ranks(total)   # the means of sums keep the ratio right
+        total = _mean_across_ranks(self.strategy, total)   # the means of sums keep the ratio right
         n = max(total["n"], 1e-9)
         return {"eval/scores": total["score"] / n, "eval/ended_frac": total["ended"] / n}
 
