@@ -8,7 +8,8 @@ the end). Options change one thing at a time: ``--pool sum|mean`` (score pooled 
 response instead of the last token), ``--lm-coef`` (an LM loss on the chosen response),
 ``--gold-labels`` (training pairs put in gold order), ``--extra N`` (N more generated pairs),
 ``--all-pairs`` (the held-out RM's pairs too), ``--sft DIR`` (another SFT start),
-``--mismatch F`` (F x the pairs more, from ``ppo_core.reward.mismatched_pairs``), ``--center C``
+``--mismatch F`` (F x the pairs more, from ``ppo_core.reward.mismatched_pairs``; with
+``--partner similar`` from ``bench.hard_negatives``), ``--center C``
 (the engine's centering loss, ``RewardConfig.center_coef``), ``--ema D`` (also the agreement of
 an exponential moving average of the weights), ``--init-seed S`` (the new head's init seed,
 apart from the data order's), ``--save DIR`` (the final model, save_pretrained) and ``--dump F``
@@ -47,6 +48,9 @@ p.add_argument("--train-file", default="rm_train.parquet")
 p.add_argument("--lm-coef", type=float, default=0.0)
 p.add_argument("--gold-labels", action="store_true")
 p.add_argument("--mismatch", type=float, default=0.0)
+p.add_argument("--partner", choices=("random", "similar"), default="random",
+               help="mismatched partner: random (the engine's) or similar (bench.hard_negatives)")
+p.add_argument("--partner-k", type=int, default=8, help="similar: the partner is one of this many nearest prompts")
 p.add_argument("--center", type=float, default=0.0, help="centering loss coefficient on (r_c + r_r)^2")
 p.add_argument("--ema", type=float, default=0.0, help="also report the agreement of an EMA of the weights (decay)")
 p.add_argument("--save", default="", help="save the final reward model here (save_pretrained)")
@@ -76,7 +80,12 @@ if args.gold_labels:
     r2 = [c if f else r for c, r, f in zip(train.chosen, train.rejected, flip)]
     train = train.assign(chosen=c2, rejected=r2)
 if args.mismatch > 0:  # the engine's own pairs (ppo_core.reward.mismatched_pairs)
-    extra = mismatched_pairs(train[["prompt", "chosen", "rejected"]].to_dict("records"), args.mismatch, args.seed)
+    records = train[["prompt", "chosen", "rejected"]].to_dict("records")
+    if args.partner == "similar":
+        from bench.hard_negatives import similar_mismatched_pairs
+        extra = similar_mismatched_pairs(records, args.mismatch, args.seed, k=args.partner_k)
+    else:
+        extra = mismatched_pairs(records, args.mismatch, args.seed)
     train = pd.concat([train, pd.DataFrame(extra)[["prompt", "chosen", "rejected"]]], ignore_index=True)
     print("mismatched pairs added", len(extra), flush=True)
 print("train pairs", len(train), flush=True)

@@ -1,0 +1,54 @@
+"""The reward-model probes behind BENCHMARKS.md's negative results give the numbers they claim:
+similar-prompt partners (``bench/hard_negatives.py``) and the conservative ensemble rewards
+(``bench/ensemble_reward.py``), checked on hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.ensemble_reward import combine
+from bench.hard_negatives import nearest_prompts, similar_mismatched_pairs
+
+PROMPTS = [
+    "make a soup with leek and corn .",    # 0
+    "make a soup with leek and tofu .",    # 1: shares soup, leek with 0
+    "make a stew with beef and rice .",    # 2
+    "make a soup with leek and corn .",    # 3: the same text as 0, never its neighbour
+    "make a stew with beef and lamb .",    # 4: shares stew, beef with 2
+]
+
+
+def test_nearest_prompt_shares_the_rare_words_and_is_never_the_same_text() -> None:
+    near = nearest_prompts(PROMPTS, k=1, seed=0)
+    assert near.shape == (5, 1)
+    assert near[:, 0].tolist() == [1, 0, 4, 1, 2]
+
+
+def test_similar_partners_answer_a_nearest_other_prompt() -> None:
+    rows = [{"prompt": p, "chosen": f"answer {i}", "rejected": "no"} for i, p in enumerate(PROMPTS)]
+    pairs = similar_mismatched_pairs(rows, fraction=1.0, seed=0, k=1)
+    assert len(pairs) == 5
+    expected = {"answer 0": "answer 1", "answer 1": "answer 0", "answer 2": "answer 4",
+                "answer 3": "answer 1", "answer 4": "answer 2"}
+    assert {p["chosen"]: p["rejected"] for p in pairs} == expected
+    assert all(p["margin"] == 0.0 for p in pairs)
+    assert similar_mismatched_pairs(rows, fraction=0.0, seed=0) == []
+
+
+def test_ensemble_rewards_by_hand() -> None:
+    raw = torch.tensor([[1.0, 3.0], [10.0, 30.0]])   # (members, batch)
+    assert combine(raw, "mean", 1.0, []).tolist() == [5.5, 16.5]
+    # each member standardised with its own first-call mean and std (1.414...): both give -0.707, 0.707
+    stats: list[torch.Tensor] = []
+    z = 1 / 2 ** 0.5
+    assert combine(raw, "min", 1.0, stats).tolist() == pytest.approx([-z, z])
+    assert combine(raw, "lcb", 1.0, stats).tolist() == pytest.approx([-z, z])   # members agree: std 0
+    # later calls reuse the first call's statistics: member 1 now says 2, member 2 says 10
+    later = torch.tensor([[2.0], [10.0]])
+    z1, z2 = (2.0 - 2.0) * z, (10.0 - 20.0) / (200 ** 0.5)
+    assert combine(later, "min", 1.0, stats).tolist() == pytest.approx([min(z1, z2)])
+    mean, std = (z1 + z2) / 2, abs(z1 - z2) / 2 ** 0.5
+    assert combine(later, "lcb", 2.0, stats).tolist() == pytest.approx([mean - 2.0 * std])
+    with pytest.raises(ValueError, match="ENS_MODE"):
+        combine(raw, "max", 1.0, [])
