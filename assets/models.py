@@ -60,10 +60,10 @@ BUILT_SIZES = ("auto", "tiny", "small")
 # Code versions, bumped by hand as described in assets/data.py. A training asset's logic
 # includes its ppo_core engine: bump the stage's constant when a change to ppo_core/<stage>.py
 # (or to the shared trainer / strategy) changes the weights it produces for the same inputs.
-BASE_MODEL_VERSION = "2"
-SFT_MODEL_VERSION = "1"
-REWARD_MODEL_VERSION = "3"  # reward_model and heldout_reward_model (same engine)
-PPO_POLICY_VERSION = "2"
+BASE_MODEL_VERSION = "3"
+SFT_MODEL_VERSION = "2"
+REWARD_MODEL_VERSION = "4"  # reward_model and heldout_reward_model (same engine)
+PPO_POLICY_VERSION = "3"
 
 
 # ---------------------------------------------------------------- configs an operator changes
@@ -295,11 +295,34 @@ def length_defaults(stage: str, seq: dict[str, int] | None) -> dict[str, int]:
     return {k: int(seq[k]) for k in LENGTH_FIELDS[stage] if k in seq} if seq else {}
 
 
+# The engines' learning rates and epochs are fitted to models built from scratch here (SFT at
+# 1e-3 for 10 epochs); on a pretrained base model they would overwrite what it learned. A
+# pretrained base_model therefore gets the fine-tuning defaults of the peers, each from its source.
+PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"learning_rate": 2e-5,            # TRL SFTConfig.learning_rate
+            "num_epochs": 3.0},               # transformers TrainingArguments.num_train_epochs (TRL keeps it)
+    "reward": {"learning_rate": 9e-6,         # OpenRLHF train_rm examples (--learning_rate 9e-6
+               "num_epochs": 1.0},            # --max_epochs 1), as DeepSpeed-Chat step 2's one epoch
+    "ppo": {"learning_rate": 3e-6,            # TRL PPOConfig.learning_rate
+            "critic_learning_rate": 9e-6},    # OpenRLHF train_ppo examples' --critic_learning_rate
+}
+
+
+def start_defaults(stage: str, start: dict[str, Any] | None) -> dict[str, Any]:
+    """What the starting model's manifest (``base_model``'s, or ``sft_model``'s for the stages
+    after SFT) changes in ``stage``'s engine defaults: the data's sequence lengths, and the
+    fine-tuning learning rates and epochs when the base model is pretrained. Typed fields and
+    ``overrides`` still win (:func:`core_config`)."""
+    start = start or {}
+    return {**length_defaults(stage, start.get("lengths")),
+            **(PRETRAINED_DEFAULTS[stage] if start.get("pretrained") else {})}
+
+
 def core_config(stage: str, cfg: StageConfig, defaults: dict[str, Any] | None = None, **paths: Any) -> Any:
     """The ppo_core config of ``stage`` from the asset config plus the paths the asset resolved.
 
-    ``defaults`` (the data's sequence lengths, :func:`length_defaults`) replace the engine's
-    defaults; typed fields the operator set and ``overrides`` win over them. Typed fields at
+    ``defaults`` (the data's sequence lengths and a pretrained base model's fine-tuning
+    settings, :func:`start_defaults`) replace the engine's defaults; typed fields the operator set and ``overrides`` win over them. Typed fields at
     their default (0 / None) keep the engine's default (its source is documented there).
     ``overrides`` set any other field (nested ones as mappings, e.g. ``strategy``); ppo_core's
     strict loader rejects an unknown name or a wrong type, naming the valid ones.
@@ -469,17 +492,23 @@ def train_stage(
     data_version: str,
     paths: dict[str, Any],
     datasets: list[SplitInput] | None = None,
-    seq: dict[str, int] | None = None,
+    start: dict[str, Any] | None = None,
 ) -> dg.MaterializeResult:
     """Configure, launch, log and describe one training stage (the body of every training asset).
 
-    ``datasets``: the split files the stage reads, logged as the run's dataset inputs. ``seq``:
-    base_model's measured sequence lengths; the stage takes its own (:data:`LENGTH_FIELDS`) and
-    its manifest carries them on to the stages after it.
+    ``datasets``: the split files the stage reads, logged as the run's dataset inputs. ``start``:
+    the manifest of the model the lineage started from (base_model's, or sft_model's, which
+    carries them on): its measured sequence lengths and whether it is pretrained
+    (:func:`start_defaults`); this stage's manifest carries both on to the stages after it.
     """
+    start = start or {}
+    seq, pretrained = start.get("lengths"), bool(start.get("pretrained"))
+    if pretrained:
+        context.log.info(f"pretrained base model: {stage} defaults to fine-tuning settings "
+                         f"{PRETRAINED_DEFAULTS[stage]} (typed fields and overrides win)")
     # the folder is chosen from the inputs, so the config is built before it is known; where
     # it writes is not an input (stage_inputs leaves output_dir out)
-    core = stage_core_config(stage, cfg, length_defaults(stage, seq),
+    core = stage_core_config(stage, cfg, start_defaults(stage, start),
                              output_dir=str(settings.models_root() / asset), **paths)
     inputs = stage_inputs(core, data_version, paths)
     out = attempt_dir(asset, context, inputs)
@@ -526,6 +555,7 @@ def train_stage(
         "config_path": str(config_path), "metrics_file": str(metrics_file),
         "mlflow_run_id": run_id, "mlflow_model_id": model_id, "data_version": data_version,
         "summary": numbers, "plots": {k: str(v) for k, v in plots.items()}, "lengths": seq,
+        "pretrained": pretrained,
     }
     metadata: dict[str, Any] = {
         **pipes_meta,
@@ -681,10 +711,11 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
         except ValueError as exc:
             raise dg.Failure(description=f"base_model: {exc}", allow_retries=False) from exc
     context.log.info(f"sequence lengths for this data: {seq}")
-    manifest = {"model_path": str(out / "final"), "source": source,
+    manifest = {"model_path": str(out / "final"), "source": source, "pretrained": source not in BUILT_SIZES,
                 "data_version": _data_version(dataset_splits), "n_params": n_params, **arch, "lengths": seq}
     return dg.MaterializeResult(value=manifest, data_version=dg.DataVersion(model_dir_version(out / "final")),
                                 metadata={"model_path": dg.MetadataValue.path(str(out / "final")), "source": source,
+                                          "pretrained": source not in BUILT_SIZES,
                                           "n_params": n_params, **arch, "context": positions or "unknown",
                                           "lengths": dg.MetadataValue.json(seq)})
 
@@ -737,7 +768,7 @@ def sft_model(context: dg.AssetExecutionContext, config: SFTModelConfig, mlflow:
         paths={"model_name_or_path": base_model["model_path"],
                "data_dir": _split_dir(dataset_splits, ("sft_train.parquet", "sft_eval.parquet"))},
         datasets=split_inputs(dataset_splits, {"sft_train": TRAINING, "sft_eval": EVAL}),
-        seq=base_model.get("lengths"),
+        start=base_model,
     )
 
 
@@ -753,7 +784,7 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, m
         paths={"model_name_or_path": sft_model["model_path"],
                "data_dir": _split_dir(dataset_splits, ("rm_train.parquet", "rm_eval.parquet"))},
         datasets=split_inputs(dataset_splits, {"rm_train": TRAINING, "rm_eval": EVAL}),
-        seq=sft_model.get("lengths"),
+        start=sft_model,
     )
 
 
@@ -784,7 +815,7 @@ def heldout_reward_model(context: dg.AssetExecutionContext, config: HeldoutRewar
         paths={"model_name_or_path": sft_model["model_path"], "train_file": "rm_heldout.parquet",
                "data_dir": _split_dir(dataset_splits, ("rm_heldout.parquet", "rm_eval.parquet"))},
         datasets=split_inputs(dataset_splits, {"rm_heldout": TRAINING, "rm_eval": EVAL}),
-        seq=sft_model.get("lengths"),
+        start=sft_model,
     )
 
 
@@ -805,7 +836,7 @@ def ppo_policy(context: dg.AssetExecutionContext, config: PPOPolicyConfig, mlflo
                "train_file": _split(dataset_splits, "ppo_train.parquet"),
                "eval_file": _split(dataset_splits, "ppo_eval.parquet")},
         datasets=split_inputs(dataset_splits, {"ppo_train": TRAINING, "ppo_eval": EVAL}),
-        seq=sft_model.get("lengths"),
+        start=sft_model,
     )
 
 

@@ -340,7 +340,7 @@ def _latest_reward_model(context: dg.AssetExecutionContext, base: dict) -> tuple
 # Checks of partitioned assets run inside the asset (check_specs): a separate @asset_check is
 # not partitioned and cannot load one round's manifest.
 @dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          code_version="2", description="The reward model refreshed on the cumulative pairs of this round.",
+          code_version="3", description="The reward model refreshed on the cumulative pairs of this round.",
           check_specs=[dg.AssetCheckSpec("round_reward_model_accuracy", asset="round_reward_model", blocking=True,
                                          description="The refreshed reward model keeps its accuracy on the fixed "
                                          "RM eval split (blocks PPO on a broken reward model).")])
@@ -357,7 +357,7 @@ def round_reward_model(context: dg.AssetExecutionContext, config: RoundRewardMod
                          launcher=launcher, data_version=round_preferences["data_version"],
                          paths={"model_name_or_path": init, "data_dir": round_preferences["split_dir"]},
                          datasets=split_inputs(round_preferences, {"rm_train": TRAINING, "rm_eval": EVAL}),
-                         seq=sft_model.get("lengths"))
+                         start=sft_model)
     result.value["init_from"] = init_from
     check = reward_accuracy_result(result.value, config.min_accuracy)
     # Output + check result (not MaterializeResult): an asset with check_specs has several outputs
@@ -388,7 +388,7 @@ class RoundPolicyConfig(PPOPolicyConfig):
 
 
 @dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          code_version="2", description="PPO from the current champion against the refreshed reward model; "
+          code_version="3", description="PPO from the current champion against the refreshed reward model; "
           "heldout_reward_model guards it.")
 def round_policy(context: dg.AssetExecutionContext, config: RoundPolicyConfig, mlflow: MLflowResource,
                  launcher: TrainingLauncher, dataset_splits: dict, round_preferences: dict, round_reward_model: dict,
@@ -408,7 +408,7 @@ def round_policy(context: dg.AssetExecutionContext, config: RoundPolicyConfig, m
                **({"guard_reward_model_path": guard} if guard else {}),
                "train_file": str(split / "ppo_train.parquet"), "eval_file": str(split / "ppo_eval.parquet")},
         datasets=split_inputs(dataset_splits, {"ppo_train": TRAINING, "ppo_eval": EVAL}),
-        seq=sft_model.get("lengths"))
+        start=sft_model)
 
 
 # ---------------------------------------------------------------- 4. evaluation

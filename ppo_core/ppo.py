@@ -168,7 +168,8 @@ class PPOConfig:
 
     # ---- optimisation ----
     learning_rate: float = 1e-4
-    """policy Adam LR; TRL's 3e-6 is for pretrained 100M+ models, the tiny task model needs more"""
+    """policy Adam LR; TRL's 3e-6 is for pretrained 100M+ models (the pipeline's stages use it when
+    ``base_model`` is pretrained, ``assets.models.PRETRAINED_DEFAULTS``), the tiny task model needs more"""
     critic_learning_rate: float = 3e-4
     """critic Adam LR (OpenRLHF uses a separate, larger critic LR: 9e-6 vs 5e-7 actor)"""
     lr_scheduler: Literal["linear", "constant", "cosine"] = "linear"

@@ -79,7 +79,8 @@ class RewardConfig:
     """Peak LR for a reward model on a from-scratch trunk. Measured on bench/tasks/constraints.py
     (6,000 pairs, gold-order agreement of the tiny model after 4 epochs): 2e-3 0.60, 5e-4 0.69,
     2e-4 (6 epochs) 0.70; centering (0.01), weight decay or another seed moved it by <= 0.01.
-    Use ~9e-6 (OpenRLHF's RM default) for a pretrained hub model."""
+    Use ~9e-6 (OpenRLHF's RM default) for a pretrained hub model; the pipeline's stages do so
+    when ``base_model`` is pretrained (``assets.models.PRETRAINED_DEFAULTS``)."""
     weight_decay: float = 0.0
     """AdamW weight decay (HF TrainingArguments default 0)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)

@@ -457,6 +457,72 @@ def test_core_config_takes_the_data_lengths_below_typed_fields_and_overrides(tmp
     assert sft.max_length == 304
 
 
+# the engines' from-scratch defaults (ppo_core.sft / reward / ppo) and what a pretrained start turns them into
+SCRATCH = {"sft": {"learning_rate": 1e-3, "num_epochs": 10.0}, "reward": {"learning_rate": 5e-4, "num_epochs": 4.0},
+           "ppo": {"learning_rate": 1e-4, "critic_learning_rate": 3e-4}}
+PRETRAINED = {"sft": {"learning_rate": 2e-5, "num_epochs": 3.0}, "reward": {"learning_rate": 9e-6, "num_epochs": 1.0},
+              "ppo": {"learning_rate": 3e-6, "critic_learning_rate": 9e-6}}
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_a_pretrained_start_fine_tunes_below_typed_fields_and_overrides(stage: str, tmp_path: Path) -> None:
+    """A hub model must not be trained at the from-scratch learning rates; an operator still decides."""
+    from assets.models import length_defaults, start_defaults
+
+    cls, paths = stage_case(stage, tmp_path)
+    seq = {"max_prompt_length": 72, "response_length": 40, "max_length": 120}
+
+    def core(cfg: object, start: dict | None) -> dict:
+        c = core_config(stage, cfg, start_defaults(stage, start), **paths)
+        return {k: getattr(c, k) for k in PRETRAINED[stage]}
+
+    assert core(cls(), None) == SCRATCH[stage]
+    assert core(cls(), {"lengths": seq, "pretrained": False}) == SCRATCH[stage]
+    assert core(cls(), {"lengths": seq, "pretrained": True}) == PRETRAINED[stage]
+    # the lengths still come along with the pretrained settings
+    assert start_defaults(stage, {"lengths": seq, "pretrained": True}) == {
+        **length_defaults(stage, seq), **PRETRAINED[stage]}
+    assert core(cls(learning_rate=5e-5), {"pretrained": True})["learning_rate"] == 5e-5
+    other = next(k for k in PRETRAINED[stage] if k != "learning_rate")
+    assert core(cls(overrides={other: 2.0}), {"pretrained": True})[other] == 2.0
+
+
+def test_sft_from_a_local_pretrained_folder_runs_with_fine_tuning_defaults(tmp_path: Path) -> None:
+    """base_model marks a local save_pretrained folder (a GPT-2 built from its real config) as
+    pretrained, and sft_model's stage config, the one the engine ran with, has TRL's settings."""
+    import pandas as pd
+
+    from assets.models import base_model, sft_model
+    from ppo_core.models import build_base_model
+
+    rows = [{"prompt": f"say {w} .", "completion": f"{w} {w} .", "chosen": f"{w} .", "rejected": "no"}
+            for w in ["red", "blue", "green", "gold", "pink", "gray", "teal", "rust"] * 4]
+    split_dir = tmp_path / "splits"
+    split_dir.mkdir()
+    for name in ("sft_train", "sft_eval"):
+        pd.DataFrame(rows)[["prompt", "completion"]].to_parquet(split_dir / f"{name}.parquet")
+    pd.DataFrame(rows)[["prompt", "chosen", "rejected"]].to_parquet(split_dir / "rm_train.parquet")
+    pd.DataFrame(rows)[["prompt"]].to_parquet(split_dir / "ppo_train.parquet")
+    hub = build_base_model([r["prompt"] + " " + r["completion"] for r in rows], tmp_path / "hub", arch="gpt2")
+
+    @dg.asset(name="dataset_splits")
+    def splits_stub() -> dict:
+        return {"split_dir": str(split_dir), "data_version": "dv"}
+
+    home = tmp_path / "home"
+    with env_vars(RLHF_HOME=str(home)):
+        result = dg.materialize([splits_stub, base_model, sft_model], resources=local_resources(home),
+                                run_config={"ops": {"base_model": {"config": {"source": str(hub)}},
+                                                    "sft_model": {"config": {"steps": 2}}}})
+    assert result.success
+    manifests = home / "manifests"
+    assert json.loads((manifests / "base_model.json").read_text())["pretrained"] is True
+    sft = json.loads((manifests / "sft_model.json").read_text())
+    assert sft["pretrained"] is True                    # carried on to the stages after SFT
+    ran = json.loads(Path(sft["config_path"]).read_text())
+    assert (ran["learning_rate"], ran["num_epochs"], ran["max_steps"]) == (2e-5, 3.0, 2)
+
+
 def test_base_model_measures_the_data_and_widens_a_built_models_context(tmp_path: Path) -> None:
     """Prompts and answers of ~150 words: a built model needs more than its 256 positions."""
     import random
