@@ -88,6 +88,10 @@ class BaseModelConfig(dg.Config):
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the hub repo; only for sources you trust."
     )
+    pretrained: Optional[bool] = Field(
+        default=None, description="Whether the source's weights are trained: then SFT, the reward models and "
+        "PPO default to fine-tuning learning rates and epochs (PRETRAINED_DEFAULTS). None: a hub id or a "
+        "local folder is, a model built here is not; set false for a local folder of untrained weights.")
 
 
 class StageConfig(dg.Config):
@@ -303,9 +307,10 @@ PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
             "num_epochs": 3.0},               # transformers TrainingArguments.num_train_epochs (TRL keeps it)
     "reward": {"learning_rate": 9e-6,         # OpenRLHF train_rm examples (--learning_rate 9e-6
                "num_epochs": 1.0},            # --max_epochs 1), as DeepSpeed-Chat step 2's one epoch
-    "ppo": {"learning_rate": 3e-6,            # TRL PPOConfig.learning_rate
+    "ppo": {"learning_rate": 3e-6,            # TRL PPOConfig.learning_rate (trl.experimental.ppo)
             "critic_learning_rate": 9e-6},    # OpenRLHF train_ppo examples' --critic_learning_rate
-}
+}                                             # (their actor runs at 5e-7; TRL's value head shares 3e-6)
+# With LoRA (lora_rank) these full-fine-tuning rates are low: set learning_rate for the adapters.
 
 
 def start_defaults(stage: str, start: dict[str, Any] | None) -> dict[str, Any]:
@@ -315,15 +320,25 @@ def start_defaults(stage: str, start: dict[str, Any] | None) -> dict[str, Any]:
     ``overrides`` still win (:func:`core_config`)."""
     start = start or {}
     return {**length_defaults(stage, start.get("lengths")),
-            **(PRETRAINED_DEFAULTS[stage] if start.get("pretrained") else {})}
+            **(PRETRAINED_DEFAULTS[stage] if is_pretrained(start) else {})}
+
+
+def is_pretrained(start: dict[str, Any]) -> bool:
+    """A manifest's ``pretrained``; a base_model manifest written before it existed falls back
+    to its ``source`` (a stage manifest without it trained with the from-scratch defaults)."""
+    if start.get("pretrained") is not None:
+        return bool(start["pretrained"])
+    return bool(start.get("source")) and start["source"] not in BUILT_SIZES
 
 
 def core_config(stage: str, cfg: StageConfig, defaults: dict[str, Any] | None = None, **paths: Any) -> Any:
     """The ppo_core config of ``stage`` from the asset config plus the paths the asset resolved.
 
     ``defaults`` (the data's sequence lengths and a pretrained base model's fine-tuning
-    settings, :func:`start_defaults`) replace the engine's defaults; typed fields the operator set and ``overrides`` win over them. Typed fields at
-    their default (0 / None) keep the engine's default (its source is documented there).
+    settings, :func:`start_defaults`) replace the engine's defaults; typed fields the operator
+    set and ``overrides`` win over them. Typed fields at their default (0 / None) keep that
+    default: the engine's (its source is documented there), or the one ``defaults`` put in its
+    place.
     ``overrides`` set any other field (nested ones as mappings, e.g. ``strategy``); ppo_core's
     strict loader rejects an unknown name or a wrong type, naming the valid ones.
     """
@@ -502,7 +517,7 @@ def train_stage(
     (:func:`start_defaults`); this stage's manifest carries both on to the stages after it.
     """
     start = start or {}
-    seq, pretrained = start.get("lengths"), bool(start.get("pretrained"))
+    seq, pretrained = start.get("lengths"), is_pretrained(start)
     if pretrained:
         context.log.info(f"pretrained base model: {stage} defaults to fine-tuning settings "
                          f"{PRETRAINED_DEFAULTS[stage]} (typed fields and overrides win)")
@@ -678,6 +693,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
         if config.arch not in models.ARCHITECTURES:
             raise dg.Failure(description=f"base_model: arch={config.arch!r} is not one the builder knows; "
                              f"choose one of {', '.join(models.ARCHITECTURES)}")
+        if config.pretrained:
+            raise dg.Failure(description=f"base_model: pretrained: true, but source {source!r} builds a model "
+                             "with random weights: leave pretrained unset (or false)", allow_retries=False)
         if source != "auto" and any(dims.values()):
             raise dg.Failure(description=f"base_model: n_layer / n_embd / n_head size an 'auto' model; source "
                              f"{source!r} has a fixed size ({models.MODEL_SIZES[source]}): set source: auto")
@@ -711,11 +729,12 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
         except ValueError as exc:
             raise dg.Failure(description=f"base_model: {exc}", allow_retries=False) from exc
     context.log.info(f"sequence lengths for this data: {seq}")
-    manifest = {"model_path": str(out / "final"), "source": source, "pretrained": source not in BUILT_SIZES,
+    pretrained = source not in BUILT_SIZES if config.pretrained is None else config.pretrained
+    manifest = {"model_path": str(out / "final"), "source": source, "pretrained": pretrained,
                 "data_version": _data_version(dataset_splits), "n_params": n_params, **arch, "lengths": seq}
     return dg.MaterializeResult(value=manifest, data_version=dg.DataVersion(model_dir_version(out / "final")),
                                 metadata={"model_path": dg.MetadataValue.path(str(out / "final")), "source": source,
-                                          "pretrained": source not in BUILT_SIZES,
+                                          "pretrained": pretrained,
                                           "n_params": n_params, **arch, "context": positions or "unknown",
                                           "lengths": dg.MetadataValue.json(seq)})
 

@@ -6,8 +6,10 @@ trained). For the ensemble comparisons in BENCHMARKS.md; the engine itself runs 
 ``$ENS_MODE``: ``mean`` (default) averages the raw scores; ``lcb`` and ``min`` are the
 conservative objectives of Coste et al. 2023 ("Reward Model Ensembles Help Mitigate
 Overoptimization"): each member's scores are standardised with the mean and std of the first
-call (PPO's first rollout, the SFT policy's samples), then ``lcb`` returns mean - ``$ENS_LAMBDA``
-(default 1) x std over members and ``min`` the lowest member.
+call in the process (with ``normalize_reward``, PPO's default, the first batch of reference
+samples its reward normaliser draws; a resumed run refits them on its own first batch), then
+``lcb`` returns mean - ``$ENS_LAMBDA`` (default 1) x std over members and ``min`` the lowest
+member.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ def combine(raw: torch.Tensor, mode: str, lam: float, stats: list[torch.Tensor])
     if mode not in ("lcb", "min"):
         raise ValueError(f"ENS_MODE={mode!r}: mean, lcb or min")
     if not stats:
+        if raw.shape[1] < 2:
+            raise ValueError(f"ENS_MODE={mode!r} standardises on its first call, which needs at least two "
+                             f"responses (got {raw.shape[1]})")
         stats.extend([raw.mean(1, keepdim=True), raw.std(1, keepdim=True).clamp(min=1e-6)])
     z = (raw - stats[0]) / stats[1]
     return z.min(0).values if mode == "min" else z.mean(0) - lam * z.std(0)

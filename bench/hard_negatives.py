@@ -24,9 +24,10 @@ def nearest_prompts(prompts: Sequence[str], k: int, seed: int, chunk: int = 1024
     """``(n, k)`` indices of each prompt's ``k`` most similar other prompts.
 
     Similarity is the cosine of the prompts' word sets weighted by inverse document frequency
-    (scikit-learn's smoothed idf), so shared rare words (the items a prompt names) count and
-    shared template words barely do. Rows with the same prompt text are never neighbours; ties
-    are broken at random (``seed``). Memory: ``chunk x n`` floats at a time.
+    (scikit-learn's smoothed idf), so shared rare words (the items a prompt names) count more
+    than shared template words. Rows with the same prompt text rank last (a row's own text
+    appears only when ``k`` exceeds the other distinct prompts); similarities within 1e-4 of
+    each other are ties, broken at random (``seed``). Memory: a few ``chunk x n`` arrays.
     """
     n = len(prompts)
     vocab: dict[str, int] = {}

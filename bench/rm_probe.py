@@ -52,6 +52,8 @@ p.add_argument("--partner", choices=("random", "similar"), default="random",
                help="mismatched partner: random (the engine's) or similar (bench.hard_negatives)")
 p.add_argument("--partner-k", type=int, default=8, help="similar: the partner is one of this many nearest prompts")
 p.add_argument("--center", type=float, default=0.0, help="centering loss coefficient on (r_c + r_r)^2")
+p.add_argument("--trunk-lr-mult", type=float, default=1.0,
+               help="the trunk's LR is this times --lr (the score head keeps --lr); 0 freezes the trunk")
 p.add_argument("--ema", type=float, default=0.0, help="also report the agreement of an EMA of the weights (decay)")
 p.add_argument("--save", default="", help="save the final reward model here (save_pretrained)")
 p.add_argument("--dump", default="", help="write the test pairs' scores (final and at the best eval loss) here, .pt")
@@ -177,7 +179,10 @@ def agreement(c, r):
 bs = 32
 steps_per_epoch = len(tr) // bs
 total = int(steps_per_epoch * args.epochs)
-opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+head_ids = {id(q) for q in head.parameters()}
+groups = [{"params": [q for q in model.parameters() if id(q) in head_ids], "lr": args.lr},
+          {"params": [q for q in model.parameters() if id(q) not in head_ids], "lr": args.lr * args.trunk_lr_mult}]
+opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
 sched = get_cosine_schedule_with_warmup(opt, int(0.03 * total), total)
 g = torch.Generator().manual_seed(args.seed)
 best = (float("inf"), None)

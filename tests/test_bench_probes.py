@@ -12,7 +12,7 @@ from bench.hard_negatives import nearest_prompts, similar_mismatched_pairs
 
 PROMPTS = [
     "make a soup with leek and corn .",    # 0
-    "make a soup with leek and tofu .",    # 1: shares soup, leek with 0
+    "make a soup with leek and tofu .",    # 1: shares soup, leek with 0 (and with 3)
     "make a stew with beef and rice .",    # 2
     "make a soup with leek and corn .",    # 3: the same text as 0, never its neighbour
     "make a stew with beef and lamb .",    # 4: shares stew, beef with 2
@@ -22,16 +22,30 @@ PROMPTS = [
 def test_nearest_prompt_shares_the_rare_words_and_is_never_the_same_text() -> None:
     near = nearest_prompts(PROMPTS, k=1, seed=0)
     assert near.shape == (5, 1)
-    assert near[:, 0].tolist() == [1, 0, 4, 1, 2]
+    assert near[[0, 2, 3, 4], 0].tolist() == [1, 4, 1, 2]
+    assert near[1, 0] in (0, 3)          # 0 and 3 are the same text: an exact tie, broken at random
+    two = nearest_prompts(PROMPTS, k=2, seed=0)
+    assert sorted(two[1].tolist()) == [0, 3]
+    assert 3 not in two[0] and 0 not in two[3]
+
+
+def test_idf_weighting_lets_one_rare_word_beat_two_template_words() -> None:
+    """Unweighted word-set cosine ranks "make a corn" nearest to "make a leek" (2/3 against
+    1/sqrt(6) for "leek tart"); with twenty more "make a ..." prompts the template words weigh
+    ln(24/23) + 1 ~ 1.04 each and "leek" ln(24/3) + 1 ~ 3.08, which puts "leek tart" first
+    (cosine ~ 0.60 against ~ 0.17)."""
+    prompts = ["make a leek", "make a corn", "leek tart"] + [f"make a w{i}" for i in range(20)]
+    assert nearest_prompts(prompts, k=1, seed=0)[0, 0] == 2
 
 
 def test_similar_partners_answer_a_nearest_other_prompt() -> None:
     rows = [{"prompt": p, "chosen": f"answer {i}", "rejected": "no"} for i, p in enumerate(PROMPTS)]
     pairs = similar_mismatched_pairs(rows, fraction=1.0, seed=0, k=1)
     assert len(pairs) == 5
-    expected = {"answer 0": "answer 1", "answer 1": "answer 0", "answer 2": "answer 4",
-                "answer 3": "answer 1", "answer 4": "answer 2"}
-    assert {p["chosen"]: p["rejected"] for p in pairs} == expected
+    got = {p["chosen"]: p["rejected"] for p in pairs}
+    assert {k: got[k] for k in ("answer 0", "answer 2", "answer 3", "answer 4")} == {
+        "answer 0": "answer 1", "answer 2": "answer 4", "answer 3": "answer 1", "answer 4": "answer 2"}
+    assert got["answer 1"] in ("answer 0", "answer 3")
     assert all(p["margin"] == 0.0 for p in pairs)
     assert similar_mismatched_pairs(rows, fraction=0.0, seed=0) == []
 
@@ -44,11 +58,14 @@ def test_ensemble_rewards_by_hand() -> None:
     z = 1 / 2 ** 0.5
     assert combine(raw, "min", 1.0, stats).tolist() == pytest.approx([-z, z])
     assert combine(raw, "lcb", 1.0, stats).tolist() == pytest.approx([-z, z])   # members agree: std 0
-    # later calls reuse the first call's statistics: member 1 now says 2, member 2 says 10
-    later = torch.tensor([[2.0], [10.0]])
-    z1, z2 = (2.0 - 2.0) * z, (10.0 - 20.0) / (200 ** 0.5)
+    # later calls reuse the first call's statistics (means 2 and 20, stds 2**0.5 and 200**0.5):
+    # member 1 now says 4, member 2 says 10
+    later = torch.tensor([[4.0], [10.0]])
+    z1, z2 = (4.0 - 2.0) / 2 ** 0.5, (10.0 - 20.0) / 200 ** 0.5
     assert combine(later, "min", 1.0, stats).tolist() == pytest.approx([min(z1, z2)])
     mean, std = (z1 + z2) / 2, abs(z1 - z2) / 2 ** 0.5
     assert combine(later, "lcb", 2.0, stats).tolist() == pytest.approx([mean - 2.0 * std])
     with pytest.raises(ValueError, match="ENS_MODE"):
         combine(raw, "max", 1.0, [])
+    with pytest.raises(ValueError, match="at least two"):
+        combine(torch.tensor([[1.0], [2.0]]), "lcb", 1.0, [])

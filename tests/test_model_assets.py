@@ -482,14 +482,18 @@ def test_a_pretrained_start_fine_tunes_below_typed_fields_and_overrides(stage: s
     # the lengths still come along with the pretrained settings
     assert start_defaults(stage, {"lengths": seq, "pretrained": True}) == {
         **length_defaults(stage, seq), **PRETRAINED[stage]}
+    # a base_model manifest from before the flag existed: its source decides
+    assert core(cls(), {"source": "Qwen/Qwen2.5-0.5B"}) == PRETRAINED[stage]
+    assert core(cls(), {"source": "auto"}) == SCRATCH[stage]
     assert core(cls(learning_rate=5e-5), {"pretrained": True})["learning_rate"] == 5e-5
     other = next(k for k in PRETRAINED[stage] if k != "learning_rate")
     assert core(cls(overrides={other: 2.0}), {"pretrained": True})[other] == 2.0
 
 
 def test_sft_from_a_local_pretrained_folder_runs_with_fine_tuning_defaults(tmp_path: Path) -> None:
-    """base_model marks a local save_pretrained folder (a GPT-2 built from its real config) as
-    pretrained, and sft_model's stage config, the one the engine ran with, has TRL's settings."""
+    """base_model counts a local save_pretrained folder (here a GPT-2 built from its real config,
+    standing in for a trained one) as pretrained unless told otherwise, and sft_model's stage
+    config, the one the engine ran with, has TRL's settings."""
     import pandas as pd
 
     from assets.models import base_model, sft_model
@@ -521,6 +525,18 @@ def test_sft_from_a_local_pretrained_folder_runs_with_fine_tuning_defaults(tmp_p
     assert sft["pretrained"] is True                    # carried on to the stages after SFT
     ran = json.loads(Path(sft["config_path"]).read_text())
     assert (ran["learning_rate"], ran["num_epochs"], ran["max_steps"]) == (2e-5, 3.0, 2)
+
+    # a local folder of untrained weights says so, and trains with the from-scratch defaults
+    home = tmp_path / "home2"
+    with env_vars(RLHF_HOME=str(home)):
+        result = dg.materialize([splits_stub, base_model, sft_model], resources=local_resources(home),
+                                run_config={"ops": {"base_model": {"config": {"source": str(hub), "pretrained": False}},
+                                                    "sft_model": {"config": {"steps": 2}}}})
+    assert result.success
+    sft = json.loads((home / "manifests" / "sft_model.json").read_text())
+    assert sft["pretrained"] is False
+    ran = json.loads(Path(sft["config_path"]).read_text())
+    assert (ran["learning_rate"], ran["num_epochs"]) == (1e-3, 10.0)
 
 
 def test_base_model_measures_the_data_and_widens_a_built_models_context(tmp_path: Path) -> None:
@@ -579,4 +595,24 @@ def test_base_model_refuses_dimensions_for_a_fixed_size(tmp_path: Path) -> None:
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "source 'tiny' has a fixed size" in str(failure.event_specific_data.error)
+    assert not (home / "manifests" / "base_model.json").exists()
+
+
+def test_base_model_refuses_pretrained_for_a_model_built_here(tmp_path: Path) -> None:
+    """pretrained: true on a built model would fine-tune random weights at 2e-5: an error instead."""
+    from assets.models import base_model
+    from pipelines.io_managers import JsonManifestIOManager
+
+    @dg.asset(name="dataset_splits")
+    def splits_stub() -> dict:
+        return {"split_dir": str(tmp_path), "data_version": "dv"}
+
+    home = tmp_path / "home"
+    with env_vars(RLHF_HOME=str(home)):
+        result = dg.materialize([splits_stub, base_model], raise_on_error=False, resources={
+            "io_manager": JsonManifestIOManager(base_dir=str(home / "manifests"))},
+            run_config={"ops": {"base_model": {"config": {"source": "auto", "pretrained": True}}}})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "builds a model with random weights" in str(failure.event_specific_data.error)
     assert not (home / "manifests" / "base_model.json").exists()
