@@ -578,8 +578,13 @@ def test_base_model_measures_the_data_and_widens_a_built_models_context(tmp_path
     assert result.asset_materializations_for_node("base_model")[0].metadata["context"].value == positions
 
 
-def test_base_model_refuses_dimensions_for_a_fixed_size(tmp_path: Path) -> None:
-    """n_layer with source 'tiny' would be ignored (tiny is 2 x 128): it is an error instead."""
+@pytest.mark.parametrize("config, message", [
+    # n_layer with source 'tiny' would be ignored (tiny is 2 x 128)
+    ({"source": "tiny", "n_layer": 4}, "source 'tiny' has a fixed size"),
+    # a built model has random weights: fine-tuning them at 2e-5 would barely train them
+    ({"source": "auto", "pretrained": True}, "builds a model with random weights"),
+])
+def test_base_model_refuses_a_setting_it_would_otherwise_ignore(config: dict, message: str, tmp_path: Path) -> None:
     from assets.models import base_model
     from pipelines.io_managers import JsonManifestIOManager
 
@@ -591,28 +596,8 @@ def test_base_model_refuses_dimensions_for_a_fixed_size(tmp_path: Path) -> None:
     with env_vars(RLHF_HOME=str(home)):
         result = dg.materialize([splits_stub, base_model], raise_on_error=False, resources={
             "io_manager": JsonManifestIOManager(base_dir=str(home / "manifests"))},
-            run_config={"ops": {"base_model": {"config": {"source": "tiny", "n_layer": 4}}}})
+            run_config={"ops": {"base_model": {"config": config}}})
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "source 'tiny' has a fixed size" in str(failure.event_specific_data.error)
-    assert not (home / "manifests" / "base_model.json").exists()
-
-
-def test_base_model_refuses_pretrained_for_a_model_built_here(tmp_path: Path) -> None:
-    """pretrained: true on a built model would fine-tune random weights at 2e-5: an error instead."""
-    from assets.models import base_model
-    from pipelines.io_managers import JsonManifestIOManager
-
-    @dg.asset(name="dataset_splits")
-    def splits_stub() -> dict:
-        return {"split_dir": str(tmp_path), "data_version": "dv"}
-
-    home = tmp_path / "home"
-    with env_vars(RLHF_HOME=str(home)):
-        result = dg.materialize([splits_stub, base_model], raise_on_error=False, resources={
-            "io_manager": JsonManifestIOManager(base_dir=str(home / "manifests"))},
-            run_config={"ops": {"base_model": {"config": {"source": "auto", "pretrained": True}}}})
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "builds a model with random weights" in str(failure.event_specific_data.error)
+    assert message in str(failure.event_specific_data.error)
     assert not (home / "manifests" / "base_model.json").exists()
