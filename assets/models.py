@@ -732,7 +732,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
     pretrained = source not in BUILT_SIZES if config.pretrained is None else config.pretrained
     manifest = {"model_path": str(out / "final"), "source": source, "pretrained": pretrained,
                 "data_version": _data_version(dataset_splits), "n_params": n_params, **arch, "lengths": seq}
-    return dg.MaterializeResult(value=manifest, data_version=dg.DataVersion(model_dir_version(out / "final")),
+    # the flag changes every stage's defaults, so flipping it on the same weights is new data
+    version = model_dir_version(out / "final") + ("+pretrained" if pretrained else "")
+    return dg.MaterializeResult(value=manifest, data_version=dg.DataVersion(version),
                                 metadata={"model_path": dg.MetadataValue.path(str(out / "final")), "source": source,
                                           "pretrained": pretrained,
                                           "n_params": n_params, **arch, "context": positions or "unknown",

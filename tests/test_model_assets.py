@@ -521,6 +521,8 @@ def test_sft_from_a_local_pretrained_folder_runs_with_fine_tuning_defaults(tmp_p
     assert result.success
     manifests = home / "manifests"
     assert json.loads((manifests / "base_model.json").read_text())["pretrained"] is True
+    pretrained_version = result.asset_materializations_for_node("base_model")[0].tags["dagster/data_version"]
+    assert pretrained_version.endswith("+pretrained")     # the same weights marked untrained are other data
     sft = json.loads((manifests / "sft_model.json").read_text())
     assert sft["pretrained"] is True                    # carried on to the stages after SFT
     ran = json.loads(Path(sft["config_path"]).read_text())
@@ -533,6 +535,8 @@ def test_sft_from_a_local_pretrained_folder_runs_with_fine_tuning_defaults(tmp_p
                                 run_config={"ops": {"base_model": {"config": {"source": str(hub), "pretrained": False}},
                                                     "sft_model": {"config": {"steps": 2}}}})
     assert result.success
+    untrained_version = result.asset_materializations_for_node("base_model")[0].tags["dagster/data_version"]
+    assert untrained_version + "+pretrained" == pretrained_version
     sft = json.loads((home / "manifests" / "sft_model.json").read_text())
     assert sft["pretrained"] is False
     ran = json.loads(Path(sft["config_path"]).read_text())
