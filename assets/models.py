@@ -324,8 +324,9 @@ def start_defaults(stage: str, start: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def is_pretrained(start: dict[str, Any]) -> bool:
-    """A manifest's ``pretrained``; a base_model manifest written before it existed falls back
-    to its ``source`` (a stage manifest without it trained with the from-scratch defaults)."""
+    """A manifest's ``pretrained`` (or base_model's setting); unset, a ``source`` other than a
+    built size is pretrained: so base_model decides, and its manifests from before the flag
+    existed are read (a stage manifest without it trained with the from-scratch defaults)."""
     if start.get("pretrained") is not None:
         return bool(start["pretrained"])
     return bool(start.get("source")) and start["source"] not in BUILT_SIZES
@@ -729,7 +730,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, datas
         except ValueError as exc:
             raise dg.Failure(description=f"base_model: {exc}", allow_retries=False) from exc
     context.log.info(f"sequence lengths for this data: {seq}")
-    pretrained = source not in BUILT_SIZES if config.pretrained is None else config.pretrained
+    pretrained = is_pretrained({"source": source, "pretrained": config.pretrained})
     manifest = {"model_path": str(out / "final"), "source": source, "pretrained": pretrained,
                 "data_version": _data_version(dataset_splits), "n_params": n_params, **arch, "lengths": seq}
     # the flag changes every stage's defaults, so flipping it on the same weights is new data

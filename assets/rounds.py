@@ -323,9 +323,10 @@ class RoundRewardModelConfig(RewardModelConfig):
     min_accuracy: float = Field(default=0.6, description="Gate: pairwise accuracy on the RM eval split the "
                                 "refreshed model must reach (chance is 0.5).")
     epochs: float = Field(default=1.0, description="Epochs over the cumulative pairs; the last weights are "
-                          "shipped, as reward_model does; 0: the engine's 4 (1 after a pretrained base model). One epoch, as InstructGPT and OpenRLHF "
-                          "train reward models, suffices for a warm start; with the engine's 4 it took 117 of a "
-                          "round's 208 s on the embedded default (README, rounds).")
+                          "shipped, as reward_model does; 0: the engine's 4 (1 after a pretrained base model). "
+                          "One epoch, as InstructGPT and OpenRLHF train reward models, suffices for a warm start; "
+                          "with the engine's 4 it took 117 of a round's 208 s on the embedded default (README, "
+                          "rounds).")
 
 
 def _latest_reward_model(context: dg.AssetExecutionContext, base: dict) -> tuple[str, str]:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import sparse
+
+from ppo_core.reward import mismatched_pairs, pairs_from_partners
 
 
 def nearest_prompts(prompts: Sequence[str], k: int, seed: int, chunk: int = 1024) -> np.ndarray:
@@ -58,31 +60,21 @@ def similar_mismatched_pairs(rows: list[dict[str, Any]], fraction: float, seed: 
                              k: int = 8) -> list[dict[str, Any]]:
     """Up to ``round(fraction * len(rows))`` pairs ``(prompt_i, chosen_i) > (prompt_i, chosen_j)``
     with ``j`` drawn from the ``k`` prompts nearest to ``i`` (:func:`nearest_prompts`) whose
-    prompt and chosen text differ from ``i``'s. Margins are 0."""
+    prompt and chosen text differ from ``i``'s (``ppo_core.reward.pairs_from_partners``, the
+    engine's own loop). Margins are 0."""
     n_out = round(fraction * len(rows))
     if n_out == 0 or len(rows) < 2:
         return []
     near = nearest_prompts([r["prompt"] for r in rows], k, seed)
     rng = np.random.default_rng(seed)
-    out: list[dict[str, Any]] = []
-    while len(out) < n_out:
-        found = len(out)
-        for i in rng.permutation(len(rows))[: n_out - len(out)]:
-            a = rows[i]
-            for j in rng.permutation(near[i]):
-                b = rows[j]
-                if b["prompt"] != a["prompt"] and b["chosen"] != a["chosen"]:
-                    out.append({"prompt": a["prompt"], "chosen": a["chosen"], "rejected": b["chosen"],
-                                "margin": 0.0})
-                    break
-        if len(out) == found:  # no row has a partner: more passes would find none either
-            break
-    return out
+
+    def draw_pass(left: int) -> Iterable[tuple[int, Iterable[int]]]:
+        return ((i, rng.permutation(near[i])) for i in rng.permutation(len(rows))[:left])
+
+    return pairs_from_partners(rows, n_out, draw_pass)
 
 
 def main() -> None:
-    from ppo_core.reward import mismatched_pairs
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("task", help="a generality task name (bench.tasks.<name>:gold_score_batch)")
     p.add_argument("pairs", help="its pairs.jsonl")

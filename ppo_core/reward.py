@@ -19,7 +19,7 @@ Normalising scores on reference-policy samples happens in the PPO engine, not he
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,16 +182,31 @@ def mismatched_pairs(rows: list[dict[str, Any]], fraction: float, seed: int) -> 
     chosen text both differ from ``i``'s, so every pair is a real mismatch. A row without such a
     partner gives none, and a pass that finds no pair at all ends the search. Margins are 0.
     """
-    n_out = round(fraction * len(rows))
+    n = len(rows)
     rng = np.random.default_rng(seed)
+
+    def draw_pass(left: int) -> Iterable[tuple[int, Iterable[int]]]:
+        first, second = rng.permutation(n), rng.permutation(n)
+        return ((i, (second[(k + step) % n] for step in range(n))) for k, i in enumerate(first[:left]))
+
+    return pairs_from_partners(rows, round(fraction * n), draw_pass)
+
+
+def pairs_from_partners(rows: list[dict[str, Any]], n_out: int,
+                        draw_pass: Callable[[int], Iterable[tuple[int, Iterable[int]]]]) -> list[dict[str, Any]]:
+    """Up to ``n_out`` pairs ``(prompt_i, chosen_i) > (prompt_i, chosen_j)``, margin 0.
+
+    Each pass calls ``draw_pass(pairs still missing)`` for rows ``i``, each with its partner
+    candidates ``j`` in order of preference; the first ``j`` whose prompt and chosen text both
+    differ from ``i``'s is taken. A pass that finds no pair at all ends the search.
+    """
     out: list[dict[str, Any]] = []
     while len(out) < n_out:
-        first, second = rng.permutation(len(rows)), rng.permutation(len(rows))
         found = len(out)
-        for k, i in enumerate(first[: n_out - len(out)]):
+        for i, partners in draw_pass(n_out - len(out)):
             a = rows[i]
-            for step in range(len(rows)):
-                b = rows[second[(k + step) % len(rows)]]
+            for j in partners:
+                b = rows[j]
                 if b["prompt"] != a["prompt"] and b["chosen"] != a["chosen"]:
                     out.append({"prompt": a["prompt"], "chosen": a["chosen"], "rejected": b["chosen"],
                                 "margin": 0.0})

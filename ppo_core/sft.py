@@ -77,8 +77,9 @@ class SFTConfig:
     model). Measured with ``lr_scheduler`` below over 10 epochs, gold reward of the SFT samples
     (96 test prompts x 4, temperature 0.7), 1e-3 linear / 2e-3 cosine: bench/tasks/constraints.py
     1.69 / 1.03, style 1.98 / 1.84, arithmetic 1.59 / 1.52; on the bundled task 0.41 against two
-    early-stopped 2e-3 cosine runs at 0.17 and 0.42 (36 prompts there: within its noise). Use ~2e-5 (TRL SFTConfig's default) for a pretrained hub model; the pipeline's stages do so
-    when ``base_model`` is pretrained (``assets.models.PRETRAINED_DEFAULTS``)."""
+    early-stopped 2e-3 cosine runs at 0.17 and 0.42 (36 prompts there: within its noise). Use
+    ~2e-5 (TRL SFTConfig's default) for a pretrained hub model; the pipeline's stages do so when
+    ``base_model`` is pretrained (``assets.models.PRETRAINED_DEFAULTS``)."""
     weight_decay: float = 0.0
     """AdamW weight decay (HF TrainingArguments default 0)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
