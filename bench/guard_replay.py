@@ -58,10 +58,13 @@ def guard_points(by_step: dict[int, list[dict]]) -> list[GuardPoint]:
 
 
 def kept_step(points: list[GuardPoint], select_z: float, patience: int, stop_z: float,
-              kl_budget: float | None) -> int:
+              kl_budget: float | None, budget_stops: bool = False) -> int:
     """The step a guard with these settings ships (the last evaluated one when nothing beat the
-    reference, as ``ppo_core.ppo.train`` does)."""
-    guard = OveroptimizationGuard(kl_budget, patience, stop_z=stop_z, select_z=select_z)
+    reference, as ``ppo_core.ppo.train`` does). ``budget_stops`` as the engine sets it: False
+    for a run under a KL ceiling (the default), whose points over the budget are never kept
+    but do not count towards stopping; True for a run with a fixed beta."""
+    guard = OveroptimizationGuard(kl_budget, patience, stop_z=stop_z, select_z=select_z,
+                                  budget_stops=budget_stops)
     for p in points:
         if guard.update(p).stop:
             break
@@ -81,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-z", type=float, default=1.0, help="guard_stop_z of the runs (engine default 1)")
     ap.add_argument("--kl-budget", default="none",
                     help="comma-separated guard_kl_budget values (nats/response; 'none': no budget)")
+    ap.add_argument("--budget-stops", action="store_true",
+                    help="points over the KL budget count towards stopping, as in a run without a "
+                         "KL ceiling; by default they do not, as under the engine's default ceiling")
     args = ap.parse_args(argv)
     budgets = [None if b.strip().lower() == "none" else float(b) for b in args.kl_budget.split(",")]
     rules = [(float(z), b) for b in budgets for z in args.z.split(",")]
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             points = guard_points(by_step)
             cells = []
             for z, budget in rules:
-                step = kept_step(points, z, args.patience, args.stop_z, budget)
+                step = kept_step(points, z, args.patience, args.stop_z, budget, args.budget_stops)
                 win = statistics.fmean((a > b) + 0.5 * (a == b) for a, b in zip(g[step], g[0]))
                 kl = next(p.kl for p in points if p.step == step)
                 results[(z, budget)].append((win, kl))

@@ -56,3 +56,16 @@ def test_main_replays_each_kl_budget(tmp_path: Path, capsys) -> None:
     assert "z=0: step  10 gold   2.00 win 0.750 KL  2.00" in out
     assert "z=0,kl<=1.5: step   5 gold   2.00 win 1.000 KL  1.00" in out
     assert "z=0,kl<=1.5: win rate over the reference +0.2500" in out
+
+
+def test_points_over_the_budget_stop_a_replay_only_without_a_ceiling() -> None:
+    from ppo_core.guard import GuardPoint
+    pts = [GuardPoint(step=0, proxy=0.0, heldout=0.0, heldout_se=0.05, kl=0.0, kl_se=0.0),
+           GuardPoint(step=5, proxy=1.0, heldout=0.45, heldout_se=0.05, kl=1.0, kl_se=0.1),
+           GuardPoint(step=10, proxy=2.0, heldout=0.9, heldout_se=0.05, kl=3.0, kl_se=0.1),
+           GuardPoint(step=15, proxy=2.5, heldout=0.9, heldout_se=0.05, kl=3.0, kl_se=0.1),
+           GuardPoint(step=20, proxy=2.5, heldout=0.8, heldout_se=0.05, kl=1.5, kl_se=0.1)]
+    # budget 2 nats, patience 2: steps 10 and 15 are over it. A fixed-beta run stops there and
+    # ships step 5; under a KL ceiling (the engine's default) they never count, and step 20 wins
+    assert kept_step(pts, 0.0, patience=2, stop_z=1.0, kl_budget=2.0, budget_stops=True) == 5
+    assert kept_step(pts, 0.0, patience=2, stop_z=1.0, kl_budget=2.0) == 20

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bench.tasks import TASKS, USER_CONFIG, gold_scorer_spec, write_task
-from bench.tasks import arithmetic, constraints, recipe, style
+from bench.tasks import arithmetic, constraints, facts, recipe, style
 from bench.tasks.__main__ import main as tasks_cli
 from bench.tasks.common import bt_preference, label_stats
 
@@ -120,6 +120,25 @@ STEW = "make a stew with leek , tofu and corn ."
 def test_recipe_gold(prompt: str, response: str, expected: float) -> None:
     assert recipe.gold_reward(prompt, response) == pytest.approx(expected)
     assert recipe.parse_prompt(prompt) == ["leek", "tofu", "corn"]
+
+
+KITE_DRUM = "what colour are the kite and the drum ?"   # kite is red, drum is blue
+
+
+@pytest.mark.parametrize("prompt, response, expected", [
+    (KITE_DRUM, "the kite is red . the drum is blue .", 4.0),
+    # a wrong colour (-1.5) costs more than saying so (-0.5)
+    (KITE_DRUM, "the kite is red . the drum is green .", 0.5),
+    (KITE_DRUM, "the kite is red . no idea about the drum .", 1.5),
+    # kite +2; kite again -1; an object nobody asked about -1.5; drum never addressed -1
+    (KITE_DRUM, "the kite is red . the kite is red . the boat is white .", -1.5),
+    # malformed (-2, and the kite then unaddressed -1); drum +2; no final period -1
+    (KITE_DRUM, "the kite is . the drum is blue", -2.0),
+    ("tell me the colour of the boat .", "", -2.0),
+])
+def test_facts_gold(prompt: str, response: str, expected: float) -> None:
+    assert facts.gold_reward(prompt, response) == pytest.approx(expected)
+    assert facts.best_possible_reward(prompt) == pytest.approx(2.0 * len(facts.parse_prompt(prompt)))
 
 
 def test_bt_preference() -> None:

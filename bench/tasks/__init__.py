@@ -1,7 +1,8 @@
 """The generality suite: preference tasks of different shapes, each with a known gold reward.
 
-Each task module (``constraints``, ``style``, ``arithmetic``, ``recipe``; see their docstrings) is a seeded
-generator of TRL-format pairs labelled with Bradley-Terry noise on a gold reward:
+Each task module (``constraints``, ``style``, ``arithmetic``, ``recipe``, ``facts``; see their
+docstrings) is a seeded generator of TRL-format pairs labelled with Bradley-Terry noise on a
+gold reward:
 
     generate_pairs(n_pairs, seed=0, noise_temperature=BT_TEMPERATURE) -> DataFrame  # prompt, chosen, rejected
     gold_score_batch(prompts, responses) -> list[float]   # the evaluation_report.gold_scorer signature
@@ -20,12 +21,12 @@ from types import ModuleType
 
 import yaml
 
-from bench.tasks import arithmetic, constraints, recipe, style
+from bench.tasks import arithmetic, constraints, facts, recipe, style
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 USER_CONFIG = REPO_ROOT / "configs" / "user_dataset.yaml"
 TASKS: dict[str, ModuleType] = {"constraints": constraints, "style": style, "arithmetic": arithmetic,
-                                "recipe": recipe}
+                                "recipe": recipe, "facts": facts}
 
 
 def gold_scorer_spec(name: str) -> str:
