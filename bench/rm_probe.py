@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ppo_core.data import encode_prompt, encode_prompt_response, pad_sequences
 from ppo_core.models import build_scorer_from_causal_lm, load_tokenizer, trunk_of, score_head
 from ppo_core.reward import bradley_terry_loss, mismatched_pairs
+from bench.repeat_negatives import repeated_segment_pairs
 
 
 p = argparse.ArgumentParser()
@@ -51,6 +52,9 @@ p.add_argument("--mismatch", type=float, default=0.0)
 p.add_argument("--partner", choices=("random", "similar"), default="random",
                help="mismatched partner: random (the engine's) or similar (bench.hard_negatives)")
 p.add_argument("--partner-k", type=int, default=8, help="similar: the partner is one of this many nearest prompts")
+p.add_argument("--repeat", type=float, default=0.0,
+               help="F x the real pairs more, a chosen answer over itself with one segment repeated "
+                    "(bench.repeat_negatives)")
 p.add_argument("--center", type=float, default=0.0, help="centering loss coefficient on (r_c + r_r)^2")
 p.add_argument("--trunk-lr-mult", type=float, default=1.0,
                help="the trunk's LR is this times --lr (the score head keeps --lr); 0 freezes the trunk")
@@ -81,8 +85,11 @@ if args.gold_labels:
     c2 = [r if f else c for c, r, f in zip(train.chosen, train.rejected, flip)]
     r2 = [c if f else r for c, r, f in zip(train.chosen, train.rejected, flip)]
     train = train.assign(chosen=c2, rejected=r2)
+records = train[["prompt", "chosen", "rejected"]].to_dict("records")
+if args.repeat > 0:
+    rep = repeated_segment_pairs(records, args.repeat, args.seed + 1)
+    print("repeated-segment pairs added", len(rep), flush=True)
 if args.mismatch > 0:  # the engine's own pairs (ppo_core.reward.mismatched_pairs)
-    records = train[["prompt", "chosen", "rejected"]].to_dict("records")
     if args.partner == "similar":
         from bench.hard_negatives import similar_mismatched_pairs
         extra = similar_mismatched_pairs(records, args.mismatch, args.seed, k=args.partner_k)
@@ -90,6 +97,8 @@ if args.mismatch > 0:  # the engine's own pairs (ppo_core.reward.mismatched_pair
         extra = mismatched_pairs(records, args.mismatch, args.seed)
     train = pd.concat([train, pd.DataFrame(extra)[["prompt", "chosen", "rejected"]]], ignore_index=True)
     print("mismatched pairs added", len(extra), flush=True)
+if args.repeat > 0:
+    train = pd.concat([train, pd.DataFrame(rep)[["prompt", "chosen", "rejected"]]], ignore_index=True)
 print("train pairs", len(train), flush=True)
 ev = pd.read_parquet(split / "rm_eval.parquet")
 test = pd.read_parquet(split / "test_pairs.parquet")
@@ -225,7 +234,7 @@ if EMA:
     model.load_state_dict(EMA)
     ema_scores = evaluate(ted)
     ema_agree = agreement(*ema_scores)
-print(json.dumps({"center": args.center, "ema": args.ema, "ema_final": ema_agree, "lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed,
+print(json.dumps({"center": args.center, "ema": args.ema, "ema_final": ema_agree, "lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "repeat": args.repeat, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed,
                   "best_step": best[1][0], "gold_agree_at_best": best[1][1], "final": hist[-1][3]}))
 if args.dump:  # bench/rm_ensemble.py averages several probes' dumps
     torch.save({"best": best_scores, "final": last_scores, "ema": ema_scores if EMA else None, "gold": (g_c, g_r)}, args.dump)

@@ -1,5 +1,6 @@
 """The reward-model probes behind BENCHMARKS.md's negative results give the numbers they claim:
-similar-prompt partners (``bench/hard_negatives.py``) and the conservative ensemble rewards
+similar-prompt partners (``bench/hard_negatives.py``), repeated-segment negatives
+(``bench/repeat_negatives.py``) and the conservative ensemble rewards
 (``bench/ensemble_reward.py``), checked on hand-computed cases."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import torch
 
 from bench.ensemble_reward import combine
 from bench.hard_negatives import nearest_prompts, similar_mismatched_pairs
+from bench.repeat_negatives import duplicate_segment, repeated_segment_pairs, segments
 
 PROMPTS = [
     "make a soup with leek and corn .",    # 0
@@ -69,3 +71,32 @@ def test_ensemble_rewards_by_hand() -> None:
         combine(raw, "max", 1.0, [])
     with pytest.raises(ValueError, match="at least two"):
         combine(torch.tensor([[1.0], [2.0]]), "lcb", 1.0, [])
+
+
+RECIPE = "add the leek gently . chop the tofu carefully . add the corn slowly ."
+
+
+def test_segments_are_sentences_or_else_clauses_and_rejoin_to_the_text() -> None:
+    assert segments(RECIPE) == ["add the leek gently .", " chop the tofu carefully .", " add the corn slowly ."]
+    items = "tiger , brush , pepper and clock ."
+    assert segments(items) == ["tiger ,", " brush ,", " pepper and clock ."]
+    assert "".join(segments(items)) == items and segments("4 .") == ["4 ."]
+
+
+def test_a_copied_segment_keeps_the_targets_place_and_ending() -> None:
+    assert duplicate_segment(RECIPE, 0, 2) == "add the leek gently . chop the tofu carefully . add the leek gently ."
+    assert duplicate_segment("tiger , brush , pepper and clock .", 2, 0) == \
+        "pepper and clock , brush , pepper and clock ."
+    # a text without its final period keeps it missing: only the content repeats
+    assert duplicate_segment("add the a x . add the b y", 0, 1) == "add the a x . add the a x"
+
+
+def test_repeated_segment_pairs_skip_single_segments_and_reach_the_fraction() -> None:
+    rows = [{"prompt": "p", "chosen": RECIPE}, {"prompt": "q", "chosen": "4 ."}]
+    pairs = repeated_segment_pairs(rows, 1.5, seed=0)      # 3 pairs, all from the one row that has them
+    assert len(pairs) == 3
+    for pair in pairs:
+        assert pair["prompt"] == "p" and pair["chosen"] == RECIPE and pair["margin"] == 0.0
+        kept = segments(pair["rejected"])
+        assert len(kept) == 3 and len({s.strip() for s in kept}) == 2   # one segment now repeats
+    assert repeated_segment_pairs([rows[1]], 1.0, seed=0) == []
