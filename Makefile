@@ -11,9 +11,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-# torch first, pinned to the CPU wheel, so the later resolve never pulls a CUDA build.
+# torch first, pinned, so the later resolve never picks another build. Where pip's own
+# configuration does not already serve the CPU wheel (plain PyPI serves the CUDA one on Linux):
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 setup: $(BIN)/python
-	$(BIN)/pip install "torch==2.13.0"
+	$(BIN)/pip install "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -e ".[dev,bench]"
 
 run: setup

@@ -98,7 +98,8 @@ class StageConfig(dg.Config):
     """What an operator changes in a training stage; ``FIELD_MAP`` says where each field lands.
 
     Convention of the typed fields: the default (0, or None where 0 is a meaningful value)
-    keeps the ppo_core default, which that engine documents with its source.
+    keeps the ppo_core default, which that engine documents with its source; ``seed`` is the
+    exception (``ALWAYS_APPLIED``: the lineage pins 0 for every stage).
     """
 
     steps: int = Field(default=0, description="Training steps (max_steps / num_steps); 0 keeps the ppo_core default.")
@@ -117,7 +118,7 @@ class StageConfig(dg.Config):
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Any other field of the ppo_core config dataclass, by name (checked against it); "
-        "a field that also has a typed field above must be set there, not here.",
+        "a field that also has a typed field above belongs there (setting it both ways is an error).",
     )
     log_model_to_mlflow: bool = Field(
         default=True, description="Log the final save_pretrained directory as an MLflow LoggedModel of the "
@@ -171,7 +172,8 @@ class PPOPolicyConfig(StageConfig):
         "None keeps the engine default, 0 turns the penalty (and the KL ceiling) off.")
     kl_target: Optional[float] = Field(
         default=None, description="Adapt beta so the KL per episode approaches this value (adaptive "
-        "controller, Ziegler et al. 2019); None keeps the engine default (fixed beta).")
+        "controller, Ziegler et al. 2019); None keeps the engine default (no target: a fixed beta that "
+        "rises only above the KL ceiling).")
     kl_ceiling: Optional[float] = Field(
         default=None, description="Raise beta above kl_coef only while the KL per response (PPO's objective/kl, "
         "nats) is above this, and keep only checkpoints under it; None keeps the engine default, 0 turns "
@@ -195,7 +197,7 @@ class PPOPolicyConfig(StageConfig):
                                "engine default.")
     guard_kl_budget: Optional[float] = Field(
         default=None, description="Largest KL to the reference (nats per response) a kept checkpoint may "
-        "have; None keeps the engine default (no budget).")
+        "have; None keeps the engine default (the KL ceiling, or no budget without one).")
     guard_select_z: Optional[float] = Field(
         default=None, description="Keep the least-KL checkpoint whose held-out score is within this many "
         "standard errors of the best one's (the one-standard-error rule); 0 keeps the best-scoring "

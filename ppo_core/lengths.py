@@ -11,7 +11,10 @@ chosen on; :func:`length_settings` derives all three from the token lengths of t
   it is scored out of distribution, and leaving the top 1% out stops one outlier from setting
   the cost of every rollout (the few longer responses are truncated in SFT and the reward
   models, which count them);
-* ``max_length`` holds the longest prompt and that response.
+* ``max_length`` holds the longest prompt and that response;
+* PPO's ``response_length`` stops at ``MAX_RESPONSE_LENGTH`` even when the data's answers run
+  longer: every rollout pays for every sampled token, while SFT and the reward models still
+  train on the whole 99th percentile.
 
 Each is rounded up to a multiple of 8 and never set below the engines' own defaults (the
 ``MIN_*`` floors, the values of ``PPOConfig`` and ``SFTConfig``/``RewardConfig``), so data
@@ -30,7 +33,7 @@ from typing import Any
 MIN_PROMPT_LENGTH = 64
 MIN_RESPONSE_LENGTH = 32
 MIN_MAX_LENGTH = 128
-MAX_RESPONSE_LENGTH = 512
+MAX_RESPONSE_LENGTH = 512   # PPO's sampling cap (OpenRLHF's generate_max_len default is 1024, TRL's 53)
 """cap on sampled tokens per answer: rollout time grows linearly with it"""
 RESPONSE_QUANTILE = 0.99
 MIN_RESPONSE_ROOM = 8

@@ -14,13 +14,16 @@ suite's held-out task (BENCHMARKS.md, "A task no default was tuned on").
   ``-1.5`` for one the prompt did not ask about, ``-2`` for a malformed sentence; then ``-1``
   per asked object never addressed and ``-1`` without the final period. Best: every asked
   object with its true colour (2 per object).
-* The labeller (:func:`sample_response`) knows each fact ``P_KNOW`` of the time; otherwise it
-  guesses a colour or, less often, says it does not know. It sometimes skips an asked object,
-  adds one nobody asked about, or breaks a sentence.
+* The labeller (:func:`sample_response`) shares a common misconception about every object
+  (``MYTH``, a wrong colour): it states the myth ``P_MYTH`` of the time and the fact only
+  ``P_KNOW``; otherwise it guesses a colour or, less often, says it does not know. It
+  sometimes skips an asked object, adds one nobody asked about, or breaks a sentence. So the
+  most likely answer in the data, which SFT learns, is the myth; the preferences, which favour
+  the fact, are the only way to the truth.
 
 Shape, against the other tasks: correctness is memorised knowledge (a hidden table of 30
-facts), and abstaining is worth more than a confident error, so neither length, copying nor
-a single good word buys reward.
+facts) that imitation gets wrong, and abstaining is worth more than a confident error, so
+neither length, copying nor a single good word buys reward.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ TRUE_COLOUR: dict[str, str] = {
     "wagon": "green", "whistle": "yellow", "box": "orange", "sled": "blue", "tray": "black",
 }
 OBJECTS: tuple[str, ...] = tuple(TRUE_COLOUR)
+# The labeller's misconception about each object: the next colour of COLOURS after the true one.
+MYTH: dict[str, str] = {o: COLOURS[(COLOURS.index(c) + 1) % len(COLOURS)] for o, c in TRUE_COLOUR.items()}
 OPENERS_ONE: tuple[str, ...] = ("what colour is the {x} ?", "tell me the colour of the {x} .",
                                 "which colour is the {x} ?")
 OPENERS_MANY: tuple[str, ...] = ("what colour are {xs} ?", "tell me the colours of {xs} .",
@@ -55,10 +60,11 @@ MALFORMED_PENALTY = 2.0
 UNADDRESSED_PENALTY = 1.0
 MISSING_PERIOD_PENALTY = 1.0
 # Calibrated so that ~7% of the pairs whose gold differs are mislabelled (tests/test_tasks.py).
-BT_TEMPERATURE = 0.8
+BT_TEMPERATURE = 0.55
 # Labeller.
-P_KNOW = 0.5
-P_ABSTAIN = 0.25          # of the answers it does not know
+P_KNOW = 0.2
+P_MYTH = 0.6
+P_ABSTAIN = 0.25          # of the answers that are neither
 P_SKIP = 0.08             # per asked object: not addressed at all
 P_EXTRA = 0.15            # per response: a sentence about an object nobody asked about
 P_MALFORMED = 0.03        # per sentence: "the kite is ." (no colour)
@@ -142,13 +148,16 @@ def sample_prompt(rng: np.random.Generator) -> tuple[str, list[str]]:
 
 
 def sample_response(asked: list[str], rng: np.random.Generator) -> str:
-    """The labeller: right about half the time, a guess or "no idea" otherwise."""
+    """The labeller: the myth most often, the fact less often, a guess or "no idea" otherwise."""
     sentences = []
     for obj in asked:
         if rng.random() < P_SKIP:
             continue
-        if rng.random() < P_KNOW:
+        u = rng.random()
+        if u < P_KNOW:
             colour: str | None = TRUE_COLOUR[obj]
+        elif u < P_KNOW + P_MYTH:
+            colour = MYTH[obj]
         elif rng.random() < P_ABSTAIN:
             colour = None
         else:
