@@ -100,3 +100,27 @@ def test_repeated_segment_pairs_skip_single_segments_and_reach_the_fraction() ->
         kept = segments(pair["rejected"])
         assert len(kept) == 3 and len({s.strip() for s in kept}) == 2   # one segment now repeats
     assert repeated_segment_pairs([rows[1]], 1.0, seed=0) == []
+
+
+@pytest.mark.parametrize("response", [
+    "add the leek gently . add the rice gently . add the tofu quickly . add the corn sloppily .",
+    "add the leek . stir the tofu slowly . add the corn gently",
+    "add the leek gently . chop the leek carefully .",
+    "",
+])
+def test_recipe_anatomy_terms_add_up_to_gold(response: str) -> None:
+    from bench.recipe_anatomy import gold_terms
+    t = gold_terms("make a stew with leek , tofu and corn .", response)
+    rebuilt = (t["uses"] + t["manner_quality"] - 1.5 * t["unnamed"] - t["repeated"] - 0.5 * t["repeated_manner"]
+               - 2.0 * t["malformed"] - t["unused"] - t["no_period"])
+    assert rebuilt == pytest.approx(t["gold"])
+
+
+def test_recipe_anatomy_counts_by_hand() -> None:
+    from bench.recipe_anatomy import gold_terms
+    t = gold_terms("make a stew with leek , tofu and corn .",
+                   "add the leek gently . chop the leek carefully . add the rice gently")
+    assert (t["sentences"], t["uses"], t["repeated"], t["unnamed"], t["repeated_manner"]) == (3, 1, 1, 1, 1)
+    assert (t["unused"], t["no_period"], t["manner_quality"]) == (2, 1, 1.0)
+    # +2 (leek gently) -1 (leek again) -1.5 (rice) -0.5 (gently again) -2 (tofu, corn) -1 (period)
+    assert t["gold"] == pytest.approx(-4.0)
