@@ -72,7 +72,16 @@ def kept_step(points: list[GuardPoint], select_z: float, patience: int, stop_z: 
     return guard.points[-1].step if kept is None else kept.step
 
 
+# --references: pseudo-rules keyed like (select_z, budget) so they share the tables
+LAST = (float("nan"), None)
+ORACLE = (float("inf"), None)
+
+
 def name(select_z: float, kl_budget: float | None) -> str:
+    if select_z != select_z:
+        return "last step"
+    if select_z == float("inf"):
+        return "best gold (oracle)"
     return f"z={select_z:g}" + ("" if kl_budget is None else f",kl<={kl_budget:g}")
 
 
@@ -84,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-z", type=float, default=1.0, help="guard_stop_z of the runs (engine default 1)")
     ap.add_argument("--kl-budget", default="none",
                     help="comma-separated guard_kl_budget values (nats/response; 'none': no budget)")
+    ap.add_argument("--references", action="store_true",
+                    help="also score two references: the last evaluated step and the step with the best "
+                         "gold win rate within the first KL budget (an oracle no rule can match)")
     ap.add_argument("--budget-stops", action="store_true",
                     help="points over the KL budget count towards stopping, as in a run without a "
                          "KL ceiling; by default they do not, as under the engine's default ceiling")
@@ -100,19 +112,27 @@ def main(argv: list[str] | None = None) -> int:
             by_step = load_run(f)
             g = {s: gold([r["prompt"] for r in rows], [r["response"] for r in rows]) for s, rows in by_step.items()}
             points = guard_points(by_step)
+
+            def win_at(step: int) -> float:
+                return statistics.fmean((a > b) + 0.5 * (a == b) for a, b in zip(g[step], g[0]))
+            steps = {rule: kept_step(points, rule[0], args.patience, args.stop_z, rule[1], args.budget_stops)
+                     for rule in rules}
+            if args.references:
+                within = [p.step for p in points if p.step > 0 and (budgets[0] is None or p.kl <= budgets[0])]
+                steps[LAST] = points[-1].step
+                steps[ORACLE] = max(within, key=win_at) if within else points[-1].step
             cells = []
-            for z, budget in rules:
-                step = kept_step(points, z, args.patience, args.stop_z, budget, args.budget_stops)
-                win = statistics.fmean((a > b) + 0.5 * (a == b) for a, b in zip(g[step], g[0]))
+            for rule, step in steps.items():
+                win = win_at(step)
                 kl = next(p.kl for p in points if p.step == step)
-                results[(z, budget)].append((win, kl))
+                results.setdefault(rule, []).append((win, kl))
                 gold_mean = statistics.fmean(g[step])
-                cells.append(f"{name(z, budget)}: step {step:3d} gold {gold_mean:6.2f} win {win:.3f} KL {kl:5.2f}")
+                cells.append(f"{name(*rule)}: step {step:3d} gold {gold_mean:6.2f} win {win:.3f} KL {kl:5.2f}")
             print(f"{task:12s} {' | '.join(cells)}  {f}")
     base = results[rules[0]]
     n = len(base)
     print(f"\n{n} runs; paired difference against {name(*rules[0])} (mean +- standard error):")
-    for rule in rules[1:]:
+    for rule in [r for r in results if r != rules[0]]:
         dw = [a[0] - b[0] for a, b in zip(results[rule], base)]
         dk = [a[1] - b[1] for a, b in zip(results[rule], base)]
         se = (lambda d: statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan"))

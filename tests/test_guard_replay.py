@@ -69,3 +69,13 @@ def test_points_over_the_budget_stop_a_replay_only_without_a_ceiling() -> None:
     # ships step 5; under a KL ceiling (the engine's default) they never count, and step 20 wins
     assert kept_step(pts, 0.0, patience=2, stop_z=1.0, kl_budget=2.0, budget_stops=True) == 5
     assert kept_step(pts, 0.0, patience=2, stop_z=1.0, kl_budget=2.0) == 20
+
+
+def test_references_score_the_last_step_and_the_gold_oracle(tmp_path: Path, capsys) -> None:
+    run = write_run(tmp_path / "guard_samples.jsonl")
+    assert main(["--z", "0", "--references", f"test_guard_replay:words={run}"]) == 0
+    out = capsys.readouterr().out
+    # the last step is 10 (win 0.75); the best gold win rate is step 5's (1.0)
+    assert "last step: step  10 gold   2.00 win 0.750 KL  2.00" in out
+    assert "best gold (oracle): step   5 gold   2.00 win 1.000 KL  1.00" in out
+    assert "best gold (oracle): win rate over the reference +0.2500" in out
