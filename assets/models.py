@@ -63,7 +63,7 @@ BUILT_SIZES = ("auto", "tiny", "small")
 BASE_MODEL_VERSION = "3"
 SFT_MODEL_VERSION = "2"
 REWARD_MODEL_VERSION = "4"  # reward_model and heldout_reward_model (same engine)
-PPO_POLICY_VERSION = "3"
+PPO_POLICY_VERSION = "4"
 
 
 # ---------------------------------------------------------------- configs an operator changes

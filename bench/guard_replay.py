@@ -24,7 +24,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ppo_core.guard import GuardPoint, OveroptimizationGuard  # noqa: E402
@@ -46,14 +46,18 @@ def load_run(path: Path) -> dict[int, list[dict]]:
     return dict(sorted(by_step.items()))
 
 
-def guard_points(by_step: dict[int, list[dict]]) -> list[GuardPoint]:
-    """The points the trainer handed the guard (means and the held-out standard error)."""
+def guard_points(by_step: dict[int, list[dict]], paired: bool = True) -> list[GuardPoint]:
+    """The points the trainer handed the guard (means, standard errors, per-response values);
+    ``paired=False`` leaves the values out, so the guard compares points as independent means
+    (as it did before the twelfth session)."""
     points = []
     for step, rows in by_step.items():
         held, kl = [r["heldout"] for r in rows], [r["kl"] for r in rows]
         points.append(GuardPoint(step=step, proxy=statistics.fmean(r["proxy"] for r in rows),
                                  heldout=statistics.fmean(held), heldout_se=statistics.stdev(held) / len(held) ** 0.5,
-                                 kl=statistics.fmean(kl), kl_se=statistics.stdev(kl) / len(kl) ** 0.5))
+                                 kl=statistics.fmean(kl), kl_se=statistics.stdev(kl) / len(kl) ** 0.5,
+                                 heldout_values=tuple(held) if paired else (),
+                                 kl_values=tuple(kl) if paired else ()))
     return points
 
 
@@ -72,23 +76,32 @@ def kept_step(points: list[GuardPoint], select_z: float, patience: int, stop_z: 
     return guard.points[-1].step if kept is None else kept.step
 
 
-# --references: pseudo-rules keyed like (select_z, budget) so they share the tables
-LAST = (float("nan"), None)
-ORACLE = (float("inf"), None)
+# A rule: (select_z, KL budget, paired). --references adds two pseudo-rules of the same shape.
+Rule = tuple[float, Optional[float], bool]
+LAST: Rule = (float("nan"), None, True)
+ORACLE: Rule = (float("inf"), None, True)
 
 
-def name(select_z: float, kl_budget: float | None) -> str:
+def parse_z(token: str, budget: float | None) -> Rule:
+    """``"1"``: z=1 on paired differences (the engine's guard); ``"1u"``: z=1 comparing points as
+    independent means (the guard before the twelfth session)."""
+    token = token.strip()
+    return (float(token[:-1]), budget, False) if token.endswith("u") else (float(token), budget, True)
+
+
+def name(select_z: float, kl_budget: float | None, paired: bool = True) -> str:
     if select_z != select_z:
         return "last step"
     if select_z == float("inf"):
         return "best gold (oracle)"
-    return f"z={select_z:g}" + ("" if kl_budget is None else f",kl<={kl_budget:g}")
+    return f"z={select_z:g}" + ("" if paired else " unpaired") + ("" if kl_budget is None else f",kl<={kl_budget:g}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", metavar="TASK=PATH")
-    ap.add_argument("--z", default="0,1", help="comma-separated select_z values; the first is the baseline")
+    ap.add_argument("--z", default="0,1", help="comma-separated select_z values; the first is the baseline; "
+                    "a trailing u (1u) compares points as independent means instead of paired")
     ap.add_argument("--patience", type=int, default=3, help="guard_patience of the runs (engine default 3)")
     ap.add_argument("--stop-z", type=float, default=1.0, help="guard_stop_z of the runs (engine default 1)")
     ap.add_argument("--kl-budget", default="none",
@@ -101,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                          "KL ceiling; by default they do not, as under the engine's default ceiling")
     args = ap.parse_args(argv)
     budgets = [None if b.strip().lower() == "none" else float(b) for b in args.kl_budget.split(",")]
-    rules = [(float(z), b) for b in budgets for z in args.z.split(",")]
-    results: dict[tuple[float, float | None], list[tuple[float, float]]] = {r: [] for r in rules}
+    rules = [parse_z(z, b) for b in budgets for z in args.z.split(",")]
+    results: dict[Rule, list[tuple[float, float]]] = {r: [] for r in rules}
     for spec in args.runs:
         task, _, where = spec.partition("=")
         root = Path(where)
@@ -112,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             by_step = load_run(f)
             g = {s: gold([r["prompt"] for r in rows], [r["response"] for r in rows]) for s, rows in by_step.items()}
             points = guard_points(by_step)
+            unpaired = guard_points(by_step, paired=False)
 
             def win_at(step: int) -> float:
                 return statistics.fmean((a > b) + 0.5 * (a == b) for a, b in zip(g[step], g[0]))
-            steps = {rule: kept_step(points, rule[0], args.patience, args.stop_z, rule[1], args.budget_stops)
-                     for rule in rules}
+            steps = {rule: kept_step(points if rule[2] else unpaired, rule[0], args.patience, args.stop_z,
+                                     rule[1], args.budget_stops) for rule in rules}
             if args.references:
                 within = [p.step for p in points if p.step > 0 and (budgets[0] is None or p.kl <= budgets[0])]
                 steps[LAST] = points[-1].step

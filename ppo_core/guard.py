@@ -9,13 +9,18 @@ makes errors of its own, so a policy that exploits the proxy's errors does not p
 
 Every ``guard_every`` PPO steps the trainer samples the same held-out prompts with the same
 random numbers and hands this module one :class:`GuardPoint`: the mean proxy score, the mean
-held-out score and the KL to the reference per response. :class:`OveroptimizationGuard` then
+held-out score and the KL to the reference per response, with the per-response values. Two
+points are compared on their paired differences, response by response: with common random
+numbers the prompt-to-prompt spread is shared and cancels, so the standard error of a
+difference is that of the paired differences, not of two independent means (which
+overstated it, and on the ``facts`` task kept checkpoints from the first fifth of a run whose
+gold kept rising; BENCHMARKS.md). :class:`OveroptimizationGuard` then
 
 * finds the checkpoint with the best held-out score among those within the KL budget
   (step 0, the starting policy, is the baseline every checkpoint must beat), then keeps
-  the one with the *least KL* whose score is within ``select_z`` standard errors of that
-  best, provided its KL is lower by more than ``select_z`` standard errors of the
-  difference too: the one-standard-error rule of model selection (Breiman et al. 1984,
+  the one with the *least KL* whose score is within ``select_z`` standard errors of the
+  difference from that best, provided its KL is lower by more than ``select_z`` standard
+  errors of the difference too: the one-standard-error rule of model selection (Breiman et al. 1984,
   "Classification and Regression Trees", sec. 3.4.3; Hastie et al., "Elements of Statistical
   Learning", sec. 7.10). Once the held-out curve plateaus, which checkpoint on the plateau
   scores highest is noise, while KL keeps creeping up; a checkpoint that is not measurably
@@ -56,6 +61,25 @@ class GuardPoint:
     """mean KL(policy || reference) per response, nats (sum over its tokens)"""
     kl_se: float = 0.0
     """standard error of ``kl`` over the evaluated responses"""
+    heldout_values: tuple[float, ...] = ()
+    """the held-out score of each evaluated response, in prompt order (the same order at every
+    evaluation); empty when unknown, and comparisons then treat two points as independent"""
+    kl_values: tuple[float, ...] = ()
+    """the KL of each evaluated response, in the same order"""
+
+
+def diff_se(a: GuardPoint, b: GuardPoint, field: str) -> float:
+    """Standard error of ``a.<field> - b.<field>`` (``field``: ``"heldout"`` or ``"kl"``).
+
+    Paired, from the per-response differences, when both points carry the same number of
+    values (the same prompts and random numbers); else as for independent means, the root of
+    the summed squared standard errors."""
+    x, y = getattr(a, f"{field}_values"), getattr(b, f"{field}_values")
+    if len(x) == len(y) > 1:
+        d = [u - v for u, v in zip(x, y)]
+        mean = sum(d) / len(d)
+        return math.sqrt(sum((u - mean) ** 2 for u in d) / (len(d) - 1) / len(d))
+    return math.hypot(getattr(a, f"{field}_se"), getattr(b, f"{field}_se"))
 
 
 @dataclass(frozen=True)
@@ -93,10 +117,14 @@ class OveroptimizationGuard:
 
     def candidate(self, p: GuardPoint) -> bool:
         """``p`` could be kept: a trained checkpoint within the KL budget that beats the reference
-        and whose held-out score is within ``select_z`` standard errors of the best's."""
-        return (self.best is not None and self.best.step > 0 and p.step > 0 and self.within_budget(p)
-                and p.heldout > self.points[0].heldout + self.min_delta
-                and p.heldout >= self.best.heldout - self.select_z * self.best.heldout_se)
+        and whose held-out score is within ``select_z`` standard errors of its difference from
+        the best's (without per-response values: of the best's own score, Breiman's rule)."""
+        if not (self.best is not None and self.best.step > 0 and p.step > 0 and self.within_budget(p)
+                and p.heldout > self.points[0].heldout + self.min_delta):
+            return False
+        paired = len(p.heldout_values) == len(self.best.heldout_values) > 1
+        band = diff_se(p, self.best, "heldout") if paired else self.best.heldout_se
+        return p.heldout >= self.best.heldout - self.select_z * band
 
     def update(self, p: GuardPoint) -> GuardDecision:
         """Record one evaluation; the first one is the baseline (the starting policy)."""
@@ -112,7 +140,7 @@ class OveroptimizationGuard:
         keep = self.candidate(p)
         if keep:
             self.saved.add(p.step)
-        fell = p.heldout < self.best.heldout - self.stop_z * math.hypot(p.heldout_se, self.best.heldout_se)
+        fell = p.heldout < self.best.heldout - self.stop_z * diff_se(p, self.best, "heldout")
         # within the noise band of the best: neither a new best nor a step towards stopping
         over = self.budget_stops and not self.within_budget(p)
         self.bad_evals = self.bad_evals + 1 if fell or over else 0
@@ -139,7 +167,7 @@ class OveroptimizationGuard:
         if not cands or self.best is None:
             return None
         low = min(cands, key=lambda p: (p.kl, p.step))
-        closer = low.kl < self.best.kl - self.select_z * math.hypot(low.kl_se, self.best.kl_se)
+        closer = low.kl < self.best.kl - self.select_z * diff_se(low, self.best, "kl")
         return low if closer or low.kl == self.best.kl else self.best
 
     @property
@@ -161,7 +189,7 @@ class OveroptimizationGuard:
             "guard/best_step": float(self.best.step), "guard/heldout_best": self.best.heldout,
             "guard/heldout_kept": b.heldout, "guard/heldout_reference": base.heldout,
             "guard/heldout_gain": b.heldout - base.heldout,
-            "guard/heldout_gain_se": math.hypot(b.heldout_se, base.heldout_se),
+            "guard/heldout_gain_se": diff_se(b, base, "heldout"),
             "guard/proxy_kept": b.proxy, "guard/kl_kept": b.kl, "guard/evaluations": float(len(self.points)),
             **({} if self.kl_budget is None else {"guard/kl_budget": float(self.kl_budget)}),
         }
@@ -172,7 +200,8 @@ class OveroptimizationGuard:
                 "bad_evals": self.bad_evals, "reason": self.reason, "kl_budget": self.kl_budget}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.points = [GuardPoint(**p) for p in state["points"]]
+        self.points = [GuardPoint(**{**p, "heldout_values": tuple(p.get("heldout_values", ())),
+                                     "kl_values": tuple(p.get("kl_values", ()))}) for p in state["points"]]
         self.best = next((p for p in self.points if p.step == state["best_step"]), None)
         # states written before candidates were tracked saved only the best
         self.saved = set(state.get("saved", [] if self.best is None or self.best.step == 0 else [self.best.step]))

@@ -273,10 +273,12 @@ class PPOConfig:
     or ``kl_ceiling`` when that is set"""
     guard_select_z: float = 1.0
     """keep the least-KL checkpoint whose held-out score is within this many standard errors of
-    the best one's, when its KL is lower by more than this many standard errors of the
-    difference (the one-standard-error rule, Breiman et al. 1984; ``ppo_core.guard``); 0 keeps
-    the best-scoring checkpoint. 1: on 25 recorded runs of four tasks, 0.73 +- 0.17 nats less
-    KL at the same gold win rate (BENCHMARKS.md, the guard's selection rule)"""
+    its difference from the best one's, when its KL is lower by more than this many standard
+    errors of the difference (the one-standard-error rule, Breiman et al. 1984;
+    ``ppo_core.guard``); 0 keeps the best-scoring checkpoint. Both standard errors are of
+    paired differences (the guard's prompts and random numbers are the same at every
+    evaluation). 1: on 33 recorded runs of three tasks, 0.15 +- 0.04 nats less KL than 0 at
+    the same gold win rate (-0.002 +- 0.002; BENCHMARKS.md, "Paired comparisons")"""
     guard_patience: int = 3
     """guard evaluations in a row clearly below the best (see ``guard_stop_z``) before the run
     stops (0: never stop early); without a ``kl_ceiling``, evaluations over the KL budget count
@@ -1105,7 +1107,8 @@ class PPOTrainer:
         point = GuardPoint(step=self.step, proxy=float(np.mean(proxy)), heldout=float(held_n.mean()),
                            heldout_se=float(held_n.std() / math.sqrt(max(len(held), 1))),
                            kl=float(np.mean(kl)), kl_se=float(np.std(kl, ddof=1) / math.sqrt(len(kl)))
-                           if len(kl) > 1 else 0.0)
+                           if len(kl) > 1 else 0.0,
+                           heldout_values=tuple(held_n.tolist()), kl_values=tuple(float(k) for k in kl))
         return point, rows
 
     def best_dir(self, step: int | None = None) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -167,3 +168,51 @@ def test_a_point_that_enters_the_band_later_was_never_saved_and_is_not_kept() ->
     h = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
     h.load_state_dict(g.state_dict())
     assert h.saved == {5, 15} and h.kept is not None and h.kept.step == 5
+
+
+def paired_pt(step: int, heldout: list[float], kl: list[float]) -> GuardPoint:
+    """A point with per-response values; its means and independent SEs computed from them."""
+    n = len(heldout)
+
+    def mean_se(x: list[float]) -> tuple[float, float]:
+        m = sum(x) / n
+        return m, math.sqrt(sum((u - m) ** 2 for u in x) / (n - 1) / n)
+    (h, hse), (k, kse) = mean_se(heldout), mean_se(kl)
+    return GuardPoint(step=step, proxy=float(step), heldout=h, heldout_se=hse, kl=k, kl_se=kse,
+                      heldout_values=tuple(heldout), kl_values=tuple(kl))
+
+
+def test_diff_se_is_paired_when_both_points_carry_values() -> None:
+    from ppo_core.guard import diff_se
+    a = paired_pt(5, [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0])
+    b = paired_pt(10, [1.5, 2.5, 3.5, 4.0], [2.0, 2.0, 2.0, 2.0])
+    # differences a - b: (-0.5, -0.5, -0.5, 0.0), mean -0.375, sd 0.25, SE 0.125
+    assert diff_se(a, b, "heldout") == pytest.approx(0.125)
+    assert diff_se(a, b, "kl") == 0.0
+    # one side without values: as independent means, sqrt(se_a^2 + se_b^2)
+    bare = GuardPoint(10, 10.0, b.heldout, b.heldout_se, b.kl, b.kl_se)
+    assert diff_se(a, bare, "heldout") == pytest.approx(math.hypot(a.heldout_se, b.heldout_se))
+
+
+def test_paired_differences_keep_a_later_checkpoint_the_prompts_spread_hid() -> None:
+    # four prompts whose held-out scores differ by a lot (the spread every evaluation shares);
+    # step 10 is better than step 5 on every prompt by 0.3 +- 0.1
+    base = [-2.0, -1.0, 1.0, 2.0]
+    s5 = [x + 0.2 for x in base]
+    s10 = [x + d for x, d in zip(base, (0.4, 0.5, 0.5, 0.6))]
+    points = [paired_pt(0, base, [0.0] * 4), paired_pt(5, s5, [1.0] * 4), paired_pt(10, s10, [2.0] * 4)]
+    # as independent means the SE is ~0.9: step 5 sits in the band and, at less KL, is kept
+    g = OveroptimizationGuard(kl_budget=None, patience=3, select_z=1.0)
+    for p in [GuardPoint(p.step, p.proxy, p.heldout, p.heldout_se, p.kl, p.kl_se) for p in points]:
+        g.update(p)
+    assert g.kept is not None and g.kept.step == 5
+    # paired, step 5 trails by 0.3 with an SE of 0.041: clearly worse, the best (step 10) is kept
+    g = OveroptimizationGuard(kl_budget=None, patience=3, select_z=1.0)
+    for p in points:
+        g.update(p)
+    assert g.kept is not None and g.kept.step == 10
+    assert g.summary()["guard/heldout_gain_se"] == pytest.approx(0.0408248, rel=1e-5)
+    # the values survive a checkpoint round trip (JSON-like state), so a resumed run decides alike
+    h = OveroptimizationGuard(kl_budget=None, patience=3, select_z=1.0)
+    h.load_state_dict(json.loads(json.dumps(g.state_dict())))
+    assert h.points == g.points and h.kept == g.kept

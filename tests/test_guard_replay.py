@@ -19,7 +19,8 @@ def write_run(path: Path) -> Path:
     # two prompts per evaluation; (response, held-out score, KL) per row
     steps = {0: [("a", 0.0, 0.0), ("a", 0.0, 0.0)],
              5: [("a b", 0.35, 1.0), ("a b", 0.55, 1.0)],       # mean 0.45, KL 1
-             10: [("a", 0.4, 2.0), ("a b c", 0.6, 2.0)]}        # mean 0.50 (the best), SE 0.1, KL 2
+             10: [("a", 0.6, 2.0), ("a b c", 0.4, 2.0)]}        # mean 0.50 (the best), SE 0.1, KL 2
+    # paired, step 5 - step 10: held-out (-0.25, +0.15), mean -0.05, SE 0.2; KL (-1, -1), SE 0
     lines = [json.dumps({"prompt": f"p{i}", "response": r, "step": s, "proxy": float(s), "heldout": h, "kl": kl})
              for s, rows in steps.items() for i, (r, h, kl) in enumerate(rows)]
     path.write_text("\n".join(lines) + "\n")
@@ -32,7 +33,7 @@ def test_points_and_kept_steps_by_hand(tmp_path: Path) -> None:
     assert points[2].heldout == pytest.approx(0.5) and points[2].heldout_se == pytest.approx(0.1)
     assert points[1].kl == 1.0 and points[1].kl_se == 0.0 and points[2].proxy == 10.0
     assert kept_step(points, 0.0, patience=3, stop_z=1.0, kl_budget=None) == 10
-    # 0.45 is within one SE (0.1) of 0.50, at half the KL
+    # 0.45 is within one SE of the paired difference (0.2) of 0.50, at a KL lower by 1 (SE 0)
     assert kept_step(points, 1.0, patience=3, stop_z=1.0, kl_budget=None) == 5
     # a 0.5-nat budget rules out every trained checkpoint: the last one is shipped, as train() does
     assert kept_step(points, 1.0, patience=0, stop_z=1.0, kl_budget=0.5) == 10
@@ -79,3 +80,19 @@ def test_references_score_the_last_step_and_the_gold_oracle(tmp_path: Path, caps
     assert "last step: step  10 gold   2.00 win 0.750 KL  2.00" in out
     assert "best gold (oracle): step   5 gold   2.00 win 1.000 KL  1.00" in out
     assert "best gold (oracle): win rate over the reference +0.2500" in out
+
+
+def test_paired_and_unpaired_rules_differ_where_the_prompts_spread_is_shared(tmp_path: Path, capsys) -> None:
+    # four prompts with very different held-out scores; step 10 beats step 5 on every prompt
+    base = [-2.0, -1.0, 1.0, 2.0]
+    held = {0: base, 5: [x + 0.2 for x in base], 10: [x + d for x, d in zip(base, (0.4, 0.5, 0.5, 0.6))]}
+    kl = {0: 0.0, 5: 1.0, 10: 2.0}
+    path = tmp_path / "guard_samples.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "a " * (1 + s // 5), "step": s,
+                                        "proxy": float(s), "heldout": h, "kl": kl[s]}) + "\n"
+                            for s, hs in held.items() for i, h in enumerate(hs)))
+    assert main(["--z", "1u,1", f"test_guard_replay:words={path}"]) == 0
+    out = capsys.readouterr().out
+    # as independent means (SE ~0.9) step 5 is in the band at half the KL; paired (SE 0.04) it is not
+    assert "z=1 unpaired: step   5" in out and "z=1: step  10" in out
+    assert "z=1: win rate over the reference +0.0000" in out     # both beat step 0's one word on every prompt

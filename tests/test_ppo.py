@@ -388,8 +388,13 @@ def test_guard_keeps_the_heldout_selected_checkpoint(tiny_run, tmp_path, monkeyp
 
     def scripted(self):
         point, rows = real(self)
-        over = {"kl": kl[point.step], "kl_se": 0.1} if kl else {}
-        return dataclasses.replace(point, heldout=heldout[point.step], heldout_se=se, **over), rows
+        # the real point carries every response's values, in the rows' order
+        assert list(point.heldout_values) == [r["heldout"] for r in rows] and len(rows) == 8
+        assert list(point.kl_values) == [r["kl"] for r in rows]
+        # scripted means come without values: the guard then compares them as independent
+        over = {"kl": kl[point.step], "kl_se": 0.1, "kl_values": ()} if kl else {}
+        return dataclasses.replace(point, heldout=heldout[point.step], heldout_se=se, heldout_values=(),
+                                   **over), rows
 
     monkeypatch.setattr(PPOTrainer, "guard_point", scripted)
     over = dict(lr_scheduler="constant", eval_file=tiny_run["eval_file"], guard_prompts=8)
