@@ -5,8 +5,9 @@
 of a random other prompt. Here the other prompt is one of the ``k`` most similar ones, so the
 losing response differs from a fitting one only in the few words the prompt asks for (a hard
 negative). ``python -m bench.hard_negatives TASK PAIRS.jsonl`` prints, for random and similar
-partners, how often the task's gold scorer ranks the synthetic pair the other way round;
-``bench/rm_probe.py --partner similar`` trains a reward model with them.
+partners and for the repeated-segment negatives of ``bench.repeat_negatives``, how often the
+task's gold scorer (a generality task name or ``module:function``) ranks the synthetic pair
+the other way round; ``bench/rm_probe.py --partner similar`` trains a reward model with them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from bench.repeat_negatives import repeated_segment_pairs
 from ppo_core.reward import mismatched_pairs, pairs_from_partners
 
 
@@ -76,11 +78,12 @@ def similar_mismatched_pairs(rows: list[dict[str, Any]], fraction: float, seed: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("task", help="a generality task name (bench.tasks.<name>:gold_score_batch)")
+    p.add_argument("task", help="a generality task name or a gold scorer module:function")
     p.add_argument("pairs", help="its pairs.jsonl")
     p.add_argument("--n", type=int, default=4800, help="use the first N pairs (about a lineage's RM split)")
     args = p.parse_args()
-    gold = importlib.import_module(f"bench.tasks.{args.task}").gold_score_batch
+    module, name = args.task.split(":") if ":" in args.task else (f"bench.tasks.{args.task}", "gold_score_batch")
+    gold = getattr(importlib.import_module(module), name)
     with open(args.pairs) as f:
         rows = [json.loads(line) for line in f][: args.n]
 
@@ -94,7 +97,11 @@ def main() -> None:
     print("|---|---:|---:|")
     for name, pairs in [("labelled pairs", rows), ("mismatched, random partner", mismatched_pairs(rows, 0.5, 0)),
                         ("mismatched, 1 of 8 nearest", similar_mismatched_pairs(rows, 0.5, 0, 8)),
-                        ("mismatched, 1 of 32 nearest", similar_mismatched_pairs(rows, 0.5, 0, 32))]:
+                        ("mismatched, 1 of 32 nearest", similar_mismatched_pairs(rows, 0.5, 0, 32)),
+                        ("one segment repeated", repeated_segment_pairs(rows, 1.0, 0))]:
+        if not pairs:   # one-sentence answers have no segment to repeat
+            print(f"| {name} | - | - |")
+            continue
         w, t = wrong_order(pairs)
         print(f"| {name} | {w:.3f} | {t:.3f} |")
 

@@ -5,15 +5,12 @@ On recipe, the reward model scores an answer that names one ingredient twice (an
 another unused) as high as the right answer, and PPO's samples keep that error. These pairs
 put it in the training data without a task-specific rule: a prompt's chosen response beats
 itself with one segment (sentence, or clause when there is one sentence) overwritten by a copy
-of another. ``python -m bench.repeat_negatives TASK PAIRS.jsonl`` prints how often the task's
+of another. ``python -m bench.hard_negatives TASK PAIRS.jsonl`` prints how often the task's
 gold scorer orders such a pair the other way round; ``bench/rm_probe.py --repeat F`` trains a
 reward model with them.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
 import re
 from typing import Any
 
@@ -72,25 +69,3 @@ def repeated_segment_pairs(rows: list[dict[str, Any]], fraction: float, seed: in
         if len(out) == found:  # no row can give one: more passes would find none either
             break
     return out
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("task", help="a generality task name or a gold scorer module:function")
-    p.add_argument("pairs", help="TRL-format JSONL (prompt, chosen, rejected)")
-    p.add_argument("--n", type=int, default=4800, help="the first N pairs")
-    args = p.parse_args()
-    module, name = args.task.split(":") if ":" in args.task else (f"bench.tasks.{args.task}", "gold_score_batch")
-    gold = getattr(importlib.import_module(module), name)
-    rows = [json.loads(line) for line in open(args.pairs)][:args.n]
-    rows = [r for r in rows if isinstance(r.get("chosen"), str) and isinstance(r.get("prompt"), str)]
-    pairs = repeated_segment_pairs(rows, 1.0, 0)
-    prompts = [r["prompt"] for r in pairs]
-    a, b = gold(prompts, [r["chosen"] for r in pairs]), gold(prompts, [r["rejected"] for r in pairs])
-    n = max(len(pairs), 1)
-    print(f"{args.task}: {len(pairs)} repeated-segment pairs from {len(rows)} rows; gold orders "
-          f"{sum(x < y for x, y in zip(a, b)) / n:.3f} the other way, ties {sum(x == y for x, y in zip(a, b)) / n:.3f}")
-
-
-if __name__ == "__main__":
-    main()
