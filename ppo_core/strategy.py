@@ -550,6 +550,22 @@ class DeepSpeedStrategy:
             raise FileNotFoundError(f"no DeepSpeed engine state under {ckpt_dir}")
 
 
+def exit_code_after_shutdown(code: int) -> int:
+    """``code``, after tearing down torch.distributed when the stage succeeded.
+
+    The ``__main__`` of every engine calls this on its way out. A process that exits without
+    ``destroy_process_group`` can abort in interpreter finalization while gloo's worker threads
+    still hold tensors ("terminate called without an active exception", pytorch/pytorch#190489;
+    seen here on a 2-rank ZeRO-3 run under load after its model was saved). Only after success:
+    a rank that failed would wait in the barrier for peers that may never arrive (torchtitan
+    #1342 does the same).
+    """
+    if code == 0 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
+
+
 def get_rank() -> int:
     """This process's global rank (0 without torch.distributed)."""
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
