@@ -379,7 +379,8 @@ class RoundPolicyConfig(PPOPolicyConfig):
         default=0.0, description="The guard keeps the best-scoring checkpoint (0), not the least-KL one within "
         "this many standard errors of it: a round's gain over the champion is small next to the held-out "
         "score's standard error, so the one-standard-error rule kept the round's first checkpoint and lost "
-        "0.06 +- 0.03 win rate over the champion on six recorded rounds (BENCHMARKS.md, guard).")
+        "0.06 +- 0.03 win rate over the champion on six recorded rounds (BENCHMARKS.md, guard; measured with "
+        "the unpaired standard errors the guard used before, which overstated the noise).")
     kl_ceiling_headroom: Optional[float] = Field(
         default=2.0, description="Nats per response a round may add to the champion's own KL to SFT: the "
         "KL ceiling becomes at least the champion's KL (the guard's step-0 measurement) plus this. The "

@@ -21,6 +21,7 @@ import argparse
 import collections
 import importlib
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -76,24 +77,28 @@ def kept_step(points: list[GuardPoint], select_z: float, patience: int, stop_z: 
     return guard.points[-1].step if kept is None else kept.step
 
 
-# A rule: (select_z, KL budget, paired). --references adds two pseudo-rules of the same shape.
+# A rule: (select_z, KL budget, paired). --references adds two pseudo-rules of the same shape:
+# select_z nan is the last step, inf the best gold within the budget (dict keys by identity).
 Rule = tuple[float, Optional[float], bool]
 LAST: Rule = (float("nan"), None, True)
-ORACLE: Rule = (float("inf"), None, True)
 
 
 def parse_z(token: str, budget: float | None) -> Rule:
     """``"1"``: z=1 on paired differences (the engine's guard); ``"1u"``: z=1 comparing points as
     independent means (the guard before the twelfth session)."""
-    token = token.strip()
-    return (float(token[:-1]), budget, False) if token.endswith("u") else (float(token), budget, True)
+    token = token.strip().lower()
+    paired = not token.endswith("u")
+    z = float(token if paired else token[:-1])
+    if not math.isfinite(z) or z < 0:
+        raise SystemExit(f"--z {token!r}: select_z must be a finite number >= 0")
+    return (z, budget, paired)
 
 
 def name(select_z: float, kl_budget: float | None, paired: bool = True) -> str:
     if select_z != select_z:
         return "last step"
     if select_z == float("inf"):
-        return "best gold (oracle)"
+        return "best gold (oracle)" + ("" if kl_budget is None else f",kl<={kl_budget:g}")
     return f"z={select_z:g}" + ("" if paired else " unpaired") + ("" if kl_budget is None else f",kl<={kl_budget:g}")
 
 
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     budgets = [None if b.strip().lower() == "none" else float(b) for b in args.kl_budget.split(",")]
     rules = [parse_z(z, b) for b in budgets for z in args.z.split(",")]
+    oracle: Rule = (float("inf"), budgets[0], True)
     results: dict[Rule, list[tuple[float, float]]] = {r: [] for r in rules}
     for spec in args.runs:
         task, _, where = spec.partition("=")
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.references:
                 within = [p.step for p in points if p.step > 0 and (budgets[0] is None or p.kl <= budgets[0])]
                 steps[LAST] = points[-1].step
-                steps[ORACLE] = max(within, key=win_at) if within else points[-1].step
+                steps[oracle] = max(within, key=win_at) if within else points[-1].step
             cells = []
             for rule, step in steps.items():
                 win = win_at(step)

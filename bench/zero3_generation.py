@@ -169,4 +169,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ppo_core.strategy import exit_code_after_shutdown
+
+    sys.exit(exit_code_after_shutdown(main()))

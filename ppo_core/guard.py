@@ -40,7 +40,7 @@ Pure Python, no torch: the decision rule is unit-tested on hand-made curves.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -153,6 +153,13 @@ class OveroptimizationGuard:
                 self.reason = "decline"
             return GuardDecision(keep=keep, drop=(), stop=True, reason=self.reason)
         return GuardDecision(keep=keep, drop=(), stop=False, reason="")
+
+    def forget_values(self) -> None:
+        """Drop the per-response values of the points so far (they no longer line up with the
+        next evaluations' responses): comparisons with them fall back to independent means."""
+        self.points = [replace(p, heldout_values=(), kl_values=()) for p in self.points]
+        if self.best is not None:
+            self.best = self.point(self.best.step)
 
     def point(self, step: int) -> GuardPoint:
         return next(p for p in self.points if p.step == step)

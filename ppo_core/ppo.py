@@ -31,6 +31,7 @@ Run: ``python -m ppo_core.ppo --config FILE`` or ``torchrun --nproc-per-node N -
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -285,8 +286,10 @@ class PPOConfig:
     too (under a ceiling its controller pulls the KL back, so they are only never kept)"""
     guard_stop_z: float = 1.0
     """an evaluation counts towards stopping when its held-out score is more than this many
-    standard errors (of the difference) below the best; on the generality tasks the held-out
-    curve plateaus within +-1 SE while gold still creeps up, so noise alone must not stop"""
+    standard errors of the (paired) difference below the best, so a plateau's noise alone does
+    not stop a run. Replayed on 33 recorded runs (BENCHMARKS.md, "Paired comparisons"), the
+    paired rule stopped 5 early (four of them 120-step runs, at steps 40-90) where the
+    unpaired one ran on, at the same gold win rate over the runs"""
     max_seconds: float = 0.0
     """wall-clock budget of the PPO loop in seconds (0: none); the run then ends as if
     ``num_steps`` were reached"""
@@ -1159,9 +1162,15 @@ class PPOTrainer:
             dist.all_gather_object(all_gens, gens)
         return {"kl_controller": self.kl_ctl.state_dict(),
                 "reward_normalizer": self.normalizer.state_dict() if self.normalizer else None,
-                "guard": self.guard.state_dict(),
+                "guard": self.guard.state_dict(), "guard_samples_key": self.guard_samples_key(),
                 "guard_normalizer": self.guard_normalizer.state_dict() if self.guard_normalizer else None,
                 "episodes": self.episodes, "generators_by_rank": all_gens}
+
+    def guard_samples_key(self) -> str:
+        """What fixes the order of the guard's responses (its prompts, their count, the seed and
+        the ranks): points pair response by response only when it is unchanged."""
+        key = json.dumps([self.eval_prompts, self.cfg.guard_prompts, self.cfg.seed, self.world])
+        return hashlib.sha256(key.encode()).hexdigest()
 
     def save_checkpoint(self) -> Path:
         """Full checkpoint: actor/critic engines (weights, optimizer, scheduler), RNGs, KL
@@ -1186,6 +1195,12 @@ class PPOTrainer:
         self.normalizer = RewardNormalizer(**norm) if norm else None
         if extra.get("guard") is not None:
             self.guard.load_state_dict(extra["guard"])
+            if extra.get("guard_samples_key") != self.guard_samples_key():
+                # another eval_file (or order, count, seed, world): earlier responses do not line
+                # up with the next ones, so those points compare as independent means
+                self.guard.forget_values()
+                log.warning("resumed guard: its held-out prompts differ from the checkpoint's; "
+                            "earlier evaluations are compared as independent means")
         gnorm = extra.get("guard_normalizer")
         self.guard_normalizer = RewardNormalizer(**gnorm) if gnorm else None
         samples = Path(self.cfg.output_dir) / "guard_samples.jsonl"

@@ -96,3 +96,12 @@ def test_paired_and_unpaired_rules_differ_where_the_prompts_spread_is_shared(tmp
     # as independent means (SE ~0.9) step 5 is in the band at half the KL; paired (SE 0.04) it is not
     assert "z=1 unpaired: step   5" in out and "z=1: step  10" in out
     assert "z=1: win rate over the reference +0.0000" in out     # both beat step 0's one word on every prompt
+
+
+def test_rule_tokens() -> None:
+    from bench.guard_replay import name, parse_z
+    assert parse_z("1", 5.0) == (1.0, 5.0, True) and parse_z(" 1U ", None) == (1.0, None, False)
+    assert name(*parse_z("0.5u", 4.0)) == "z=0.5 unpaired,kl<=4"
+    for bad in ("inf", "nan", "-1"):
+        with pytest.raises(SystemExit):
+            parse_z(bad, None)

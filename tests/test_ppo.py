@@ -261,6 +261,30 @@ def test_resume_continues_the_same_trajectory(tiny_run, tmp_path):
     assert resumed["resumed_from_step"] == 2 and "resumed_from_step" not in straight
 
 
+def test_a_resumed_guard_pairs_only_the_same_prompts(tiny_run, tmp_path):
+    """A resume with the same held-out prompts keeps the per-response values (the points still
+    pair); one with the prompts reordered drops the earlier points' values."""
+    over = dict(num_steps=4, save_every=2, eval_file=tiny_run["eval_file"], guard_every=1, guard_prompts=8,
+                guard_reward_model_path=tiny_run["reward_model_path"], guard_patience=0)
+    for name, reorder in (("same", False), ("reordered", True)):
+        out = tmp_path / name
+        with pytest.raises(KeyboardInterrupt):
+            train(small_cfg(tiny_run, out, **over), [StopAt(2)])
+        eval_file = tiny_run["eval_file"]
+        if reorder:
+            eval_file = str(tmp_path / "eval_reordered.parquet")
+            pd.read_parquet(tiny_run["eval_file"]).iloc[::-1].to_parquet(eval_file)
+        cfg = small_cfg(tiny_run, out, resume_from="latest", **{**over, "eval_file": eval_file})
+        trainer = PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy))
+        try:
+            trainer.load_checkpoint(str(out / "checkpoints" / "step_2"))
+            points = trainer.guard.points
+        finally:
+            trainer.close()
+        assert [p.step for p in points] == [0, 1, 2]
+        assert all(len(p.heldout_values) == (0 if reorder else 8) for p in points)
+
+
 def test_function_reward_and_critic_from_policy(tiny_run, tmp_path, monkeypatch):
     rollouts: list[Rollout] = []
     real_rollout = PPOTrainer.rollout

@@ -10,8 +10,8 @@ suite's held-out task (BENCHMARKS.md, "A task no default was tuned on").
 * A response is short sentences, ``"the kite is red ."`` or ``"no idea about the kite ."``.
 * :func:`gold_reward`, per sentence about an object the prompt asked for, the first time:
   ``+2`` for its true colour, ``-1.5`` for another colour, ``-0.5`` for saying it does not
-  know (better than a wrong guess, worse than the fact); ``-1`` for an object mentioned again,
-  ``-1.5`` for one the prompt did not ask about, ``-2`` for a malformed sentence; then ``-1``
+  know (better than a wrong guess, worse than the fact); ``-1`` for an asked object mentioned
+  again, ``-1.5`` for each sentence about an object the prompt did not ask about, ``-2`` for a malformed sentence; then ``-1``
   per asked object never addressed and ``-1`` without the final period. Best: every asked
   object with its true colour (2 per object).
 * The labeller (:func:`sample_response`) shares a common misconception about every object
@@ -67,7 +67,7 @@ P_MYTH = 0.6
 P_ABSTAIN = 0.25          # of the answers that are neither
 P_SKIP = 0.08             # per asked object: not addressed at all
 P_EXTRA = 0.15            # per response: a sentence about an object nobody asked about
-P_MALFORMED = 0.03        # per sentence: "the kite is ." (no colour)
+P_MALFORMED = 0.03        # per sentence stating a colour: "the kite is ." instead
 P_NO_PERIOD = 0.05
 
 
