@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ppo_core.guard import GuardPoint, OveroptimizationGuard  # noqa: E402
+from ppo_core.guard import GuardPoint, OveroptimizationGuard, without_values  # noqa: E402
 
 GoldFn = Callable[[list[str], list[str]], list[float]]
 
@@ -47,18 +47,15 @@ def load_run(path: Path) -> dict[int, list[dict]]:
     return dict(sorted(by_step.items()))
 
 
-def guard_points(by_step: dict[int, list[dict]], paired: bool = True) -> list[GuardPoint]:
-    """The points the trainer handed the guard (means, standard errors, per-response values);
-    ``paired=False`` leaves the values out, so the guard compares points as independent means
-    (as it did before the twelfth session)."""
+def guard_points(by_step: dict[int, list[dict]]) -> list[GuardPoint]:
+    """The points the trainer handed the guard (means, standard errors, per-response values)."""
     points = []
     for step, rows in by_step.items():
         held, kl = [r["heldout"] for r in rows], [r["kl"] for r in rows]
         points.append(GuardPoint(step=step, proxy=statistics.fmean(r["proxy"] for r in rows),
                                  heldout=statistics.fmean(held), heldout_se=statistics.stdev(held) / len(held) ** 0.5,
                                  kl=statistics.fmean(kl), kl_se=statistics.stdev(kl) / len(kl) ** 0.5,
-                                 heldout_values=tuple(held) if paired else (),
-                                 kl_values=tuple(kl) if paired else ()))
+                                 heldout_values=tuple(held), kl_values=tuple(kl)))
     return points
 
 
@@ -131,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             by_step = load_run(f)
             g = {s: gold([r["prompt"] for r in rows], [r["response"] for r in rows]) for s, rows in by_step.items()}
             points = guard_points(by_step)
-            unpaired = guard_points(by_step, paired=False)
+            unpaired = [without_values(p) for p in points]   # the guard before the twelfth session
 
             def win_at(step: int) -> float:
                 return statistics.fmean((a > b) + 0.5 * (a == b) for a, b in zip(g[step], g[0]))

@@ -40,6 +40,7 @@ Pure Python, no torch: the decision rule is unit-tested on hand-made curves.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -68,17 +69,25 @@ class GuardPoint:
     """the KL of each evaluated response, in the same order"""
 
 
+def paired(a: GuardPoint, b: GuardPoint, field: str) -> bool:
+    """Both points carry the same number (> 1) of per-response ``<field>_values``."""
+    return len(getattr(a, f"{field}_values")) == len(getattr(b, f"{field}_values")) > 1
+
+
+def without_values(p: GuardPoint) -> GuardPoint:
+    """``p`` without its per-response values: compared as an independent mean from then on."""
+    return replace(p, heldout_values=(), kl_values=())
+
+
 def diff_se(a: GuardPoint, b: GuardPoint, field: str) -> float:
     """Standard error of ``a.<field> - b.<field>`` (``field``: ``"heldout"`` or ``"kl"``).
 
-    Paired, from the per-response differences, when both points carry the same number of
-    values (the same prompts and random numbers); else as for independent means, the root of
-    the summed squared standard errors."""
-    x, y = getattr(a, f"{field}_values"), getattr(b, f"{field}_values")
-    if len(x) == len(y) > 1:
-        d = [u - v for u, v in zip(x, y)]
-        mean = sum(d) / len(d)
-        return math.sqrt(sum((u - mean) ** 2 for u in d) / (len(d) - 1) / len(d))
+    Paired, from the per-response differences, when both points carry them (the same prompts
+    and random numbers); else as for independent means, the root of the summed squared
+    standard errors."""
+    if paired(a, b, field):
+        d = [u - v for u, v in zip(getattr(a, f"{field}_values"), getattr(b, f"{field}_values"))]
+        return statistics.stdev(d) / math.sqrt(len(d))
     return math.hypot(getattr(a, f"{field}_se"), getattr(b, f"{field}_se"))
 
 
@@ -122,8 +131,7 @@ class OveroptimizationGuard:
         if not (self.best is not None and self.best.step > 0 and p.step > 0 and self.within_budget(p)
                 and p.heldout > self.points[0].heldout + self.min_delta):
             return False
-        paired = len(p.heldout_values) == len(self.best.heldout_values) > 1
-        band = diff_se(p, self.best, "heldout") if paired else self.best.heldout_se
+        band = diff_se(p, self.best, "heldout") if paired(p, self.best, "heldout") else self.best.heldout_se
         return p.heldout >= self.best.heldout - self.select_z * band
 
     def update(self, p: GuardPoint) -> GuardDecision:
@@ -157,7 +165,7 @@ class OveroptimizationGuard:
     def forget_values(self) -> None:
         """Drop the per-response values of the points so far (they no longer line up with the
         next evaluations' responses): comparisons with them fall back to independent means."""
-        self.points = [replace(p, heldout_values=(), kl_values=()) for p in self.points]
+        self.points = [without_values(p) for p in self.points]
         if self.best is not None:
             self.best = self.point(self.best.step)
 

@@ -33,8 +33,9 @@ from typing import Any
 MIN_PROMPT_LENGTH = 64
 MIN_RESPONSE_LENGTH = 32
 MIN_MAX_LENGTH = 128
-MAX_RESPONSE_LENGTH = 512   # PPO's sampling cap (OpenRLHF's generate_max_len default is 1024, TRL's 53)
-"""cap on sampled tokens per answer: rollout time grows linearly with it"""
+MAX_RESPONSE_LENGTH = 512
+"""cap on PPO's sampled tokens per answer: rollout time grows linearly with it (OpenRLHF's
+``generate_max_len`` default is 1024, TRL's ``response_length`` 53)"""
 RESPONSE_QUANTILE = 0.99
 MIN_RESPONSE_ROOM = 8
 """fewest answer tokens a context must leave after the longest prompt"""
