@@ -62,7 +62,7 @@ BUILT_SIZES = ("auto", "tiny", "small")
 # (or to the shared trainer / strategy) changes the weights it produces for the same inputs.
 BASE_MODEL_VERSION = "3"
 SFT_MODEL_VERSION = "2"
-REWARD_MODEL_VERSION = "4"  # reward_model and heldout_reward_model (same engine)
+REWARD_MODEL_VERSION = "5"  # reward_model and heldout_reward_model (same engine)
 PPO_POLICY_VERSION = "4"
 
 
@@ -150,10 +150,11 @@ class SFTModelConfig(SupervisedStageConfig):
 class RewardStageConfig(SupervisedStageConfig):
     """The typed fields of both reward models."""
 
-    mismatched_negatives: Optional[float] = Field(
+    mismatched_negatives: Optional[list[float]] = Field(
         default=None, description="Extra training pairs, as a fraction of the real ones, that prefer a "
         "prompt's chosen response over another prompt's chosen response (a response must answer its own "
-        "prompt); None keeps the engine default (0.5), 0 turns them off.")
+        "prompt). One value: train with it ([0] turns them off). Several: one reward model per value, "
+        "the one with the best eval-split accuracy is shipped. None keeps the engine default ([0.5, 0]).")
     center_coef: Optional[float] = Field(
         default=None, description="Reward-centering loss weight on (r_chosen + r_rejected)^2, which keeps "
         "each prompt's score offset near 0 so PPO is not fed per-prompt noise; None keeps the engine "
@@ -435,11 +436,39 @@ def attempt_dir(asset: str, context: dg.AssetExecutionContext, inputs: dict[str,
 
 
 def latest_checkpoint_step(out: Path) -> int | None:
-    """Step of the newest complete checkpoint an earlier attempt left in ``out`` (None: none)."""
+    """Step of the newest complete checkpoint an earlier attempt left in ``out`` (None: none).
+
+    A reward model with several candidates (``ppo_core.reward.train_candidates``) resumes too
+    when a candidate finished before the unfinished one saved a checkpoint: step 0 then.
+    """
     from ppo_core.checkpoint import find_latest_checkpoint, read_trainer_state
 
-    latest = find_latest_checkpoint(out / "checkpoints")
-    return None if latest is None else int(read_trainer_state(latest)["step"])
+    roots = [out / "checkpoints", *(c / "checkpoints" for c in unfinished_candidates(out))]
+    steps = [int(read_trainer_state(latest)["step"]) for latest in map(find_latest_checkpoint, roots)
+             if latest is not None]
+    if steps:
+        return max(steps)
+    return 0 if finished_candidates(out) else None
+
+
+def _candidate_dirs(out: Path) -> list[Path]:
+    root = out / "candidates"
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def finished_candidates(out: Path) -> list[str]:
+    """Names of the reward-model candidates under ``out`` whose summary says they completed."""
+    names = []
+    for c in _candidate_dirs(out):
+        summary = c / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("completed"):
+            names.append(c.name)
+    return names
+
+
+def unfinished_candidates(out: Path) -> list[Path]:
+    done = set(finished_candidates(out))
+    return [c for c in _candidate_dirs(out) if c.name not in done]
 
 
 def resume_step(context: dg.AssetExecutionContext, asset: str, cfg: StageConfig, out: Path) -> int | None:
@@ -474,8 +503,13 @@ def prepare_attempt(out: Path, metrics_file: Path, resumed: int | None, operator
         return
     (out / "summary.json").unlink(missing_ok=True)
     if resumed is not None and metrics_file.is_file():
-        keep = [line for line in metrics_file.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resumed]
+        # a finished candidate's rows stay whatever their step: only the unfinished one is redone
+        done = tuple(f"{name}/" for name in finished_candidates(out))
+
+        def kept(row: dict[str, Any]) -> bool:
+            return row.get("step", 0) <= resumed or (bool(done) and any(k.startswith(done) for k in row))
+
+        keep = [line for line in metrics_file.read_text().splitlines() if line.strip() and kept(json.loads(line))]
         metrics_file.write_text("".join(line + "\n" for line in keep))
 
 
@@ -601,6 +635,11 @@ def _kept_metadata(summary: dict[str, Any]) -> dict[str, Any]:
     if isinstance(kept, (int, float)):
         out["kept_step"] = int(kept)
         out["trained_steps"] = int(summary.get("step", kept))
+    if summary.get("candidates"):
+        metric = summary["candidate_metric"]
+        out["candidates"] = ("; ".join(f"mismatched_negatives {c['mismatched_negatives']:g}: {metric} "
+                                       f"{c[metric]:.4f}" for c in summary["candidates"])
+                             + f"; shipped {summary['mismatched_negatives']:g} (the highest)")
     if "best_metric_name" in summary:
         out["selected_on"] = f"{summary['best_metric_name']} on the eval split (best {summary['best_metric']:.4g})"
     elif "guard/kept_step" in summary:

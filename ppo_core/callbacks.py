@@ -73,7 +73,29 @@ class ProgressPrinter(Callback):
             return
         elapsed = time.monotonic() - self.t0
         eta = elapsed / max(step, 1) * max(self.total - step, 0)
-        keys = self.keys or list(metrics)[:4]
-        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+        # a key also matches under a prefix (PrefixedCallbacks: ``<candidate>/train/loss``)
+        keys = [k for want in self.keys for k in metrics if k == want or k.endswith("/" + want)]
+        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in (keys or list(metrics)[:4]))
         print(f"[{self.stage}] step {step}/{self.total} {elapsed:.0f}s eta {eta:.0f}s {shown}",
               file=sys.stderr, flush=True)
+
+
+class PrefixedCallbacks(Callback):
+    """Forwards one sub-run's events: metrics as ``<prefix>/<key>``, the stage as ``<stage>
+    <prefix>``. Its ``on_train_end`` goes nowhere: a sub-run's summary is not the stage's (the
+    reward model's candidates, ``ppo_core.reward.train_candidates``)."""
+
+    def __init__(self, callbacks: Sequence[Callback], prefix: str) -> None:
+        self.inner, self.prefix = CallbackList(callbacks), prefix
+
+    def on_train_begin(self, stage: str, total_steps: int, config: Mapping[str, Any]) -> None:
+        self.inner.on_train_begin(f"{stage} {self.prefix}", total_steps, config)
+
+    def on_log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.inner.on_log(step, {f"{self.prefix}/{k}": v for k, v in metrics.items()})
+
+    def on_evaluate(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.inner.on_evaluate(step, {f"{self.prefix}/{k}": v for k, v in metrics.items()})
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        self.inner.on_checkpoint(step, path)

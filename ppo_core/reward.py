@@ -18,9 +18,12 @@ Normalising scores on reference-policy samples happens in the PPO engine, not he
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ppo_core.callbacks import Callback
+from ppo_core.callbacks import Callback, CallbackList, PrefixedCallbacks
+from ppo_core.checkpoint import finish_run
 from ppo_core.config import ConfigError
 from ppo_core.data import (
     EncodedPair,
@@ -45,7 +49,7 @@ from ppo_core.models import (
     load_tokenizer,
     lora_problems,
 )
-from ppo_core.strategy import StrategyConfig
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, replace_dir
 from ppo_core.trainer import StoppingConfig, SupervisedTrainer
 
 
@@ -91,16 +95,21 @@ class RewardConfig:
     """Fraction of steps of linear warmup (OpenRLHF's default 0.03)."""
     use_margin: bool = True
     """Subtract the data's ``margin`` column inside the sigmoid (Llama 2) when the column exists."""
-    mismatched_negatives: float = 0.5
+    mismatched_negatives: float | tuple[float, ...] = (0.5, 0.0)
     """Extra training pairs, as a fraction of the real ones: ``(prompt, its chosen)`` preferred over
     ``(prompt, the chosen response of another prompt)``. They teach that a response must answer its
-    own prompt, which pairwise labels on two answers to the same prompt teach slowly. Gold-order
-    agreement on test pairs (bench/rm_probe.py, 6,000 pairs, last weights): 0 -> 0.5 arithmetic
-    0.755 -> 0.799, constraints 0.734 -> 0.730; 0 -> 1.0 style 0.947 -> 0.928, bundled 0.811 ->
-    0.846. Through the whole lineage (BENCHMARKS.md, two seeds) PPO's gold win rate rose on
-    arithmetic and style and fell on constraints, where repeating prompt items then paid more.
-    0 turns them off; the eval split never gets them, so its metrics (and early stopping, when
-    on) see real pairs only."""
+    own prompt, which pairwise labels on two answers to the same prompt teach slowly, but not on
+    every task: gold-order agreement on test pairs (bench/rm_probe.py, 6,000 pairs, last weights)
+    went 0 -> 0.5 arithmetic 0.755 -> 0.799, recipe 0.798 -> 0.826 and 0.759 -> 0.834, facts
+    0.771 -> 0.721 and 0.784 -> 0.735; 0 -> 1.0 style 0.947 -> 0.928. 0 turns them off; the eval
+    split never gets them, so its metrics (and early stopping, when on) see real pairs only.
+
+    Several values (the default): one reward model per value, from the same SFT trunk with the
+    same seed and budget, each in ``candidates/mismatched_<value>/``; ``final/`` gets the one with
+    the highest accuracy on the eval split (a tie keeps the earlier value), so the data decides.
+    On the probes above the eval split ranked the two settings as the gold order did
+    (BENCHMARKS.md, "Mismatched negatives chosen on the eval split"). Each value costs one
+    reward-model training (the value 0 trains on 2/3 of the pairs that 0.5 does)."""
     center_coef: float = 0.01
     """Reward-centering auxiliary loss coefficient on (r_c + r_r)^2 (Eisenstein et al. 2023 and
     TRL's ``center_rewards_coefficient`` docs use 0.01); 0 disables it. Pairwise losses leave
@@ -157,8 +166,23 @@ class RewardConfig:
             raise ConfigError("set num_epochs > 0 or max_steps > 0")
         if self.center_coef < 0:
             raise ConfigError(f"center_coef={self.center_coef} must be >= 0")
-        if self.mismatched_negatives < 0:
-            raise ConfigError(f"mismatched_negatives={self.mismatched_negatives} must be >= 0")
+        fractions = candidate_fractions(self.mismatched_negatives)
+        if not fractions or min(fractions) < 0 or len(set(fractions)) < len(fractions):
+            raise ConfigError(f"mismatched_negatives={self.mismatched_negatives}: one value >= 0 or "
+                              "several distinct ones")
+        if len(fractions) > 1 and self.resume_from not in (None, "", "latest"):
+            raise ConfigError(f"resume_from={self.resume_from!r} names one checkpoint, but mismatched_negatives "
+                              f"trains {len(fractions)} reward models: resume with 'latest'")
+
+
+def candidate_fractions(value: float | Sequence[float]) -> tuple[float, ...]:
+    """``mismatched_negatives`` as the tuple of values to train: (0.5,) for 0.5."""
+    return (float(value),) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+
+
+def candidate_name(fraction: float) -> str:
+    """The candidate's folder under ``candidates/`` and its metrics' prefix: ``mismatched_0.5``."""
+    return f"mismatched_{fraction:g}"
 
 
 def bradley_terry_loss(
@@ -241,7 +265,11 @@ class RewardTrainer(SupervisedTrainer):
         eval_rows = read_table(data / "rm_eval.parquet", cols, ("margin",), text_columns=cols)
         if cfg.max_eval_examples > 0:
             eval_rows = eval_rows[: cfg.max_eval_examples]
-        extra = mismatched_pairs(train_rows, cfg.mismatched_negatives, cfg.strategy.seed)
+        fractions = candidate_fractions(cfg.mismatched_negatives)
+        if len(fractions) != 1:
+            raise ConfigError(f"RewardTrainer trains one mismatched_negatives value, got {fractions}: "
+                              "ppo_core.reward.train selects among several")
+        extra = mismatched_pairs(train_rows, fractions[0], cfg.strategy.seed)
         self.data_counts = {"train_preference_pairs": len(train_rows), "train_mismatched_pairs": len(extra)}
         train_rows = train_rows + extra
         s.setup_distributed()
@@ -310,9 +338,80 @@ class RewardTrainer(SupervisedTrainer):
                 "eval/loss": float(sums[3]) / n, "eval/score_mean": mean, "eval/score_std": var**0.5}
 
 
+SELECT_METRIC = "eval/accuracy"
+"""What picks among candidates: accuracy on the eval split's real pairs ranks reward models the
+way gold agreement does; the eval loss also grows with confidence on noisy labels (see
+``stopping``)."""
+
+
 def train(cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Train the reward model; returns the summary (incl. ``eval/accuracy``), also in summary.json."""
-    return RewardTrainer(cfg, callbacks).train()
+    """Train the reward model; returns the summary (incl. ``eval/accuracy``), also in summary.json.
+    Several ``mismatched_negatives`` values train one model each and ship the best
+    (:func:`train_candidates`)."""
+    fractions = candidate_fractions(cfg.mismatched_negatives)
+    if len(fractions) > 1:
+        return train_candidates(cfg, callbacks)
+    return RewardTrainer(replace(cfg, mismatched_negatives=fractions[0]), callbacks).train()
+
+
+def _completed(out_dir: Path) -> dict[str, Any] | None:
+    """The summary of a finished candidate an earlier attempt left (None: train it)."""
+    path = out_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return summary if summary.get("completed") and (out_dir / "final").is_dir() else None
+
+
+def train_candidates(cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """One reward model per ``mismatched_negatives`` value, in order, under
+    ``candidates/<candidate_name>/``; the one with the highest ``SELECT_METRIC`` is copied to
+    ``final/`` and its summary becomes the stage's, with every candidate's score beside it.
+
+    Candidates share a wall-clock budget (each gets an even share of what is left). With
+    ``resume_from: latest`` a finished candidate is not trained again and the unfinished one
+    resumes from its newest checkpoint. ``stop_after_steps`` stops inside the first candidate
+    that reaches it, as the single-model stage does.
+    """
+    out, fractions = Path(cfg.output_dir), candidate_fractions(cfg.mismatched_negatives)
+    strategy = DeepSpeedStrategy(cfg.strategy)
+    strategy.setup_distributed()  # the rank checks below need the process group
+    t0 = time.monotonic()
+    results: list[dict[str, Any]] = []
+    for k, fraction in enumerate(fractions):
+        name = candidate_name(fraction)
+        sub_out = out / "candidates" / name
+        done = _completed(sub_out) if cfg.resume_from else None
+        if done is None:
+            stopping = cfg.stopping
+            if stopping.max_seconds:
+                left = max(stopping.max_seconds - (time.monotonic() - t0), 1.0)
+                stopping = replace(stopping, max_seconds=left / (len(fractions) - k))
+            sub = replace(cfg, output_dir=str(sub_out), mismatched_negatives=fraction, stopping=stopping)
+            done = RewardTrainer(sub, [PrefixedCallbacks(callbacks, name)]).train()
+            if not done["completed"]:  # stop_after_steps: resumable, nothing to select yet
+                return finish_run(strategy, out, {**done, "output_dir": str(out), "candidate": name},
+                                  CallbackList(callbacks))
+        results.append({"mismatched_negatives": fraction, **done})
+    # max() keeps the first of equal scores: a tie goes to the earlier value
+    best = max(results, key=lambda r: float(r[SELECT_METRIC]))
+    if strategy.is_rank_zero():
+        tmp = out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(best["final_model_dir"], tmp)
+        replace_dir(tmp, out / "final")
+    strategy.barrier()
+    scores = {f"{candidate_name(r['mismatched_negatives'])}/{SELECT_METRIC}": float(r[SELECT_METRIC])
+              for r in results}
+    summary = {
+        **best, "output_dir": str(out), "final_model_dir": str(out / "final"),
+        "runtime_s": sum(float(r["runtime_s"]) for r in results),
+        "candidate_metric": SELECT_METRIC, "candidate_dir": str(Path(best["output_dir"])),
+        "candidates": [{k: r[k] for k in ("mismatched_negatives", SELECT_METRIC, "eval/loss", "output_dir",
+                                          "runtime_s", "stopped_reason")} for r in results],
+        **scores,
+    }
+    return finish_run(strategy, out, summary, CallbackList(callbacks))
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,31 @@ def test_prepare_attempt_drops_stale_results(tmp_path: Path) -> None:
     metrics = leave_attempt(tmp_path / "fresh")
     prepare_attempt(tmp_path / "fresh", metrics, resumed=None, operator_resume=False)
     assert list((tmp_path / "fresh").iterdir()) == []
+
+
+def test_a_reward_model_with_candidates_resumes_its_unfinished_one(tmp_path: Path) -> None:
+    """Candidate mismatched_0.5 finished (at step 9), mismatched_0 checkpointed step 4 of its run."""
+    from assets.models import latest_checkpoint_step, prepare_attempt
+
+    out = tmp_path / "rm"
+    assert latest_checkpoint_step(out) is None
+    done, running = out / "candidates" / "mismatched_0.5", out / "candidates" / "mismatched_0"
+    for c, step in ((done, 8), (running, 4)):
+        (c / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (c / "checkpoints" / f"step_{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (done / "summary.json").write_text('{"completed": true}')
+    # the finished candidate's checkpoint (8) is not where this attempt resumes
+    assert latest_checkpoint_step(out) == 4
+    metrics = out / "metrics.jsonl"
+    rows = [("mismatched_0.5", s) for s in (4, 8, 9)] + [("mismatched_0", s) for s in (4, 5)]
+    metrics.write_text("".join(json.dumps({"kind": "train", "step": s, f"{c}/train/loss": 1.0}) + "\n"
+                               for c, s in rows))
+    prepare_attempt(out, metrics, resumed=4, operator_resume=False)
+    kept = [(next(k for k in r if "/" in k).split("/")[0], r["step"]) for r in map(json.loads, metrics.read_text().splitlines())]
+    assert kept == rows[:4]  # only the unfinished candidate's step 5 is redone
+    # a finished candidate and none checkpointed yet: resume from step 0, keeping the finished one
+    shutil.rmtree(running)
+    assert latest_checkpoint_step(out) == 0
 
 
 def test_checkpoints_of_other_inputs_are_neither_resumed_nor_overwritten(rlhf_home: Path, tmp_path: Path) -> None:

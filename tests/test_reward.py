@@ -136,6 +136,98 @@ def test_mismatched_negatives_are_added_to_training_and_counted(tmp_path: Path, 
         RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", mismatched_negatives=-0.5)
 
 
+def test_candidates_train_each_value_and_ship_the_best_on_the_eval_split(
+        tmp_path: Path, data_dir: Path, sft_model: Path) -> None:
+    class Ends(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ends: list[dict] = []
+
+        def on_train_end(self, summary) -> None:
+            self.ends.append(dict(summary))
+
+    rec, out = Ends(), tmp_path / "rm"
+    summary = train(_cfg(data_dir, out, sft_model, mismatched_negatives=[0.5, 0.0], eval_steps=0), [rec])
+    subs = {f: json.loads((out / "candidates" / f"mismatched_{f:g}" / "summary.json").read_text()) for f in (0.5, 0.0)}
+    # each candidate trained with its own value: 64 + 32 pairs and 64 pairs
+    assert (subs[0.5]["train_pairs"], subs[0.0]["train_pairs"]) == (96, 64)
+    best = 0.5 if subs[0.5]["eval/accuracy"] >= subs[0.0]["eval/accuracy"] else 0.0
+    assert summary["mismatched_negatives"] == best
+    assert summary["eval/accuracy"] == subs[best]["eval/accuracy"]
+    assert summary["mismatched_0/eval/accuracy"] == subs[0.0]["eval/accuracy"]
+    assert summary["final_model_dir"] == str(out / "final") and summary["output_dir"] == str(out)
+    shipped = (out / "final" / "model.safetensors").read_bytes()
+    assert shipped == (out / "candidates" / f"mismatched_{best:g}" / "final" / "model.safetensors").read_bytes()
+    assert json.loads((out / "summary.json").read_text())["mismatched_negatives"] == best
+    # metrics arrive under each candidate's prefix; the stage ends once, with the selection
+    assert {k.split("/")[0] for log in rec.logs for k in log} == {"mismatched_0.5", "mismatched_0"}
+    assert [e["mismatched_negatives"] for e in rec.ends] == [best]
+
+
+def test_candidate_selection_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accuracies 0.6, 0.7, 0.7 for values 0.5, 0, 1: the first of the two 0.7s is shipped."""
+    from ppo_core import reward
+
+    accuracy = {0.5: 0.6, 0.0: 0.7, 1.0: 0.7}
+    budgets: list[float] = []
+
+    def fake_train(self) -> dict:
+        out, f = Path(self.cfg.output_dir), self.cfg.mismatched_negatives
+        budgets.append(self.cfg.stopping.max_seconds)
+        (out / "final").mkdir(parents=True)
+        (out / "final" / "weights").write_text(str(f))
+        summary = {"completed": True, "output_dir": str(out), "final_model_dir": str(out / "final"),
+                   "eval/accuracy": accuracy[f], "eval/loss": 1.0, "runtime_s": 2.0, "stopped_reason": "completed"}
+        (out / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(reward.RewardTrainer, "__init__", lambda self, cfg, cbs=(): setattr(self, "cfg", cfg))
+    monkeypatch.setattr(reward.RewardTrainer, "train", fake_train)
+    cfg = RewardConfig(data_dir="d", output_dir=str(tmp_path / "rm"), model_name_or_path="m",
+                       mismatched_negatives=(0.5, 0.0, 1.0), stopping=from_dict(
+                           reward.StoppingConfig, {"patience": 0, "keep_best": False, "max_seconds": 3000}))
+    summary = train(cfg)
+    assert summary["mismatched_negatives"] == 0.0 and summary["eval/accuracy"] == 0.7
+    assert (tmp_path / "rm" / "final" / "weights").read_text() == "0.0"
+    assert summary["runtime_s"] == 6.0 and summary["candidate_dir"] == str(tmp_path / "rm" / "candidates" / "mismatched_0")
+    assert [c["eval/accuracy"] for c in summary["candidates"]] == [0.6, 0.7, 0.7]
+    # the budget is shared: a third of it for the first (the fakes take no time), then half what is left
+    assert budgets[0] == pytest.approx(1000.0, abs=1.0) and budgets[1] == pytest.approx(1500.0, abs=1.0)
+    assert budgets[2] == pytest.approx(3000.0, abs=1.0)
+
+
+def test_candidates_resume_without_training_a_finished_one_again(tmp_path: Path, data_dir: Path,
+                                                                 sft_model: Path) -> None:
+    out = tmp_path / "rm"
+    first = train(_cfg(data_dir, out, sft_model, mismatched_negatives=[0.5, 0.0], eval_steps=0,
+                       save_steps=3, stop_after_steps=3))
+    assert first["completed"] is False and first["candidate"] == "mismatched_0.5"
+    assert not (out / "candidates" / "mismatched_0").exists()
+    rec = Recorder()
+    done = train(_cfg(data_dir, out, sft_model, mismatched_negatives=[0.5, 0.0], eval_steps=0,
+                      resume_from="latest"), [rec])
+    sub = json.loads((out / "candidates" / "mismatched_0.5" / "summary.json").read_text())
+    assert sub["resumed_from_step"] == 3 and done["completed"] is True
+    assert min(log["mismatched_0.5/train/epoch"] for log in rec.logs if "mismatched_0.5/train/epoch" in log) > 3 / 6
+    # everything finished: a resume trains nothing and ships the same choice
+    again = Recorder()
+    (out / "summary.json").unlink()
+    redo = train(_cfg(data_dir, out, sft_model, mismatched_negatives=[0.5, 0.0], eval_steps=0,
+                      resume_from="latest"), [again])
+    assert again.logs == [] and redo["mismatched_negatives"] == done["mismatched_negatives"]
+
+
+def test_candidate_values_are_checked() -> None:
+    for bad in ((), (0.5, 0.5), (0.5, -1.0)):
+        with pytest.raises(ConfigError, match="mismatched_negatives"):
+            RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", mismatched_negatives=bad)
+    with pytest.raises(ConfigError, match="resume with 'latest'"):
+        RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", mismatched_negatives=(0.5, 0.0),
+                     resume_from="o/checkpoints/step_3")
+    assert from_dict(RewardConfig, {"data_dir": "d", "output_dir": "o", "model_name_or_path": "m",
+                                    "mismatched_negatives": 0.25}).mismatched_negatives == 0.25
+
+
 def _eval_gaps(final: Path, data_dir: Path) -> torch.Tensor:
     """score(chosen) - score(rejected) of the saved scorer on every rm_eval pair."""
     import pandas as pd
