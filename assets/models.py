@@ -636,10 +636,10 @@ def _kept_metadata(summary: dict[str, Any]) -> dict[str, Any]:
         out["kept_step"] = int(kept)
         out["trained_steps"] = int(summary.get("step", kept))
     if summary.get("candidates"):
-        metric = summary["candidate_metric"]
-        out["candidates"] = ("; ".join(f"mismatched_negatives {c['mismatched_negatives']:g}: {metric} "
-                                       f"{c[metric]:.4f}" for c in summary["candidates"])
-                             + f"; shipped {summary['mismatched_negatives']:g} (the highest)")
+        metric, shipped = summary["candidate_metric"], summary["mismatched_negatives"]
+        others = "; ".join(f"{c['mismatched_negatives']:g}: {c[metric]:.3f}" for c in summary["candidates"]
+                           if c["mismatched_negatives"] != shipped)
+        out["mismatched_negatives"] = f"{shipped:g} ({metric} {summary[metric]:.3f}; {others})"
     if "best_metric_name" in summary:
         out["selected_on"] = f"{summary['best_metric_name']} on the eval split (best {summary['best_metric']:.4g})"
     elif "guard/kept_step" in summary:

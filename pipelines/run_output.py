@@ -38,6 +38,7 @@ DETAILS: tuple[tuple[str, str], ...] = (
     ("n_rows", "{} rows"), ("n_valid", "{} valid"), ("n_quarantined", "{} quarantined"),
     ("count/sft_train", "{} SFT train pairs"), ("n_params", "{:,} parameters"),
     ("kept_step", "kept step {}"), ("stopped_reason", "stopped: {}"),
+    ("mismatched_negatives", "mismatched negatives {}"),
     ("win_rate_gold", "gold win rate {:.2f}"), ("win_rate_heldout", "held-out RM win rate {:.2f}"),
     ("win_rate_rm", "RM win rate {:.2f}"),
     ("version", "version {}"), ("guard", "guard {}"),

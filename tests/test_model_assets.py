@@ -605,3 +605,14 @@ def test_base_model_refuses_a_setting_it_would_otherwise_ignore(config: dict, me
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert message in str(failure.event_specific_data.error)
     assert not (home / "manifests" / "base_model.json").exists()
+
+
+def test_kept_metadata_names_the_shipped_reward_model_candidate() -> None:
+    from assets.models import _kept_metadata
+
+    summary = {"stopped_reason": "completed", "best_step": 700, "step": 700, "best_metric_name": "eval/loss",
+               "best_metric": 0.56, "mismatched_negatives": 0.0, "candidate_metric": "eval/accuracy",
+               "eval/accuracy": 0.722, "candidates": [{"mismatched_negatives": 0.5, "eval/accuracy": 0.678},
+                                                      {"mismatched_negatives": 0.0, "eval/accuracy": 0.722}]}
+    assert _kept_metadata(summary)["mismatched_negatives"] == "0 (eval/accuracy 0.722; 0.5: 0.678)"
+    assert "mismatched_negatives" not in _kept_metadata({k: v for k, v in summary.items() if k != "candidates"})
