@@ -257,23 +257,48 @@ def rm_scores(rm_dir: str, prompts: list[str], response_ids: list[list[int]], ba
     return [float(x) for x in out]
 
 
-def pair_metrics(rm_dir: str, pairs: pd.DataFrame, scorer: GoldScorer | None,
-                 batch_size: int) -> dict[str, float]:
+MemberStats = list[tuple[float, float]]
+"""Each ensemble member's (mean, std) on the baseline policy's answers."""
+
+
+def member_stats(members: Sequence[Sequence[float]]) -> MemberStats:
+    """(mean, std) of each member's scores; PPO standardises on its reference policy's samples
+    (``ppo_core.rewards.EnsembleReward``), the report on the baseline's answers."""
+    out = []
+    for scores in members:
+        m = mean(scores)
+        var = sum((x - m) ** 2 for x in scores) / max(len(scores) - 1, 1)
+        out.append((m, max(math.sqrt(var), 1e-6)))
+    return out
+
+
+def combine_members(members: Sequence[Sequence[float]], stats: MemberStats | None) -> list[float]:
+    """One model's scores as they are; several models' standardised with ``stats``, averaged."""
+    if len(members) == 1:
+        return [float(x) for x in members[0]]
+    assert stats is not None and len(stats) == len(members)
+    return [mean([(x - m) / sd for x, (m, sd) in zip(column, stats)]) for column in zip(*members)]
+
+
+def pair_metrics(rm_dir: str | Sequence[str], pairs: pd.DataFrame, scorer: GoldScorer | None,
+                 batch_size: int, stats: MemberStats | None = None) -> dict[str, float]:
     """The reward model on held-out pairs: accuracy against the (noisy) labels and, with a gold
     scorer, agreement with the noiseless gold ordering (pairs whose gold scores tie are left out).
-    Both get a standard error (``_se``) with the pairs of one prompt counted as one cluster."""
+    Both get a standard error (``_se``) with the pairs of one prompt counted as one cluster.
+    Several ``rm_dir``: the ensemble PPO optimised, each member standardised with ``stats``."""
     from ppo_core import models
     from ppo_core.data import encode_response
 
     if pairs.empty:
         return {}
-    tok = models.load_tokenizer(rm_dir)
+    rm_dirs = [rm_dir] if isinstance(rm_dir, str) else list(rm_dir)
+    tok = models.load_tokenizer(rm_dirs[0])
     prompts = pairs["prompt"].astype(str).tolist()
     # responses are scored as PPO scores them: response tokens followed by EOS (ppo_core.data)
     encode = lambda texts: [encode_response(tok, p, t) for p, t in zip(prompts, texts)]
     chosen, rejected = pairs["chosen"].astype(str).tolist(), pairs["rejected"].astype(str).tolist()
-    s_c = rm_scores(rm_dir, prompts, encode(chosen), batch_size)
-    s_r = rm_scores(rm_dir, prompts, encode(rejected), batch_size)
+    s_c = combine_members([rm_scores(d, prompts, encode(chosen), batch_size) for d in rm_dirs], stats)
+    s_r = combine_members([rm_scores(d, prompts, encode(rejected), batch_size) for d in rm_dirs], stats)
     correct = [1.0 if c > r else 0.0 for c, r in zip(s_c, s_r)]
     out = {"rm/pair_accuracy": mean(correct), "rm/pair_accuracy_se": clustered_se(correct, prompts),
            "rm/n_pairs": float(len(prompts))}
@@ -393,11 +418,23 @@ def _model_dir(manifest: dict, asset: str) -> str:
     return str(path)
 
 
-def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: EvaluationConfig,
+def _reward_dirs(manifest: dict) -> str | list[str]:
+    """What PPO optimised (``assets.models.reward_model_paths``), each path checked."""
+    from assets.models import reward_model_paths
+
+    paths = reward_model_paths(manifest)
+    for path in [paths] if isinstance(paths, str) else paths:
+        _model_dir({"model_path": path}, "reward_model")
+    return paths
+
+
+def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str | Sequence[str], cfg: EvaluationConfig,
              out_dir: Path, data_source: str | None = None,
              log: Callable[[str], None] = print, heldout_rm_dir: str | None = None) -> dict[str, Any]:
     """Run the whole comparison; writes ``report.json`` and ``samples.parquet`` under ``out_dir``.
-    ``heldout_rm_dir``: the held-out reward model, scored beside the reward model (None: skipped)."""
+    ``heldout_rm_dir``: the held-out reward model, scored beside the reward model (None: skipped).
+    Several ``rm_dir``: an ensemble (:func:`combine_members`), standardised on the SFT answers."""
+    rm_dirs = [rm_dir] if isinstance(rm_dir, str) else list(rm_dir)
     prompts_df = _read_split(splits, "test_prompts.parquet")
     pairs = _read_split(splits, "test_pairs.parquet")
     prompts = [str(p) for p in prompts_df["prompt"].tolist()]
@@ -415,16 +452,20 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
     for name, model_dir in (("sft", sft_dir), ("ppo", ppo_dir)):
         log(f"evaluation: sampling {len(prompts)} answers from {name}")
         gen = generate(model_dir, prompts, cfg)
-        log(f"evaluation: scoring {name} answers with the reward model")
-        gen["rm"] = rm_scores(rm_dir, prompts, gen["ids"], cfg.batch_size)
+        log(f"evaluation: scoring {name} answers with the reward model"
+            + (f" ({len(rm_dirs)} members)" if len(rm_dirs) > 1 else ""))
+        gen["rm_members"] = [rm_scores(d, prompts, gen["ids"], cfg.batch_size) for d in rm_dirs]
         gen["heldout"] = rm_scores(heldout_rm_dir, prompts, gen["ids"], cfg.batch_size) if heldout_rm_dir else None
         gen["gold"] = [float(x) for x in scorer(prompts, gen["responses"])] if scorer else None
         if gen["gold"] is not None and len(gen["gold"]) != len(prompts):
             raise ValueError(f"gold_scorer {scorer_spec}: returned {len(gen['gold'])} scores for "
                              f"{len(prompts)} responses")
         per[name] = gen
+    stats = member_stats(per["sft"]["rm_members"]) if len(rm_dirs) > 1 else None
+    for gen in per.values():
+        gen["rm"] = combine_members(gen.pop("rm_members"), stats)
     log(f"evaluation: reward model on {len(pairs)} held-out preference pairs")
-    metrics_rm = pair_metrics(rm_dir, pairs, scorer, cfg.batch_size)
+    metrics_rm = pair_metrics(rm_dirs, pairs, scorer, cfg.batch_size, stats)
     log("evaluation: KL of PPO to the SFT reference on PPO samples")
     lp_ppo = sequence_logprobs(ppo_dir, prompts, per["ppo"]["ids"], cfg.batch_size)
     lp_ref = sequence_logprobs(sft_dir, prompts, per["ppo"]["ids"], cfg.batch_size)
@@ -456,7 +497,8 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str, cfg: Evaluat
     samples.to_parquet(out_dir / "samples.parquet", index=False)
     report = {
         "metrics": metrics, "gold_scorer": scorer_spec, "data_version": splits.get("data_version"),
-        "sft_model": sft_dir, "ppo_model": ppo_dir, "reward_model": rm_dir, "heldout_reward_model": heldout_rm_dir,
+        "sft_model": sft_dir, "ppo_model": ppo_dir, "reward_model": rm_dirs[0] if len(rm_dirs) == 1 else rm_dirs,
+        "heldout_reward_model": heldout_rm_dir,
         # the weights' hash: promotion compares held-out scores only under the same model
         "heldout_reward_model_version": model_dir_version(Path(heldout_rm_dir)) if heldout_rm_dir else None,
         "config": cfg.model_dump(), "samples_path": str(out_dir / "samples.parquet"),
@@ -497,7 +539,7 @@ def evaluation_report(
         log_datasets(mlflow.client(), run_id, [test_set, test_pairs])
         result = evaluate(
             dataset_splits, _model_dir(sft_model, "sft_model"), _model_dir(ppo_policy, "ppo_policy"),
-            _model_dir(reward_model, "reward_model"), config, out_dir,
+            _reward_dirs(reward_model), config, out_dir,
             data_source=raw_preferences.get("source"), log=context.log.info,
             heldout_rm_dir=heldout_reward_model.get("model_path") or None,
         )

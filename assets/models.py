@@ -404,8 +404,9 @@ def stage_inputs(core: Any, data_version: str, paths: dict[str, Any]) -> dict[st
     the split data version and the content version of every model directory it reads."""
     values = {k: v for k, v in dataclasses.asdict(core).items() if k not in _ATTEMPT_FIELDS}
     config = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    models = {k: model_dir_version(Path(v)) for k, v in sorted(paths.items())
-              if isinstance(v, str) and (Path(v) / "config.json").is_file()}
+    dirs = [(k, v) for k, v in paths.items() if isinstance(v, str)]
+    dirs += [(f"{k}[{i}]", d) for k, v in paths.items() if isinstance(v, (list, tuple)) for i, d in enumerate(v)]
+    models = {k: model_dir_version(Path(v)) for k, v in sorted(dirs) if (Path(v) / "config.json").is_file()}
     return {"config": config, "data_version": data_version, "models": models}
 
 
@@ -602,8 +603,11 @@ def train_stage(
                 mlflow.tracking_uri, run_id, model_path, asset, STAGE_TASKS[stage]))
         url = mlflow.run_url(run)
     numbers = _numbers(summary)
+    members = [str(Path(c["output_dir"]) / "final") for c in summary.get("candidates") or []]
     manifest = {
         "stage": stage, "model_path": str(model_path), "output_dir": str(out),
+        # a reward model trained as several candidates: PPO optimises all of them (reward_model_paths)
+        **({"member_paths": members} if len(members) > 1 else {}),
         "config_path": str(config_path), "metrics_file": str(metrics_file),
         "mlflow_run_id": run_id, "mlflow_model_id": model_id, "data_version": data_version,
         "summary": numbers, "plots": {k: str(v) for k, v in plots.items()}, "lengths": seq,
@@ -622,8 +626,9 @@ def train_stage(
     }
     for name, png in plots.items():
         metadata[f"plot_{name}"] = dg.MetadataValue.md(png_markdown(png, name))
-    return dg.MaterializeResult(value=manifest, metadata=metadata,
-                                data_version=dg.DataVersion(model_dir_version(model_path)))
+    version = "+".join(model_dir_version(Path(p)) for p in members) if len(members) > 1 else \
+        model_dir_version(model_path)
+    return dg.MaterializeResult(value=manifest, metadata=metadata, data_version=dg.DataVersion(version))
 
 
 def _kept_metadata(summary: dict[str, Any]) -> dict[str, Any]:
@@ -655,6 +660,13 @@ def _kept_metadata(summary: dict[str, Any]) -> dict[str, Any]:
                                 + (f"; KL coefficient at the end {summary['objective/kl_coef']:.3g}"
                                    if "objective/kl_coef" in summary else ""))
     return out
+
+
+def reward_model_paths(manifest: dict) -> str | list[str]:
+    """What PPO scores with: every member of a reward model trained as several candidates (an
+    ensemble, ``ppo_core.rewards.EnsembleReward``), else its one model."""
+    members = manifest.get("member_paths") or []
+    return list(members) if len(members) > 1 else str(manifest["model_path"])
 
 
 def _split(splits: dict, name: str) -> str:
@@ -854,6 +866,11 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, m
 class HeldoutRewardModelConfig(RewardStageConfig):
     """heldout_reward_model: maps onto ``ppo_core.reward.RewardConfig`` (``train_file`` = rm_heldout)."""
 
+    mismatched_negatives: Optional[list[float]] = Field(
+        default=[0.5], description="As reward_model's, but one model by default: the guard scores with a "
+        "single held-out model, and every guard run measured (BENCHMARKS.md) used 0.5. Several values: "
+        "the one with the best eval-split accuracy is the guard's.")
+
 
 def _heldout_pairs(splits: dict) -> int:
     return int(splits.get("counts", {}).get("rm_heldout", 0))
@@ -894,7 +911,7 @@ def ppo_policy(context: dg.AssetExecutionContext, config: PPOPolicyConfig, mlflo
         context, asset="ppo_policy", stage="ppo", cfg=config, mlflow=mlflow, launcher=launcher,
         data_version=_data_version(dataset_splits),
         paths={"policy_path": sft_model["model_path"],
-               "reward_model_path": reward_model["model_path"],
+               "reward_model_path": reward_model_paths(reward_model),
                **({"guard_reward_model_path": guard} if guard else {}),
                "train_file": _split(dataset_splits, "ppo_train.parquet"),
                "eval_file": _split(dataset_splits, "ppo_eval.parquet")},

@@ -39,7 +39,8 @@ from pydantic import Field
 from assets import annotation
 from assets.evaluation import SamplingConfig
 from assets.ingest import IngestError, content_hash, load_preferences
-from assets.models import TRAINING_POOL, PPOPolicyConfig, RewardModelConfig, reward_accuracy_result, train_stage
+from assets.models import (TRAINING_POOL, PPOPolicyConfig, RewardModelConfig, reward_accuracy_result, reward_model_paths,
+                           train_stage)
 from assets.plots import png_markdown, rounds_plot
 from assets.schemas import validate_pairs
 from ops.registry import REGISTRY_POOL
@@ -406,7 +407,7 @@ def round_policy(context: dg.AssetExecutionContext, config: RoundPolicyConfig, m
         context, asset="round_policy", stage="ppo", cfg=config, mlflow=mlflow, launcher=launcher,
         data_version=round_preferences["data_version"],
         paths={"policy_path": champion_dir, "ref_model_path": ref,
-               "reward_model_path": round_reward_model["model_path"],
+               "reward_model_path": reward_model_paths(round_reward_model),
                **({"guard_reward_model_path": guard} if guard else {}),
                "train_file": str(split / "ppo_train.parquet"), "eval_file": str(split / "ppo_eval.parquet")},
         datasets=split_inputs(dataset_splits, {"ppo_train": TRAINING, "ppo_eval": EVAL}),
@@ -444,7 +445,7 @@ def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationC
     sampling = {**config.model_dump(), "max_new_tokens": response_length(config.max_new_tokens, round_policy)}
     cfg = EvaluationConfig(**sampling, gold_scorer=round_preferences.get("gold_scorer") or "none")
     champion_dir, challenger_dir = round_preferences["champion_dir"], round_policy["model_path"]
-    sft_dir, rm_dir = sft_model["model_path"], round_reward_model["model_path"]
+    sft_dir, rm_dir = sft_model["model_path"], reward_model_paths(round_reward_model)
     with mlflow.run(context, "round_evaluation", {"data_version": dataset_splits["data_version"], "rlhf.round": key}) as run:
         # champion as the baseline ("sft" side of evaluate): win rates are challenger vs champion
         result = evaluate(dataset_splits, champion_dir, challenger_dir, rm_dir, cfg, out,

@@ -171,9 +171,11 @@ def ours_paths(home: Path, summary: dict[str, Any]) -> dict[str, str]:
     """Where our run put its splits and models (from the per-run asset manifests)."""
     run_id = summary["dagster_run_id"]
     paths = {"split_dir": read_run_manifest(home, "dataset_splits", run_id)["split_dir"]}
-    for asset, key in (("base_model", "base"), ("sft_model", "sft"), ("reward_model", "rm"),
-                       ("ppo_policy", "ppo")):
+    from assets.models import reward_model_paths
+
+    for asset, key in (("base_model", "base"), ("sft_model", "sft"), ("ppo_policy", "ppo")):
         paths[key] = read_run_manifest(home, asset, run_id)["model_path"]
+    paths["rm"] = reward_model_paths(read_run_manifest(home, "reward_model", run_id))  # PPO's reward
     ppo = read_run_manifest(home, "ppo_policy", run_id)
     paths["ppo_stage_config"] = ppo.get("config_path", "")
     return paths
@@ -404,9 +406,10 @@ def run_trl(split_dir: str, base_dir: str, out_dir: Path, recipe: TRLRecipe, log
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str, test_pairs, test_prompts: list[str],
+def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str | list[str], test_pairs, test_prompts: list[str],
                       gold_scorer, settings: dict[str, Any]) -> dict[str, Any]:
     """The same numbers for any (SFT, PPO, RM) triple, with ``assets/evaluation.py``'s helpers.
+    Several ``rm_dir``: the ensemble, each member standardised on the SFT answers, as the report does.
 
     ``settings`` are ``EvaluationConfig`` fields (max_prompts, samples_per_prompt,
     max_new_tokens, temperature, batch_size, seed). Both policies sample the same prompts with
@@ -421,7 +424,9 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str, test_pairs, test_
         kl_per_response,
         kl_per_token,
         mean,
+        member_stats,
         pair_metrics,
+        rm_scores,
         sequence_logprobs,
         win_rate,
         wins,
@@ -433,7 +438,10 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str, test_pairs, test_
     sft, ppo = generate(sft_dir, prompts, cfg), generate(ppo_dir, prompts, cfg)
     gold_sft = [float(x) for x in gold_scorer(prompts, sft["responses"])]
     gold_ppo = [float(x) for x in gold_scorer(prompts, ppo["responses"])]
-    rm = pair_metrics(rm_dir, test_pairs, gold_scorer, cfg.batch_size)
+    rm_dirs = [rm_dir] if isinstance(rm_dir, str) else list(rm_dir)
+    stats = (member_stats([rm_scores(d, prompts, sft["ids"], cfg.batch_size) for d in rm_dirs])
+             if len(rm_dirs) > 1 else None)
+    rm = pair_metrics(rm_dirs, test_pairs, gold_scorer, cfg.batch_size, stats)
     lp_ppo = sequence_logprobs(ppo_dir, prompts, ppo["ids"], cfg.batch_size)
     lp_sft = sequence_logprobs(sft_dir, prompts, ppo["ids"], cfg.batch_size)
     return {

@@ -80,7 +80,7 @@ from ppo_core.packing import (
     supports_packing,
     trunk_hidden,
 )
-from ppo_core.rewards import FunctionReward, ModelReward, RewardNormalizer, RewardSource
+from ppo_core.rewards import EnsembleReward, FunctionReward, ModelReward, RewardNormalizer, RewardSource
 from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,10 @@ class PPOConfig:
     """Parquet file with a ``prompt`` column (``ppo_train.parquet``)"""
     output_dir: str = ""
     """where ``final/``, ``checkpoints/`` and ``summary.json`` go"""
-    reward_model_path: str | None = None
-    """trained reward model (``<rm_out>/final``); exactly one of this and ``reward_function``"""
+    reward_model_path: str | tuple[str, ...] | None = None
+    """trained reward model (``<rm_out>/final``); exactly one of this and ``reward_function``.
+    Several paths: PPO optimises their ensemble, each member standardised on reference-policy
+    samples, then averaged (``ppo_core.rewards.EnsembleReward``); the critic starts from the first"""
     reward_function: str | None = None
     """``module:function`` taking (prompts, responses) -> list[float] (rule-based rewards, as
     OpenRLHF and veRL allow), used instead of a reward model"""
@@ -357,6 +359,8 @@ def _validate(cfg: PPOConfig) -> list[str]:
     if (cfg.reward_model_path is None) == (cfg.reward_function is None):
         e.append("set exactly one of reward_model_path (a trained RM) and reward_function "
                  "('module:function')")
+    if cfg.reward_model_path is not None and not reward_model_paths(cfg):
+        e.append("reward_model_path is an empty list: give one reward model or several")
     if cfg.reward_function is not None and ":" not in cfg.reward_function:
         e.append(f"reward_function {cfg.reward_function!r} must look like 'package.module:function'")
     for name in ("num_steps", "rollout_batch_size", "num_mini_batches", "ppo_epochs",
@@ -394,8 +398,8 @@ def _validate(cfg: PPOConfig) -> list[str]:
         e.append(f"kl_ceiling must be > 0, or 0 / null for none, got {cfg.kl_ceiling}")
     if not 0 <= cfg.kl_ceiling_margin < 1:
         e.append(f"kl_ceiling_margin must be in [0, 1), got {cfg.kl_ceiling_margin}")
-    if cfg.normalize_reward and cfg.reward_norm_samples < 2:
-        e.append("reward_norm_samples must be >= 2 when normalize_reward is true")
+    if (cfg.normalize_reward or len(reward_model_paths(cfg)) > 1) and cfg.reward_norm_samples < 2:
+        e.append("reward_norm_samples must be >= 2 when normalize_reward is true or with several reward models")
     if cfg.reward_clip is not None and cfg.reward_clip <= 0:
         e.append(f"reward_clip must be > 0 or null, got {cfg.reward_clip}")
     e.extend(lora_problems(cfg.lora_rank, cfg.strategy.zero_stage))
@@ -421,11 +425,19 @@ def _validate(cfg: PPOConfig) -> list[str]:
     return e
 
 
+def reward_model_paths(cfg: PPOConfig) -> tuple[str, ...]:
+    """``reward_model_path`` as a tuple: () with a reward function, one path, or the ensemble's."""
+    value = cfg.reward_model_path
+    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+
+
 def check_inputs(cfg: PPOConfig) -> None:
     """File-system checks that need no model: fail before any training starts."""
     problems = []
-    for name in ("policy_path", "ref_model_path", "reward_model_path", "critic_path", "guard_reward_model_path"):
-        value = getattr(cfg, name)
+    paths = [(name, getattr(cfg, name)) for name in ("policy_path", "ref_model_path", "critic_path",
+                                                       "guard_reward_model_path")]
+    paths += [("reward_model_path", path) for path in reward_model_paths(cfg)]
+    for name, value in paths:
         if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().is_dir():
             problems.append(f"{name} {value!r} is not a directory (expected a save_pretrained dir)")
     for name in ("train_file", "eval_file"):
@@ -612,7 +624,8 @@ class PPOTrainer:
         torch.manual_seed(cfg.seed)
         if cfg.ref_model_path:
             self._check_same_tokenizer(cfg.ref_model_path)
-        for other in (cfg.reward_model_path, cfg.critic_path):
+        rm_paths = reward_model_paths(cfg)
+        for other in (*rm_paths, cfg.critic_path):
             if other is not None:
                 self._check_same_tokenizer(other)
         # under ZeRO-3 every model is created already partitioned: no rank ever holds a
@@ -621,12 +634,15 @@ class PPOTrainer:
             policy = load_causal_lm(cfg.policy_path)
             self.ref = strategy.prepare_eval(load_causal_lm(cfg.ref_model_path or cfg.policy_path))
             self.reward: RewardSource
-            if cfg.reward_model_path is not None:
-                rm = load_sequence_scorer(cfg.reward_model_path, pad_token_id=self.pad_id)
-                self.reward = ModelReward(strategy.prepare_eval(rm))
+            rms = [strategy.prepare_eval(load_sequence_scorer(path, pad_token_id=self.pad_id))
+                   for path in rm_paths]
+            if len(rms) > 1:
+                self.reward = EnsembleReward(rms)
+            elif rms:
+                self.reward = ModelReward(rms[0])
             else:
                 self.reward = FunctionReward(cfg.reward_function or "")
-            critic_src = cfg.critic_path or cfg.reward_model_path
+            critic_src = cfg.critic_path or (rm_paths[0] if rm_paths else None)
             if critic_src is not None:
                 critic = load_sequence_scorer(critic_src, pad_token_id=self.pad_id)
             else:
@@ -670,9 +686,7 @@ class PPOTrainer:
         self.forward_overhead_positions = FORWARD_OVERHEAD_POSITIONS
         # packing is one forward per model and batch on every rank (ZeRO-3 safe); it is
         # used only when each model reproduces its padded forward packed (checked once here)
-        scorers = [self.critic.module]
-        if isinstance(self.reward, ModelReward):
-            scorers.append(self.reward.model)
+        scorers = [self.critic.module, *(m.model for m in self.reward_members())]
         self.packing = cfg.pack_capacity > 0 and all(
             [supports_packing(m, "lm", self.pad_id) for m in (self.actor.module, self.ref)]
             + [supports_packing(m, "scorer", self.pad_id) for m in scorers])
@@ -728,25 +742,36 @@ class PPOTrainer:
         return self.tokenizer.batch_decode(responses.masked_fill(~mask, self.pad_id),
                                            skip_special_tokens=True)
 
+    def reward_members(self) -> list[ModelReward]:
+        """The reward models PPO scores with: one, an ensemble's members, or none (a function)."""
+        if isinstance(self.reward, EnsembleReward):
+            return self.reward.members
+        return [self.reward] if isinstance(self.reward, ModelReward) else []
+
     def raw_scores(self, prompts: list[str], gen: GenerationOutput,
                    layout: Layout | None = None) -> tuple[torch.Tensor, list[str]]:
         """Reward-source scores (B,) and the decoded responses; a reward model scores in
         ``layout`` (the score at each episode's last token), a function gets the whole batch."""
         texts = self.decode(gen.responses, gen.response_mask)
-        if not isinstance(self.reward, ModelReward):
+        if not self.reward_members():
             # a function scores on the CPU; the rollout's tensors live on the model's device
             scores = self.reward(prompts, texts, gen.sequences, gen.attention_mask)
             return scores.float().to(gen.sequences.device), texts
+        raw = self.member_scores(gen, layout)
+        return (self.reward.combine(raw) if isinstance(self.reward, EnsembleReward) else raw[0]), texts
+
+    def member_scores(self, gen: GenerationOutput, layout: Layout | None = None) -> torch.Tensor:
+        """Raw scores (M, B) of each reward model (M = 1 without an ensemble) in ``layout``: the
+        score at each episode's last token."""
+        models = [m.model for m in self.reward_members()]
         layout = self.layout(gen) if layout is None else layout
         if isinstance(layout, PackedEpisodes):
             with torch.no_grad():
-                rm = self.reward.model
-                return scalar_head(rm, trunk_hidden(rm, layout)[layout.last]), texts
+                return torch.stack([scalar_head(rm, trunk_hidden(rm, layout)[layout.last]) for rm in models])
         # a reward model reads only the token tensors, so it can score group by group
-        (scores,) = self._grouped(gen, layout, lambda sub: (
-            self.reward([], [], sub.sequences, sub.attention_mask).float(),))
-        assert scores is not None
-        return scores, texts
+        scores = self._grouped(gen, layout, lambda sub: tuple(
+            m([], [], sub.sequences, sub.attention_mask).float() for m in self.reward_members()))
+        return torch.stack([t for t in scores if t is not None])
 
     def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """Normalise, penalise missing EOS, clip (in that order, so the penalty is in units
@@ -1012,19 +1037,35 @@ class PPOTrainer:
     # ---------------------------------------------------------------- reward normalisation
     @torch.no_grad()
     def fit_normalizer(self) -> None:
-        """Score ``reward_norm_samples`` reference-policy samples; mean/std over all ranks."""
+        """Score ``reward_norm_samples`` reference-policy samples; mean/std over all ranks. An
+        ensemble first gets each member's mean/std from them, then the normaliser its score's."""
         cfg = self.cfg
         n_local = max(2, math.ceil(cfg.reward_norm_samples / self.world))
         rng = torch.Generator(device=self.strategy.device).manual_seed(cfg.seed * 1000 + 900 + self.rank)
         order = torch.randperm(len(self.prompts), generator=rng, device=rng.device).tolist()
         chosen = [order[i % len(order)] for i in range(n_local)]
-        scores = []
+        scores, members = [], []
+        ensemble = self.reward if isinstance(self.reward, EnsembleReward) else None
         for start in range(0, n_local, cfg.rollout_batch_size):
             idx = chosen[start:start + cfg.rollout_batch_size]
             ids, mask = self.prompt_batch([self.prompt_ids[i] for i in idx])
             gen = self.generate(ids, mask, model=self.ref, generator=rng)
-            raw, _ = self.raw_scores([self.prompts[i] for i in idx], gen)
-            scores.append(raw)
+            if ensemble is not None:
+                members.append(self.member_scores(gen))
+            else:
+                raw, _ = self.raw_scores([self.prompts[i] for i in idx], gen)
+                scores.append(raw)
+        if ensemble is not None:
+            # each member's own mean and std over every rank's samples, then the ensemble score
+            m = torch.cat(members, dim=1).double()                                        # (M, n_local)
+            sums = self.strategy.all_reduce_sum(torch.stack([m.sum(1), (m * m).sum(1),
+                                                             torch.full_like(m[:, 0], m.shape[1])]))
+            n = sums[2]
+            mean = sums[0] / n
+            ensemble.fit(mean, ((sums[1] / n - mean * mean).clamp_min(0) * n / (n - 1).clamp_min(1)).sqrt())
+            scores = [ensemble.combine(m)]
+            if not cfg.normalize_reward:
+                return
         s = torch.cat(scores).double()
         stats = _mean_across_ranks(self.strategy, {"sum": float(s.sum()), "sq": float((s * s).sum()),
                                     "n": float(s.numel())})
@@ -1160,8 +1201,10 @@ class PPOTrainer:
         if self.world > 1:
             all_gens = [None] * self.world
             dist.all_gather_object(all_gens, gens)
+        ensemble = self.reward.state_dict() if isinstance(self.reward, EnsembleReward) else None
         return {"kl_controller": self.kl_ctl.state_dict(),
                 "reward_normalizer": self.normalizer.state_dict() if self.normalizer else None,
+                "reward_ensemble": ensemble,
                 "guard": self.guard.state_dict(), "guard_samples_key": self.guard_samples_key(),
                 "guard_normalizer": self.guard_normalizer.state_dict() if self.guard_normalizer else None,
                 "episodes": self.episodes, "generators_by_rank": all_gens}
@@ -1193,6 +1236,11 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(extra["kl_controller"])
         norm = extra.get("reward_normalizer")
         self.normalizer = RewardNormalizer(**norm) if norm else None
+        if isinstance(self.reward, EnsembleReward):
+            if not extra.get("reward_ensemble"):
+                raise ConfigError(f"{str(path)!r} was saved without a reward ensemble; resume it with "
+                                  "the reward_model_path it was trained with")
+            self.reward.load_state_dict(extra["reward_ensemble"])
         if extra.get("guard") is not None:
             self.guard.load_state_dict(extra["guard"])
             if extra.get("guard_samples_key") != self.guard_samples_key():
@@ -1339,8 +1387,8 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     if resume is not None:
         trainer.load_checkpoint(resume)
         resumed["resumed_from_step"] = trainer.step   # the summary says the run continued one
-    elif cfg.normalize_reward:
-        trainer.fit_normalizer()
+    elif cfg.normalize_reward or isinstance(trainer.reward, EnsembleReward):
+        trainer.fit_normalizer()  # an ensemble's members are standardised even without it
     cb.on_train_begin("ppo", cfg.num_steps, to_dict(cfg))
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}

@@ -1,10 +1,12 @@
 """Reward sources for PPO and their normalization.
 
-Two kinds, one interface (:class:`RewardSource`):
+Three kinds, one interface (:class:`RewardSource`):
 
 * :class:`ModelReward` - a trained sequence scorer (the reward model): the score of a response
   is the scorer head's output at its last real token, as in TRL's ``get_reward`` and
   OpenRLHF's ``RewardModel``.
+* :class:`EnsembleReward` - several reward models, each standardised on reference-policy
+  samples, averaged (the mean objective of Coste et al. 2023).
 * :class:`FunctionReward` - a user function given as ``"module:function"`` with signature
   ``(prompts: list[str], responses: list[str]) -> list[float]`` (rule-based rewards, as
   OpenRLHF's ``--remote_rm_url`` and veRL's ``custom_reward_function`` allow).
@@ -48,6 +50,59 @@ class ModelReward:
                  sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # sequences are left-padded prompts + right-padded responses; the mask finds the end
         return last_token_scores(self.model, sequences, attention_mask).float()
+
+
+def standardized_mean(raw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Member scores (M, B) -> (B,): each member's row minus its mean over its std (M,), averaged."""
+    return ((raw - mean[:, None]) / std[:, None]).mean(0)
+
+
+class EnsembleReward:
+    """Several reward models scored together: each member's score is standardised with its own
+    mean and std on reference-policy samples (:meth:`fit`, before PPO starts), then averaged, so
+    every member weighs the same whatever its scale (Coste et al. 2023, "Reward Model Ensembles
+    Help Mitigate Overoptimization", the mean objective).
+
+    Members trained on different data make different mistakes, and PPO drifts into the mistakes
+    of the model it optimises. On ``bench/tasks/facts.py`` a reward model trained without
+    mismatched negatives agreed with the gold order better (0.86 against 0.70-0.79) but missed
+    answers that leave out an asked-for object, and PPO found that (gold win rate 0.68, or
+    refused); the mean of it and the model trained with them won 0.88-0.89 where the latter
+    alone won 0.84 (BENCHMARKS.md, "Two reward models, one objective")."""
+
+    def __init__(self, models: Sequence[torch.nn.Module]) -> None:
+        self.members = [ModelReward(m) for m in models]
+        self.mean = torch.zeros(len(self.members), dtype=torch.float64)
+        self.std = torch.ones(len(self.members), dtype=torch.float64)
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [m.model for m in self.members]
+
+    def member_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw scores of every member: (M, B)."""
+        return torch.stack([m([], [], sequences, attention_mask) for m in self.members])
+
+    def fit(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
+        """Set each member's reference mean and std (M,), measured on reference-policy samples."""
+        self.mean, self.std = mean.double().cpu(), std.double().cpu().clamp_min(eps)
+
+    def combine(self, raw: torch.Tensor) -> torch.Tensor:
+        """(M, B) member scores -> (B,) ensemble score."""
+        return standardized_mean(raw.double(), self.mean.to(raw.device), self.std.to(raw.device)).float()
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.member_scores(sequences, attention_mask))
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        if len(state["mean"]) != len(self.members):
+            raise ValueError(f"the checkpoint's reward ensemble has {len(state['mean'])} members, "
+                             f"this run {len(self.members)}")
+        self.fit(torch.tensor(state["mean"]), torch.tensor(state["std"]))
 
 
 def load_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:

@@ -275,6 +275,39 @@ def test_pair_metrics_hand_computed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert math.isnan(out["rm/gold_agreement_se"]) and math.isnan(out["rm/pair_accuracy_se"])
 
 
+def test_member_stats_and_combine_by_hand() -> None:
+    import assets.evaluation as ev
+
+    # member a: mean 2, sample std 1 over (1, 2, 3); member b: mean 20, std 10
+    stats = ev.member_stats([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+    assert stats == [(2.0, 1.0), (20.0, 10.0)]
+    # (3 - 2) / 1 = 1 with (10 - 20) / 10 = -1, and (1 - 2) / 1 = -1 with (30 - 20) / 10 = 1: both 0
+    assert ev.combine_members([[3.0, 1.0], [10.0, 30.0]], stats) == [0.0, 0.0]
+    assert ev.combine_members([[3.0, 1.0]], None) == [3.0, 1.0]
+
+
+def test_pair_metrics_of_an_ensemble_combine_standardised_members(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Member a ranks pair 1 right by 1 (one of its std), member b pair 1 wrong by 5 (half of its):
+    standardised, a's vote wins; raw, b's would."""
+    import assets.evaluation as ev
+    from ppo_core import models
+
+    monkeypatch.setattr(models, "load_tokenizer", lambda path: type("T", (), {"eos_token_id": 2})())
+    monkeypatch.setattr("ppo_core.data.encode_response", lambda tok, p, t: [0])
+    scores = {("a", "c"): 1.0, ("a", "r"): 0.0, ("b", "c"): 0.0, ("b", "r"): 5.0}
+    calls: list[str] = []
+
+    def rm_scores(rm_dir, prompts, response_ids, batch_size):
+        side = "c" if sum(1 for c in calls if c == rm_dir) == 0 else "r"
+        calls.append(rm_dir)
+        return [scores[(rm_dir, side)]]
+
+    monkeypatch.setattr(ev, "rm_scores", rm_scores)
+    pairs = pd.DataFrame({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"]})
+    out = ev.pair_metrics(["a", "b"], pairs, None, batch_size=1, stats=[(0.0, 1.0), (0.0, 10.0)])
+    assert out["rm/pair_accuracy"] == 1.0   # (1 + 0) / 2 = 0.5 > (0 + 0.5) / 2 = 0.25
+
+
 def test_kl_per_response_sums_tokens_then_averages_responses() -> None:
     from assets.evaluation import kl_per_response
 

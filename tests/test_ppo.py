@@ -19,7 +19,7 @@ from assets import bundled_task as bt
 from ppo_core.callbacks import Callback
 from ppo_core.config import ConfigError, from_dict
 from ppo_core.data import pad_sequences
-from ppo_core.models import build_scorer_from_causal_lm, build_tiny_causal_lm, train_tokenizer
+from ppo_core.models import build_scorer_from_causal_lm, build_tiny_causal_lm, load_tokenizer, train_tokenizer
 from ppo_core import ppo_utils as U
 from ppo_core.generation import GenerationOutput
 from ppo_core.ppo import (PPOConfig, PPOTrainer, Rollout, _select, main,
@@ -445,3 +445,68 @@ def test_guard_keeps_the_heldout_selected_checkpoint(tiny_run, tmp_path, monkeyp
     b = load_file(Path(plain["final_dir"]) / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_standardized_mean_by_hand():
+    from ppo_core.rewards import standardized_mean
+
+    raw = torch.tensor([[1.0, 3.0], [10.0, 30.0]])
+    # member 0: (1 - 2) / 1, (3 - 2) / 1; member 1: (10 - 20) / 10, (30 - 20) / 10 -> both -1, 1
+    out = standardized_mean(raw, torch.tensor([2.0, 20.0]), torch.tensor([1.0, 10.0]))
+    torch.testing.assert_close(out, torch.tensor([-1.0, 1.0]))
+    out = standardized_mean(raw, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 10.0]))
+    torch.testing.assert_close(out, torch.tensor([(1 + 1) / 2, (3 + 3) / 2]))
+
+
+def _second_rm(tiny_run) -> str:
+    path = Path(tiny_run["root"]) / "rm2"
+    if not path.is_dir():
+        rm = build_scorer_from_causal_lm(tiny_run["policy_path"], seed=2)
+        rm.save_pretrained(path)
+        load_tokenizer(tiny_run["policy_path"]).save_pretrained(path)
+    return str(path)
+
+
+def test_an_ensemble_standardises_each_member_on_reference_samples(tiny_run, tmp_path):
+    """Two copies of one reward model score exactly as it does once both are normalised; a
+    second model enters through its own reference mean and std."""
+    rm, rm2 = tiny_run["reward_model_path"], _second_rm(tiny_run)
+    trainers = []
+    for name, paths in (("one", rm), ("two", [rm, rm]), ("pair", [rm, rm2])):
+        cfg = small_cfg(tiny_run, tmp_path / name, reward_model_path=paths)
+        trainers.append(PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy)))
+        trainers[-1].fit_normalizer()
+    single, twice, pair = trainers
+    ro = _ragged_rollout(single)
+    raw = single.raw_scores([], ro.gen)[0]
+    ended = torch.ones_like(raw, dtype=torch.bool)
+    # standardising a member, then normalising the result, is normalising it once
+    torch.testing.assert_close(twice.shape_scores(twice.raw_scores([], ro.gen)[0], ended),
+                               single.shape_scores(raw, ended), atol=1e-5, rtol=1e-5)
+    members = pair.member_scores(ro.gen)                                 # (2, B)
+    torch.testing.assert_close(members[0], raw)
+    mean, std = pair.reward.mean.float(), pair.reward.std.float()
+    torch.testing.assert_close(mean[0], torch.tensor(single.normalizer.mean, dtype=torch.float32))
+    expected = ((members - mean[:, None]) / std[:, None]).mean(0)
+    torch.testing.assert_close(pair.raw_scores([], ro.gen)[0], expected, atol=1e-5, rtol=1e-5)
+    assert len(pair.reward_members()) == 2 and len(single.reward_members()) == 1
+
+
+def test_an_ensemble_run_resumes_with_its_member_statistics(tiny_run, tmp_path):
+    rms = [tiny_run["reward_model_path"], _second_rm(tiny_run)]
+    over = dict(num_steps=4, save_every=2, eval_file=None, reward_model_path=rms)
+    straight = train(small_cfg(tiny_run, tmp_path / "a", **over), [Recorder()])
+    with pytest.raises(KeyboardInterrupt):
+        train(small_cfg(tiny_run, tmp_path / "b", **over), [StopAt(2)])
+    resumed = train(small_cfg(tiny_run, tmp_path / "b", resume_from="latest", **over), [Recorder()])
+    a = load_file(Path(straight["final_dir"]) / "model.safetensors")
+    b = load_file(Path(resumed["final_dir"]) / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # the checkpoint carries the members' statistics: one saved without them cannot resume an ensemble
+    with pytest.raises(KeyboardInterrupt):
+        train(small_cfg(tiny_run, tmp_path / "c", **{**over, "reward_model_path": rms[0]}), [StopAt(2)])
+    with pytest.raises(ConfigError, match="without a reward ensemble"):
+        train(small_cfg(tiny_run, tmp_path / "c", resume_from="latest", **over), [Recorder()])
+    with pytest.raises(ConfigError, match="empty list"):
+        small_cfg(tiny_run, tmp_path / "d", reward_model_path=[])
