@@ -153,8 +153,9 @@ class RewardStageConfig(SupervisedStageConfig):
     mismatched_negatives: Optional[list[float]] = Field(
         default=None, description="Extra training pairs, as a fraction of the real ones, that prefer a "
         "prompt's chosen response over another prompt's chosen response (a response must answer its own "
-        "prompt). One value: train with it ([0] turns them off). Several: one reward model per value, "
-        "the one with the best eval-split accuracy is shipped. None keeps the engine default ([0.5, 0]).")
+        "prompt). One value: train with it ([0] turns them off). Several, e.g. [0.5, 0]: one reward model "
+        "per value; PPO optimises their ensemble (each standardised on SFT samples, averaged) and final/ "
+        "holds the one with the best eval-split accuracy. None keeps the engine default (0.5).")
     center_coef: Optional[float] = Field(
         default=None, description="Reward-centering loss weight on (r_chosen + r_rejected)^2, which keeps "
         "each prompt's score offset near 0 so PPO is not fed per-prompt noise; None keeps the engine "
@@ -866,10 +867,6 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, m
 class HeldoutRewardModelConfig(RewardStageConfig):
     """heldout_reward_model: maps onto ``ppo_core.reward.RewardConfig`` (``train_file`` = rm_heldout)."""
 
-    mismatched_negatives: Optional[list[float]] = Field(
-        default=[0.5], description="As reward_model's, but one model by default: the guard scores with a "
-        "single held-out model, and every guard run measured (BENCHMARKS.md) used 0.5. Several values: "
-        "the one with the best eval-split accuracy is the guard's.")
 
 
 def _heldout_pairs(splits: dict) -> int:

@@ -6,9 +6,15 @@ under ``<output_dir>/candidates/`` and ships the one with the best eval-split ac
 (``ppo_core.reward.train_candidates``). This prints, for ``reward_model`` and
 ``heldout_reward_model`` of the lineage in ``--home``, every candidate's eval accuracy (the
 selection's signal, from its summary) beside its agreement with the gold order on the test
-pairs (the evaluation report's ``pair_metrics``), and which one shipped; the last line is JSON.
+pairs (the evaluation report's ``pair_metrics``), which one ``final/`` holds, and the
+agreement of what PPO optimised (the evaluation report's: with several candidates, their
+ensemble, ``ppo_core.rewards.EnsembleReward``); the last line is JSON.
 
-    .venv/bin/python bench/rm_candidates.py --home RLHF_HOME --task facts
+    .venv/bin/python bench/rm_candidates.py --home RLHF_HOME --task facts [--extra RM_DIR ...]
+
+``--extra`` adds reward models (a ``save_pretrained`` dir each) as further members of the
+reward model, e.g. one trained by ``python -m ppo_core.reward`` beside a lineage that trained
+one model; the ensemble row then covers them too.
 
 ``--task`` is a generality task name or a gold scorer ``module:function``.
 """
@@ -23,7 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from assets.evaluation import load_gold_scorer, pair_metrics  # noqa: E402
+from assets.evaluation import (EvaluationConfig, generate, load_gold_scorer, member_stats,  # noqa: E402
+                               pair_metrics, rm_scores)
 
 
 def scorer_spec(task: str) -> str:
@@ -37,24 +44,50 @@ def one_dir(pattern: str) -> Path:
     return Path(found[0])
 
 
-def candidates(stage_dir: Path, pairs: pd.DataFrame, gold) -> list[dict]:
-    """One row per candidate of the reward model in ``stage_dir`` (one row without candidates)."""
+def candidates(stage_dir: Path, pairs: pd.DataFrame, gold, extra: list[str] = ()) -> list[dict]:
+    """One row per candidate of the reward model in ``stage_dir`` (one row without candidates),
+    then one per ``extra`` model (its summary.json's eval accuracy, when it has one)."""
     summary = json.loads((stage_dir / "summary.json").read_text())
-    listed = summary.get("candidates") or [{"mismatched_negatives": None, "output_dir": str(stage_dir),
-                                            "eval/accuracy": summary["eval/accuracy"]}]
+    listed = summary.get("candidates") or [{"mismatched_negatives": summary.get("mismatched_negatives"),
+                                            "output_dir": str(stage_dir), "eval/accuracy": summary["eval/accuracy"]}]
     rows = []
     for c in listed:
-        m = pair_metrics(str(Path(c["output_dir"]) / "final"), pairs, gold, batch_size=64)
-        rows.append({"mismatched_negatives": c["mismatched_negatives"], "eval_accuracy": c["eval/accuracy"],
-                     "gold_agreement": m["rm/gold_agreement"], "gold_agreement_se": m["rm/gold_agreement_se"],
+        rows.append({"dir": str(Path(c["output_dir"]) / "final"), "mismatched_negatives": c["mismatched_negatives"],
+                     "eval_accuracy": c["eval/accuracy"],
                      "shipped": c["mismatched_negatives"] == summary.get("mismatched_negatives")})
+    for d in extra:
+        own = Path(d).parent / "summary.json"
+        rows.append({"dir": d, "mismatched_negatives": f"extra:{Path(d).parent.name}", "shipped": False,
+                     "eval_accuracy": json.loads(own.read_text())["eval/accuracy"] if own.is_file() else float("nan")})
+    for r in rows:
+        m = pair_metrics(r["dir"], pairs, gold, batch_size=64)
+        r.update(gold_agreement=m["rm/gold_agreement"], gold_agreement_se=m["rm/gold_agreement_se"])
     return rows
+
+
+def ensemble_row(home: Path, dirs: list[str], pairs: pd.DataFrame, gold) -> dict:
+    """Gold agreement of the members' ensemble as the evaluation report scores it: each member
+    standardised on the SFT model's answers to the test prompts (report settings), averaged."""
+    sft = str(one_dir(f"{home}/models/sft_model/*/final"))
+    prompts = pd.read_parquet(one_dir(f"{home}/data/splits/*/test_prompts.parquet"))["prompt"].astype(str).tolist()
+    reports = glob.glob(f"{home}/models/evaluation_report/*/report.json")
+    if reports:  # the lineage's own sampling settings
+        cfg = EvaluationConfig(**json.loads(Path(reports[0]).read_text())["config"])
+    else:  # a lineage stopped before its report: the report's defaults at PPO's response length
+        ppo = json.loads(one_dir(f"{home}/models/ppo_policy/*/stage_config.json").read_text())
+        cfg = EvaluationConfig(max_new_tokens=ppo["response_length"])
+    prompts = [p for p in prompts[: cfg.max_prompts] for _ in range(cfg.samples_per_prompt)]
+    ids = generate(sft, prompts, cfg)["ids"]
+    stats = member_stats([rm_scores(d, prompts, ids, cfg.batch_size) for d in dirs])
+    m = pair_metrics(dirs, pairs, gold, cfg.batch_size, stats)
+    return {"members": dirs, "gold_agreement": m["rm/gold_agreement"], "gold_agreement_se": m["rm/gold_agreement_se"]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--home", required=True, help="the lineage's RLHF_HOME")
     p.add_argument("--task", required=True, help="generality task name or gold scorer module:function")
+    p.add_argument("--extra", action="append", default=[], help="another reward model dir (repeatable)")
     args = p.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -63,13 +96,18 @@ def main() -> None:
     pairs = pd.read_parquet(one_dir(f"{home}/data/splits/*/test_pairs.parquet"))
     gold = load_gold_scorer(scorer_spec(args.task))
     report = {}
-    print(f"{'model':<22} {'mismatched':>10} {'eval acc':>9} {'gold agreement':>16}  shipped")
+    print(f"{'model':<22} {'mismatched':>10} {'eval acc':>9} {'gold agreement':>16}  in final/")
     for stage in ("reward_model", "heldout_reward_model"):
-        rows = candidates(one_dir(f"{home}/models/{stage}/*/"), pairs, gold)
+        rows = candidates(one_dir(f"{home}/models/{stage}/*/"), pairs, gold,
+                          args.extra if stage == "reward_model" else [])
         for r in rows:
             print(f"{stage:<22} {r['mismatched_negatives']!s:>10} {r['eval_accuracy']:>9.3f} "
                   f"{r['gold_agreement']:>8.3f} +- {r['gold_agreement_se']:.3f}  {'yes' if r['shipped'] else ''}")
         report[stage] = rows
+        if len(rows) > 1 and stage == "reward_model":
+            ens = ensemble_row(home, [r["dir"] for r in rows], pairs, gold)
+            print(f"{stage:<22} {'ensemble':>10} {'':>9} {ens['gold_agreement']:>8.3f} +- {ens['gold_agreement_se']:.3f}")
+            report["ensemble"] = ens
     print(json.dumps({"home": str(home), "task": args.task, **report}))
 
 

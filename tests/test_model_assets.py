@@ -616,3 +616,23 @@ def test_kept_metadata_names_the_shipped_reward_model_candidate() -> None:
                                                       {"mismatched_negatives": 0.0, "eval/accuracy": 0.722}]}
     assert _kept_metadata(summary)["mismatched_negatives"] == "0 (eval/accuracy 0.722; 0.5: 0.678)"
     assert "mismatched_negatives" not in _kept_metadata({k: v for k, v in summary.items() if k != "candidates"})
+
+
+def test_ppo_scores_with_every_member_of_a_reward_model_with_candidates(tmp_path: Path) -> None:
+    from assets.models import reward_model_paths, stage_inputs
+    from ppo_core.reward import RewardConfig
+
+    assert reward_model_paths({"model_path": "rm/final"}) == "rm/final"
+    assert reward_model_paths({"model_path": "rm/final", "member_paths": ["a/final", "b/final"]}) == [
+        "a/final", "b/final"]
+    # each member's weights are an input of PPO's checkpoints: a changed member is a new input
+    members = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(f'{{"name": "{name}"}}')
+        members.append(str(tmp_path / name))
+    cfg = RewardConfig(model_name_or_path=members[0], data_dir=str(tmp_path), output_dir="")
+    inputs = stage_inputs(cfg, "dv1", {"reward_model_path": members})
+    assert set(inputs["models"]) == {"reward_model_path[0]", "reward_model_path[1]"}
+    (tmp_path / "b" / "config.json").write_text('{"name": "changed"}')
+    assert stage_inputs(cfg, "dv1", {"reward_model_path": members})["models"] != inputs["models"]
