@@ -110,9 +110,10 @@ class RewardConfig:
     pipeline's PPO optimises all of them as an ensemble (``ppo_core.rewards.EnsembleReward``).
     Selecting on the eval split alone misleads PPO: on facts the model without them agreed with
     gold 0.86 against 0.70-0.79 but missed answers that leave an asked-for object out, and PPO
-    against it alone found that gap (gold win rate 0.68, or refused); the ensemble won 0.88-0.89
-    where the default won 0.84. Over eight tasks and seeds the ensemble's effect on PPO was
-    mixed, so one value stays the default (BENCHMARKS.md, "Two reward models, one objective").
+    against it alone found that gap (gold win rate 0.68, or refused). Against the default alone
+    the ensemble moved PPO's gold win rate by +0.028 +- 0.027 on facts and by -0.061 to +0.011
+    on five other tasks, so one value stays the default (BENCHMARKS.md, "Two reward models,
+    one objective").
     Each value costs one reward-model training (0 trains on 2/3 of the pairs 0.5 does)."""
     center_coef: float = 0.01
     """Reward-centering auxiliary loss coefficient on (r_c + r_r)^2 (Eisenstein et al. 2023 and
