@@ -272,6 +272,14 @@ def member_stats(members: Sequence[Sequence[float]]) -> MemberStats:
     return out
 
 
+def recorded_stats(recorded: dict | None, rm_dirs: Sequence[str]) -> MemberStats | None:
+    """PPO's member statistics (its summary's ``reward_ensemble``) when they are for exactly these
+    members in this order; None otherwise."""
+    if not recorded or [str(p) for p in recorded.get("paths", [])] != [str(d) for d in rm_dirs]:
+        return None
+    return [(float(m), float(s)) for m, s in zip(recorded["mean"], recorded["std"])]
+
+
 def combine_members(members: Sequence[Sequence[float]], stats: MemberStats | None) -> list[float]:
     """One model's scores as they are; several models' standardised with ``stats``, averaged."""
     if len(members) == 1:
@@ -430,10 +438,13 @@ def _reward_dirs(manifest: dict) -> str | list[str]:
 
 def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str | Sequence[str], cfg: EvaluationConfig,
              out_dir: Path, data_source: str | None = None,
-             log: Callable[[str], None] = print, heldout_rm_dir: str | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] = print, heldout_rm_dir: str | None = None,
+             rm_stats: dict | None = None) -> dict[str, Any]:
     """Run the whole comparison; writes ``report.json`` and ``samples.parquet`` under ``out_dir``.
     ``heldout_rm_dir``: the held-out reward model, scored beside the reward model (None: skipped).
-    Several ``rm_dir``: an ensemble (:func:`combine_members`), standardised on the SFT answers."""
+    Several ``rm_dir``: an ensemble (:func:`combine_members`) weighted as PPO weighted it
+    (``rm_stats``: the PPO summary's ``reward_ensemble``); without them each member is
+    standardised on the baseline's answers, and the report says so."""
     rm_dirs = [rm_dir] if isinstance(rm_dir, str) else list(rm_dir)
     prompts_df = _read_split(splits, "test_prompts.parquet")
     pairs = _read_split(splits, "test_pairs.parquet")
@@ -461,7 +472,14 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str | Sequence[st
             raise ValueError(f"gold_scorer {scorer_spec}: returned {len(gen['gold'])} scores for "
                              f"{len(prompts)} responses")
         per[name] = gen
-    stats = member_stats(per["sft"]["rm_members"]) if len(rm_dirs) > 1 else None
+    stats, stats_from = None, None
+    if len(rm_dirs) > 1:
+        stats = recorded_stats(rm_stats, rm_dirs)
+        stats_from = "ppo_reference_samples" if stats else "baseline_answers"
+        if stats is None:
+            log("evaluation: no PPO statistics for these reward models: each is standardised on the "
+                "baseline's answers, which weights them a little differently from PPO")
+            stats = member_stats(per["sft"]["rm_members"])
     for gen in per.values():
         gen["rm"] = combine_members(gen.pop("rm_members"), stats)
     log(f"evaluation: reward model on {len(pairs)} held-out preference pairs")
@@ -499,6 +517,7 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str | Sequence[st
         "metrics": metrics, "gold_scorer": scorer_spec, "data_version": splits.get("data_version"),
         "sft_model": sft_dir, "ppo_model": ppo_dir, "reward_model": rm_dirs[0] if len(rm_dirs) == 1 else rm_dirs,
         "heldout_reward_model": heldout_rm_dir,
+        **({"reward_ensemble_stats": {"from": stats_from, "mean_std": stats}} if stats else {}),
         # the weights' hash: promotion compares held-out scores only under the same model
         "heldout_reward_model_version": model_dir_version(Path(heldout_rm_dir)) if heldout_rm_dir else None,
         "config": cfg.model_dump(), "samples_path": str(out_dir / "samples.parquet"),
@@ -542,6 +561,7 @@ def evaluation_report(
             _reward_dirs(reward_model), config, out_dir,
             data_source=raw_preferences.get("source"), log=context.log.info,
             heldout_rm_dir=heldout_reward_model.get("model_path") or None,
+            rm_stats=ppo_policy.get("reward_ensemble"),
         )
         metrics = result["report"]["metrics"]  # json-safe: None where a metric does not apply
         _log_report_metrics(mlflow, run_id, {k: v for k, v in metrics.items() if v is not None},

@@ -609,6 +609,8 @@ def train_stage(
         "stage": stage, "model_path": str(model_path), "output_dir": str(out),
         # a reward model trained as several candidates: PPO optimises all of them (reward_model_paths)
         **({"member_paths": members} if len(members) > 1 else {}),
+        # PPO with several reward models: each member's reference mean and std (the report's weights)
+        **({"reward_ensemble": summary["reward_ensemble"]} if "reward_ensemble" in summary else {}),
         "config_path": str(config_path), "metrics_file": str(metrics_file),
         "mlflow_run_id": run_id, "mlflow_model_id": model_id, "data_version": data_version,
         "summary": numbers, "plots": {k: str(v) for k, v in plots.items()}, "lengths": seq,
@@ -868,7 +870,6 @@ class HeldoutRewardModelConfig(RewardStageConfig):
     """heldout_reward_model: maps onto ``ppo_core.reward.RewardConfig`` (``train_file`` = rm_heldout)."""
 
 
-
 def _heldout_pairs(splits: dict) -> int:
     return int(splits.get("counts", {}).get("rm_heldout", 0))
 
@@ -880,6 +881,9 @@ def _heldout_pairs(splits: dict) -> int:
 def heldout_reward_model(context: dg.AssetExecutionContext, config: HeldoutRewardModelConfig,
                          mlflow: MLflowResource, launcher: TrainingLauncher, dataset_splits: dict,
                          sft_model: dict) -> dg.MaterializeResult:
+    if config.mismatched_negatives and len(config.mismatched_negatives) > 1:
+        raise dg.Failure(description=f"heldout_reward_model: mismatched_negatives={config.mismatched_negatives}: "
+                         "the guard scores with one model, so give one value", allow_retries=False)
     if _heldout_pairs(dataset_splits) == 0:
         context.log.warning("rm_heldout is empty (dataset_splits heldout_fraction 0): PPO runs without "
                             "its over-optimization guard and keeps its last step")

@@ -450,7 +450,8 @@ def round_evaluation(context: dg.AssetExecutionContext, config: RoundEvaluationC
         # champion as the baseline ("sft" side of evaluate): win rates are challenger vs champion
         result = evaluate(dataset_splits, champion_dir, challenger_dir, rm_dir, cfg, out,
                           data_source=raw_preferences.get("source"), log=context.log.info,
-                          heldout_rm_dir=heldout_reward_model.get("model_path") or None)
+                          heldout_rm_dir=heldout_reward_model.get("model_path") or None,
+                          rm_stats=round_policy.get("reward_ensemble"))
         # KL to SFT of both policies, each on its own samples (per response, as users read it)
         prompts = result["samples"]["prompt"].astype(str).tolist()
         kls = {}

@@ -1,7 +1,9 @@
 """A PPO reward function (``reward_function: "bench.ensemble_reward:score"``) that combines
 several reward models' scores: the directories in ``$ENS_RM``, colon-separated. Each
 response is re-encoded from its text (prompt + response + EOS, as the reward models were
-trained). For the ensemble comparisons in BENCHMARKS.md; the engine itself runs one model.
+trained). For the ensemble comparisons in BENCHMARKS.md; the engine's own ensemble is
+``ppo_core.rewards.EnsembleReward`` (``reward_model_path`` as a list), standardised on all
+of ``reward_norm_samples`` reference samples.
 
 ``$ENS_MODE``: ``mean`` (default) averages the raw scores; ``lcb`` and ``min`` are the
 conservative objectives of Coste et al. 2023 ("Reward Model Ensembles Help Mitigate

@@ -167,7 +167,7 @@ def read_run_manifest(home: Path, asset: str, run_id: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def ours_paths(home: Path, summary: dict[str, Any]) -> dict[str, str]:
+def ours_paths(home: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """Where our run put its splits and models (from the per-run asset manifests)."""
     run_id = summary["dagster_run_id"]
     paths = {"split_dir": read_run_manifest(home, "dataset_splits", run_id)["split_dir"]}
@@ -177,6 +177,7 @@ def ours_paths(home: Path, summary: dict[str, Any]) -> dict[str, str]:
         paths[key] = read_run_manifest(home, asset, run_id)["model_path"]
     paths["rm"] = reward_model_paths(read_run_manifest(home, "reward_model", run_id))  # PPO's reward
     ppo = read_run_manifest(home, "ppo_policy", run_id)
+    paths["rm_stats"] = ppo.get("reward_ensemble")
     paths["ppo_stage_config"] = ppo.get("config_path", "")
     return paths
 
@@ -407,9 +408,10 @@ def run_trl(split_dir: str, base_dir: str, out_dir: Path, recipe: TRLRecipe, log
 
 
 def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str | list[str], test_pairs, test_prompts: list[str],
-                      gold_scorer, settings: dict[str, Any]) -> dict[str, Any]:
+                      gold_scorer, settings: dict[str, Any], rm_stats: dict | None = None) -> dict[str, Any]:
     """The same numbers for any (SFT, PPO, RM) triple, with ``assets/evaluation.py``'s helpers.
-    Several ``rm_dir``: the ensemble, each member standardised on the SFT answers, as the report does.
+    Several ``rm_dir``: the ensemble weighted as PPO weighted it (``rm_stats``, its summary's
+    ``reward_ensemble``), else each member standardised on the SFT answers, as the report does.
 
     ``settings`` are ``EvaluationConfig`` fields (max_prompts, samples_per_prompt,
     max_new_tokens, temperature, batch_size, seed). Both policies sample the same prompts with
@@ -426,6 +428,7 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str | list[str], test_
         mean,
         member_stats,
         pair_metrics,
+        recorded_stats,
         rm_scores,
         sequence_logprobs,
         win_rate,
@@ -439,8 +442,10 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str | list[str], test_
     gold_sft = [float(x) for x in gold_scorer(prompts, sft["responses"])]
     gold_ppo = [float(x) for x in gold_scorer(prompts, ppo["responses"])]
     rm_dirs = [rm_dir] if isinstance(rm_dir, str) else list(rm_dir)
-    stats = (member_stats([rm_scores(d, prompts, sft["ids"], cfg.batch_size) for d in rm_dirs])
-             if len(rm_dirs) > 1 else None)
+    stats = None
+    if len(rm_dirs) > 1:
+        stats = recorded_stats(rm_stats, rm_dirs) or member_stats(
+            [rm_scores(d, prompts, sft["ids"], cfg.batch_size) for d in rm_dirs])
     rm = pair_metrics(rm_dirs, test_pairs, gold_scorer, cfg.batch_size, stats)
     lp_ppo = sequence_logprobs(ppo_dir, prompts, ppo["ids"], cfg.batch_size)
     lp_sft = sequence_logprobs(sft_dir, prompts, ppo["ids"], cfg.batch_size)
@@ -473,7 +478,7 @@ def evaluate_side(paths: dict[str, str], split_dir: str, task: str, settings: di
     pairs = pd.read_parquet(split / "test_pairs.parquet")
     prompts = pd.read_parquet(split / "test_prompts.parquet")["prompt"].astype(str).tolist()
     return evaluate_pipeline(paths["sft"], paths["ppo"], paths["rm"], pairs, prompts,
-                             TASKS[task].gold_score_batch, settings)
+                             TASKS[task].gold_score_batch, settings, rm_stats=paths.get("rm_stats"))
 
 
 # ---------------------------------------------------------------------------------------------

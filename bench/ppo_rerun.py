@@ -88,7 +88,7 @@ def main() -> None:
     ev = evaluate_pipeline(baseline, f"{args.out}/final", cfg["reward_model_path"] or one(f"{home}/models/reward_model/*/final"),
                            pd.read_parquet(split / "test_pairs.parquet"),
                            pd.read_parquet(split / "test_prompts.parquet")["prompt"].tolist(),
-                           gold_scorer(args.task), settings)
+                           gold_scorer(args.task), settings, rm_stats=summary.get("reward_ensemble"))
     keep = ("rm_gold_agreement", "gold_sft", "gold_ppo", "gold_win_rate", "gold_win_rate_se", "kl_nats_per_response")
     print(json.dumps({"out": args.out, "overrides": args.overrides, "against": args.against, "ppo_s": round(ppo_s),
                       "kept_step": summary.get("kept_step"), "stopped": summary.get("stopped_reason"),

@@ -30,7 +30,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from assets.evaluation import (EvaluationConfig, generate, load_gold_scorer, member_stats,  # noqa: E402
-                               pair_metrics, rm_scores)
+                               pair_metrics, recorded_stats, rm_scores)
 
 
 def scorer_spec(task: str) -> str:
@@ -66,7 +66,8 @@ def candidates(stage_dir: Path, pairs: pd.DataFrame, gold, extra: list[str] = ()
 
 
 def ensemble_row(home: Path, dirs: list[str], pairs: pd.DataFrame, gold) -> dict:
-    """Gold agreement of the members' ensemble as the evaluation report scores it: each member
+    """Gold agreement of the members' ensemble as the evaluation report scores it: weighted by
+    the lineage's PPO statistics when its PPO optimised exactly these members, else each member
     standardised on the SFT model's answers to the test prompts (report settings), averaged."""
     sft = str(one_dir(f"{home}/models/sft_model/*/final"))
     prompts = pd.read_parquet(one_dir(f"{home}/data/splits/*/test_prompts.parquet"))["prompt"].astype(str).tolist()
@@ -76,11 +77,17 @@ def ensemble_row(home: Path, dirs: list[str], pairs: pd.DataFrame, gold) -> dict
     else:  # a lineage stopped before its report: the report's defaults at PPO's response length
         ppo = json.loads(one_dir(f"{home}/models/ppo_policy/*/stage_config.json").read_text())
         cfg = EvaluationConfig(max_new_tokens=ppo["response_length"])
-    prompts = [p for p in prompts[: cfg.max_prompts] for _ in range(cfg.samples_per_prompt)]
-    ids = generate(sft, prompts, cfg)["ids"]
-    stats = member_stats([rm_scores(d, prompts, ids, cfg.batch_size) for d in dirs])
+    ppo = glob.glob(f"{home}/models/ppo_policy/*/summary.json")
+    stats = recorded_stats(json.loads(Path(ppo[0]).read_text()).get("reward_ensemble"), dirs) if ppo else None
+    weights = "PPO's reference samples" if stats else "SFT answers"
+    if stats is None:  # as evaluate() expands them
+        prompts = prompts[: cfg.max_prompts] if cfg.max_prompts > 0 else prompts
+        prompts = [p for p in prompts for _ in range(max(1, cfg.samples_per_prompt))]
+        ids = generate(sft, prompts, cfg)["ids"]
+        stats = member_stats([rm_scores(d, prompts, ids, cfg.batch_size) for d in dirs])
     m = pair_metrics(dirs, pairs, gold, cfg.batch_size, stats)
-    return {"members": dirs, "gold_agreement": m["rm/gold_agreement"], "gold_agreement_se": m["rm/gold_agreement_se"]}
+    return {"members": dirs, "standardised_on": weights, "gold_agreement": m["rm/gold_agreement"],
+            "gold_agreement_se": m["rm/gold_agreement_se"]}
 
 
 def main() -> None:
@@ -106,7 +113,8 @@ def main() -> None:
         report[stage] = rows
         if len(rows) > 1 and stage == "reward_model":
             ens = ensemble_row(home, [r["dir"] for r in rows], pairs, gold)
-            print(f"{stage:<22} {'ensemble':>10} {'':>9} {ens['gold_agreement']:>8.3f} +- {ens['gold_agreement_se']:.3f}")
+            print(f"{stage:<22} {'ensemble':>10} {'':>9} {ens['gold_agreement']:>8.3f} +- {ens['gold_agreement_se']:.3f}"
+                  f"  (members standardised on {ens['standardised_on']})")
             report["ensemble"] = ens
     print(json.dumps({"home": str(home), "task": args.task, **report}))
 

@@ -1457,6 +1457,9 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     if trainer.normalizer is not None:
         summary.update({"reward_norm/mean": trainer.normalizer.mean,
                         "reward_norm/std": trainer.normalizer.std})
+    if isinstance(trainer.reward, EnsembleReward):
+        # each member's reference mean and std: the report scores with the same weighting
+        summary["reward_ensemble"] = {"paths": list(reward_model_paths(cfg)), **trainer.reward.state_dict()}
     if trainer.rank == 0:
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     cb.on_train_end(summary)

@@ -18,6 +18,7 @@ Normalising scores on reference-policy samples happens in the PPO engine, not he
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -105,7 +106,8 @@ class RewardConfig:
     split never gets them, so its metrics (and early stopping, when on) see real pairs only.
 
     Several values, e.g. ``[0.5, 0]``: one reward model per value, from the same SFT trunk with
-    the same seed and budget, each in ``candidates/mismatched_<value>/``; ``final/`` gets the one
+    the same seed and epochs (a ``max_seconds`` budget is shared out), each in
+    ``candidates/mismatched_<value>/``; ``final/`` gets the one
     with the highest accuracy on the eval split (a tie keeps the earlier value), and the
     pipeline's PPO optimises all of them as an ensemble (``ppo_core.rewards.EnsembleReward``).
     Selecting on the eval split alone misleads PPO: on facts the model without them agreed with
@@ -172,9 +174,9 @@ class RewardConfig:
         if self.center_coef < 0:
             raise ConfigError(f"center_coef={self.center_coef} must be >= 0")
         fractions = candidate_fractions(self.mismatched_negatives)
-        if not fractions or min(fractions) < 0 or len(set(fractions)) < len(fractions):
+        if not fractions or min(fractions) < 0 or len({candidate_name(f) for f in fractions}) < len(fractions):
             raise ConfigError(f"mismatched_negatives={self.mismatched_negatives}: one value >= 0 or "
-                              "several distinct ones")
+                              "several distinct ones (distinct to 6 significant digits: they name folders)")
         if len(fractions) > 1 and self.resume_from not in (None, "", "latest"):
             raise ConfigError(f"resume_from={self.resume_from!r} names one checkpoint, but mismatched_negatives "
                               f"trains {len(fractions)} reward models: resume with 'latest'")
@@ -386,14 +388,22 @@ def train_candidates(cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> d
     for k, fraction in enumerate(fractions):
         name = candidate_name(fraction)
         sub_out = out / "candidates" / name
-        done = _completed(sub_out) if cfg.resume_from else None
+        # rank 0's answer for all: a rank that skipped alone would leave the others in collectives
+        done = strategy.broadcast_object(_completed(sub_out) if cfg.resume_from else None)
         if done is None:
             stopping = cfg.stopping
             if stopping.max_seconds:
                 left = max(stopping.max_seconds - (time.monotonic() - t0), 1.0)
                 stopping = replace(stopping, max_seconds=left / (len(fractions) - k))
             sub = replace(cfg, output_dir=str(sub_out), mismatched_negatives=fraction, stopping=stopping)
-            done = RewardTrainer(sub, [PrefixedCallbacks(callbacks, name)]).train()
+            trainer = RewardTrainer(sub, [PrefixedCallbacks(callbacks, name)])
+            done = trainer.train()
+            # free this candidate's engine (weights, optimizer state) before the next one trains
+            destroy = getattr(trainer.engine, "destroy", None)
+            if destroy is not None:
+                destroy()
+            del trainer
+            gc.collect()
             if not done["completed"]:  # stop_after_steps: resumable, nothing to select yet
                 return finish_run(strategy, out, {**done, "output_dir": str(out), "candidate": name},
                                   CallbackList(callbacks))

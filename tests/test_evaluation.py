@@ -286,6 +286,15 @@ def test_member_stats_and_combine_by_hand() -> None:
     assert ev.combine_members([[3.0, 1.0]], None) == [3.0, 1.0]
 
 
+def test_recorded_stats_apply_only_to_the_same_members_in_order() -> None:
+    import assets.evaluation as ev
+
+    recorded = {"paths": ["a", "b"], "mean": [1.0, 2.0], "std": [0.5, 4.0]}
+    assert ev.recorded_stats(recorded, ["a", "b"]) == [(1.0, 0.5), (2.0, 4.0)]
+    assert ev.recorded_stats(recorded, ["b", "a"]) is None   # swapped members: not PPO's weights
+    assert ev.recorded_stats(None, ["a", "b"]) is None
+
+
 def test_pair_metrics_of_an_ensemble_combine_standardised_members(monkeypatch: pytest.MonkeyPatch) -> None:
     """Member a ranks pair 1 right by 1 (one of its std), member b pair 1 wrong by 5 (half of its):
     standardised, a's vote wins; raw, b's would."""

@@ -618,6 +618,17 @@ def test_kept_metadata_names_the_shipped_reward_model_candidate() -> None:
     assert "mismatched_negatives" not in _kept_metadata({k: v for k, v in summary.items() if k != "candidates"})
 
 
+def test_the_heldout_reward_model_takes_one_value() -> None:
+    import dagster as dg
+
+    from assets.models import HeldoutRewardModelConfig, heldout_reward_model
+
+    with pytest.raises(dg.Failure, match="one value") as info:
+        heldout_reward_model(dg.build_asset_context(), config=HeldoutRewardModelConfig(mismatched_negatives=[0.5, 0.0]),
+                             mlflow=None, launcher=None, dataset_splits={}, sft_model={})
+    assert info.value.allow_retries is False
+
+
 def test_ppo_scores_with_every_member_of_a_reward_model_with_candidates(tmp_path: Path) -> None:
     from assets.models import reward_model_paths, stage_inputs
     from ppo_core.reward import RewardConfig

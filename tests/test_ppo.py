@@ -503,6 +503,10 @@ def test_an_ensemble_run_resumes_with_its_member_statistics(tiny_run, tmp_path):
     b = load_file(Path(resumed["final_dir"]) / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # the summary carries the members' weights for the evaluation report, the same after a resume
+    assert straight["reward_ensemble"]["paths"] == rms
+    assert straight["reward_ensemble"]["std"] == pytest.approx(resumed["reward_ensemble"]["std"])
+    assert all(s > 0 for s in straight["reward_ensemble"]["std"])
     # the checkpoint carries the members' statistics: one saved without them cannot resume an ensemble
     with pytest.raises(KeyboardInterrupt):
         train(small_cfg(tiny_run, tmp_path / "c", **{**over, "reward_model_path": rms[0]}), [StopAt(2)])

@@ -181,7 +181,10 @@ def test_candidate_selection_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyP
         (out / "summary.json").write_text(json.dumps(summary))
         return summary
 
-    monkeypatch.setattr(reward.RewardTrainer, "__init__", lambda self, cfg, cbs=(): setattr(self, "cfg", cfg))
+    def fake_init(self, cfg, cbs=()) -> None:
+        self.cfg, self.engine = cfg, None  # no DeepSpeed engine to free
+
+    monkeypatch.setattr(reward.RewardTrainer, "__init__", fake_init)
     monkeypatch.setattr(reward.RewardTrainer, "train", fake_train)
     cfg = RewardConfig(data_dir="d", output_dir=str(tmp_path / "rm"), model_name_or_path="m",
                        mismatched_negatives=(0.5, 0.0, 1.0), stopping=from_dict(
@@ -218,7 +221,7 @@ def test_candidates_resume_without_training_a_finished_one_again(tmp_path: Path,
 
 
 def test_candidate_values_are_checked() -> None:
-    for bad in ((), (0.5, 0.5), (0.5, -1.0)):
+    for bad in ((), (0.5, 0.5), (0.5, -1.0), (0.1, 0.1000001)):  # the last two name one folder
         with pytest.raises(ConfigError, match="mismatched_negatives"):
             RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", mismatched_negatives=bad)
     with pytest.raises(ConfigError, match="resume with 'latest'"):
