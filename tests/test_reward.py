@@ -170,10 +170,12 @@ def test_candidate_selection_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     accuracy = {0.5: 0.6, 0.0: 0.7, 1.0: 0.7}
     budgets: list[float] = []
+    clock = [0.0]  # each fake candidate takes 100 s of this clock
 
     def fake_train(self) -> dict:
         out, f = Path(self.cfg.output_dir), self.cfg.mismatched_negatives
         budgets.append(self.cfg.stopping.max_seconds)
+        clock[0] += 100.0
         (out / "final").mkdir(parents=True)
         (out / "final" / "weights").write_text(str(f))
         summary = {"completed": True, "output_dir": str(out), "final_model_dir": str(out / "final"),
@@ -186,6 +188,7 @@ def test_candidate_selection_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(reward.RewardTrainer, "__init__", fake_init)
     monkeypatch.setattr(reward.RewardTrainer, "train", fake_train)
+    monkeypatch.setattr(reward, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
     cfg = RewardConfig(data_dir="d", output_dir=str(tmp_path / "rm"), model_name_or_path="m",
                        mismatched_negatives=(0.5, 0.0, 1.0), stopping=from_dict(
                            reward.StoppingConfig, {"patience": 0, "keep_best": False, "max_seconds": 3000}))
@@ -194,9 +197,8 @@ def test_candidate_selection_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert (tmp_path / "rm" / "final" / "weights").read_text() == "0.0"
     assert summary["runtime_s"] == 6.0 and summary["candidate_dir"] == str(tmp_path / "rm" / "candidates" / "mismatched_0")
     assert [c["eval/accuracy"] for c in summary["candidates"]] == [0.6, 0.7, 0.7]
-    # the budget is shared: a third of it for the first (the fakes take no time), then half what is left
-    assert budgets[0] == pytest.approx(1000.0, abs=1.0) and budgets[1] == pytest.approx(1500.0, abs=1.0)
-    assert budgets[2] == pytest.approx(3000.0, abs=1.0)
+    # the budget is shared: a third of 3000 s, then half of the 2900 s left, then all of 2800 s
+    assert budgets == [1000.0, 1450.0, 2800.0]
 
 
 def test_candidates_resume_without_training_a_finished_one_again(tmp_path: Path, data_dir: Path,
