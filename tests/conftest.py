@@ -76,15 +76,40 @@ def run_bench_script(args: Sequence[str], timeout: int, drop: Sequence[str] = ()
 
 
 @pytest.fixture(autouse=True)
-def _reset_dagster_defs_state_storage():
-    """Invoking a sensor with resources directly (tests/test_automation.py) leaves the test
-    instance's defs-state storage set in a context variable after that instance is gone; a
-    later Definitions load in this process would then read a deleted SQLite file."""
-    from dagster._core.storage.defs_state.base import _current_storage
+def _dagster_contexts_are_closed() -> Iterator[None]:
+    """Fail the test that leaves a Dagster instance entered.
 
-    token = _current_storage.set(_current_storage.get())
-    yield
-    _current_storage.reset(token)
+    Entering a ``DagsterInstance`` sets its defs-state storage in a context variable, and a
+    ``build_*_context(instance=...)`` used without ``with`` enters one that is never exited.
+    When the garbage collector later closes it, the variable is reset to the storage that was
+    current when it was entered, whose instance is gone by then, and the next Definitions
+    load in this process fails with "Attempted to resolve undefined DagsterInstance weakref",
+    in whichever test happens to be running. So every entry made during a test must be exited
+    by its end: use ``with dg.build_sensor_context(...) as context:``."""
+    from dagster._core.storage.defs_state import base
+
+    enter = base.set_defs_state_storage
+    open_entries: set[object] = set()
+
+    @contextmanager
+    def tracked(storage):
+        entry = object()
+        open_entries.add(entry)
+        try:
+            with enter(storage):
+                yield
+        finally:
+            open_entries.discard(entry)
+
+    token = base._current_storage.set(base._current_storage.get())
+    base.set_defs_state_storage = tracked  # DagsterInstance.__enter__ imports it at each call
+    try:
+        yield
+    finally:
+        base.set_defs_state_storage = enter
+        base._current_storage.reset(token)
+    assert not open_entries, (f"{len(open_entries)} Dagster instance(s) entered and never exited: "
+                              "build the context with `with dg.build_..._context(...) as context:`")
 
 
 @contextmanager

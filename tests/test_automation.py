@@ -48,9 +48,11 @@ def evaluate(cursor: str | None, instance: dg.DagsterInstance | None = None,
              mlflow: MLflowResource | None = None) -> dg.SensorResult:
     mlflow = mlflow or mlflow_store(Path(os.environ["RLHF_HOME"]))
     if instance is not None:
-        return new_preference_files(dg.build_sensor_context(instance=instance, cursor=cursor), mlflow=mlflow)
-    with dg.instance_for_test(temp_dir=os.environ["DAGSTER_HOME"]) as instance:
-        return new_preference_files(dg.build_sensor_context(instance=instance, cursor=cursor), mlflow=mlflow)
+        with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"mlflow": mlflow}) as context:
+            return new_preference_files(context)
+    with dg.instance_for_test(temp_dir=os.environ["DAGSTER_HOME"]) as instance, \
+            dg.build_sensor_context(instance=instance, cursor=cursor, resources={"mlflow": mlflow}) as context:
+        return new_preference_files(context)
 
 
 def test_sensor_triggers_once_per_file_and_points_raw_preferences_at_the_landing_folder(
@@ -125,17 +127,18 @@ def test_weekly_schedule_starts_a_round_only_when_a_champion_exists(rlhf_home: P
 
     tick = dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.timezone.utc)
     mlflow = mlflow_store(rlhf_home)
-    with dg.instance_for_test(temp_dir=os.environ["DAGSTER_HOME"]) as instance:
-        ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
-        skipped = weekly_retraining(ctx, mlflow=mlflow)
+    with dg.instance_for_test(temp_dir=os.environ["DAGSTER_HOME"]) as instance, \
+            dg.build_schedule_context(instance=instance, scheduled_execution_time=tick,
+                                      resources={"mlflow": mlflow}) as ctx:
+        skipped = weekly_retraining(ctx)
         assert isinstance(skipped, dg.SkipReason) and "no champion" in skipped.skip_message
         crown_a_champion(mlflow)
-        request = weekly_retraining(ctx, mlflow=mlflow)
+        request = weekly_retraining(ctx)
         assert request.partition_key == "round-0001" and request.run_key == "weekly-round-2026-11-23"
         assert request.run_config == round_run_config(None)  # the simulated annotator
         assert instance.get_dynamic_partitions("rlhf_round") == ["round-0001"]
         # evaluated again before anything ran ("Test schedule", a retried tick): no new partition
-        again = weekly_retraining(ctx, mlflow=mlflow)
+        again = weekly_retraining(ctx)
         assert again.partition_key == "round-0001" and again.run_key == request.run_key
         assert instance.get_dynamic_partitions("rlhf_round") == ["round-0001"]
         # once the tick's run exists, the tick is done; the next tick starts the next round
@@ -149,10 +152,11 @@ def test_weekly_schedule_starts_a_round_only_when_a_champion_exists(rlhf_home: P
             noop()
 
         stand_in.execute_in_process(instance=instance, partition_key="round-0001", tags=request.tags)
-        done = weekly_retraining(ctx, mlflow=mlflow)
+        done = weekly_retraining(ctx)
         assert isinstance(done, dg.SkipReason) and "already started round-0001" in done.skip_message
-        later = dg.build_schedule_context(instance=instance, scheduled_execution_time=tick + dt.timedelta(days=7))
-        assert weekly_retraining(later, mlflow=mlflow).partition_key == "round-0002"
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick + dt.timedelta(days=7),
+                                       resources={"mlflow": mlflow}) as later:
+            assert weekly_retraining(later).partition_key == "round-0002"
         assert instance.get_dynamic_partitions("rlhf_round") == ["round-0001", "round-0002"]
     assert weekly_retraining.cron_schedule == "0 3 * * 1"
 
@@ -185,11 +189,11 @@ def test_run_failure_sensor_writes_a_record(rlhf_home: Path) -> None:
     with dg.instance_for_test(temp_dir=os.environ["DAGSTER_HOME"]) as instance:
         result = failing_job.execute_in_process(instance=instance, raise_on_error=False)
         assert not result.success
-        ctx = dg.build_run_status_sensor_context(
-            sensor_name="record_run_failure", dagster_instance=instance,
-            dagster_run=result.dagster_run, dagster_event=result.get_run_failure_event(),
-        ).for_run_failure()
-        record_run_failure(ctx, notifier=Notifier())
+        with dg.build_run_status_sensor_context(
+                sensor_name="record_run_failure", dagster_instance=instance,
+                dagster_run=result.dagster_run, dagster_event=result.get_run_failure_event(),
+                resources={"notifier": Notifier()}) as status, status.for_run_failure() as ctx:
+            record_run_failure(ctx)
     record = json.loads((rlhf_home / "failures" / f"{result.run_id}.json").read_text())
     [alert] = [json.loads(p.read_text()) for p in (rlhf_home / "alerts").glob("*.json")]
     assert alert["kind"] == "run_failure" and "boom: bad preference file" in alert["message"]

@@ -623,8 +623,8 @@ def test_the_heldout_reward_model_takes_one_value() -> None:
 
     from assets.models import HeldoutRewardModelConfig, heldout_reward_model
 
-    with pytest.raises(dg.Failure, match="one value") as info:
-        heldout_reward_model(dg.build_asset_context(), config=HeldoutRewardModelConfig(mismatched_negatives=[0.5, 0.0]),
+    with dg.build_asset_context() as context, pytest.raises(dg.Failure, match="one value") as info:
+        heldout_reward_model(context, config=HeldoutRewardModelConfig(mismatched_negatives=[0.5, 0.0]),
                              mlflow=None, launcher=None, dataset_splits={}, sft_model={})
     assert info.value.allow_retries is False
 
