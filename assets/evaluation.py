@@ -280,6 +280,11 @@ def recorded_stats(recorded: dict | None, rm_dirs: Sequence[str]) -> MemberStats
     return [(float(m), float(s)) for m, s in zip(recorded["mean"], recorded["std"])]
 
 
+def as_dirs(rm_dir: str | Sequence[str]) -> list[str]:
+    """One reward model's directory, or an ensemble's, as a list."""
+    return [rm_dir] if isinstance(rm_dir, str) else list(rm_dir)
+
+
 def combine_members(members: Sequence[Sequence[float]], stats: MemberStats | None) -> list[float]:
     """One model's scores as they are; several models' standardised with ``stats``, averaged."""
     if len(members) == 1:
@@ -299,7 +304,7 @@ def pair_metrics(rm_dir: str | Sequence[str], pairs: pd.DataFrame, scorer: GoldS
 
     if pairs.empty:
         return {}
-    rm_dirs = [rm_dir] if isinstance(rm_dir, str) else list(rm_dir)
+    rm_dirs = as_dirs(rm_dir)
     tok = models.load_tokenizer(rm_dirs[0])
     prompts = pairs["prompt"].astype(str).tolist()
     # responses are scored as PPO scores them: response tokens followed by EOS (ppo_core.data)
@@ -431,7 +436,7 @@ def _reward_dirs(manifest: dict) -> str | list[str]:
     from assets.models import reward_model_paths
 
     paths = reward_model_paths(manifest)
-    for path in [paths] if isinstance(paths, str) else paths:
+    for path in as_dirs(paths):
         _model_dir({"model_path": path}, "reward_model")
     return paths
 
@@ -445,7 +450,7 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str | Sequence[st
     Several ``rm_dir``: an ensemble (:func:`combine_members`) weighted as PPO weighted it
     (``rm_stats``: the PPO summary's ``reward_ensemble``); without them each member is
     standardised on the baseline's answers, and the report says so."""
-    rm_dirs = [rm_dir] if isinstance(rm_dir, str) else list(rm_dir)
+    rm_dirs = as_dirs(rm_dir)
     prompts_df = _read_split(splits, "test_prompts.parquet")
     pairs = _read_split(splits, "test_pairs.parquet")
     prompts = [str(p) for p in prompts_df["prompt"].tolist()]

@@ -459,13 +459,10 @@ def _candidate_dirs(out: Path) -> list[Path]:
 
 
 def finished_candidates(out: Path) -> list[str]:
-    """Names of the reward-model candidates under ``out`` whose summary says they completed."""
-    names = []
-    for c in _candidate_dirs(out):
-        summary = c / "summary.json"
-        if summary.is_file() and json.loads(summary.read_text()).get("completed"):
-            names.append(c.name)
-    return names
+    """Names of the reward-model candidates under ``out`` the engine will not train again."""
+    from ppo_core.reward import finished_summary
+
+    return [c.name for c in _candidate_dirs(out) if finished_summary(c) is not None]
 
 
 def unfinished_candidates(out: Path) -> list[Path]:

@@ -421,6 +421,7 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str | list[str], test_
     """
     from assets.evaluation import (
         EvaluationConfig,
+        as_dirs,
         clustered_se,
         generate,
         kl_per_response,
@@ -441,7 +442,7 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str | list[str], test_
     sft, ppo = generate(sft_dir, prompts, cfg), generate(ppo_dir, prompts, cfg)
     gold_sft = [float(x) for x in gold_scorer(prompts, sft["responses"])]
     gold_ppo = [float(x) for x in gold_scorer(prompts, ppo["responses"])]
-    rm_dirs = [rm_dir] if isinstance(rm_dir, str) else list(rm_dir)
+    rm_dirs = as_dirs(rm_dir)
     stats = None
     if len(rm_dirs) > 1:
         stats = recorded_stats(rm_stats, rm_dirs) or member_stats(

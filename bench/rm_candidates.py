@@ -1,5 +1,5 @@
-"""Each reward-model candidate of a finished lineage against gold (BENCHMARKS.md, "Mismatched
-negatives chosen on the eval split").
+"""Each reward-model candidate of a finished lineage against gold (BENCHMARKS.md, "Two reward
+models, one objective").
 
 A reward model trained with several ``mismatched_negatives`` values keeps one model per value
 under ``<output_dir>/candidates/`` and ships the one with the best eval-split accuracy
@@ -29,19 +29,14 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from assets.evaluation import (EvaluationConfig, generate, load_gold_scorer, member_stats,  # noqa: E402
-                               pair_metrics, recorded_stats, rm_scores)
-
-
-def scorer_spec(task: str) -> str:
-    return task if ":" in task else f"bench.tasks.{task}:gold_score_batch"
+from assets.evaluation import (EvaluationConfig, generate, member_stats, pair_metrics,  # noqa: E402
+                               recorded_stats, rm_scores)
+from bench.guard_replay import gold_scorer  # noqa: E402
+from bench.ppo_rerun import one  # noqa: E402
 
 
 def one_dir(pattern: str) -> Path:
-    found = sorted(glob.glob(pattern))
-    if len(found) != 1:
-        raise SystemExit(f"{pattern}: expected one match, found {len(found)}")
-    return Path(found[0])
+    return Path(one(pattern))
 
 
 def candidates(stage_dir: Path, pairs: pd.DataFrame, gold, extra: list[str] = ()) -> list[dict]:
@@ -101,7 +96,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     home = Path(args.home)
     pairs = pd.read_parquet(one_dir(f"{home}/data/splits/*/test_pairs.parquet"))
-    gold = load_gold_scorer(scorer_spec(args.task))
+    gold = gold_scorer(args.task)
     report = {}
     print(f"{'model':<22} {'mismatched':>10} {'eval acc':>9} {'gold agreement':>16}  in final/")
     for stage in ("reward_model", "heldout_reward_model"):

@@ -1044,35 +1044,31 @@ class PPOTrainer:
         rng = torch.Generator(device=self.strategy.device).manual_seed(cfg.seed * 1000 + 900 + self.rank)
         order = torch.randperm(len(self.prompts), generator=rng, device=rng.device).tolist()
         chosen = [order[i % len(order)] for i in range(n_local)]
-        scores, members = [], []
         ensemble = self.reward if isinstance(self.reward, EnsembleReward) else None
+        rows = []  # (M, b) per batch: an ensemble's member scores, else the reward's (1, b)
         for start in range(0, n_local, cfg.rollout_batch_size):
             idx = chosen[start:start + cfg.rollout_batch_size]
             ids, mask = self.prompt_batch([self.prompt_ids[i] for i in idx])
             gen = self.generate(ids, mask, model=self.ref, generator=rng)
-            if ensemble is not None:
-                members.append(self.member_scores(gen))
-            else:
-                raw, _ = self.raw_scores([self.prompts[i] for i in idx], gen)
-                scores.append(raw)
+            rows.append(self.member_scores(gen) if ensemble is not None
+                        else self.raw_scores([self.prompts[i] for i in idx], gen)[0][None])
+        x = torch.cat(rows, dim=1)                                                          # (M, n_local)
         if ensemble is not None:
-            # each member's own mean and std over every rank's samples, then the ensemble score
-            m = torch.cat(members, dim=1).double()                                        # (M, n_local)
-            sums = self.strategy.all_reduce_sum(torch.stack([m.sum(1), (m * m).sum(1),
-                                                             torch.full_like(m[:, 0], m.shape[1])]))
-            n = sums[2]
-            mean = sums[0] / n
-            ensemble.fit(mean, ((sums[1] / n - mean * mean).clamp_min(0) * n / (n - 1).clamp_min(1)).sqrt())
-            scores = [ensemble.combine(m)]
+            ensemble.fit(*self._mean_std_across_ranks(x))   # each member's own, then the ensemble's
+            x = ensemble.combine(x)[None]
             if not cfg.normalize_reward:
                 return
-        s = torch.cat(scores).double()
-        stats = _mean_across_ranks(self.strategy, {"sum": float(s.sum()), "sq": float((s * s).sum()),
-                                    "n": float(s.numel())})
-        n = stats["n"] * self.world
-        mean = stats["sum"] * self.world / n
-        var = max(stats["sq"] * self.world / n - mean * mean, 0.0) * n / max(n - 1, 1)
-        self.normalizer = RewardNormalizer(mean=mean, std=max(math.sqrt(var), 1e-6))
+        mean, std = self._mean_std_across_ranks(x)
+        self.normalizer = RewardNormalizer(mean=float(mean[0]), std=max(float(std[0]), 1e-6))
+
+    def _mean_std_across_ranks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and sample standard deviation (R,) of each row of ``x`` (R, n_local) over every
+        rank's columns."""
+        x = x.double()
+        sums = self.strategy.all_reduce_sum(torch.stack([x.sum(1), (x * x).sum(1), torch.full_like(x[:, 0], x.shape[1])]))
+        n = sums[2]
+        mean = sums[0] / n
+        return mean, ((sums[1] / n - mean * mean).clamp_min(0) * n / (n - 1).clamp_min(1)).sqrt()
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()

@@ -361,8 +361,9 @@ def train(cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> dict[str, An
     return RewardTrainer(replace(cfg, mismatched_negatives=fractions[0]), callbacks).train()
 
 
-def _completed(out_dir: Path) -> dict[str, Any] | None:
-    """The summary of a finished candidate an earlier attempt left (None: train it)."""
+def finished_summary(out_dir: Path) -> dict[str, Any] | None:
+    """The summary of a finished candidate an earlier attempt left in ``out_dir`` (None: train it);
+    the pipeline's resume asks the same (``assets.models.finished_candidates``)."""
     path = out_dir / "summary.json"
     if not path.is_file():
         return None
@@ -389,7 +390,7 @@ def train_candidates(cfg: RewardConfig, callbacks: Sequence[Callback] = ()) -> d
         name = candidate_name(fraction)
         sub_out = out / "candidates" / name
         # rank 0's answer for all: a rank that skipped alone would leave the others in collectives
-        done = strategy.broadcast_object(_completed(sub_out) if cfg.resume_from else None)
+        done = strategy.broadcast_object(finished_summary(sub_out) if cfg.resume_from else None)
         if done is None:
             stopping = cfg.stopping
             if stopping.max_seconds:

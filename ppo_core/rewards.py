@@ -76,10 +76,6 @@ class EnsembleReward:
         self.mean = torch.zeros(len(self.members), dtype=torch.float64)
         self.std = torch.ones(len(self.members), dtype=torch.float64)
 
-    @property
-    def models(self) -> list[torch.nn.Module]:
-        return [m.model for m in self.members]
-
     def member_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw scores of every member: (M, B)."""
         return torch.stack([m([], [], sequences, attention_mask) for m in self.members])

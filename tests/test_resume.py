@@ -288,6 +288,7 @@ def test_a_reward_model_with_candidates_resumes_its_unfinished_one(tmp_path: Pat
         (c / "checkpoints" / f"step_{step}").mkdir(parents=True)
         (c / "checkpoints" / f"step_{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
     (done / "summary.json").write_text('{"completed": true}')
+    (done / "final").mkdir()  # a finished candidate has shipped its weights
     # the finished candidate's checkpoint (8) is not where this attempt resumes
     assert latest_checkpoint_step(out) == 4
     metrics = out / "metrics.jsonl"
