@@ -280,6 +280,20 @@ def recorded_stats(recorded: dict | None, rm_dirs: Sequence[str]) -> MemberStats
     return [(float(m), float(s)) for m, s in zip(recorded["mean"], recorded["std"])]
 
 
+def ensemble_stats(rm_dirs: Sequence[str], recorded: dict | None,
+                   baseline_scores: Callable[[], list[list[float]]]) -> tuple[MemberStats | None, str | None]:
+    """How an ensemble's members are weighted, and from what: PPO's own statistics when it
+    optimised exactly these members (``recorded_stats``), else each member standardised on the
+    baseline's answers (``baseline_scores()``, each member's scores of them, computed only
+    then). One reward model: ``(None, None)``."""
+    if len(rm_dirs) == 1:
+        return None, None
+    stats = recorded_stats(recorded, rm_dirs)
+    if stats is not None:
+        return stats, "ppo_reference_samples"
+    return member_stats(baseline_scores()), "baseline_answers"
+
+
 def as_dirs(rm_dir: str | Sequence[str]) -> list[str]:
     """One reward model's directory, or an ensemble's, as a list."""
     return [rm_dir] if isinstance(rm_dir, str) else list(rm_dir)
@@ -477,14 +491,10 @@ def evaluate(splits: dict, sft_dir: str, ppo_dir: str, rm_dir: str | Sequence[st
             raise ValueError(f"gold_scorer {scorer_spec}: returned {len(gen['gold'])} scores for "
                              f"{len(prompts)} responses")
         per[name] = gen
-    stats, stats_from = None, None
-    if len(rm_dirs) > 1:
-        stats = recorded_stats(rm_stats, rm_dirs)
-        stats_from = "ppo_reference_samples" if stats else "baseline_answers"
-        if stats is None:
-            log("evaluation: no PPO statistics for these reward models: each is standardised on the "
-                "baseline's answers, which weights them a little differently from PPO")
-            stats = member_stats(per["sft"]["rm_members"])
+    stats, stats_from = ensemble_stats(rm_dirs, rm_stats, lambda: per["sft"]["rm_members"])
+    if stats_from == "baseline_answers":
+        log("evaluation: no PPO statistics for these reward models: each is standardised on the "
+            "baseline's answers, which weights them a little differently from PPO")
     for gen in per.values():
         gen["rm"] = combine_members(gen.pop("rm_members"), stats)
     log(f"evaluation: reward model on {len(pairs)} held-out preference pairs")
@@ -555,15 +565,16 @@ def evaluation_report(
     with mlflow.run(context, "evaluation_report",
                     {"data_version": str(dataset_splits.get("data_version", ""))}) as run:
         run_id = run.info.run_id
+        rm_dirs = _reward_dirs(reward_model)  # every member of an ensemble: what PPO optimised
         mlflow.log_params(run_id, {"eval": config.model_dump(), "sft_model": sft_model.get("model_path"),
                                    "ppo_model": ppo_policy.get("model_path"),
-                                   "reward_model": reward_model.get("model_path"),
+                                   "reward_model": rm_dirs,
                                    "heldout_reward_model": heldout_reward_model.get("model_path")})
         test_set, test_pairs = split_inputs(dataset_splits, {"test_prompts": EVAL, "test_pairs": EVAL})
         log_datasets(mlflow.client(), run_id, [test_set, test_pairs])
         result = evaluate(
             dataset_splits, _model_dir(sft_model, "sft_model"), _model_dir(ppo_policy, "ppo_policy"),
-            _reward_dirs(reward_model), config, out_dir,
+            rm_dirs, config, out_dir,
             data_source=raw_preferences.get("source"), log=context.log.info,
             heldout_rm_dir=heldout_reward_model.get("model_path") or None,
             rm_stats=ppo_policy.get("reward_ensemble"),

@@ -1,4 +1,5 @@
-"""``registered_policy``: the PPO policy (and its reward model) in the MLflow model registry.
+"""``registered_policy``: the PPO policy (and its reward model, or each member of a reward
+ensemble) in the MLflow model registry.
 
 The versions are registered from the LoggedModels the training runs logged (transformers
 flavor, ``task="text-generation"`` for the policy), so a version's ``model_id`` and ``run_id``
@@ -49,7 +50,7 @@ HELDOUT_METRIC = "ppo/heldout_score_mean"
 RM_METRIC = "ppo/rm_score_mean"
 PROMOTION_METRICS = (GOLD_METRIC, HELDOUT_METRIC, RM_METRIC)
 # Bumped by hand when a change here changes what is registered (see assets/data.py).
-REGISTERED_POLICY_VERSION = "2"
+REGISTERED_POLICY_VERSION = "3"
 
 
 def registered_with(client: Any, name: str, tags: Mapping[str, str]) -> Any | None:
@@ -159,6 +160,40 @@ def registrable_model_uri(mlflow: MLflowResource, run_id: str, model_id: Any, mo
     return log_transformers_model(mlflow.tracking_uri, run_id, model_dir, name, task)
 
 
+def register_reward_models(client: Any, mlflow: MLflowResource, name: str, run_id: str,
+                           reward_model: Mapping[str, Any], match: Mapping[str, str],
+                           tags: Mapping[str, Any]) -> list[Any]:
+    """Versions of ``name`` for what PPO optimised: the reward model, or each member of an
+    ensemble (``member_paths``, the order PPO averaged them in). A member an earlier attempt
+    registered with ``match`` is taken back. The reward model's LoggedModel is its ``final/``,
+    so an ensemble's members are logged into ``run_id`` first."""
+    from assets.models import reward_model_paths
+
+    paths = reward_model_paths(reward_model)
+    paths = [paths] if isinstance(paths, str) else paths
+    versions = []
+    for i, path in enumerate(paths):
+        _model_path({"model_path": path}, "reward_model")
+        member = {} if len(paths) == 1 else {"ensemble_member": f"{i + 1}/{len(paths)}"}
+        version = registered_with(client, name, {**match, "source_dir": path})
+        if version is None:
+            uri = registrable_model_uri(mlflow, run_id, None if member else reward_model.get("mlflow_model_id"), path,
+                                        f"reward_model_{i + 1}" if member else "reward_model", "text-classification")
+            version = register_version(client, name, uri, run_id, {**tags, **member, "source_dir": path})
+        versions.append(version)
+    return versions
+
+
+def reward_lineage(versions: list[Any]) -> dict[str, str]:
+    """The policy version's tags naming the reward model versions it was trained against."""
+    if not versions:
+        return {}
+    tags = {"reward_model.version": str(versions[0].version)}
+    if len(versions) > 1:
+        tags["reward_model.versions"] = ",".join(str(v.version) for v in versions)
+    return tags
+
+
 def _model_path(manifest: Mapping[str, Any], asset: str) -> str:
     path = manifest.get("model_path")
     if not path or not Path(str(path)).is_dir():
@@ -200,19 +235,12 @@ def registered_policy(
         # the same evaluation registered once: a re-run (retry, re-execution, a second
         # materialization) takes the versions registered from it back, as challenger again
         same = {"evaluation.mlflow_run_id": lineage["evaluation.mlflow_run_id"], "source_dir": ppo_dir}
-        reward_version = None
+        reward_versions = []
         if config.register_reward_model:
-            rm_dir = _model_path(reward_model, "reward_model")
-            reward_version = registered_with(client, config.reward_model_name,
-                                             {**same, "source_dir": rm_dir})
-            if reward_version is None:
-                rm_uri = registrable_model_uri(mlflow, run_id, reward_model.get("mlflow_model_id"), rm_dir,
-                                               "reward_model", "text-classification")
-                reward_version = register_version(client, config.reward_model_name, rm_uri, run_id,
-                                                  {**lineage, "source_dir": rm_dir,
-                                                   EVAL_DATA_VERSION_TAG: tags[EVAL_DATA_VERSION_TAG]})
-        if reward_version is not None:
-            lineage["reward_model.version"] = reward_version.version
+            reward_versions = register_reward_models(
+                client, mlflow, config.reward_model_name, run_id, reward_model, same,
+                {**lineage, EVAL_DATA_VERSION_TAG: tags[EVAL_DATA_VERSION_TAG]})
+        lineage.update(reward_lineage(reward_versions))
         version = registered_with(client, config.policy_name, same)
         if version is None:
             policy_uri = registrable_model_uri(mlflow, run_id, evaluation_report.get("ppo_model_id"), ppo_dir,
@@ -233,8 +261,10 @@ def registered_policy(
         "promotion_metric": tags[PROMOTION_METRIC_TAG],
         "mlflow_run_id": run_id,
         "mlflow_model_id": version_model_id(version),
-        "reward_model_name": config.reward_model_name if reward_version is not None else None,
-        "reward_model_version": reward_version.version if reward_version is not None else None,
+        "reward_model_name": config.reward_model_name if reward_versions else None,
+        "reward_model_version": reward_versions[0].version if reward_versions else None,
+        # an ensemble: every member, in PPO's order (the first is reward_model_version)
+        **({"reward_model_versions": [v.version for v in reward_versions]} if len(reward_versions) > 1 else {}),
     }
     return dg.Output(
         manifest,
@@ -246,7 +276,8 @@ def registered_policy(
             "eval_set": tags[EVAL_SET_TAG],
             "mlflow_run": dg.MetadataValue.url(url),
             "mlflow_model_id": version_model_id(version) or "none",
-            "reward_model_version": manifest["reward_model_version"] or "not registered",
+            "reward_model_version": ", ".join(manifest.get("reward_model_versions") or
+                                              [manifest["reward_model_version"] or "not registered"]),
         },
     )
 

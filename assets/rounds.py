@@ -555,7 +555,7 @@ def _table_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"mlflow"}, code_version="2", pool=REGISTRY_POOL,
+@dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"mlflow"}, code_version="3", pool=REGISTRY_POOL,
           description="Registers the round's challenger and reward model, then moves 'champion' only when the "
           "challenger beats the champion on the paired evaluation; writes the next annotation batch.",
           check_specs=[dg.AssetCheckSpec("round_challenger_promoted", asset="round_champion",
@@ -564,7 +564,8 @@ def _table_markdown(rows: list[dict[str, Any]]) -> str:
 def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfig, mlflow: MLflowResource,
                    notifier: Notifier, round_evaluation: dict, round_reward_model: dict,
                    dataset_splits: dict) -> Iterator[dg.Output | dg.AssetCheckResult]:
-    from assets.registry import register_version, registered_with, registrable_model_uri
+    from assets.registry import (register_reward_models, register_version, registered_with,
+                                 registrable_model_uri, reward_lineage)
     from ops.registry import apply_promotion
 
     key = context.partition_key
@@ -574,7 +575,6 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
     # picks its versions up instead of registering twice or refusing its own promotion
     same = {"rlhf.round": key, "evaluation.mlflow_run_id": evaluation_id}
     earlier = registered_with(client, config.policy_name, same)
-    earlier_rm = registered_with(client, config.reward_model_name, same)
     champion = champion_version(client, config.policy_name)
     evaluated = str(round_evaluation["champion_version"])
     promoted_before = earlier is not None and str(champion.version) == str(earlier.version)
@@ -589,19 +589,15 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
     with mlflow.run(context, "round_champion", {"data_version": round_evaluation["data_version"], "rlhf.round": key}) as run:
         run_id = run.info.run_id
         # the LoggedModels of the training runs (logged here only when a stage skipped logging)
-        rm_version = earlier_rm
-        if rm_version is None:
-            rm_uri = registrable_model_uri(mlflow, run_id, round_reward_model.get("mlflow_model_id"),
-                                           round_reward_model["model_path"], "reward_model", "text-classification")
-            rm_version = register_version(client, config.reward_model_name, rm_uri, run_id,
-                                          {**lineage, "source_dir": round_reward_model["model_path"]})
+        rm_versions = register_reward_models(client, mlflow, config.reward_model_name, run_id,
+                                             round_reward_model, same, lineage)
         challenger = earlier
         if challenger is None:
             uri = registrable_model_uri(mlflow, run_id, round_evaluation.get("challenger_model_id"),
                                         round_evaluation["challenger_model_path"], "policy", "text-generation")
             challenger = register_version(client, config.policy_name, uri, run_id, {
                 **tags, **lineage, "source_dir": round_evaluation["challenger_model_path"],
-                "reward_model.version": rm_version.version})
+                **reward_lineage(rm_versions)})
         decision = round_decision(challenger, champion, round_evaluation, config.min_improvement)
         if not promoted_before:
             apply_promotion(client, config.policy_name, decision, champion, challenger)
@@ -639,7 +635,8 @@ def round_champion(context: dg.AssetExecutionContext, config: RoundChampionConfi
     if batch is not None:
         metadata["annotation_batch"] = dg.MetadataValue.path(str(batch))
     value = {"decision": decision.to_dict(), "challenger_version": str(challenger.version),
-             "reward_model_version": str(rm_version.version), "row": row,
+             "reward_model_version": str(rm_versions[0].version), "row": row,
+             **({"reward_model_versions": [str(v.version) for v in rm_versions]} if len(rm_versions) > 1 else {}),
              "annotation_batch": str(batch) if batch else None}
     check = dg.AssetCheckResult(check_name="round_challenger_promoted", passed=bool(decision.promoted),
                                 severity=dg.AssetCheckSeverity.WARN, description=decision.reason,

@@ -427,9 +427,8 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str | list[str], test_
         kl_per_response,
         kl_per_token,
         mean,
-        member_stats,
+        ensemble_stats,
         pair_metrics,
-        recorded_stats,
         rm_scores,
         sequence_logprobs,
         win_rate,
@@ -443,10 +442,8 @@ def evaluate_pipeline(sft_dir: str, ppo_dir: str, rm_dir: str | list[str], test_
     gold_sft = [float(x) for x in gold_scorer(prompts, sft["responses"])]
     gold_ppo = [float(x) for x in gold_scorer(prompts, ppo["responses"])]
     rm_dirs = as_dirs(rm_dir)
-    stats = None
-    if len(rm_dirs) > 1:
-        stats = recorded_stats(rm_stats, rm_dirs) or member_stats(
-            [rm_scores(d, prompts, sft["ids"], cfg.batch_size) for d in rm_dirs])
+    stats, _ = ensemble_stats(rm_dirs, rm_stats,
+                              lambda: [rm_scores(d, prompts, sft["ids"], cfg.batch_size) for d in rm_dirs])
     rm = pair_metrics(rm_dirs, test_pairs, gold_scorer, cfg.batch_size, stats)
     lp_ppo = sequence_logprobs(ppo_dir, prompts, ppo["ids"], cfg.batch_size)
     lp_sft = sequence_logprobs(sft_dir, prompts, ppo["ids"], cfg.batch_size)

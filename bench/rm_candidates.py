@@ -29,8 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from assets.evaluation import (EvaluationConfig, generate, member_stats, pair_metrics,  # noqa: E402
-                               recorded_stats, rm_scores)
+from assets.evaluation import (EvaluationConfig, ensemble_stats, generate, pair_metrics,  # noqa: E402
+                               rm_scores)
 from bench.guard_replay import gold_scorer  # noqa: E402
 from bench.ppo_rerun import one  # noqa: E402
 
@@ -73,13 +73,16 @@ def ensemble_row(home: Path, dirs: list[str], pairs: pd.DataFrame, gold) -> dict
         ppo = json.loads(one_dir(f"{home}/models/ppo_policy/*/stage_config.json").read_text())
         cfg = EvaluationConfig(max_new_tokens=ppo["response_length"])
     ppo = glob.glob(f"{home}/models/ppo_policy/*/summary.json")
-    stats = recorded_stats(json.loads(Path(ppo[0]).read_text()).get("reward_ensemble"), dirs) if ppo else None
-    weights = "PPO's reference samples" if stats else "SFT answers"
-    if stats is None:  # as evaluate() expands them
-        prompts = prompts[: cfg.max_prompts] if cfg.max_prompts > 0 else prompts
-        prompts = [p for p in prompts for _ in range(max(1, cfg.samples_per_prompt))]
-        ids = generate(sft, prompts, cfg)["ids"]
-        stats = member_stats([rm_scores(d, prompts, ids, cfg.batch_size) for d in dirs])
+    recorded = json.loads(Path(ppo[0]).read_text()).get("reward_ensemble") if ppo else None
+
+    def sft_scores() -> list[list[float]]:  # the prompts as evaluate() expands them
+        asked = prompts[: cfg.max_prompts] if cfg.max_prompts > 0 else prompts
+        asked = [p for p in asked for _ in range(max(1, cfg.samples_per_prompt))]
+        ids = generate(sft, asked, cfg)["ids"]
+        return [rm_scores(d, asked, ids, cfg.batch_size) for d in dirs]
+
+    stats, source = ensemble_stats(dirs, recorded, sft_scores)
+    weights = "PPO's reference samples" if source == "ppo_reference_samples" else "SFT answers"
     m = pair_metrics(dirs, pairs, gold, cfg.batch_size, stats)
     return {"members": dirs, "standardised_on": weights, "gold_agreement": m["rm/gold_agreement"],
             "gold_agreement_se": m["rm/gold_agreement_se"]}

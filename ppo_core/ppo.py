@@ -1236,6 +1236,12 @@ class PPOTrainer:
             if not extra.get("reward_ensemble"):
                 raise ConfigError(f"{str(path)!r} was saved without a reward ensemble; resume it with "
                                   "the reward_model_path it was trained with")
+            raw = (state.get("config") or {}).get("reward_model_path")
+            saved = [str(Path(p).resolve()) for p in ([raw] if isinstance(raw, str) else raw or [])]
+            if saved and saved != [str(Path(p).resolve()) for p in reward_model_paths(self.cfg)]:
+                # each member's mean and std belong to that model, in that order
+                raise ConfigError(f"{str(path)!r} was trained against the reward ensemble {saved}; "
+                                  f"this run has {list(reward_model_paths(self.cfg))}")
             self.reward.load_state_dict(extra["reward_ensemble"])
         if extra.get("guard") is not None:
             self.guard.load_state_dict(extra["guard"])

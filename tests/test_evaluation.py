@@ -295,6 +295,24 @@ def test_recorded_stats_apply_only_to_the_same_members_in_order() -> None:
     assert ev.recorded_stats(None, ["a", "b"]) is None
 
 
+def test_an_ensemble_is_weighted_by_ppo_else_on_the_baselines_answers() -> None:
+    import assets.evaluation as ev
+
+    recorded = {"paths": ["a", "b"], "mean": [1.0, 2.0], "std": [0.5, 4.0]}
+    asked: list[int] = []
+
+    def baseline() -> list[list[float]]:
+        asked.append(1)
+        return [[1.0, 3.0], [0.0, 0.0]]     # member a: mean 2, sample std sqrt(2); b: constant
+
+    assert ev.ensemble_stats(["a"], recorded, baseline) == (None, None)
+    assert ev.ensemble_stats(["a", "b"], recorded, baseline) == ([(1.0, 0.5), (2.0, 4.0)], "ppo_reference_samples")
+    assert not asked  # PPO's statistics need no scoring
+    stats, source = ev.ensemble_stats(["b", "a"], recorded, baseline)
+    assert source == "baseline_answers" and asked == [1]
+    assert stats == [(2.0, pytest.approx(2 ** 0.5)), (0.0, 1e-6)]
+
+
 def test_pair_metrics_of_an_ensemble_combine_standardised_members(monkeypatch: pytest.MonkeyPatch) -> None:
     """Member a ranks pair 1 right by 1 (one of its std), member b pair 1 wrong by 5 (half of its):
     standardised, a's vote wins; raw, b's would."""

@@ -316,3 +316,34 @@ def test_an_earlier_registration_is_found_by_its_tags(store: dict) -> None:
     found = registered_with(client, name, same)
     assert found is not None and str(found.version) == str(first.version)
     assert registered_with(client, name, {**same, "rlhf.round": "round-0003"}) is None
+
+
+def test_each_member_of_a_reward_ensemble_is_registered_once(store: dict, tmp_path: Path) -> None:
+    """PPO optimised two reward models: both become versions, in PPO's order, logged into the
+    registering run (the stage's LoggedModel is final/, which is neither path); a second attempt
+    takes them back. One model reuses the stage's LoggedModel."""
+    from assets.registry import register_reward_models, reward_lineage
+
+    resource, client = store["resource"], store["client"]
+    name = f"{NAME}-rm-ensemble"
+    run_id = client.create_run(resource.experiment_id()).info.run_id
+    members = [str(tiny_model_dir(tmp_path / f"mismatched_{v}" / "final")) for v in ("0.5", "0")]
+    manifest = {"model_path": str(tmp_path / "final"), "member_paths": members, "mlflow_model_id": "m-final"}
+    match = {"evaluation.mlflow_run_id": "eval-ensemble"}
+    first = register_reward_models(client, resource, name, run_id, manifest, match, {**match, "k": "v"})
+    assert [v.tags["source_dir"] for v in first] == members
+    assert [v.tags["ensemble_member"] for v in first] == ["1/2", "2/2"]
+    assert {client.get_logged_model(version_model_id(v)).source_run_id for v in first} == {run_id}
+    assert reward_lineage(first) == {"reward_model.version": str(first[0].version),
+                                     "reward_model.versions": f"{first[0].version},{first[1].version}"}
+    again = register_reward_models(client, resource, name, run_id, manifest, match, match)
+    assert [v.version for v in again] == [v.version for v in first]
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+
+    single = {"model_path": members[0], "mlflow_model_id": version_model_id(first[0])}
+    [one] = register_reward_models(client, resource, f"{name}-single", run_id, single, match, match)
+    assert version_model_id(one) == single["mlflow_model_id"] and "ensemble_member" not in one.tags
+    assert reward_lineage([one]) == {"reward_model.version": str(one.version)}
+    assert reward_lineage([]) == {}
+    with pytest.raises(FileNotFoundError, match="missing"):
+        register_reward_models(client, resource, name, run_id, {"model_path": str(tmp_path / "missing")}, match, match)
