@@ -201,9 +201,13 @@ class PPOPolicyConfig(StageConfig):
         default=None, description="Largest KL to the reference (nats per response) a kept checkpoint may "
         "have; None keeps the engine default (the KL ceiling, or no budget without one).")
     guard_select_z: Optional[float] = Field(
-        default=None, description="Keep the least-KL checkpoint whose held-out score is within this many "
-        "standard errors of the best one's (the one-standard-error rule); 0 keeps the best-scoring "
-        "checkpoint; None keeps the engine default (1.0).")
+        default=None, description="The guard's band: checkpoints whose held-out score is within this many "
+        "standard errors of the best one's; 0 keeps the best-scoring checkpoint; None keeps the engine "
+        "default (1.0).")
+    guard_select: Optional[str] = Field(
+        default=None, description="Which checkpoint of the band is kept: 'latest' (given up only for a "
+        "measurable decline of the held-out score) or 'least_kl' (the one-standard-error rule: the "
+        "checkpoint closest to SFT); None keeps the engine default ('latest').")
 
 
 # ---------------------------------------------------------------- config mapping (the one place)
@@ -226,7 +230,8 @@ FIELD_MAP: dict[str, dict[str, str]] = {
             "kl_ceiling_headroom": "kl_ceiling_headroom", "response_length": "response_length",
             "temperature": "temperature", "rollout_batch_size": "rollout_batch_size",
             "ppo_epochs": "ppo_epochs", "guard_every": "guard_every", "guard_prompts": "guard_prompts",
-            "guard_kl_budget": "guard_kl_budget", "guard_select_z": "guard_select_z"},
+            "guard_kl_budget": "guard_kl_budget", "guard_select_z": "guard_select_z",
+            "guard_select": "guard_select"},
 }
 # Applied even at its default: the lineage pins seed 0 for every stage, whatever an engine's own
 # default seed (SFTConfig's strategy seed is 42), so runs of the pipeline are comparable.
@@ -650,8 +655,10 @@ def _kept_metadata(summary: dict[str, Any]) -> dict[str, Any]:
     elif "guard/kept_step" in summary:
         best = summary.get("guard/best_step", summary["guard/kept_step"])
         rule = ("" if best == summary["guard/kept_step"] else
-                f"; the best score was at step {int(best)}, the kept one scores within guard_select_z "
-                "standard errors of it at measurably lower KL")
+                f"; the best score was at step {int(best)}, the kept one is "
+                + ("the last within guard_select_z standard errors of it"
+                   if best < summary["guard/kept_step"] else
+                   "within guard_select_z standard errors of it at measurably lower KL"))
         out["selected_on"] = ("held-out reward model score on held-out prompts "
                               f"(gain {summary['guard/heldout_gain']:+.3f} +- {summary['guard/heldout_gain_se']:.3f} "
                               f"over SFT, at {summary['guard/kl_kept']:.2f} nats/response KL{rule})")

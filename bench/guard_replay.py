@@ -4,12 +4,17 @@ A guarded PPO run writes ``guard_samples.jsonl``: at every guard evaluation, the
 prompts sampled with the same random numbers, with each response's proxy score, held-out
 score and KL. The stop rule does not depend on which checkpoint is *kept*, so every selection
 rule can be replayed on one recorded run: this script feeds the recorded points to
-``ppo_core.guard.OveroptimizationGuard`` at each ``select_z`` and scores the checkpoint each
-rule keeps (each ``select_z`` under each KL budget) with the task's gold scorer: mean gold, and the win rate over the reference's
-sample for the same prompt (step 0 samples the reference with the same random numbers).
+``ppo_core.guard.OveroptimizationGuard`` at each ``select_z`` (and band rule, ``prefer``) and
+scores the checkpoint each rule keeps (each ``select_z`` under each KL budget) with the task's
+gold scorer: mean gold, and the win rate over the reference's sample for the same prompt
+(step 0 samples the reference with the same random numbers).
 
     .venv/bin/python bench/guard_replay.py --z 0,0.5,1 RUN [RUN ...]
-    .venv/bin/python bench/guard_replay.py --z 1 --kl-budget none,4 RUN [RUN ...]
+    .venv/bin/python bench/guard_replay.py --z 1k,1 --kl-budget 5 --references RUN [RUN ...]
+
+A ``--z`` token is ``select_z`` with optional letters: ``k`` keeps the least-KL checkpoint of
+the band (``prefer="least_kl"``, the one-standard-error rule) instead of the latest (the
+engine's default), ``u`` compares points as independent means instead of paired.
 
 ``RUN`` is ``TASK=PATH``: a generality task name or a gold scorer ``module:function``, and a
 ``guard_samples.jsonl`` (or a directory searched for them). Prints one row per run and the
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ppo_core.guard import GuardPoint, OveroptimizationGuard, without_values  # noqa: E402
+from ppo_core.guard import GuardPoint, OveroptimizationGuard, SelectRule, without_values  # noqa: E402
 
 GoldFn = Callable[[list[str], list[str]], list[float]]
 
@@ -60,13 +65,13 @@ def guard_points(by_step: dict[int, list[dict]]) -> list[GuardPoint]:
 
 
 def kept_step(points: list[GuardPoint], select_z: float, patience: int, stop_z: float,
-              kl_budget: float | None, budget_stops: bool = False) -> int:
+              kl_budget: float | None, budget_stops: bool = False, prefer: SelectRule = "latest") -> int:
     """The step a guard with these settings ships (the last evaluated one when nothing beat the
     reference, as ``ppo_core.ppo.train`` does). ``budget_stops`` as the engine sets it: False
     for a run under a KL ceiling (the default), whose points over the budget are never kept
     but do not count towards stopping; True for a run with a fixed beta."""
     guard = OveroptimizationGuard(kl_budget, patience, stop_z=stop_z, select_z=select_z,
-                                  budget_stops=budget_stops)
+                                  budget_stops=budget_stops, prefer=prefer)
     for p in points:
         if guard.update(p).stop:
             break
@@ -74,35 +79,44 @@ def kept_step(points: list[GuardPoint], select_z: float, patience: int, stop_z: 
     return guard.points[-1].step if kept is None else kept.step
 
 
-# A rule: (select_z, KL budget, paired). --references adds two pseudo-rules of the same shape:
-# select_z nan is the last step, inf the best gold within the budget (dict keys by identity).
-Rule = tuple[float, Optional[float], bool]
-LAST: Rule = (float("nan"), None, True)
+# A rule: (select_z, KL budget, paired, prefer). --references adds two pseudo-rules of the same
+# shape: select_z nan is the last step, inf the best gold within the budget (dict keys by identity).
+Rule = tuple[float, Optional[float], bool, SelectRule]
+LAST: Rule = (float("nan"), None, True, "latest")
 
 
 def parse_z(token: str, budget: float | None) -> Rule:
-    """``"1"``: z=1 on paired differences (the engine's guard); ``"1u"``: z=1 comparing points as
-    independent means (the guard before the twelfth session)."""
+    """``"1"``: z=1 on paired differences, the latest checkpoint of the band (the engine's
+    guard); ``"1k"``: the least-KL one (the guard before the fourteenth session); ``"1u"``:
+    comparing points as independent means (the guard before the twelfth)."""
     token = token.strip().lower()
-    paired = not token.endswith("u")
-    z = float(token if paired else token[:-1])
+    number = token.rstrip("ku")
+    letters = token[len(number):]
+    if len(set(letters)) != len(letters):
+        raise SystemExit(f"--z {token!r}: each of the letters k and u at most once")
+    try:
+        z = float(number)
+    except ValueError:
+        raise SystemExit(f"--z {token!r}: select_z must be a number, then optionally k and u") from None
     if not math.isfinite(z) or z < 0:
         raise SystemExit(f"--z {token!r}: select_z must be a finite number >= 0")
-    return (z, budget, paired)
+    return (z, budget, "u" not in letters, "least_kl" if "k" in letters else "latest")
 
 
-def name(select_z: float, kl_budget: float | None, paired: bool = True) -> str:
+def name(select_z: float, kl_budget: float | None, paired: bool = True, prefer: SelectRule = "latest") -> str:
     if select_z != select_z:
         return "last step"
     if select_z == float("inf"):
         return "best gold (oracle)" + ("" if kl_budget is None else f",kl<={kl_budget:g}")
-    return f"z={select_z:g}" + ("" if paired else " unpaired") + ("" if kl_budget is None else f",kl<={kl_budget:g}")
+    return (f"z={select_z:g}" + (" least-KL" if prefer == "least_kl" and select_z > 0 else "")
+            + ("" if paired else " unpaired") + ("" if kl_budget is None else f",kl<={kl_budget:g}"))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", metavar="TASK=PATH")
     ap.add_argument("--z", default="0,1", help="comma-separated select_z values; the first is the baseline; "
+                    "a trailing k (1k) keeps the band's least-KL checkpoint instead of its latest, "
                     "a trailing u (1u) compares points as independent means instead of paired")
     ap.add_argument("--patience", type=int, default=3, help="guard_patience of the runs (engine default 3)")
     ap.add_argument("--stop-z", type=float, default=1.0, help="guard_stop_z of the runs (engine default 1)")
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     budgets = [None if b.strip().lower() == "none" else float(b) for b in args.kl_budget.split(",")]
     rules = [parse_z(z, b) for b in budgets for z in args.z.split(",")]
-    oracle: Rule = (float("inf"), budgets[0], True)
+    oracle: Rule = (float("inf"), budgets[0], True, "latest")
     results: dict[Rule, list[tuple[float, float]]] = {r: [] for r in rules}
     for spec in args.runs:
         task, _, where = spec.partition("=")
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             def win_at(step: int) -> float:
                 return statistics.fmean((a > b) + 0.5 * (a == b) for a, b in zip(g[step], g[0]))
             steps = {rule: kept_step(points if rule[2] else unpaired, rule[0], args.patience, args.stop_z,
-                                     rule[1], args.budget_stops) for rule in rules}
+                                     rule[1], args.budget_stops, rule[3]) for rule in rules}
             if args.references:
                 within = [p.step for p in points if p.step > 0 and (budgets[0] is None or p.kl <= budgets[0])]
                 steps[LAST] = points[-1].step

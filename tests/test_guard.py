@@ -95,7 +95,7 @@ def test_one_se_rule_keeps_the_least_kl_checkpoint_near_the_best() -> None:
     # plateau: 0.45 (KL 1), 0.50 (KL 2, the best), 0.48 (KL 3). With SE 0.1 and select_z 1
     # the band is >= 0.40: all three qualify, step 5 has the least KL
     pts = [pt(0, 0, 0.0, 0.0), pt(5, 1, 0.45, 1.0), pt(10, 2, 0.50, 2.0), pt(15, 3, 0.48, 3.0)]
-    g = OveroptimizationGuard(kl_budget=None, patience=2, select_z=1.0)
+    g = OveroptimizationGuard(kl_budget=None, patience=2, select_z=1.0, prefer="least_kl")
     decisions = [g.update(p) for p in pts]
     assert [d.keep for d in decisions] == [False, True, True, True]   # every candidate is saved
     assert all(d.drop == () for d in decisions)
@@ -115,7 +115,7 @@ def test_a_checkpoint_not_measurably_closer_to_the_reference_does_not_replace_th
     # than the best's (2.0 +- 0.1) by more than one SE of the difference (0.14): step 10 is kept.
     # At KL 1.8 it is (0.2 > 0.14), and step 5 is kept.
     def kept(kl5: float) -> int:
-        g = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
+        g = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0, prefer="least_kl")
         for p in [GuardPoint(0, 0, 0.0, 0.1, 0.0, 0.0), GuardPoint(5, 1, 0.45, 0.1, kl5, 0.1),
                   GuardPoint(10, 2, 0.50, 0.1, 2.0, 0.1)]:
             g.update(p)
@@ -127,7 +127,7 @@ def test_a_checkpoint_not_measurably_closer_to_the_reference_does_not_replace_th
 def test_a_higher_best_drops_checkpoints_that_left_the_band() -> None:
     # step 5 (0.2) is a candidate until step 10 scores 0.6: the band becomes >= 0.5, so the
     # step-5 weights are dropped; step 15 (0.55, KL 1.5) is then kept over step 10 (KL 2)
-    g = OveroptimizationGuard(kl_budget=None, patience=2, select_z=1.0)
+    g = OveroptimizationGuard(kl_budget=None, patience=2, select_z=1.0, prefer="least_kl")
     d = [g.update(p) for p in [pt(0, 0, 0.0, 0.0), pt(5, 1, 0.2, 1.0), pt(10, 2, 0.6, 2.0), pt(15, 3, 0.55, 1.5)]]
     assert [(x.keep, x.drop) for x in d] == [(False, ()), (True, ()), (True, (5,)), (True, ())]
     assert g.kept is not None and g.kept.step == 15
@@ -136,19 +136,19 @@ def test_a_higher_best_drops_checkpoints_that_left_the_band() -> None:
 def test_one_se_rule_respects_the_kl_budget_and_never_keeps_the_reference() -> None:
     # step 5 is within the band but over the 1.5-nat budget; the reference (step 0) is within
     # one SE of the best (0.05 >= 0.08 - 0.1) but is never a candidate
-    g = OveroptimizationGuard(kl_budget=1.5, patience=0, select_z=1.0)
+    g = OveroptimizationGuard(kl_budget=1.5, patience=0, select_z=1.0, prefer="least_kl")
     for p in [pt(0, 0, 0.05, 0.0), pt(5, 1, 0.07, 2.0), pt(10, 2, 0.08, 1.2)]:
         g.update(p)
     assert g.kept is not None and g.kept.step == 10
     # after the best (step 5: 0.08, KL 1.2), step 10 (0.02, KL 0.5) is within one SE of it but
     # below the reference (0.05): it is neither saved nor kept, so the kept checkpoint always
     # beats the reference on the held-out score
-    r = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
+    r = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0, prefer="least_kl")
     decisions = [r.update(p) for p in [pt(0, 0, 0.05, 0.0), pt(5, 1, 0.08, 1.2), pt(10, 2, 0.02, 0.5)]]
     assert [d.keep for d in decisions] == [False, True, False]
     assert r.kept is not None and r.kept.step == 5
     # no trained checkpoint beat the reference: nothing is kept
-    n = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
+    n = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0, prefer="least_kl")
     for p in [pt(0, 0, 0.3, 0.0), pt(5, 1, 0.25, 1.0)]:
         n.update(p)
     assert n.kept is None and not n.improved
@@ -158,14 +158,14 @@ def test_a_point_that_enters_the_band_later_was_never_saved_and_is_not_kept() ->
     # best 0.50 +- 0.05: step 10 (0.44, KL 0.5) is outside the band (>= 0.45) and not saved.
     # The next best, 0.51 +- 0.10, widens the band to >= 0.41: step 10 would qualify, but its
     # weights are gone, so the kept one is chosen among the saved steps (5 and 15)
-    g = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
+    g = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0, prefer="least_kl")
     decisions = [g.update(p) for p in [GuardPoint(0, 0, 0.0, 0.05, 0.0), GuardPoint(5, 1, 0.50, 0.05, 1.0),
                                        GuardPoint(10, 2, 0.44, 0.05, 0.5), GuardPoint(15, 3, 0.51, 0.10, 2.0)]]
     assert [d.keep for d in decisions] == [False, True, False, True]
     assert g.saved == {5, 15}
     assert g.kept is not None and g.kept.step == 5
     # the saved set survives a resume
-    h = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
+    h = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0, prefer="least_kl")
     h.load_state_dict(g.state_dict())
     assert h.saved == {5, 15} and h.kept is not None and h.kept.step == 5
 
@@ -202,17 +202,50 @@ def test_paired_differences_keep_a_later_checkpoint_the_prompts_spread_hid() -> 
     s10 = [x + d for x, d in zip(base, (0.4, 0.5, 0.5, 0.6))]
     points = [paired_pt(0, base, [0.0] * 4), paired_pt(5, s5, [1.0] * 4), paired_pt(10, s10, [2.0] * 4)]
     # as independent means the SE is ~0.9: step 5 sits in the band and, at less KL, is kept
-    g = OveroptimizationGuard(kl_budget=None, patience=3, select_z=1.0)
+    g = OveroptimizationGuard(kl_budget=None, patience=3, select_z=1.0, prefer="least_kl")
     for p in [GuardPoint(p.step, p.proxy, p.heldout, p.heldout_se, p.kl, p.kl_se) for p in points]:
         g.update(p)
     assert g.kept is not None and g.kept.step == 5
     # paired, step 5 trails by 0.3 with an SE of 0.041: clearly worse, the best (step 10) is kept
-    g = OveroptimizationGuard(kl_budget=None, patience=3, select_z=1.0)
+    g = OveroptimizationGuard(kl_budget=None, patience=3, select_z=1.0, prefer="least_kl")
     for p in points:
         g.update(p)
     assert g.kept is not None and g.kept.step == 10
     assert g.summary()["guard/heldout_gain_se"] == pytest.approx(0.0408248, rel=1e-5)
     # the values survive a checkpoint round trip (JSON-like state), so a resumed run decides alike
-    h = OveroptimizationGuard(kl_budget=None, patience=3, select_z=1.0)
+    h = OveroptimizationGuard(kl_budget=None, patience=3, select_z=1.0, prefer="least_kl")
     h.load_state_dict(json.loads(json.dumps(g.state_dict())))
     assert h.points == g.points and h.kept == g.kept
+
+
+def test_latest_keeps_the_last_checkpoint_the_held_out_score_does_not_measurably_reject() -> None:
+    # the plateau of the one-SE test: 0.45 (KL 1), 0.50 (the best, KL 2), 0.48 (KL 3), SE 0.1,
+    # so the band is >= 0.50 - hypot(0.1, 0.1) = 0.359. All three are in it: "latest" keeps
+    # step 15 where "least_kl" keeps step 5. Step 20 (0.30) falls out of the band: it is
+    # neither saved nor kept, and step 15 stays the kept one
+    pts = [pt(0, 0, 0.0, 0.0), pt(5, 1, 0.45, 1.0), pt(10, 2, 0.50, 2.0), pt(15, 3, 0.48, 3.0),
+           pt(20, 4, 0.30, 4.0)]
+    g = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0)
+    assert g.prefer == "latest"   # the default
+    assert [g.update(p).keep for p in pts] == [False, True, True, True, False]
+    assert g.best is not None and g.best.step == 10
+    assert g.kept is not None and g.kept.step == 15
+    s = g.summary()
+    assert (s["guard/kept_step"], s["guard/best_step"], s["guard/kl_kept"]) == (15.0, 10.0, 3.0)
+    assert s["guard/heldout_gain"] == pytest.approx(0.48)
+    least = OveroptimizationGuard(kl_budget=None, patience=0, select_z=1.0, prefer="least_kl")
+    for p in pts:
+        least.update(p)
+    assert least.kept is not None and least.kept.step == 5
+    # the band and the budget bound "latest" too: step 15 over a 2.5-nat budget is not kept
+    b = OveroptimizationGuard(kl_budget=2.5, patience=0, select_z=1.0)
+    for p in pts:
+        b.update(p)
+    assert b.kept is not None and b.kept.step == 10
+    # select_z 0: the band is the best alone, whatever the rule
+    z0 = OveroptimizationGuard(kl_budget=None, patience=0, select_z=0.0)
+    for p in pts:
+        z0.update(p)
+    assert z0.kept is not None and z0.kept.step == 10
+    with pytest.raises(ValueError, match="prefer must be one of"):
+        OveroptimizationGuard(kl_budget=None, patience=0, prefer="newest")  # type: ignore[arg-type]

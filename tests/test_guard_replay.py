@@ -33,20 +33,25 @@ def test_points_and_kept_steps_by_hand(tmp_path: Path) -> None:
     assert points[2].heldout == pytest.approx(0.5) and points[2].heldout_se == pytest.approx(0.1)
     assert points[1].kl == 1.0 and points[1].kl_se == 0.0 and points[2].proxy == 10.0
     assert kept_step(points, 0.0, patience=3, stop_z=1.0, kl_budget=None) == 10
-    # 0.45 is within one SE of the paired difference (0.2) of 0.50, at a KL lower by 1 (SE 0)
-    assert kept_step(points, 1.0, patience=3, stop_z=1.0, kl_budget=None) == 5
+    # 0.45 is within one SE of the paired difference (0.2) of 0.50, at a KL lower by 1 (SE 0):
+    # the one-SE rule keeps it; the latest of the band is the best itself
+    assert kept_step(points, 1.0, patience=3, stop_z=1.0, kl_budget=None, prefer="least_kl") == 5
+    assert kept_step(points, 1.0, patience=3, stop_z=1.0, kl_budget=None) == 10
     # a 0.5-nat budget rules out every trained checkpoint: the last one is shipped, as train() does
     assert kept_step(points, 1.0, patience=0, stop_z=1.0, kl_budget=0.5) == 10
 
 
 def test_main_prints_each_rule_and_the_paired_difference(tmp_path: Path, capsys) -> None:
     run = write_run(tmp_path / "guard_samples.jsonl")
-    assert main(["--z", "0,1", f"test_guard_replay:words={run}"]) == 0
+    assert main(["--z", "0,1k,1", f"test_guard_replay:words={run}"]) == 0
     out = capsys.readouterr().out
-    # z=0 keeps step 10: p0 ties (1 vs 1 word), p1 wins (3 vs 1) -> 0.75; z=1 keeps step 5: both win
+    # z=0 keeps step 10: p0 ties (1 vs 1 word), p1 wins (3 vs 1) -> 0.75; z=1 least-KL keeps
+    # step 5: both win; z=1 latest keeps step 10, the band's last
     assert "z=0: step  10 gold   2.00 win 0.750 KL  2.00" in out
-    assert "z=1: step   5 gold   2.00 win 1.000 KL  1.00" in out
-    assert "z=1: win rate over the reference +0.2500" in out and "KL -1.00" in out
+    assert "z=1 least-KL: step   5 gold   2.00 win 1.000 KL  1.00" in out
+    assert "z=1: step  10 gold   2.00 win 0.750 KL  2.00" in out
+    assert "z=1 least-KL: win rate over the reference +0.2500" in out and "KL -1.00" in out
+    assert "z=1: win rate over the reference +0.0000" in out
 
 
 def test_main_replays_each_kl_budget(tmp_path: Path, capsys) -> None:
@@ -91,17 +96,21 @@ def test_paired_and_unpaired_rules_differ_where_the_prompts_spread_is_shared(tmp
     path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "a " * (1 + s // 5), "step": s,
                                         "proxy": float(s), "heldout": h, "kl": kl[s]}) + "\n"
                             for s, hs in held.items() for i, h in enumerate(hs)))
-    assert main(["--z", "1u,1", f"test_guard_replay:words={path}"]) == 0
+    assert main(["--z", "1ku,1k", f"test_guard_replay:words={path}"]) == 0
     out = capsys.readouterr().out
     # as independent means (SE ~0.9) step 5 is in the band at half the KL; paired (SE 0.04) it is not
-    assert "z=1 unpaired: step   5" in out and "z=1: step  10" in out
-    assert "z=1: win rate over the reference +0.0000" in out     # both beat step 0's one word on every prompt
+    assert "z=1 least-KL unpaired: step   5" in out and "z=1 least-KL: step  10" in out
+    assert "z=1 least-KL: win rate over the reference +0.0000" in out  # both beat step 0's one word on every prompt
 
 
 def test_rule_tokens() -> None:
     from bench.guard_replay import name, parse_z
-    assert parse_z("1", 5.0) == (1.0, 5.0, True) and parse_z(" 1U ", None) == (1.0, None, False)
+    assert parse_z("1", 5.0) == (1.0, 5.0, True, "latest") and parse_z(" 1U ", None) == (1.0, None, False, "latest")
+    assert parse_z("1k", None) == (1.0, None, True, "least_kl") == parse_z("1K", None)
+    assert parse_z("2uk", None) == (2.0, None, False, "least_kl")
     assert name(*parse_z("0.5u", 4.0)) == "z=0.5 unpaired,kl<=4"
-    for bad in ("inf", "nan", "-1"):
+    assert name(*parse_z("0.5ku", 4.0)) == "z=0.5 least-KL unpaired,kl<=4"
+    assert name(*parse_z("0k", None)) == "z=0"    # one checkpoint in the band: no rule to name
+    for bad in ("inf", "nan", "-1", "1kk", "k", "1x"):
         with pytest.raises(SystemExit):
             parse_z(bad, None)

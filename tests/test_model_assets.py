@@ -68,7 +68,8 @@ TYPED_VALUES = {
     "ppo": {"steps": 3, "learning_rate": 2e-5, "max_seconds": 30.0, "seed": 5, "zero_stage": 2, "lora_rank": 8,
             "kl_coef": 0.0, "kl_target": 6.0, "response_length": 16, "temperature": 1.0,
             "rollout_batch_size": 8, "ppo_epochs": 2, "guard_every": 3, "guard_prompts": 16,
-            "guard_kl_budget": 10.0, "guard_select_z": 0.5, "kl_ceiling": 0.0, "kl_ceiling_headroom": 1.5},
+            "guard_kl_budget": 10.0, "guard_select_z": 0.5, "guard_select": "least_kl", "kl_ceiling": 0.0,
+            "kl_ceiling_headroom": 1.5},
 }
 
 
@@ -430,7 +431,10 @@ def test_kept_metadata_says_when_the_guard_kept_a_step_other_than_the_best() -> 
     assert meta["kept_step"] == 25 and meta["trained_steps"] == 60
     assert meta["selected_on"] == ("held-out reward model score on held-out prompts (gain +1.500 +- 0.100 over "
                                    "SFT, at 6.25 nats/response KL; the best score was at step 45, the kept one "
-                                   "scores within guard_select_z standard errors of it at measurably lower KL)")
+                                   "is within guard_select_z standard errors of it at measurably lower KL)")
+    later = _kept_metadata({**summary, "guard/best_step": 15.0})["selected_on"]   # guard_select "latest"
+    assert later.endswith("the best score was at step 15, the kept one is the last within guard_select_z "
+                          "standard errors of it)")
     assert "best score" not in _kept_metadata({**summary, "guard/best_step": 25.0})["selected_on"]
     assert "kl_budget" not in meta
     budget = _kept_metadata({**summary, "guard/kl_budget": 5.0, "objective/kl_coef": 0.0712})["kl_budget"]

@@ -393,14 +393,16 @@ def test_torchrun_two_ranks(tiny_run, tmp_path, stage):
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("heldout, se, kl, kept", [
+@pytest.mark.parametrize("heldout, se, kl, select, kept", [
     # a clear peak at step 2 (SE 0.01): the best-scoring checkpoint is kept
-    ({0: 0.0, 1: 0.2, 2: 0.5, 3: 0.1, 4: 0.0}, 0.01, None, 2),
+    ({0: 0.0, 1: 0.2, 2: 0.5, 3: 0.1, 4: 0.0}, 0.01, None, "latest", 2),
     # step 1 scores 0.4, within one SE (0.2) of step 2's 0.5, at half its KL: the
-    # one-standard-error rule keeps step 1
-    ({0: 0.0, 1: 0.4, 2: 0.5, 3: 0.1, 4: 0.0}, 0.2, {0: 0.0, 1: 0.5, 2: 1.0, 3: 1.5, 4: 2.0}, 1),
+    # one-standard-error rule keeps step 1; the band's latest is step 2 itself
+    ({0: 0.0, 1: 0.4, 2: 0.5, 3: 0.1, 4: 0.0}, 0.2, {0: 0.0, 1: 0.5, 2: 1.0, 3: 1.5, 4: 2.0}, "least_kl", 1),
+    ({0: 0.0, 1: 0.4, 2: 0.5, 3: 0.1, 4: 0.0}, 0.2, {0: 0.0, 1: 0.5, 2: 1.0, 3: 1.5, 4: 2.0}, "latest", 2),
 ])
-def test_guard_keeps_the_heldout_selected_checkpoint(tiny_run, tmp_path, monkeypatch, heldout, se, kl, kept):
+def test_guard_keeps_the_heldout_selected_checkpoint(tiny_run, tmp_path, monkeypatch, heldout, se, kl, select,
+                                                     kept):
     """The guard's real evaluation runs (samples, KL, both reward models); its held-out means
     (and, in the second case, KLs) are then replaced by a scripted curve, so the kept checkpoint
     is known: final/ must hold exactly the weights of a plain run of that many steps (constant
@@ -424,7 +426,8 @@ def test_guard_keeps_the_heldout_selected_checkpoint(tiny_run, tmp_path, monkeyp
     over = dict(lr_scheduler="constant", eval_file=tiny_run["eval_file"], guard_prompts=8)
     rec = Recorder()
     guarded = train(small_cfg(tiny_run, tmp_path / "g", num_steps=6, guard_every=1, guard_patience=2,
-                              guard_reward_model_path=tiny_run["reward_model_path"], **over), [rec])
+                              guard_select=select, guard_reward_model_path=tiny_run["reward_model_path"],
+                              **over), [rec])
     assert guarded["step"] == 4 and guarded["kept_step"] == kept
     assert guarded["stopped_reason"] in ("overoptimization", "decline")
     assert guarded["guard/kept_step"] == kept and guarded["guard/best_step"] == 2
