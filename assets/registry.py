@@ -276,10 +276,15 @@ def registered_policy(
             "eval_set": tags[EVAL_SET_TAG],
             "mlflow_run": dg.MetadataValue.url(url),
             "mlflow_model_id": version_model_id(version) or "none",
-            "reward_model_version": ", ".join(manifest.get("reward_model_versions") or
-                                              [manifest["reward_model_version"] or "not registered"]),
+            "reward_model_version": reward_versions_text(manifest),
         },
     )
+
+
+def reward_versions_text(manifest: Mapping[str, Any]) -> str:
+    """The registered reward model versions a policy was trained against, for the asset metadata."""
+    versions = manifest.get("reward_model_versions") or [manifest.get("reward_model_version")]
+    return ", ".join(str(v) for v in versions if v is not None) or "not registered"
 
 
 REGISTRY_ASSETS = [registered_policy]

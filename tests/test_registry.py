@@ -345,5 +345,10 @@ def test_each_member_of_a_reward_ensemble_is_registered_once(store: dict, tmp_pa
     assert version_model_id(one) == single["mlflow_model_id"] and "ensemble_member" not in one.tags
     assert reward_lineage([one]) == {"reward_model.version": str(one.version)}
     assert reward_lineage([]) == {}
+    # the registry asset's metadata line (MLflow returns versions as numbers or strings)
+    from assets.registry import reward_versions_text
+    assert reward_versions_text({"reward_model_version": 3, "reward_model_versions": [3, 4]}) == "3, 4"
+    assert reward_versions_text({"reward_model_version": "7"}) == "7"
+    assert reward_versions_text({"reward_model_version": None}) == "not registered"
     with pytest.raises(FileNotFoundError, match="missing"):
         register_reward_models(client, resource, name, run_id, {"model_path": str(tmp_path / "missing")}, match, match)
