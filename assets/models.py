@@ -63,7 +63,7 @@ BUILT_SIZES = ("auto", "tiny", "small")
 BASE_MODEL_VERSION = "3"
 SFT_MODEL_VERSION = "2"
 REWARD_MODEL_VERSION = "5"  # reward_model and heldout_reward_model (same engine)
-PPO_POLICY_VERSION = "4"
+PPO_POLICY_VERSION = "5"
 
 
 # ---------------------------------------------------------------- configs an operator changes
@@ -654,10 +654,11 @@ def _kept_metadata(summary: dict[str, Any]) -> dict[str, Any]:
         out["selected_on"] = f"{summary['best_metric_name']} on the eval split (best {summary['best_metric']:.4g})"
     elif "guard/kept_step" in summary:
         best = summary.get("guard/best_step", summary["guard/kept_step"])
+        # summaries from before guard_select existed were written under the least-KL rule
+        latest = summary.get("guard_select", "least_kl") == "latest"
         rule = ("" if best == summary["guard/kept_step"] else
                 f"; the best score was at step {int(best)}, the kept one is "
-                + ("the last within guard_select_z standard errors of it"
-                   if best < summary["guard/kept_step"] else
+                + ("the last within guard_select_z standard errors of it" if latest else
                    "within guard_select_z standard errors of it at measurably lower KL"))
         out["selected_on"] = ("held-out reward model score on held-out prompts "
                               f"(gain {summary['guard/heldout_gain']:+.3f} +- {summary['guard/heldout_gain_se']:.3f} "

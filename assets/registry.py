@@ -173,13 +173,17 @@ def register_reward_models(client: Any, mlflow: MLflowResource, name: str, run_i
     paths = [paths] if isinstance(paths, str) else paths
     versions = []
     for i, path in enumerate(paths):
-        _model_path({"model_path": path}, "reward_model")
         member = {} if len(paths) == 1 else {"ensemble_member": f"{i + 1}/{len(paths)}"}
         version = registered_with(client, name, {**match, "source_dir": path})
         if version is None:
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"reward model {path!r} (what PPO optimised) is missing; "
+                                        "re-materialize the reward model")
             uri = registrable_model_uri(mlflow, run_id, None if member else reward_model.get("mlflow_model_id"), path,
                                         f"reward_model_{i + 1}" if member else "reward_model", "text-classification")
-            version = register_version(client, name, uri, run_id, {**tags, **member, "source_dir": path})
+            # 'challenger' names one version: the first member, whose weights the critic started from
+            version = register_version(client, name, uri, run_id, {**tags, **member, "source_dir": path},
+                                       alias=CHALLENGER if i == 0 else None)
         versions.append(version)
     return versions
 

@@ -108,7 +108,7 @@ def name(select_z: float, kl_budget: float | None, paired: bool = True, prefer: 
         return "last step"
     if select_z == float("inf"):
         return "best gold (oracle)" + ("" if kl_budget is None else f",kl<={kl_budget:g}")
-    return (f"z={select_z:g}" + (" least-KL" if prefer == "least_kl" and select_z > 0 else "")
+    return (f"z={select_z:g}" + (" least-KL" if prefer == "least_kl" else "")
             + ("" if paired else " unpaired") + ("" if kl_budget is None else f",kl<={kl_budget:g}"))
 
 

@@ -1250,6 +1250,9 @@ class PPOTrainer:
                 raise ConfigError(f"{str(path)!r} was trained against the reward ensemble {saved}; "
                                   f"this run has {list(reward_model_paths(self.cfg))}")
             self.reward.load_state_dict(extra["reward_ensemble"])
+        elif extra.get("reward_ensemble"):
+            raise ConfigError(f"{str(path)!r} was trained against a reward ensemble; resume it with the "
+                              "reward_model_path list it was trained with")
         if extra.get("guard") is not None:
             self.guard.load_state_dict(extra["guard"])
             if extra.get("guard_samples_key") != self.guard_samples_key():
@@ -1463,6 +1466,7 @@ def train(cfg: PPOConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
                                "output_dir": str(Path(cfg.output_dir)), "final_dir": str(final)}
     if guarded:
         summary["guard_samples_file"] = str(samples_file)
+        summary["guard_select"] = cfg.guard_select
     if trainer.normalizer is not None:
         summary.update({"reward_norm/mean": trainer.normalizer.mean,
                         "reward_norm/std": trainer.normalizer.std})

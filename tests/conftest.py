@@ -85,31 +85,40 @@ def _dagster_contexts_are_closed() -> Iterator[None]:
     current when it was entered, whose instance is gone by then, and the next Definitions
     load in this process fails with "Attempted to resolve undefined DagsterInstance weakref",
     in whichever test happens to be running. So every entry made during a test must be exited
-    by its end: use ``with dg.build_sensor_context(...) as context:``."""
+    by its end: use ``with dg.build_sensor_context(...) as context:``. A failing test's
+    entries are exited here, last first, so the leak cannot surface in a later test."""
     from dagster._core.storage.defs_state import base
 
     enter = base.set_defs_state_storage
-    open_entries: set[object] = set()
+    open_entries: list[Tracked] = []
 
-    @contextmanager
-    def tracked(storage):
-        entry = object()
-        open_entries.add(entry)
-        try:
-            with enter(storage):
-                yield
-        finally:
-            open_entries.discard(entry)
+    class Tracked:
+        """``set_defs_state_storage(storage)``, exited at most once (here or by its owner)."""
+
+        def __init__(self, storage: object) -> None:
+            self.inner = enter(storage)
+
+        def __enter__(self) -> None:
+            self.inner.__enter__()
+            open_entries.append(self)
+
+        def __exit__(self, *exc: object) -> None:
+            if self in open_entries:
+                open_entries.remove(self)
+                self.inner.__exit__(*exc)
 
     token = base._current_storage.set(base._current_storage.get())
-    base.set_defs_state_storage = tracked  # DagsterInstance.__enter__ imports it at each call
+    base.set_defs_state_storage = Tracked  # DagsterInstance.__enter__ imports it at each call
     try:
         yield
     finally:
         base.set_defs_state_storage = enter
+        leaked = len(open_entries)
+        for entry in reversed(list(open_entries)):
+            entry.__exit__(None, None, None)
         base._current_storage.reset(token)
-    assert not open_entries, (f"{len(open_entries)} Dagster instance(s) entered and never exited: "
-                              "build the context with `with dg.build_..._context(...) as context:`")
+    assert not leaked, (f"{leaked} Dagster instance(s) entered and never exited: "
+                        "build the context with `with dg.build_..._context(...) as context:`")
 
 
 @contextmanager

@@ -110,7 +110,7 @@ def test_rule_tokens() -> None:
     assert parse_z("2uk", None) == (2.0, None, False, "least_kl")
     assert name(*parse_z("0.5u", 4.0)) == "z=0.5 unpaired,kl<=4"
     assert name(*parse_z("0.5ku", 4.0)) == "z=0.5 least-KL unpaired,kl<=4"
-    assert name(*parse_z("0k", None)) == "z=0"    # one checkpoint in the band: no rule to name
+    assert name(*parse_z("0k", None)) == "z=0 least-KL" and name(*parse_z("0", None)) == "z=0"
     for bad in ("inf", "nan", "-1", "1kk", "k", "1x"):
         with pytest.raises(SystemExit):
             parse_z(bad, None)

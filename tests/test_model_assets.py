@@ -432,7 +432,7 @@ def test_kept_metadata_says_when_the_guard_kept_a_step_other_than_the_best() -> 
     assert meta["selected_on"] == ("held-out reward model score on held-out prompts (gain +1.500 +- 0.100 over "
                                    "SFT, at 6.25 nats/response KL; the best score was at step 45, the kept one "
                                    "is within guard_select_z standard errors of it at measurably lower KL)")
-    later = _kept_metadata({**summary, "guard/best_step": 15.0})["selected_on"]   # guard_select "latest"
+    later = _kept_metadata({**summary, "guard/best_step": 15.0, "guard_select": "latest"})["selected_on"]
     assert later.endswith("the best score was at step 15, the kept one is the last within guard_select_z "
                           "standard errors of it)")
     assert "best score" not in _kept_metadata({**summary, "guard/best_step": 25.0})["selected_on"]

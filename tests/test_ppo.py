@@ -515,7 +515,10 @@ def test_an_ensemble_run_resumes_with_its_member_statistics(tiny_run, tmp_path):
         train(small_cfg(tiny_run, tmp_path / "c", **{**over, "reward_model_path": rms[0]}), [StopAt(2)])
     with pytest.raises(ConfigError, match="without a reward ensemble"):
         train(small_cfg(tiny_run, tmp_path / "c", resume_from="latest", **over), [Recorder()])
-    # and one trained against these members in this order resumes only with them
+    # and one trained against these members in this order resumes only with them, and only as an ensemble
+    with pytest.raises(ConfigError, match="trained against a reward ensemble"):
+        train(small_cfg(tiny_run, tmp_path / "b", resume_from="latest",
+                        **{**over, "reward_model_path": rms[0]}), [Recorder()])
     with pytest.raises(ConfigError, match="trained against the reward ensemble"):
         train(small_cfg(tiny_run, tmp_path / "b", resume_from="latest",
                         **{**over, "reward_model_path": rms[::-1]}), [Recorder()])

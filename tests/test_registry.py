@@ -333,6 +333,8 @@ def test_each_member_of_a_reward_ensemble_is_registered_once(store: dict, tmp_pa
     first = register_reward_models(client, resource, name, run_id, manifest, match, {**match, "k": "v"})
     assert [v.tags["source_dir"] for v in first] == members
     assert [v.tags["ensemble_member"] for v in first] == ["1/2", "2/2"]
+    # 'challenger' names the first member (the critic's start), not whichever was registered last
+    assert str(client.get_registered_model(name).aliases["challenger"]) == str(first[0].version)
     assert {client.get_logged_model(version_model_id(v)).source_run_id for v in first} == {run_id}
     assert reward_lineage(first) == {"reward_model.version": str(first[0].version),
                                      "reward_model.versions": f"{first[0].version},{first[1].version}"}
