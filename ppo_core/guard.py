@@ -23,11 +23,11 @@ gold kept rising; BENCHMARKS.md). :class:`OveroptimizationGuard` then
 
   - ``"latest"``: the last one. The held-out model is a weak judge (it learned from a
     smaller, disjoint share of the pairs), so a score inside the band says only that PPO's
-    later steps are not measurably worse; the checkpoint is given up only for a measurable decline, the same
-    evidence the stop rule asks for. Replayed on 67 recorded runs of six tasks, it won 0.020
-    +- 0.006 more gold win rate than ``"least_kl"`` (0.056 +- 0.018 on ``facts``, whose held-out model
-    agrees with gold about 0.7 of the time), at 0.21 +- 0.05 nats more KL (BENCHMARKS.md, "The
-    guard's band");
+    later steps are not measurably worse; a checkpoint is given up only for a measurable
+    decline, the same evidence the stop rule asks for. Replayed on 67 recorded runs of six
+    tasks, it won 0.020 +- 0.006 more gold win rate than ``"least_kl"`` (0.056 +- 0.018 on
+    ``facts``, whose held-out model agrees with gold about 0.7 of the time), at 0.21 +- 0.05
+    nats more KL (BENCHMARKS.md, "The guard's band");
   - ``"least_kl"``: the one with the *least KL*, provided its KL is lower than the best's by
     more than ``select_z`` standard errors of the difference: the one-standard-error rule of
     model selection (Breiman et al. 1984, "Classification and Regression Trees", sec. 3.4.3;
