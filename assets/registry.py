@@ -167,10 +167,10 @@ def register_reward_models(client: Any, mlflow: MLflowResource, name: str, run_i
     ensemble (``member_paths``, the order PPO averaged them in). A member an earlier attempt
     registered with ``match`` is taken back. The reward model's LoggedModel is its ``final/``,
     so an ensemble's members are logged into ``run_id`` first."""
+    from assets.evaluation import as_dirs
     from assets.models import reward_model_paths
 
-    paths = reward_model_paths(reward_model)
-    paths = [paths] if isinstance(paths, str) else paths
+    paths = as_dirs(reward_model_paths(reward_model))
     versions = []
     for i, path in enumerate(paths):
         member = {} if len(paths) == 1 else {"ensemble_member": f"{i + 1}/{len(paths)}"}

@@ -51,11 +51,11 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 
 SelectRule = Literal["latest", "least_kl"]
-SELECT_RULES: tuple[str, ...] = ("latest", "least_kl")
+SELECT_RULES: tuple[str, ...] = get_args(SelectRule)
 
 
 @dataclass(frozen=True)

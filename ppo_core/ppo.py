@@ -433,7 +433,11 @@ def _validate(cfg: PPOConfig) -> list[str]:
 
 def reward_model_paths(cfg: PPOConfig) -> tuple[str, ...]:
     """``reward_model_path`` as a tuple: () with a reward function, one path, or the ensemble's."""
-    value = cfg.reward_model_path
+    return as_paths(cfg.reward_model_path)
+
+
+def as_paths(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A ``reward_model_path`` value (also one read back from a checkpoint's config) as a tuple."""
     return () if value is None else (value,) if isinstance(value, str) else tuple(value)
 
 
@@ -1243,12 +1247,12 @@ class PPOTrainer:
             if not extra.get("reward_ensemble"):
                 raise ConfigError(f"{str(path)!r} was saved without a reward ensemble; resume it with "
                                   "the reward_model_path it was trained with")
-            raw = (state.get("config") or {}).get("reward_model_path")
-            saved = [str(Path(p).resolve()) for p in ([raw] if isinstance(raw, str) else raw or [])]
-            if saved and saved != [str(Path(p).resolve()) for p in reward_model_paths(self.cfg)]:
+            saved = [str(Path(p).resolve()) for p in as_paths((state.get("config") or {}).get("reward_model_path"))]
+            members = reward_model_paths(self.cfg)
+            if saved and saved != [str(Path(p).resolve()) for p in members]:
                 # each member's mean and std belong to that model, in that order
                 raise ConfigError(f"{str(path)!r} was trained against the reward ensemble {saved}; "
-                                  f"this run has {list(reward_model_paths(self.cfg))}")
+                                  f"this run has {list(members)}")
             self.reward.load_state_dict(extra["reward_ensemble"])
         elif extra.get("reward_ensemble"):
             raise ConfigError(f"{str(path)!r} was trained against a reward ensemble; resume it with the "
