@@ -60,6 +60,9 @@ p.add_argument("--trunk-lr-mult", type=float, default=1.0,
                help="the trunk's LR is this times --lr (the score head keeps --lr); 0 freezes the trunk")
 p.add_argument("--ema", type=float, default=0.0, help="also report the agreement of an EMA of the weights (decay)")
 p.add_argument("--save", default="", help="save the final reward model here (save_pretrained)")
+p.add_argument("--bs", type=int, default=32, help="pairs per optimizer step")
+p.add_argument("--smooth", type=float, default=0.0,
+               help="label smoothing: (1 - s) x the loss on the label + s x the loss on the reverse order")
 p.add_argument("--dump", default="", help="write the test pairs' scores (final and at the best eval loss) here, .pt")
 args = p.parse_args()
 torch.set_num_threads(1)
@@ -185,7 +188,7 @@ def agreement(c, r):
     return ok / n
 
 
-bs = 32
+bs = args.bs
 steps_per_epoch = len(tr) // bs
 total = int(steps_per_epoch * args.epochs)
 head_ids = {id(q) for q in head.parameters()}
@@ -206,6 +209,8 @@ for ep in range(math.ceil(args.epochs)):
         batch = [tr[i] for i in perm[k * bs:(k + 1) * bs]]
         c, r = scores(batch)
         loss = bradley_terry_loss(c, r, center_coef=args.center).mean()   # the engine's own loss
+        if args.smooth:
+            loss = (1 - args.smooth) * loss + args.smooth * bradley_terry_loss(r, c, center_coef=args.center).mean()
         if args.lm_coef > 0:
             loss = loss + args.lm_coef * LM["loss"]
         opt.zero_grad(); loss.backward()
@@ -234,7 +239,7 @@ if EMA:
     model.load_state_dict(EMA)
     ema_scores = evaluate(ted)
     ema_agree = agreement(*ema_scores)
-print(json.dumps({"center": args.center, "ema": args.ema, "ema_final": ema_agree, "lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "repeat": args.repeat, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed,
+print(json.dumps({"center": args.center, "ema": args.ema, "ema_final": ema_agree, "lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "repeat": args.repeat, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed, "bs": args.bs, "smooth": args.smooth,
                   "best_step": best[1][0], "gold_agree_at_best": best[1][1], "final": hist[-1][3]}))
 if args.dump:  # bench/rm_ensemble.py averages several probes' dumps
     torch.save({"best": best_scores, "final": last_scores, "ema": ema_scores if EMA else None, "gold": (g_c, g_r)}, args.dump)

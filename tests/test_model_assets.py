@@ -651,3 +651,46 @@ def test_ppo_scores_with_every_member_of_a_reward_model_with_candidates(tmp_path
     assert set(inputs["models"]) == {"reward_model_path[0]", "reward_model_path[1]"}
     (tmp_path / "b" / "config.json").write_text('{"name": "changed"}')
     assert stage_inputs(cfg, "dv1", {"reward_model_path": members})["models"] != inputs["models"]
+
+
+@pytest.fixture(scope="module")
+def ensemble_lineage(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny graph with a two-member reward model ([0.5, 0] mismatched negatives), registered."""
+    from assets.registry import REGISTRY_ASSETS
+
+    home = tmp_path_factory.mktemp("rlhf_home_ensemble")
+    (home / "dagster_home").mkdir()
+    run_config = tiny_run_config()
+    run_config["ops"]["reward_model"]["config"]["mismatched_negatives"] = [0.5, 0.0]
+    with env_vars(RLHF_HOME=str(home), DAGSTER_HOME=str(home / "dagster_home")), \
+            dg.instance_for_test(temp_dir=str(home / "dagster_home")) as instance:
+        resources = local_resources(home)
+        result = dg.materialize(lineage_assets(), instance=instance, resources=resources,
+                                run_config=run_config, raise_on_error=False)
+        registry = dg.materialize([*lineage_assets(), *REGISTRY_ASSETS], instance=instance,
+                                  resources=resources, selection=["registered_policy"])
+        assert registry.success
+        yield {"result": result, "home": home, "resources": resources}
+
+
+def test_an_ensemble_reward_model_runs_through_ppo_evaluation_and_the_registry(ensemble_lineage: dict) -> None:
+    """Every member is what PPO optimised, what the report scored with and what got registered."""
+    result, home = ensemble_lineage["result"], ensemble_lineage["home"]
+    failed = {e.step_key for e in result.all_events if e.is_step_failure}
+    assert failed <= {"evaluation_report_ppo_beats_sft"}, failed
+    members = json.loads((home / "manifests" / "reward_model.json").read_text())["member_paths"]
+    assert [Path(m).parent.name for m in members] == ["mismatched_0.5", "mismatched_0"]
+    ppo = json.loads((home / "manifests" / "ppo_policy.json").read_text())
+    assert ppo["reward_ensemble"]["paths"] == members  # PPO optimised both, in this order
+    client = ensemble_lineage["resources"]["mlflow"].client()
+    evaluation = client.get_run(_meta(result, "evaluation_report")["mlflow_run_id"])
+    assert all(m in evaluation.data.params["reward_model"] for m in members)
+    manifest = json.loads((home / "manifests" / "registered_policy.json").read_text())
+    versions = [client.get_model_version(manifest["reward_model_name"], v) for v in manifest["reward_model_versions"]]
+    assert [v.tags["source_dir"] for v in versions] == members
+    assert [v.tags["ensemble_member"] for v in versions] == ["1/2", "2/2"]
+    assert str(manifest["reward_model_version"]) == str(versions[0].version)
+    rm_aliases = client.get_registered_model(manifest["reward_model_name"]).aliases
+    assert str(rm_aliases["challenger"]) == str(versions[0].version)
+    policy = client.get_model_version(manifest["model_name"], manifest["version"])
+    assert policy.tags["reward_model.versions"] == ",".join(str(v.version) for v in versions)
