@@ -160,6 +160,10 @@ class RewardStageConfig(SupervisedStageConfig):
         default=None, description="Reward-centering loss weight on (r_chosen + r_rejected)^2, which keeps "
         "each prompt's score offset near 0 so PPO is not fed per-prompt noise; None keeps the engine "
         "default (0.01), 0 turns it off.")
+    label_smoothing: Optional[float] = Field(
+        default=None, description="Weight of the reversed label in the loss, for noisy preferences (each "
+        "pair counts as 'chosen wins' with probability 1 - this); None keeps the engine default, 0 is the "
+        "plain Bradley-Terry loss.")
 
 
 class RewardModelConfig(RewardStageConfig):
@@ -224,7 +228,8 @@ _SUPERVISED = {**_COMMON, "steps": "max_steps", "seed": "strategy.seed", "max_se
                "max_length": "max_length"}
 FIELD_MAP: dict[str, dict[str, str]] = {
     "sft": _SUPERVISED,
-    "reward": {**_SUPERVISED, "mismatched_negatives": "mismatched_negatives", "center_coef": "center_coef"},
+    "reward": {**_SUPERVISED, "mismatched_negatives": "mismatched_negatives", "center_coef": "center_coef",
+               "label_smoothing": "label_smoothing"},
     "ppo": {**_COMMON, "steps": "num_steps", "seed": "seed", "max_seconds": "max_seconds",
             "kl_coef": "kl_coef", "kl_target": "kl_target", "kl_ceiling": "kl_ceiling",
             "kl_ceiling_headroom": "kl_ceiling_headroom", "response_length": "response_length",

@@ -12,8 +12,10 @@ response instead of the last token), ``--lm-coef`` (an LM loss on the chosen res
 ``--partner similar`` from ``bench.hard_negatives``), ``--center C``
 (the engine's centering loss, ``RewardConfig.center_coef``), ``--ema D`` (also the agreement of
 an exponential moving average of the weights), ``--init-seed S`` (the new head's init seed,
-apart from the data order's), ``--save DIR`` (the final model, save_pretrained) and ``--dump F``
-(the test pairs' scores, for ``bench/rm_ensemble.py``).
+apart from the data order's), ``--bs N`` (pairs per step), ``--smooth E`` (label smoothing,
+``RewardConfig.label_smoothing``; ``--smooth-on mismatched`` smooths the mismatched negatives
+only), ``--save DIR`` (the final model, save_pretrained) and ``--dump F`` (the test pairs'
+scores, for ``bench/rm_ensemble.py``).
 
     .venv/bin/python bench/rm_probe.py --home RLHF_HOME --task constraints [--pool sum]
 
@@ -62,7 +64,9 @@ p.add_argument("--ema", type=float, default=0.0, help="also report the agreement
 p.add_argument("--save", default="", help="save the final reward model here (save_pretrained)")
 p.add_argument("--bs", type=int, default=32, help="pairs per optimizer step")
 p.add_argument("--smooth", type=float, default=0.0,
-               help="label smoothing: (1 - s) x the loss on the label + s x the loss on the reverse order")
+               help="label smoothing (the engine's RewardConfig.label_smoothing)")
+p.add_argument("--smooth-on", choices=("all", "mismatched"), default="all",
+               help="which pairs --smooth applies to: all, or only the mismatched negatives")
 p.add_argument("--dump", default="", help="write the test pairs' scores (final and at the best eval loss) here, .pt")
 args = p.parse_args()
 torch.set_num_threads(1)
@@ -89,6 +93,7 @@ if args.gold_labels:
     r2 = [c if f else r for c, r, f in zip(train.chosen, train.rejected, flip)]
     train = train.assign(chosen=c2, rejected=r2)
 records = train[["prompt", "chosen", "rejected"]].to_dict("records")
+n_real = len(records)
 if args.repeat > 0:
     rep = repeated_segment_pairs(records, args.repeat, args.seed + 1)
     print("repeated-segment pairs added", len(rep), flush=True)
@@ -100,6 +105,7 @@ if args.mismatch > 0:  # the engine's own pairs (ppo_core.reward.mismatched_pair
         extra = mismatched_pairs(records, args.mismatch, args.seed)
     train = pd.concat([train, pd.DataFrame(extra)[["prompt", "chosen", "rejected"]]], ignore_index=True)
     print("mismatched pairs added", len(extra), flush=True)
+n_mismatched = len(train) - n_real
 if args.repeat > 0:
     train = pd.concat([train, pd.DataFrame(rep)[["prompt", "chosen", "rejected"]]], ignore_index=True)
 print("train pairs", len(train), flush=True)
@@ -206,11 +212,15 @@ for ep in range(math.ceil(args.epochs)):
     for k in range(steps_per_epoch):
         if step >= total:
             break
-        batch = [tr[i] for i in perm[k * bs:(k + 1) * bs]]
+        idx = perm[k * bs:(k + 1) * bs]
+        batch = [tr[i] for i in idx]
         c, r = scores(batch)
-        loss = bradley_terry_loss(c, r, center_coef=args.center).mean()   # the engine's own loss
-        if args.smooth:
-            loss = (1 - args.smooth) * loss + args.smooth * bradley_terry_loss(r, c, center_coef=args.center).mean()
+        if args.smooth_on == "all":
+            loss = bradley_terry_loss(c, r, center_coef=args.center, label_smoothing=args.smooth).mean()  # the engine's
+        else:  # smoothed on the mismatched pairs only (rows n_real .. n_real + n_mismatched of the table)
+            eps = torch.tensor([args.smooth if n_real <= i < n_real + n_mismatched else 0.0 for i in idx])
+            loss = ((1 - eps) * bradley_terry_loss(c, r, center_coef=args.center)
+                    + eps * bradley_terry_loss(r, c, center_coef=args.center)).mean()
         if args.lm_coef > 0:
             loss = loss + args.lm_coef * LM["loss"]
         opt.zero_grad(); loss.backward()
@@ -239,7 +249,7 @@ if EMA:
     model.load_state_dict(EMA)
     ema_scores = evaluate(ted)
     ema_agree = agreement(*ema_scores)
-print(json.dumps({"center": args.center, "ema": args.ema, "ema_final": ema_agree, "lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "repeat": args.repeat, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed, "bs": args.bs, "smooth": args.smooth,
+print(json.dumps({"center": args.center, "ema": args.ema, "ema_final": ema_agree, "lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "repeat": args.repeat, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed, "bs": args.bs, "smooth": args.smooth, "smooth_on": args.smooth_on,
                   "best_step": best[1][0], "gold_agree_at_best": best[1][1], "final": hist[-1][3]}))
 if args.dump:  # bench/rm_ensemble.py averages several probes' dumps
     torch.save({"best": best_scores, "final": last_scores, "ema": ema_scores if EMA else None, "gold": (g_c, g_r)}, args.dump)

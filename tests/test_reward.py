@@ -80,6 +80,11 @@ def test_bradley_terry_loss_matches_hand_computation() -> None:
     # Centering adds coef * (r_c + r_r)^2 = 0.5 * 9 on the first pair.
     centered = bradley_terry_loss(chosen, rejected, center_coef=0.5)
     torch.testing.assert_close(centered, expected + torch.tensor([4.5, 0.0]))
+    # Label smoothing 0.25: 3/4 of the loss on the label, 1/4 on the reverse, -log sigmoid(-1) =
+    # log(1 + e); a tie costs log 2 either way.
+    smoothed = bradley_terry_loss(chosen, rejected, label_smoothing=0.25)
+    torch.testing.assert_close(smoothed, torch.tensor(
+        [0.75 * math.log(1 + math.exp(-1)) + 0.25 * math.log(1 + math.e), math.log(2)]))
 
 
 def test_reward_smoke_run(tmp_path: Path, data_dir: Path, sft_model: Path) -> None:
@@ -283,6 +288,8 @@ def test_bad_configs_fail_before_training(tmp_path: Path, data_dir: Path, sft_mo
     assert not (tmp_path / "o" / "final").exists()
     with pytest.raises(ConfigError, match="center_coef"):
         RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", center_coef=-1.0)
+    with pytest.raises(ConfigError, match=r"label_smoothing=0.5 must be in \[0, 0.5\)"):
+        RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", label_smoothing=0.5)
 
 
 def test_missing_column_names_the_file(tmp_path: Path, data_dir: Path, sft_model: Path) -> None:
