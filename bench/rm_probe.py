@@ -13,8 +13,8 @@ response instead of the last token), ``--lm-coef`` (an LM loss on the chosen res
 (the engine's centering loss, ``RewardConfig.center_coef``), ``--ema D`` (also the agreement of
 an exponential moving average of the weights), ``--init-seed S`` (the new head's init seed,
 apart from the data order's), ``--bs N`` (pairs per step), ``--smooth E`` (label smoothing,
-``RewardConfig.label_smoothing``; ``--smooth-on mismatched`` smooths the mismatched negatives
-only), ``--save DIR`` (the final model, save_pretrained) and ``--dump F`` (the test pairs'
+``RewardConfig.label_smoothing``; ``--smooth-on real|mismatched`` smooths the labelled pairs or
+the mismatched negatives only), ``--save DIR`` (the final model, save_pretrained) and ``--dump F`` (the test pairs'
 scores, for ``bench/rm_ensemble.py``).
 
     .venv/bin/python bench/rm_probe.py --home RLHF_HOME --task constraints [--pool sum]
@@ -65,8 +65,9 @@ p.add_argument("--save", default="", help="save the final reward model here (sav
 p.add_argument("--bs", type=int, default=32, help="pairs per optimizer step")
 p.add_argument("--smooth", type=float, default=0.0,
                help="label smoothing (the engine's RewardConfig.label_smoothing)")
-p.add_argument("--smooth-on", choices=("all", "mismatched"), default="all",
-               help="which pairs --smooth applies to: all, or only the mismatched negatives")
+p.add_argument("--smooth-on", choices=("all", "real", "mismatched"), default="all",
+               help="which pairs --smooth applies to: all, the labelled ones (whose labels are noisy) or the "
+                    "mismatched negatives")
 p.add_argument("--dump", default="", help="write the test pairs' scores (final and at the best eval loss) here, .pt")
 args = p.parse_args()
 torch.set_num_threads(1)
@@ -217,8 +218,9 @@ for ep in range(math.ceil(args.epochs)):
         c, r = scores(batch)
         if args.smooth_on == "all":
             loss = bradley_terry_loss(c, r, center_coef=args.center, label_smoothing=args.smooth).mean()  # the engine's
-        else:  # smoothed on the mismatched pairs only (rows n_real .. n_real + n_mismatched of the table)
-            eps = torch.tensor([args.smooth if n_real <= i < n_real + n_mismatched else 0.0 for i in idx])
+        else:  # the table's rows: n_real labelled pairs, then n_mismatched mismatched ones, then repeats
+            picked = [i < n_real if args.smooth_on == "real" else n_real <= i < n_real + n_mismatched for i in idx]
+            eps = torch.tensor([args.smooth if p_ else 0.0 for p_ in picked])
             loss = ((1 - eps) * bradley_terry_loss(c, r, center_coef=args.center)
                     + eps * bradley_terry_loss(r, c, center_coef=args.center)).mean()
         if args.lm_coef > 0:

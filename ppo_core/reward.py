@@ -133,9 +133,10 @@ class RewardConfig:
     way; the gold gate refuses both) and -0.035 on bundled: +0.013 +- 0.024 on average."""
     label_smoothing: float = 0.0
     """The weight eps of the reversed label in the loss, for preferences that are noisy: each pair
-    counts as "chosen wins" with probability 1 - eps, so no margin is pushed past log((1 - eps) / eps)
-    (Mitchell 2023; TRL's DPO ``label_smoothing``); 0 is the plain Bradley-Terry loss. At 0.1 the
-    gold agreement rose on the noisiest suite task (facts, +0.034 +- 0.012 over 8 probes) and
+    counts as "chosen wins" with probability 1 - eps, so no pair's score gap is pushed past
+    margin + log((1 - eps) / eps) (Mitchell 2023; TRL's DPO ``label_smoothing``); 0 is the plain
+    Bradley-Terry loss. At 0.1 the probes' gold agreement rose on the noisiest suite task (facts,
+    +0.034 +- 0.016 over four lineages) and
     nowhere else (recipe -0.007), the 900-pair held-out model lost on every facts seed, and PPO's
     gold win rate moved by +0.011 +- 0.015 (six lineages, main model only), so the default is 0
     (BENCHMARKS.md, "Label smoothing")."""
