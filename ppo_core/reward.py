@@ -136,8 +136,8 @@ class RewardConfig:
     counts as "chosen wins" with probability 1 - eps, so no pair's score gap is pushed past
     margin + log((1 - eps) / eps) (Mitchell 2023; TRL's DPO ``label_smoothing``); 0 is the plain
     Bradley-Terry loss. At 0.1 the probes' gold agreement rose on the noisiest suite task (facts,
-    +0.034 +- 0.016 over four lineages) and
-    nowhere else (recipe -0.007), the 900-pair held-out model lost on every facts seed, and PPO's
+    +0.034 +- 0.016 over four lineages) and nowhere else (recipe -0.007), not at all with only
+    the labelled pairs smoothed, the 900-pair held-out model lost on every facts seed, and PPO's
     gold win rate moved by +0.011 +- 0.015 (six lineages, main model only), so the default is 0
     (BENCHMARKS.md, "Label smoothing")."""
     eval_steps: int = 0
