@@ -14,8 +14,8 @@ response instead of the last token), ``--lm-coef`` (an LM loss on the chosen res
 an exponential moving average of the weights), ``--init-seed S`` (the new head's init seed,
 apart from the data order's), ``--bs N`` (pairs per step), ``--smooth E`` (label smoothing,
 ``RewardConfig.label_smoothing``; ``--smooth-on real|mismatched`` smooths the labelled pairs or
-the mismatched negatives only), ``--save DIR`` (the final model, save_pretrained) and ``--dump F`` (the test pairs'
-scores, for ``bench/rm_ensemble.py``).
+the mismatched negatives only), ``--save DIR`` (the final model, save_pretrained) and ``--dump F``
+(the test pairs' scores, for ``bench/rm_ensemble.py``).
 
     .venv/bin/python bench/rm_probe.py --home RLHF_HOME --task constraints [--pool sum]
 
@@ -70,6 +70,8 @@ p.add_argument("--smooth-on", choices=("all", "real", "mismatched"), default="al
                     "mismatched negatives")
 p.add_argument("--dump", default="", help="write the test pairs' scores (final and at the best eval loss) here, .pt")
 args = p.parse_args()
+if args.smooth_on == "mismatched" and not args.mismatch > 0:
+    p.error("--smooth-on mismatched smooths the mismatched negatives: set --mismatch F > 0")
 torch.set_num_threads(1)
 home = Path(args.home)
 split = Path(glob.glob(str(home / "data/splits/*/manifest.json"))[0]).parent
@@ -216,13 +218,12 @@ for ep in range(math.ceil(args.epochs)):
         idx = perm[k * bs:(k + 1) * bs]
         batch = [tr[i] for i in idx]
         c, r = scores(batch)
-        if args.smooth_on == "all":
-            loss = bradley_terry_loss(c, r, center_coef=args.center, label_smoothing=args.smooth).mean()  # the engine's
-        else:  # the table's rows: n_real labelled pairs, then n_mismatched mismatched ones, then repeats
-            picked = [i < n_real if args.smooth_on == "real" else n_real <= i < n_real + n_mismatched for i in idx]
-            eps = torch.tensor([args.smooth if p_ else 0.0 for p_ in picked])
-            loss = ((1 - eps) * bradley_terry_loss(c, r, center_coef=args.center)
-                    + eps * bradley_terry_loss(r, c, center_coef=args.center)).mean()
+        # --smooth on the pairs --smooth-on picks; the table's rows are n_real labelled pairs, then
+        # n_mismatched mismatched ones, then repeats
+        picked = torch.tensor([args.smooth_on == "all" or (i < n_real if args.smooth_on == "real"
+                                                           else n_real <= i < n_real + n_mismatched) for i in idx])
+        loss = torch.cat([bradley_terry_loss(c[picked], r[picked], center_coef=args.center, label_smoothing=args.smooth),
+                          bradley_terry_loss(c[~picked], r[~picked], center_coef=args.center)]).mean()  # the engine's
         if args.lm_coef > 0:
             loss = loss + args.lm_coef * LM["loss"]
         opt.zero_grad(); loss.backward()
