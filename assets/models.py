@@ -164,6 +164,10 @@ class RewardStageConfig(SupervisedStageConfig):
         default=None, description="Weight of the reversed label in the loss, for noisy preferences (each "
         "pair counts as 'chosen wins' with probability 1 - this); None keeps the engine default, 0 is the "
         "plain Bradley-Terry loss.")
+    dropout: Optional[float] = Field(
+        default=None, description="Dropout while training, on the attention probabilities and on each "
+        "block's residual update (off in evaluation and in the saved model); None keeps the engine "
+        "default, 0 trains without.")
 
 
 class RewardModelConfig(RewardStageConfig):
@@ -229,7 +233,7 @@ _SUPERVISED = {**_COMMON, "steps": "max_steps", "seed": "strategy.seed", "max_se
 FIELD_MAP: dict[str, dict[str, str]] = {
     "sft": _SUPERVISED,
     "reward": {**_SUPERVISED, "mismatched_negatives": "mismatched_negatives", "center_coef": "center_coef",
-               "label_smoothing": "label_smoothing"},
+               "label_smoothing": "label_smoothing", "dropout": "dropout"},
     "ppo": {**_COMMON, "steps": "num_steps", "seed": "seed", "max_seconds": "max_seconds",
             "kl_coef": "kl_coef", "kl_target": "kl_target", "kl_ceiling": "kl_ceiling",
             "kl_ceiling_headroom": "kl_ceiling_headroom", "response_length": "response_length",

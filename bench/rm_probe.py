@@ -14,7 +14,10 @@ response instead of the last token), ``--lm-coef`` (an LM loss on the chosen res
 an exponential moving average of the weights), ``--init-seed S`` (the new head's init seed,
 apart from the data order's), ``--bs N`` (pairs per step), ``--smooth E`` (label smoothing,
 ``RewardConfig.label_smoothing``; ``--smooth-on real|mismatched`` smooths the labelled pairs or
-the mismatched negatives only), ``--save DIR`` (the final model, save_pretrained) and ``--dump F``
+the mismatched negatives only), ``--dropout P`` (the engine's
+``training_dropout``), ``--attn-drop`` / ``--resid-drop`` /
+``--head-drop P`` (dropout on the attention probabilities / on each attention and MLP output
+before the residual add / on the hidden state the score head reads), ``--save DIR`` (the final model, save_pretrained) and ``--dump F``
 (the test pairs' scores, for ``bench/rm_ensemble.py``).
 
     .venv/bin/python bench/rm_probe.py --home RLHF_HOME --task constraints [--pool sum]
@@ -31,7 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ppo_core.data import encode_prompt, encode_prompt_response, pad_sequences
-from ppo_core.models import build_scorer_from_causal_lm, load_tokenizer, trunk_of, score_head
+from ppo_core.models import build_scorer_from_causal_lm, load_tokenizer, trunk_of, score_head, training_dropout
 from ppo_core.reward import bradley_terry_loss, mismatched_pairs
 from bench.repeat_negatives import repeated_segment_pairs
 
@@ -68,6 +71,15 @@ p.add_argument("--smooth", type=float, default=0.0,
 p.add_argument("--smooth-on", choices=("all", "real", "mismatched"), default="all",
                help="which pairs --smooth applies to: all, the labelled ones (whose labels are noisy) or the "
                     "mismatched negatives")
+p.add_argument("--attn-drop", type=float, default=0.0,
+               help="attention-probability dropout while training (the config's attention_dropout)")
+p.add_argument("--resid-drop", type=float, default=0.0,
+               help="dropout on each attention and MLP output before the residual add (GPT-2's resid_pdrop)")
+p.add_argument("--dropout", type=float, default=0.0,
+               help="the engine's dropout (ppo_core.models.training_dropout): attention probabilities and "
+                    "each block's residual update")
+p.add_argument("--head-drop", type=float, default=0.0,
+               help="dropout on the last hidden state before the score head (HF's classifier_dropout)")
 p.add_argument("--dump", default="", help="write the test pairs' scores (final and at the best eval loss) here, .pt")
 args = p.parse_args()
 if args.smooth_on == "mismatched" and not args.mismatch > 0:
@@ -141,6 +153,23 @@ else:
     model = build_scorer_from_causal_lm(sft, pad_token_id=tok.pad_token_id,
                                         seed=args.seed if args.init_seed is None else args.init_seed)
     trunk, head = trunk_of(model), score_head(model)
+if args.dropout > 0:
+    print("dropout on blocks", training_dropout(model, args.dropout), flush=True)
+if args.attn_drop > 0:  # Llama-family attention reads self.attention_dropout in train mode
+    n_attn = 0
+    for m_ in model.modules():
+        if type(vars(m_).get("attention_dropout")) is float:
+            m_.attention_dropout = args.attn_drop; n_attn += 1
+    assert n_attn, "no module has an attention_dropout rate"
+if args.resid_drop > 0:
+    def _drop_out(mod, inp, out):
+        if isinstance(out, tuple):
+            return (F.dropout(out[0], args.resid_drop, mod.training),) + tuple(out[1:])
+        return F.dropout(out, args.resid_drop, mod.training)
+    n_res = 0
+    for layer in trunk.layers:
+        layer.self_attn.register_forward_hook(_drop_out); layer.mlp.register_forward_hook(_drop_out); n_res += 2
+    print("residual dropout hooks", n_res, flush=True)
 LM = {}
 EMA: dict = {}
 model.train()
@@ -152,7 +181,7 @@ def scores(batch):
     ids, mask = pad_sequences(seqs, tok.pad_token_id)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     h = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-    v = head(h).squeeze(-1)  # (2b, t)
+    v = head(F.dropout(h, args.head_drop, model.training)).squeeze(-1)  # (2b, t)
     if args.lm_coef > 0 and model.training:
         b = len(batch)
         logits = model.lm_head(h[:b, :-1])
@@ -253,6 +282,7 @@ if EMA:
     ema_scores = evaluate(ted)
     ema_agree = agreement(*ema_scores)
 print(json.dumps({"center": args.center, "ema": args.ema, "ema_final": ema_agree, "lm_coef": args.lm_coef, "extra": args.extra, "gold_labels": args.gold_labels, "pool": args.pool, "mismatch": args.mismatch, "repeat": args.repeat, "all_pairs": args.all_pairs, "lr": args.lr, "seed": args.seed, "bs": args.bs, "smooth": args.smooth, "smooth_on": args.smooth_on,
+                  "dropout": args.dropout, "attn_drop": args.attn_drop, "resid_drop": args.resid_drop, "head_drop": args.head_drop,
                   "best_step": best[1][0], "gold_agree_at_best": best[1][1], "final": hist[-1][3]}))
 if args.dump:  # bench/rm_ensemble.py averages several probes' dumps
     torch.save({"best": best_scores, "final": last_scores, "ema": ema_scores if EMA else None, "gold": (g_c, g_r)}, args.dump)

@@ -396,6 +396,52 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks: the first ``nn.ModuleList`` with ``num_hidden_layers`` entries
+    (``model.layers`` in Llama/Qwen2/Mistral, ``transformer.h`` in GPT-2, ``gpt_neox.layers``,
+    OPT's ``decoder.layers``)."""
+    n = getattr(getattr(unwrap(model), "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"no ModuleList of num_hidden_layers={n} blocks in {type(model).__name__}")
+
+
+def training_dropout(model: nn.Module, p: float) -> int:
+    """Dropout with probability ``p``, active only in ``train()`` mode, on the attention
+    probabilities and on each block's update to the residual stream: the two places GPT-2
+    drops (``attn_pdrop``, ``resid_pdrop``; the block's attention and MLP updates share one
+    mask here), for every architecture, including Llama-family configs, which have no residual
+    dropout. Model construction leaves every dropout at 0 (:func:`disable_dropout`); call this on
+    a model that is trained alone (a reward model), never on a PPO policy. Returns the number
+    of blocks hooked; the hooks live as long as the model.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout={p} must be in [0, 1)")
+    if p == 0:
+        return 0
+    for name, module in model.named_modules():
+        if type(vars(module).get("attention_dropout")) is float:  # Llama, Qwen2, Mistral, NeoX: read in train()
+            module.attention_dropout = p
+        if type(module).__name__.endswith("Attention") and type(vars(module).get("dropout")) is float:
+            module.dropout = p  # OPT's attention
+        if isinstance(module, nn.Dropout) and name.rsplit(".", 1)[-1] in ("attn_dropout", "attention_dropout"):
+            module.p = p  # GPT-2, GPT-NeoX
+
+    def drop_update(block: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        if not block.training:
+            return out  # x + (y - x) would round differently from y
+        x = args[0] if args else kwargs["hidden_states"]  # (b, t, h): the block's input
+        y = out[0] if isinstance(out, tuple) else out
+        y = x + nn.functional.dropout(y - x, p)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        block.register_forward_hook(drop_update, with_kwargs=True)
+    return len(blocks)
+
 # --------------------------------------------------------------------------- LoRA
 
 # Attention projections of Llama/Mistral/Qwen (q/k/v/o_proj) and GPT-2 (c_attn, c_proj): the

@@ -52,6 +52,7 @@ from ppo_core.models import (
     last_token_scores,
     load_tokenizer,
     lora_problems,
+    training_dropout,
 )
 from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, replace_dir
 from ppo_core.trainer import StoppingConfig, SupervisedTrainer
@@ -140,6 +141,10 @@ class RewardConfig:
     the labelled pairs smoothed, the 900-pair held-out model lost on every facts seed, and PPO's
     gold win rate moved by +0.011 +- 0.015 (six lineages, main model only), so the default is 0
     (BENCHMARKS.md, "Label smoothing")."""
+    dropout: float = 0.0
+    """Dropout while training on the attention probabilities and on each block's residual update
+    (``ppo_core.models.training_dropout``: GPT-2's ``attn_pdrop`` / ``resid_pdrop`` places, for
+    every architecture); 0 trains without. Off in evaluation and in the saved model."""
     eval_steps: int = 0
     """Evaluate every N optimizer steps (and at the end); 0 = ``stopping.evals_per_epoch`` times per epoch."""
     eval_batch_size: int = 64
@@ -185,6 +190,8 @@ class RewardConfig:
             raise ConfigError("set num_epochs > 0 or max_steps > 0")
         if self.center_coef < 0:
             raise ConfigError(f"center_coef={self.center_coef} must be >= 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5): at 0.5 every pair "
                               "says nothing, above it the labels are read reversed")
@@ -306,6 +313,7 @@ class RewardTrainer(SupervisedTrainer):
                 cfg.model_name_or_path, pad_token_id=self.tokenizer.pad_token_id,
                 trust_remote_code=cfg.trust_remote_code, seed=cfg.strategy.seed,
             )
+        training_dropout(model, cfg.dropout)
         self.train_data, self.eval_data = self._encode(train_rows), self._encode(eval_rows)
         self.prepare(model)
 

@@ -264,3 +264,25 @@ def test_dropout_is_off_in_the_modules_not_only_the_config(arch: str, data, tmp_
     torch.testing.assert_close(loaded(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=0, atol=0)
     disabled = M.disable_dropout(raw).train()
     torch.testing.assert_close(disabled(input_ids=ids).logits, disabled(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", [*MATRIX, "mistral"])
+def test_training_dropout_reaches_each_architecture(arch: str, data) -> None:
+    """The reward model's ``dropout``: one hook per block, the attention rate set where the
+    architecture keeps it, live in train() mode and gone in eval()."""
+    tok = data["tok"]
+    common = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+              "pad_token_id": tok.pad_token_id, "tie_word_embeddings": True}
+    torch.manual_seed(0)
+    model = M.disable_dropout(AutoModelForCausalLM.from_config(
+        M.tiny_config(arch, common, n_layer=2, n_embd=32, n_head=2, n_positions=64)))
+    ids = torch.tensor([tok("the river is nice . the robot is lovely .", add_special_tokens=False)["input_ids"]])
+    before = model.eval()(input_ids=ids).logits
+    assert M.training_dropout(model, 0.25) == 2
+    rates = [v for m in model.modules() for k, v in vars(m).items()
+             if k in ("attention_dropout", "dropout") and type(v) is float and type(m).__name__.endswith("Attention")]
+    rates += [m.p for n, m in model.named_modules() if n.endswith("attn_dropout")]
+    assert rates == [0.25, 0.25]  # one attention per block
+    torch.testing.assert_close(model.eval()(input_ids=ids).logits, before, rtol=0, atol=0)
+    model.train()
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)

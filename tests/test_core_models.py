@@ -36,6 +36,7 @@ from ppo_core.models import (
     position_ids_from_mask,
     token_values,
     train_tokenizer,
+    training_dropout,
 )
 
 torch.set_num_threads(1)
@@ -158,6 +159,39 @@ def test_disable_dropout_zeroes_modules_and_config(tmp_path: Path) -> None:
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert model.config.resid_pdrop == 0.0
 
+
+
+class _AddOne(torch.nn.Module):
+    """A block whose update to the residual stream is all ones."""
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor]:
+        return (hidden_states + 1.0,)
+
+
+class _Blocks(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = type("C", (), {"num_hidden_layers": 1})()
+        self.layers = torch.nn.ModuleList([_AddOne()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0](x)[0]
+
+
+def test_training_dropout_drops_the_block_update_not_the_stream() -> None:
+    """p = 0.5 on an update of ones: each element gets 0 or 1 / (1 - 0.5) = 2 added in train(),
+    exactly 1 in eval(); the input itself (3.0) is never dropped."""
+    model = _Blocks()
+    assert training_dropout(model, 0.5) == 1
+    x = torch.full((4, 64), 3.0)
+    torch.manual_seed(0)
+    out = model.train()(x)
+    assert set(out.unique().tolist()) == {3.0, 5.0}
+    assert 0.3 < float((out == 5.0).float().mean()) < 0.7  # 256 draws of p = 0.5
+    torch.testing.assert_close(model.eval()(x), torch.full((4, 64), 4.0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"dropout=1.0 must be in \[0, 1\)"):
+        training_dropout(_Blocks(), 1.0)
+    assert training_dropout(_Blocks(), 0.0) == 0
 
 def test_unknown_model_path_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_model"

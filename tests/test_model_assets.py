@@ -65,7 +65,7 @@ SUPERVISED_VALUES = {"steps": 7, "learning_rate": 1e-3, "max_seconds": 30.0, "se
 TYPED_VALUES = {
     "sft": SUPERVISED_VALUES,
     "reward": {**SUPERVISED_VALUES, "mismatched_negatives": [0.25, 0.0], "center_coef": 0.0,
-               "label_smoothing": 0.2},
+               "label_smoothing": 0.2, "dropout": 0.15},
     "ppo": {"steps": 3, "learning_rate": 2e-5, "max_seconds": 30.0, "seed": 5, "zero_stage": 2, "lora_rank": 8,
             "kl_coef": 0.0, "kl_target": 6.0, "response_length": 16, "temperature": 1.0,
             "rollout_batch_size": 8, "ppo_epochs": 2, "guard_every": 3, "guard_prompts": 16,

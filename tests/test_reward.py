@@ -292,6 +292,8 @@ def test_bad_configs_fail_before_training(tmp_path: Path, data_dir: Path, sft_mo
         RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", label_smoothing=0.5)
     with pytest.raises(ConfigError, match="label_smoothing=-0.1"):
         RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", label_smoothing=-0.1)
+    with pytest.raises(ConfigError, match=r"dropout=1.0 must be in \[0, 1\)"):
+        RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", dropout=1.0)
 
 
 def test_missing_column_names_the_file(tmp_path: Path, data_dir: Path, sft_model: Path) -> None:
