@@ -72,9 +72,10 @@ p.add_argument("--smooth-on", choices=("all", "real", "mismatched"), default="al
                help="which pairs --smooth applies to: all, the labelled ones (whose labels are noisy) or the "
                     "mismatched negatives")
 p.add_argument("--attn-drop", type=float, default=0.0,
-               help="attention-probability dropout while training (the config's attention_dropout)")
+               help="attention-probability dropout while training (the config's attention_dropout; Llama family only)")
 p.add_argument("--resid-drop", type=float, default=0.0,
-               help="dropout on each attention and MLP output before the residual add (GPT-2's resid_pdrop)")
+               help="dropout on each attention and MLP output before the residual add (GPT-2's resid_pdrop; "
+                    "Llama family only: hooks trunk.layers[i].self_attn / .mlp)")
 p.add_argument("--dropout", type=float, default=0.0,
                help="the engine's dropout (ppo_core.models.training_dropout): attention probabilities and "
                     "each block's residual update")

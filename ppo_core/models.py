@@ -396,13 +396,12 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks: the first ``nn.ModuleList`` with ``num_hidden_layers`` entries
-    (``model.layers`` in Llama/Qwen2/Mistral, ``transformer.h`` in GPT-2, ``gpt_neox.layers``,
-    OPT's ``decoder.layers``)."""
+    """The transformer blocks: the first ``nn.ModuleList`` of ``num_hidden_layers`` entries in the
+    trunk (``model.layers`` in Llama/Qwen2/Mistral, ``transformer.h`` in GPT-2,
+    ``gpt_neox.layers``, OPT's ``decoder.layers``)."""
     n = getattr(getattr(unwrap(model), "config", None), "num_hidden_layers", None)
-    for module in model.modules():
+    for module in trunk_of(model).modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
     raise ValueError(f"no ModuleList of num_hidden_layers={n} blocks in {type(model).__name__}")
@@ -415,19 +414,26 @@ def training_dropout(model: nn.Module, p: float) -> int:
     mask here), for every architecture, including Llama-family configs, which have no residual
     dropout. Model construction leaves every dropout at 0 (:func:`disable_dropout`); call this on
     a model that is trained alone (a reward model), never on a PPO policy. Returns the number
-    of blocks hooked; the hooks live as long as the model.
+    of blocks hooked; the hooks live as long as the model (a second call is refused).
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout={p} must be in [0, 1)")
     if p == 0:
         return 0
+    if getattr(model, "_dropout_hooks", None):
+        raise ValueError("training_dropout was already applied to this model: a second call would drop twice")
+    if getattr(getattr(unwrap(model), "config", None), "do_layer_norm_before", True) is False:
+        # OPT-350m's blocks return LN(x + update): output - input is not the update
+        raise ValueError("dropout on the residual update needs pre-LayerNorm blocks; this model's config has "
+                         "do_layer_norm_before=False")
+    blocks = decoder_blocks(model)
     for name, module in model.named_modules():
-        if type(vars(module).get("attention_dropout")) is float:  # Llama, Qwen2, Mistral, NeoX: read in train()
+        if type(vars(module).get("attention_dropout")) is float:  # Llama, Qwen2, Mistral, GPT-NeoX
             module.attention_dropout = p
         if type(module).__name__.endswith("Attention") and type(vars(module).get("dropout")) is float:
             module.dropout = p  # OPT's attention
-        if isinstance(module, nn.Dropout) and name.rsplit(".", 1)[-1] in ("attn_dropout", "attention_dropout"):
-            module.p = p  # GPT-2, GPT-NeoX
+        if isinstance(module, nn.Dropout) and name.rsplit(".", 1)[-1] == "attn_dropout":
+            module.p = p  # GPT-2
 
     def drop_update(block: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         if not block.training:
@@ -437,10 +443,9 @@ def training_dropout(model: nn.Module, p: float) -> int:
         y = x + nn.functional.dropout(y - x, p)
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
-    blocks = decoder_blocks(model)
-    for block in blocks:
-        block.register_forward_hook(drop_update, with_kwargs=True)
+    model._dropout_hooks = [block.register_forward_hook(drop_update, with_kwargs=True) for block in blocks]
     return len(blocks)
+
 
 # --------------------------------------------------------------------------- LoRA
 

@@ -145,11 +145,13 @@ class RewardConfig:
     """Dropout while training on the attention probabilities and on each block's residual update
     (``ppo_core.models.training_dropout``: GPT-2's ``attn_pdrop`` / ``resid_pdrop`` places, for
     every architecture). Off in evaluation and in the saved model. 0 (the default) trains without,
-    as TRL's ``RewardConfig(disable_dropout=True)`` does. Dropout 0.1 lost agreement at 4 epochs
-    (-0.017 +- 0.013, 8 probes); with ``num_epochs`` 8 the probes gained +0.033 +- 0.012
-    (16: facts +0.063, recipe +0.006, bundled -0.006), the suite's lineages' reward models
-    +0.011 +- 0.014, and PPO's gold win rate +0.020 +- 0.034 over six lineages, for about 120 s more
-    per lineage (BENCHMARKS.md, "Dropout and a longer reward-model run")."""
+    as TRL's ``RewardConfig(disable_dropout=True)`` does. Dropout 0.1 (per sub-layer, in
+    bench/rm_probe.py; this per-block version matched it on the probes compared) lost agreement
+    at 4 epochs (-0.017 +- 0.013, 8 probes); with ``num_epochs`` 8 the probes gained
+    +0.033 +- 0.012 (16: facts +0.063, recipe +0.006, bundled -0.006), the suite's lineages'
+    reward models +0.011 +- 0.014, and PPO's gold win rate moved by +0.020 +- 0.034 over six
+    lineages, not beyond noise, for about 120 s more per lineage (BENCHMARKS.md, "Dropout and a
+    longer reward-model run")."""
     eval_steps: int = 0
     """Evaluate every N optimizer steps (and at the end); 0 = ``stopping.evals_per_epoch`` times per epoch."""
     eval_batch_size: int = 64

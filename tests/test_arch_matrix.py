@@ -286,3 +286,8 @@ def test_training_dropout_reaches_each_architecture(arch: str, data) -> None:
     torch.testing.assert_close(model.eval()(input_ids=ids).logits, before, rtol=0, atol=0)
     model.train()
     assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    trunk = M.trunk_of(model)
+    blocks = trunk.h if arch == "gpt2" else trunk.layers  # OPT's trunk is its decoder
+    assert M.decoder_blocks(model) is blocks
+    M.disable_dropout(model)  # attention dropout off: the residual hooks alone still drop
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -160,7 +160,6 @@ def test_disable_dropout_zeroes_modules_and_config(tmp_path: Path) -> None:
     assert model.config.resid_pdrop == 0.0
 
 
-
 class _AddOne(torch.nn.Module):
     """A block whose update to the residual stream is all ones."""
 
@@ -173,6 +172,9 @@ class _Blocks(torch.nn.Module):
         super().__init__()
         self.config = type("C", (), {"num_hidden_layers": 1})()
         self.layers = torch.nn.ModuleList([_AddOne()])
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers[0](x)[0]
@@ -192,6 +194,13 @@ def test_training_dropout_drops_the_block_update_not_the_stream() -> None:
     with pytest.raises(ValueError, match=r"dropout=1.0 must be in \[0, 1\)"):
         training_dropout(_Blocks(), 1.0)
     assert training_dropout(_Blocks(), 0.0) == 0
+    with pytest.raises(ValueError, match="already applied"):
+        training_dropout(model, 0.5)
+    post_ln = _Blocks()
+    post_ln.config.do_layer_norm_before = False
+    with pytest.raises(ValueError, match="pre-LayerNorm"):
+        training_dropout(post_ln, 0.1)
+
 
 def test_unknown_model_path_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_model"

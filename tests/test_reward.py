@@ -104,6 +104,21 @@ def test_reward_smoke_run(tmp_path: Path, data_dir: Path, sft_model: Path) -> No
     assert math.isclose(float((gap > 0).float().mean()), summary["eval/accuracy"], abs_tol=1e-9)
 
 
+
+def test_dropout_is_live_in_training_only(tmp_path: Path, data_dir: Path, sft_model: Path) -> None:
+    """Same init, same first batch: the first step's loss differs only if dropout is live.
+    The eval metrics equal those of the saved model reloaded (dropout off), so neither the
+    evaluation nor final/ carries it."""
+    plain, dropped = Recorder(), Recorder()
+    train(_cfg(data_dir, tmp_path / "plain", sft_model, num_epochs=1, eval_steps=0), [plain])
+    summary = train(_cfg(data_dir, tmp_path / "rm", sft_model, num_epochs=1, eval_steps=0, dropout=0.3), [dropped])
+    assert plain.logs[0]["train/loss"] != dropped.logs[0]["train/loss"]
+    final = tmp_path / "rm" / "final"
+    assert json.loads((final / "config.json").read_text())["attention_dropout"] == 0.0
+    gap = _eval_gaps(final, data_dir)
+    assert math.isclose(float(gap.mean()), summary["eval/margin_mean"], rel_tol=1e-3, abs_tol=1e-4)
+    assert math.isclose(float((gap > 0).float().mean()), summary["eval/accuracy"], abs_tol=1e-9)
+
 def test_mismatched_pairs_pair_each_prompt_with_another_prompts_chosen() -> None:
     rows = [{"prompt": p, "chosen": c, "rejected": "r"} for p, c in
             [("p1", "a"), ("p1", "b"), ("p2", "c"), ("p3", "c"), ("p4", "d")]]
