@@ -104,7 +104,6 @@ def test_reward_smoke_run(tmp_path: Path, data_dir: Path, sft_model: Path) -> No
     assert math.isclose(float((gap > 0).float().mean()), summary["eval/accuracy"], abs_tol=1e-9)
 
 
-
 def test_dropout_is_live_in_training_only(tmp_path: Path, data_dir: Path, sft_model: Path) -> None:
     """Same init, same first batch: the first step's loss differs only if dropout is live.
     The eval metrics equal those of the saved model reloaded (dropout off), so neither the
