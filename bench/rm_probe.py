@@ -34,7 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ppo_core.data import encode_prompt, encode_prompt_response, pad_sequences
-from ppo_core.models import build_scorer_from_causal_lm, load_tokenizer, trunk_of, score_head, training_dropout
+from ppo_core.models import build_scorer_from_causal_lm, load_tokenizer, trunk_of, score_head, set_attention_dropout, training_dropout
 from ppo_core.reward import bradley_terry_loss, mismatched_pairs
 from bench.repeat_negatives import repeated_segment_pairs
 
@@ -72,7 +72,7 @@ p.add_argument("--smooth-on", choices=("all", "real", "mismatched"), default="al
                help="which pairs --smooth applies to: all, the labelled ones (whose labels are noisy) or the "
                     "mismatched negatives")
 p.add_argument("--attn-drop", type=float, default=0.0,
-               help="attention-probability dropout while training (the config's attention_dropout; Llama family only)")
+               help="attention-probability dropout while training (ppo_core.models.set_attention_dropout)")
 p.add_argument("--resid-drop", type=float, default=0.0,
                help="dropout on each attention and MLP output before the residual add (GPT-2's resid_pdrop; "
                     "Llama family only: hooks trunk.layers[i].self_attn / .mlp)")
@@ -156,12 +156,8 @@ else:
     trunk, head = trunk_of(model), score_head(model)
 if args.dropout > 0:
     print("dropout on blocks", training_dropout(model, args.dropout), flush=True)
-if args.attn_drop > 0:  # Llama-family attention reads self.attention_dropout in train mode
-    n_attn = 0
-    for m_ in model.modules():
-        if type(vars(m_).get("attention_dropout")) is float:
-            m_.attention_dropout = args.attn_drop; n_attn += 1
-    assert n_attn, "no module has an attention_dropout rate"
+if args.attn_drop > 0:
+    assert set_attention_dropout(model, args.attn_drop), "no module has an attention-dropout rate"
 if args.resid_drop > 0:
     def _drop_out(mod, inp, out):
         if isinstance(out, tuple):

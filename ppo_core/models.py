@@ -407,6 +407,23 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"no ModuleList of num_hidden_layers={n} blocks in {type(model).__name__}")
 
 
+def set_attention_dropout(model: nn.Module, p: float) -> int:
+    """Set the attention-probability dropout rate to ``p`` wherever the architecture keeps it
+    (read in ``train()`` mode only); returns how many attention modules were set."""
+    modules = set()
+    for name, module in model.named_modules():
+        if type(vars(module).get("attention_dropout")) is float:  # Llama, Qwen2, Mistral, GPT-NeoX
+            module.attention_dropout = p
+            modules.add(name)
+        if type(module).__name__.endswith("Attention") and type(vars(module).get("dropout")) is float:
+            module.dropout = p  # OPT's attention
+            modules.add(name)
+        if isinstance(module, nn.Dropout) and name.rsplit(".", 1)[-1] == "attn_dropout":
+            module.p = p  # GPT-2
+            modules.add(name)
+    return len(modules)
+
+
 def training_dropout(model: nn.Module, p: float) -> int:
     """Dropout with probability ``p``, active only in ``train()`` mode, on the attention
     probabilities and on each block's update to the residual stream: the two places GPT-2
@@ -427,13 +444,7 @@ def training_dropout(model: nn.Module, p: float) -> int:
         raise ValueError("dropout on the residual update needs pre-LayerNorm blocks; this model's config has "
                          "do_layer_norm_before=False")
     blocks = decoder_blocks(model)
-    for name, module in model.named_modules():
-        if type(vars(module).get("attention_dropout")) is float:  # Llama, Qwen2, Mistral, GPT-NeoX
-            module.attention_dropout = p
-        if type(module).__name__.endswith("Attention") and type(vars(module).get("dropout")) is float:
-            module.dropout = p  # OPT's attention
-        if isinstance(module, nn.Dropout) and name.rsplit(".", 1)[-1] == "attn_dropout":
-            module.p = p  # GPT-2
+    set_attention_dropout(model, p)
 
     def drop_update(block: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         if not block.training:

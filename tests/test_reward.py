@@ -118,6 +118,7 @@ def test_dropout_is_live_in_training_only(tmp_path: Path, data_dir: Path, sft_mo
     assert math.isclose(float(gap.mean()), summary["eval/margin_mean"], rel_tol=1e-3, abs_tol=1e-4)
     assert math.isclose(float((gap > 0).float().mean()), summary["eval/accuracy"], abs_tol=1e-9)
 
+
 def test_mismatched_pairs_pair_each_prompt_with_another_prompts_chosen() -> None:
     rows = [{"prompt": p, "chosen": c, "rejected": "r"} for p, c in
             [("p1", "a"), ("p1", "b"), ("p2", "c"), ("p3", "c"), ("p4", "d")]]
