@@ -241,19 +241,27 @@ def sequence_logprobs(model_dir: str, prompts: list[str], response_ids: list[lis
 
 
 def rm_scores(rm_dir: str, prompts: list[str], response_ids: list[list[int]], batch_size: int) -> list[float]:
-    """Reward-model score of each prompt + response, read at the last real token as in PPO."""
+    """Reward-model score of each prompt + response as PPO reads it: a scalar model's at the last
+    real token, an implicit model's log-ratio to its reference over the response tokens."""
     import torch
 
     from ppo_core import models, rewards
 
     tok = models.load_tokenizer(rm_dir)
-    scorer = rewards.ModelReward(models.load_sequence_scorer(rm_dir))
+    spec = models.implicit_reward_spec(rm_dir)
+    scorer: rewards.ModelReward | rewards.ImplicitReward
+    if spec is None:
+        scorer = rewards.ModelReward(models.load_sequence_scorer(rm_dir))
+    else:  # beta x the response's log-ratio to its reference model, as PPO scores it
+        scorer = rewards.ImplicitReward(models.load_causal_lm(rm_dir),
+                                        models.load_causal_lm(spec["reference_model"]), spec["beta"])
     out: list[float] = []
-    for ids, mask, _, _ in _prompt_response_batches(tok, prompts, response_ids, batch_size):
+    for ids, mask, starts, _ in _prompt_response_batches(tok, prompts, response_ids, batch_size):
         n = ids.size(0)
+        response = (torch.arange(ids.size(1))[None, :] >= torch.tensor(starts)[:, None]) & mask.bool()
         with torch.inference_mode():
-            # ModelReward reads the token ids only; the text arguments serve function rewards.
-            out += scorer([""] * n, [""] * n, ids, mask).tolist()
+            # the models read the token ids only; the text arguments serve function rewards
+            out += scorer([""] * n, [""] * n, ids, mask, response_mask=response).tolist()
     return [float(x) for x in out]
 
 

@@ -150,6 +150,13 @@ class SFTModelConfig(SupervisedStageConfig):
 class RewardStageConfig(SupervisedStageConfig):
     """The typed fields of both reward models."""
 
+    kind: Optional[str] = Field(
+        default=None, description="'scalar' (the SFT trunk plus a scalar head read at the last token) or "
+        "'implicit' (the SFT language model itself, scoring beta x the response's log-probability ratio "
+        "to SFT, trained with the DPO loss); None keeps the engine default.")
+    beta: Optional[float] = Field(
+        default=None, description="An implicit reward model's beta (the scale of its log-ratio); None "
+        "keeps the engine default (0.1).")
     mismatched_negatives: Optional[list[float]] = Field(
         default=None, description="Extra training pairs, as a fraction of the real ones, that prefer a "
         "prompt's chosen response over another prompt's chosen response (a response must answer its own "
@@ -159,7 +166,7 @@ class RewardStageConfig(SupervisedStageConfig):
     center_coef: Optional[float] = Field(
         default=None, description="Reward-centering loss weight on (r_chosen + r_rejected)^2, which keeps "
         "each prompt's score offset near 0 so PPO is not fed per-prompt noise; None keeps the engine "
-        "default (0.01), 0 turns it off.")
+        "default (0.01 for a scalar reward model, 0 for an implicit one), 0 turns it off.")
     label_smoothing: Optional[float] = Field(
         default=None, description="Weight of the reversed label in the loss, for noisy preferences (each "
         "pair counts as 'chosen wins' with probability 1 - this); None keeps the engine default, 0 is the "
@@ -233,7 +240,7 @@ _SUPERVISED = {**_COMMON, "steps": "max_steps", "seed": "strategy.seed", "max_se
 FIELD_MAP: dict[str, dict[str, str]] = {
     "sft": _SUPERVISED,
     "reward": {**_SUPERVISED, "mismatched_negatives": "mismatched_negatives", "center_coef": "center_coef",
-               "label_smoothing": "label_smoothing", "dropout": "dropout"},
+               "label_smoothing": "label_smoothing", "dropout": "dropout", "kind": "kind", "beta": "beta"},
     "ppo": {**_COMMON, "steps": "num_steps", "seed": "seed", "max_seconds": "max_seconds",
             "kl_coef": "kl_coef", "kl_target": "kl_target", "kl_ceiling": "kl_ceiling",
             "kl_ceiling_headroom": "kl_ceiling_headroom", "response_length": "response_length",
@@ -324,7 +331,8 @@ PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"learning_rate": 2e-5,            # TRL SFTConfig.learning_rate
             "num_epochs": 3.0},               # transformers TrainingArguments.num_train_epochs (TRL keeps it)
     "reward": {"learning_rate": 9e-6,         # OpenRLHF train_rm examples (--learning_rate 9e-6
-               "num_epochs": 1.0},            # --max_epochs 1), as DeepSpeed-Chat step 2's one epoch
+               "num_epochs": 1.0,             # --max_epochs 1), as DeepSpeed-Chat step 2's one epoch
+               "kind": "scalar"},             # the peers' reward model; implicit was measured from scratch only
     "ppo": {"learning_rate": 3e-6,            # TRL PPOConfig.learning_rate (trl.experimental.ppo)
             "critic_learning_rate": 9e-6},    # OpenRLHF train_ppo examples' --critic_learning_rate
 }                                             # (their actor runs at 5e-7; TRL's value head shares 3e-6)

@@ -147,7 +147,8 @@ class RegistryConfig(dg.Config):
         "(default: RLHF_REWARD_MODEL_NAME, else rlhf-reward-model)."
     )
     register_reward_model: bool = Field(
-        default=True, description="Also register the reward model (text-classification)."
+        default=True, description="Also register the reward model (text-classification; an implicit one "
+        "as text-generation, its beta and reference model in the logged model's metadata)."
     )
 
 

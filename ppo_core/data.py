@@ -215,6 +215,12 @@ class EncodedPair:
     rejected_ids: list[int]
     margin: float
     truncated: bool
+    prompt_lengths: tuple[int, int] = (0, 0)
+    """prompt tokens at the start of ``chosen_ids`` and of ``rejected_ids`` (truncation can cut
+    the two prompts differently)"""
+    ref_logps: tuple[float, float] | None = None
+    """a frozen reference model's summed log-probs of the chosen and the rejected answer (an
+    implicit reward model's trainer fills them in once)"""
 
 
 def encode_pair(
@@ -222,19 +228,22 @@ def encode_pair(
 ) -> EncodedPair:
     c = encode_prompt_response(tokenizer, prompt, chosen, max_length)
     r = encode_prompt_response(tokenizer, prompt, rejected, max_length)
-    return EncodedPair(c.input_ids, r.input_ids, float(margin), c.truncated or r.truncated)
+    return EncodedPair(c.input_ids, r.input_ids, float(margin), c.truncated or r.truncated,
+                       (c.labels.count(IGNORE_INDEX), r.labels.count(IGNORE_INDEX)))
 
 
 def collate_pairs(pairs: Sequence[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one right-padded batch, so one forward scores both.
 
     ``input_ids``/``attention_mask``: (2b, t); rows [0, b) chosen, [b, 2b) rejected.
-    ``margin``: (b,) float.
+    ``response_mask``: (2b, t) bool, True on response tokens (EOS included). ``margin``: (b,) float.
     """
     seqs = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     ids, mask = pad_sequences(seqs, pad_token_id)
+    starts = torch.tensor([p.prompt_lengths[0] for p in pairs] + [p.prompt_lengths[1] for p in pairs])
+    response = (torch.arange(ids.shape[1])[None, :] >= starts[:, None]) & mask.bool()
     margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": mask, "margin": margin}
+    return {"input_ids": ids, "attention_mask": mask, "response_mask": response, "margin": margin}
 
 
 # --------------------------------------------------------------------------- sampling

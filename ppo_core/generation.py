@@ -50,6 +50,12 @@ class GenerationOutput:
     """whether :class:`~ppo_core.fast_decode.FastDecoder` ran the decode steps (False: the
     model's own forward, e.g. for a layout it does not cover; the reason is logged once)"""
 
+    @property
+    def sequence_response_mask(self) -> torch.Tensor:
+        """(B, P + T) bool: ``response_mask`` placed in ``sequences`` (False on the prompt)."""
+        return torch.cat([self.response_mask.new_zeros(self.response_mask.shape[0], self.prompt_length),
+                          self.response_mask], dim=1)
+
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -6,6 +6,8 @@
   critic's values); :func:`last_token_scores` picks the one at the last non-pad token (the
   reward model's score). Both use the attention mask, not ``pad_token_id``, so a tokenizer whose
   pad token equals its EOS token still scores at the EOS.
+* Implicit reward model: a causal LM saved with :data:`IMPLICIT_REWARD_FILE` (its beta and
+  reference model) beside the weights; :func:`sequence_logprobs` gives the log-probs it needs.
 * The embedded default: :func:`build_base_model` trains a byte-level BPE tokenizer on the
   task's texts and builds a tiny Llama-style model from a config, then ``save_pretrained``\\ s
   both. Every later stage loads it by path, exactly like a hub model.
@@ -16,6 +18,7 @@ Safe defaults: safetensors on save, ``trust_remote_code=False`` unless asked.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -41,7 +44,7 @@ from transformers import (
 )
 
 from ppo_core.config import ConfigError
-from ppo_core.ppo_utils import last_token_index, position_ids_from_mask
+from ppo_core.ppo_utils import last_token_index, logprobs_from_logits, position_ids_from_mask
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's EOS spelling, so hub-trained habits read naturally
@@ -560,6 +563,42 @@ def last_token_scores(
     values = token_values(model, input_ids, attention_mask)  # (b, t)
     idx = last_token_index(attention_mask)
     return values.gather(1, idx.unsqueeze(1)).squeeze(1)
+
+
+def sequence_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Summed log-probs of the tokens ``score_mask`` marks, each given the tokens before it: (b,).
+
+    ``input_ids`` / ``attention_mask`` / ``score_mask``: (b, t), any padding side. A token counts
+    when it and the token before it are real and ``score_mask`` is True on it (a response's
+    tokens: the first real token has nothing to be predicted from).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits[:, :-1]
+    logp = logprobs_from_logits(logits, input_ids[:, 1:])  # (b, t-1): token j predicted at j - 1
+    keep = score_mask[:, 1:].bool() & attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    return (logp * keep).sum(1)
+
+
+IMPLICIT_REWARD_FILE = "implicit_reward.json"
+"""Beside an implicit reward model's weights: ``{"beta": float, "reference_model": path}``."""
+
+
+def implicit_reward_spec(path_or_id: str | Path) -> dict[str, Any] | None:
+    """The beta and reference model of the implicit reward model in ``path_or_id``, or None when
+    it is a scalar reward model (no :data:`IMPLICIT_REWARD_FILE`; a hub id is never implicit)."""
+    file = Path(os.path.expanduser(str(path_or_id))) / IMPLICIT_REWARD_FILE
+    if not file.is_file():
+        return None
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+        beta, ref = float(spec["beta"]), str(spec["reference_model"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{file}: expected {{\"beta\": > 0, \"reference_model\": a path}} ({exc})") from exc
+    if not beta > 0 or not ref:
+        raise ModelLoadError(f"{file}: beta must be > 0 and reference_model set, got {spec}")
+    return {"beta": beta, "reference_model": ref}
 
 
 # --------------------------------------------------------------------------- internals

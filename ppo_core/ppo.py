@@ -65,6 +65,7 @@ from ppo_core.models import (
     add_lora,
     build_scorer_from_causal_lm,
     disable_dropout,
+    implicit_reward_spec,
     load_causal_lm,
     load_sequence_scorer,
     load_tokenizer,
@@ -80,7 +81,14 @@ from ppo_core.packing import (
     supports_packing,
     trunk_hidden,
 )
-from ppo_core.rewards import EnsembleReward, FunctionReward, ModelReward, RewardNormalizer, RewardSource
+from ppo_core.rewards import (
+    EnsembleReward,
+    FunctionReward,
+    ImplicitReward,
+    ModelReward,
+    RewardNormalizer,
+    RewardSource,
+)
 from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig
 
 log = logging.getLogger(__name__)
@@ -119,7 +127,9 @@ class PPOConfig:
     reward_model_path: str | tuple[str, ...] | None = None
     """trained reward model (``<rm_out>/final``); exactly one of this and ``reward_function``.
     Several paths: PPO optimises their ensemble, each member standardised on reference-policy
-    samples, then averaged (``ppo_core.rewards.EnsembleReward``); the critic starts from the first"""
+    samples, then averaged (``ppo_core.rewards.EnsembleReward``); the critic starts from the first.
+    An implicit reward model (``RewardConfig.kind: implicit``) scores alone, with its reference
+    model (PPO's own when it is the same path)"""
     reward_function: str | None = None
     """``module:function`` taking (prompts, responses) -> list[float] (rule-based rewards, as
     OpenRLHF and veRL allow), used instead of a reward model"""
@@ -127,7 +137,8 @@ class PPOConfig:
     """optional Parquet ``prompt`` file scored every ``eval_every`` steps and at the end"""
     critic_path: str | None = None
     """critic initialisation; default: the reward model (OpenRLHF and DeepSpeed-Chat initialise
-    the critic from the RM), or the policy with a fresh head when rewards come from a function"""
+    the critic from the RM), or the policy with a fresh head when rewards come from a function
+    or an implicit reward model"""
 
     # ---- budget ----
     num_steps: int = 60
@@ -431,6 +442,11 @@ def _validate(cfg: PPOConfig) -> list[str]:
     return e
 
 
+def same_dir(a: str, b: str) -> bool:
+    """Whether two model paths name the same directory (hub ids compare as written)."""
+    return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def reward_model_paths(cfg: PPOConfig) -> tuple[str, ...]:
     """``reward_model_path`` as a tuple: () with a reward function, one path, or the ensemble's."""
     return as_paths(cfg.reward_model_path)
@@ -644,15 +660,22 @@ class PPOTrainer:
             policy = load_causal_lm(cfg.policy_path)
             self.ref = strategy.prepare_eval(load_causal_lm(cfg.ref_model_path or cfg.policy_path))
             self.reward: RewardSource
-            rms = [strategy.prepare_eval(load_sequence_scorer(path, pad_token_id=self.pad_id))
-                   for path in rm_paths]
-            if len(rms) > 1:
-                self.reward = EnsembleReward(rms)
-            elif rms:
-                self.reward = ModelReward(rms[0])
+            implicit = [path for path in rm_paths if implicit_reward_spec(path) is not None]
+            if implicit and len(rm_paths) > 1:
+                raise ConfigError(f"reward_model_path: {implicit[0]!r} is an implicit reward model, which "
+                                  "scores alone; give it as the only reward model")
+            if implicit:
+                self.reward = self._implicit_reward(rm_paths[0])
             else:
-                self.reward = FunctionReward(cfg.reward_function or "")
-            critic_src = cfg.critic_path or (rm_paths[0] if rm_paths else None)
+                rms = [strategy.prepare_eval(load_sequence_scorer(path, pad_token_id=self.pad_id))
+                       for path in rm_paths]
+                if len(rms) > 1:
+                    self.reward = EnsembleReward(rms)
+                elif rms:
+                    self.reward = ModelReward(rms[0])
+                else:
+                    self.reward = FunctionReward(cfg.reward_function or "")
+            critic_src = cfg.critic_path or (rm_paths[0] if rm_paths and not implicit else None)
             if critic_src is not None:
                 critic = load_sequence_scorer(critic_src, pad_token_id=self.pad_id)
             else:
@@ -672,7 +695,7 @@ class PPOTrainer:
         aim, budget = kl_limits(cfg)
         self.kl_ctl = build_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, aim, cfg.kl_ceiling_horizon)
         self.normalizer: RewardNormalizer | None = None
-        self.guard_rm: ModelReward | None = None
+        self.guard_rm: ModelReward | ImplicitReward | None = None
         # under a KL ceiling the guard keeps only checkpoints within it, and waits while the
         # controller pulls an overshoot back instead of stopping the run
         self.guard = OveroptimizationGuard(budget, cfg.guard_patience, stop_z=cfg.guard_stop_z,
@@ -682,8 +705,11 @@ class PPOTrainer:
         if cfg.guard_reward_model_path is not None:
             self._check_same_tokenizer(cfg.guard_reward_model_path)
             with strategy.partitioned_loading():
-                held = load_sequence_scorer(cfg.guard_reward_model_path, pad_token_id=self.pad_id)
-            self.guard_rm = ModelReward(strategy.prepare_eval(held))
+                if implicit_reward_spec(cfg.guard_reward_model_path) is not None:
+                    self.guard_rm = self._implicit_reward(cfg.guard_reward_model_path)
+                else:
+                    held = load_sequence_scorer(cfg.guard_reward_model_path, pad_token_id=self.pad_id)
+                    self.guard_rm = ModelReward(strategy.prepare_eval(held))
         # sampling draws on the device the model runs on (multinomial needs its generator there)
         self.sample_rng = torch.Generator(device=strategy.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.shuffle_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + self.rank)
@@ -704,6 +730,19 @@ class PPOTrainer:
         self._critic_pool: ThreadPoolExecutor | None = None
 
     # ---------------------------------------------------------------- setup helpers
+    def _implicit_reward(self, path: str) -> ImplicitReward:
+        """The implicit reward model in ``path`` with its reference: PPO's reference model when
+        both are the same directory (the usual case, the SFT model), else its own copy."""
+        spec = implicit_reward_spec(path)
+        assert spec is not None
+        ref_path = spec["reference_model"]
+        if same_dir(ref_path, self.cfg.ref_model_path or self.cfg.policy_path):
+            ref = self.ref
+        else:
+            self._check_same_tokenizer(ref_path)
+            ref = self.strategy.prepare_eval(load_causal_lm(ref_path))
+        return ImplicitReward(self.strategy.prepare_eval(load_causal_lm(path)), ref, spec["beta"])
+
     def _check_same_tokenizer(self, path: str) -> None:
         try:
             other = load_tokenizer(path)
@@ -754,7 +793,8 @@ class PPOTrainer:
                                            skip_special_tokens=True)
 
     def reward_members(self) -> list[ModelReward]:
-        """The reward models PPO scores with: one, an ensemble's members, or none (a function)."""
+        """The scalar reward models PPO scores with: one, an ensemble's members, or none (a
+        function or an implicit reward model)."""
         if isinstance(self.reward, EnsembleReward):
             return self.reward.members
         return [self.reward] if isinstance(self.reward, ModelReward) else []
@@ -765,8 +805,10 @@ class PPOTrainer:
         ``layout`` (the score at each episode's last token), a function gets the whole batch."""
         texts = self.decode(gen.responses, gen.response_mask)
         if not self.reward_members():
-            # a function scores on the CPU; the rollout's tensors live on the model's device
-            scores = self.reward(prompts, texts, gen.sequences, gen.attention_mask)
+            # a function scores on the CPU; the rollout's tensors live on the model's device.
+            # An implicit reward model scores here too, in one padded forward per model
+            scores = self.reward(prompts, texts, gen.sequences, gen.attention_mask,
+                                 response_mask=gen.sequence_response_mask)
             return scores.float().to(gen.sequences.device), texts
         raw = self.member_scores(gen, layout)
         return (self.reward.combine(raw) if isinstance(self.reward, EnsembleReward) else raw[0]), texts
@@ -1136,7 +1178,8 @@ class PPOTrainer:
             seq_kl = ((gen.logprobs - ref_logprobs) * m).sum(1)   # (B,) k1, summed per response
             raw, texts = self.raw_scores(prompts, gen, layout)
             scores = self.normalizer(raw) if self.normalizer is not None else raw
-            held_raw = self.guard_rm([], [], gen.sequences, gen.attention_mask)
+            held_raw = self.guard_rm([], [], gen.sequences, gen.attention_mask,
+                                     response_mask=gen.sequence_response_mask)
             proxy += scores[:valid].tolist()
             held += held_raw[:valid].tolist()
             kl += seq_kl[:valid].tolist()

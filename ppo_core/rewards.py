@@ -1,10 +1,12 @@
 """Reward sources for PPO and their normalization.
 
-Three kinds, one interface (:class:`RewardSource`):
+Four kinds, one interface (:class:`RewardSource`):
 
 * :class:`ModelReward` - a trained sequence scorer (the reward model): the score of a response
   is the scorer head's output at its last real token, as in TRL's ``get_reward`` and
   OpenRLHF's ``RewardModel``.
+* :class:`ImplicitReward` - an implicit reward model, a causal LM trained with the DPO loss:
+  the score of a response is beta times its log-probability ratio to the reference model.
 * :class:`EnsembleReward` - several reward models, each standardised on reference-policy
   samples, averaged (the mean objective of Coste et al. 2023).
 * :class:`FunctionReward` - a user function given as ``"module:function"`` with signature
@@ -27,14 +29,17 @@ from typing import Protocol
 
 import torch
 
-from ppo_core.models import last_token_scores
+from ppo_core.models import last_token_scores, sequence_logprobs
 
 
 class RewardSource(Protocol):
-    """Scores a batch of finished episodes -> (B,) float32 tensor on CPU or the batch device."""
+    """Scores a batch of finished episodes -> (B,) float32 tensor on CPU or the batch device.
+    ``response_mask`` (B, T) bool marks each row's response tokens in ``sequences``; only
+    :class:`ImplicitReward` reads it."""
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
-                 sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+                 sequences: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class ModelReward:
@@ -47,9 +52,36 @@ class ModelReward:
 
     @torch.no_grad()  # not inference_mode: see ppo_core.generation (ZeRO-3 gathering)
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
-                 sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                 sequences: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor | None = None) -> torch.Tensor:
         # sequences are left-padded prompts + right-padded responses; the mask finds the end
         return last_token_scores(self.model, sequences, attention_mask).float()
+
+
+class ImplicitReward:
+    """An implicit reward model: ``beta * (log pi(y|x) - log pi_ref(y|x))`` summed over the
+    response's tokens (Rafailov et al. 2023, "Direct Preference Optimization", eq. 5), ``pi``
+    the causal LM ``model`` that ``ppo_core.reward`` trained with the Bradley-Terry loss on
+    this score (the DPO loss) and ``pi_ref`` the model it started from. A scalar head learns
+    one number at the last token from a fresh init; this score moves every response token's
+    next-token distribution, which SFT has already shaped.
+
+    Both models read the same token ids, so they must share the policy's tokenizer."""
+
+    def __init__(self, model: torch.nn.Module, ref: torch.nn.Module, beta: float) -> None:
+        model.eval()
+        ref.eval()
+        self.model, self.ref, self.beta = model, ref, float(beta)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 sequences: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if response_mask is None:
+            raise ValueError("an implicit reward model scores the response tokens: pass response_mask")
+        ratio = (sequence_logprobs(self.model, sequences, attention_mask, response_mask)
+                 - sequence_logprobs(self.ref, sequences, attention_mask, response_mask))
+        return self.beta * ratio
 
 
 def standardized_mean(raw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -89,7 +121,8 @@ class EnsembleReward:
         return standardized_mean(raw.double(), self.mean.to(raw.device), self.std.to(raw.device)).float()
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
-                 sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                 sequences: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.combine(self.member_scores(sequences, attention_mask))
 
     def state_dict(self) -> dict[str, list[float]]:
@@ -127,7 +160,8 @@ class FunctionReward:
         self.func = load_function(spec)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
-                 sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                 sequences: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor | None = None) -> torch.Tensor:
         values = self.func(list(prompts), list(responses))
         try:
             values = [float(v) for v in values]

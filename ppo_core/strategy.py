@@ -17,7 +17,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,9 +483,11 @@ class DeepSpeedStrategy:
             return None
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
-    def save_pretrained(self, model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+    def save_pretrained(self, model: Any, tokenizer: Any, out_dir: str | Path,
+                        extra_files: Mapping[str, str] | None = None) -> Path:
         """``save_pretrained`` (safetensors) of model + tokenizer on rank 0, atomically; LoRA
-        adapters are merged into the saved weights.
+        adapters are merged into the saved weights. ``extra_files`` (name -> text) are written
+        beside them, inside the same atomic rename.
 
         All ranks must call it (ZeRO-3 gathers). The directory is written under a temporary
         name and renamed, so a crash never leaves a half-written model behind.
@@ -504,6 +506,8 @@ class DeepSpeedStrategy:
                 module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
             replace_dir(tmp, out)
         self.barrier()
         return out

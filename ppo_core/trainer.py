@@ -139,6 +139,10 @@ class SupervisedTrainer:
         """Metrics on the eval split (all ranks)."""
         raise NotImplementedError
 
+    def saved_files(self) -> dict[str, str]:
+        """Extra files (name -> text) saved beside the weights in ``best/`` and ``final/``."""
+        return {}
+
     # ------------------------------------------------------------------ shared
 
     def prepare(self, model: nn.Module) -> None:
@@ -182,7 +186,7 @@ class SupervisedTrainer:
         metrics = self.evaluate()
         self.cb.on_evaluate(step, metrics)
         if self.tracker.update(step, metrics) and self.cfg.stopping.keep_best:
-            self.strategy.save_pretrained(self.engine, self.tokenizer, self.best_dir)
+            self.strategy.save_pretrained(self.engine, self.tokenizer, self.best_dir, self.saved_files())
         return metrics
 
     def _out_of_time(self, t0: float) -> bool:
@@ -227,7 +231,7 @@ class SupervisedTrainer:
             # best/ holds the kept evaluation's weights (the last step's too when it was the best)
             self.strategy.move_dir(self.best_dir, self.out / "final")
         else:
-            self.strategy.save_pretrained(self.engine, self.tokenizer, self.out / "final")
+            self.strategy.save_pretrained(self.engine, self.tokenizer, self.out / "final", self.saved_files())
         # the summary's eval/* describe the shipped weights; the last evaluation keeps a prefix
         shipped = self.tracker.best_metrics if kept != last else eval_metrics
         report = {**{f"last_{k}": v for k, v in eval_metrics.items()}, **shipped,

@@ -88,6 +88,13 @@ def log_transformers_model(
     """
     import mlflow
 
+    from ppo_core.models import implicit_reward_spec
+
+    # an implicit reward model is a causal LM: logged as one, its beta and reference model in
+    # the LoggedModel's metadata (MLmodel), as PPO needs them to score with it
+    spec = implicit_reward_spec(model_dir)
+    if spec is not None and task == "text-classification":
+        task = "text-generation"
     components = load_components(model_dir, task)
     client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run = client.get_run(run_id)
@@ -102,6 +109,7 @@ def log_transformers_model(
             pip_requirements=pip_requirements(),
             run_id=run_id,
             model_id=model.model_id,
+            metadata={"implicit_reward": spec} if spec is not None else None,
         )
     return info.model_uri
 

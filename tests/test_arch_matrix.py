@@ -83,7 +83,7 @@ def stages(data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> di
         sft_rec, rm_rec = Recorder(), Recorder()
         sft = sft_train(from_dict(SFTConfig, {**common, "output_dir": str(out / "sft"),
                                               "model_name_or_path": str(out / "base")}), [sft_rec])
-        rm = rm_train(from_dict(RewardConfig, {**common, "output_dir": str(out / "rm"),
+        rm = rm_train(from_dict(RewardConfig, {**common, "output_dir": str(out / "rm"), "kind": "scalar",
                                                "model_name_or_path": sft["final_model_dir"]}), [rm_rec])
         cache[arch] = {"base": out / "base", "sft": sft, "rm": rm, "sft_logs": sft_rec.logs,
                        "rm_logs": rm_rec.logs, "out": out}
@@ -116,6 +116,33 @@ def test_sft_and_reward_model_train_each_architecture(arch: str, stages, data) -
     b = len(pairs)
     loss = float(-torch.nn.functional.logsigmoid(ours[:b] - ours[b:]).mean())
     assert loss == pytest.approx(run["rm"]["eval/loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", MATRIX)
+def test_implicit_reward_model_trains_each_architecture(arch: str, stages, data) -> None:
+    """``kind: implicit`` on each architecture: the shipped LM, reloaded with its reference as
+    PPO scores with it, gives the eval loss the run reported."""
+    from ppo_core.rewards import ImplicitReward
+
+    run = stages(arch)
+    rm = rm_train(from_dict(RewardConfig, {
+        "data_dir": str(data["root"]), "max_steps": 2, "batch_size": 8, "micro_batch_size": 8,
+        "eval_batch_size": 8, "save_steps": 0, "strategy": {"zero_stage": 2}, "kind": "implicit",
+        "output_dir": str(run["out"] / "implicit"), "model_name_or_path": run["sft"]["final_model_dir"]}))
+    final = Path(rm["final_model_dir"])
+    spec = M.implicit_reward_spec(final)
+    assert spec is not None and Path(spec["reference_model"]) == Path(run["sft"]["final_model_dir"]).resolve()
+    scorer = ImplicitReward(M.load_causal_lm(final), M.load_causal_lm(spec["reference_model"]), spec["beta"])
+    assert scorer.model.config.model_type == MODEL_TYPE[arch]
+    tok = M.load_tokenizer(final)
+    rows = pd.read_parquet(data["root"] / "rm_eval.parquet")
+    batch = collate_pairs([encode_pair(tok, p, c, r, 128) for p, c, r in zip(rows.prompt, rows.chosen, rows.rejected)],
+                          tok.pad_token_id)
+    s = scorer([], [], batch["input_ids"], batch["attention_mask"], response_mask=batch["response_mask"])
+    b = len(rows)
+    assert s.abs().max() > 0  # two steps moved it off its reference
+    loss = float(-torch.nn.functional.logsigmoid(s[:b] - s[b:]).mean())
+    assert loss == pytest.approx(rm["eval/loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize("arch", MATRIX)

@@ -23,17 +23,20 @@ from ppo_core.data import (
     rank_micro_batches,
 )
 from ppo_core.models import (
+    IMPLICIT_REWARD_FILE,
     ModelLoadError,
     build_base_model,
     build_scorer_from_causal_lm,
     build_tiny_causal_lm,
     disable_dropout,
+    implicit_reward_spec,
     last_token_index,
     last_token_scores,
     load_causal_lm,
     load_sequence_scorer,
     load_tokenizer,
     position_ids_from_mask,
+    sequence_logprobs,
     token_values,
     train_tokenizer,
     training_dropout,
@@ -245,6 +248,82 @@ def test_collate_pairs_stacks_chosen_then_rejected(base_dir: Path) -> None:
     batch = collate_pairs(pairs, tok.pad_token_id)
     assert batch["input_ids"].shape[0] == 2 and batch["margin"].tolist() == [0.5]
     assert batch["input_ids"][0, : len(pairs[0].chosen_ids)].tolist() == pairs[0].chosen_ids
+
+
+def test_collate_pairs_marks_each_sides_response(base_dir: Path) -> None:
+    """The response mask starts after each side's own prompt: over the budget, the longer side's
+    prompt is cut further from the left (ppo_core.data.encode_prompt_response)."""
+    tok = load_tokenizer(base_dir)
+    prompt = "describe the garden please ."
+    p_len = len(encode_prompt(tok, prompt))
+    short, long = "the river .", "the garden is lovely and the river is nice ."
+    pairs = [encode_pair(tok, prompt, short, long, 64), encode_pair(tok, prompt, long, short, 16)]
+    assert pairs[0].prompt_lengths == (p_len, p_len)
+    cut = [encode_prompt_response(tok, prompt, text, 16).labels.count(IGNORE_INDEX) for text in (long, short)]
+    assert pairs[1].prompt_lengths == tuple(cut) and cut[0] < cut[1] <= p_len
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    resp, width = batch["response_mask"], batch["input_ids"].shape[1]
+    assert resp.dtype == torch.bool and resp.shape == batch["input_ids"].shape
+    rows = [(pairs[0].chosen_ids, p_len), (pairs[1].chosen_ids, cut[0]),
+            (pairs[0].rejected_ids, p_len), (pairs[1].rejected_ids, cut[1])]
+    for row, (ids, start) in zip(resp.tolist(), rows):
+        assert row == [False] * start + [True] * (len(ids) - start) + [False] * (width - len(ids))
+
+
+class _ConstantLM(torch.nn.Module):
+    """Every position predicts the same distribution, softmax(``logits``)."""
+
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, input_ids: torch.Tensor, **_: object) -> object:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+def test_sequence_logprobs_by_hand() -> None:
+    """p = (1/4, 1/4, 1/2) at every position. A token counts when the score mask marks it and it
+    and the token before it are real: a left-padded row's first real token never counts."""
+    import math
+
+    lm = _ConstantLM([0.0, 0.0, math.log(2)])
+    ids = torch.tensor([[1, 2, 2, 0], [0, 1, 1, 2], [0, 2, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1]])
+    score = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    expected = [2 * math.log(0.5),                      # row 0: tokens 2, 2 (the pad is not real)
+                math.log(0.25) + math.log(0.5),         # row 1: tokens 1, 2
+                2 * math.log(0.5)]                      # row 2: the first real token is skipped
+    torch.testing.assert_close(sequence_logprobs(lm, ids, mask, score), torch.tensor(expected))
+
+
+def test_implicit_reward_by_hand_and_its_spec(tmp_path: Path) -> None:
+    """ImplicitReward = beta x sum over response tokens of log p_model - log p_ref; the spec
+    file says which directories hold one."""
+    import math
+
+    from ppo_core.rewards import ImplicitReward
+
+    model, ref = _ConstantLM([0.0, 0.0, math.log(2)]), _ConstantLM([0.0, 0.0, 0.0])
+    ids, mask = torch.tensor([[0, 1, 2, 2]]), torch.ones(1, 4, dtype=torch.long)
+    response = torch.tensor([[False, False, True, True]])
+    # tokens 2, 2: (log 1/2 - log 1/3) twice
+    torch.testing.assert_close(ImplicitReward(model, ref, beta=0.5)([], [], ids, mask, response_mask=response),
+                               torch.tensor([0.5 * 2 * math.log(1.5)]))
+    torch.testing.assert_close(ImplicitReward(ref, ref, beta=0.5)([], [], ids, mask, response_mask=response),
+                               torch.zeros(1))
+    with pytest.raises(ValueError, match="response_mask"):
+        ImplicitReward(model, ref, beta=0.5)([], [], ids, mask)
+    assert implicit_reward_spec(tmp_path) is None and implicit_reward_spec("gpt2") is None
+    (tmp_path / IMPLICIT_REWARD_FILE).write_text(json.dumps({"beta": 0.1, "reference_model": "/m/sft"}))
+    assert implicit_reward_spec(tmp_path) == {"beta": 0.1, "reference_model": "/m/sft"}
+    (tmp_path / IMPLICIT_REWARD_FILE).write_text(json.dumps({"beta": 0, "reference_model": "/m/sft"}))
+    with pytest.raises(ModelLoadError, match="beta must be > 0"):
+        implicit_reward_spec(tmp_path)
+    (tmp_path / IMPLICIT_REWARD_FILE).write_text(json.dumps({"beta": 0.1}))
+    with pytest.raises(ModelLoadError, match="reference_model"):
+        implicit_reward_spec(tmp_path)
 
 
 def test_step_sampler_is_deterministic_and_covers_each_epoch() -> None:

@@ -23,7 +23,7 @@ def ensemble_lineage(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("rlhf_home_ensemble")
     (home / "dagster_home").mkdir()
     run_config = tiny_run_config()
-    run_config["ops"]["reward_model"]["config"]["mismatched_negatives"] = [0.5, 0.0]
+    run_config["ops"]["reward_model"]["config"].update(mismatched_negatives=[0.5, 0.0], kind="scalar")
     with env_vars(RLHF_HOME=str(home), DAGSTER_HOME=str(home / "dagster_home")), \
             dg.instance_for_test(temp_dir=str(home / "dagster_home")) as instance:
         resources = local_resources(home)

@@ -65,7 +65,7 @@ SUPERVISED_VALUES = {"steps": 7, "learning_rate": 1e-3, "max_seconds": 30.0, "se
 TYPED_VALUES = {
     "sft": SUPERVISED_VALUES,
     "reward": {**SUPERVISED_VALUES, "mismatched_negatives": [0.25, 0.0], "center_coef": 0.0,
-               "label_smoothing": 0.2, "dropout": 0.15},
+               "label_smoothing": 0.2, "dropout": 0.15, "kind": "scalar", "beta": 0.3},
     "ppo": {"steps": 3, "learning_rate": 2e-5, "max_seconds": 30.0, "seed": 5, "zero_stage": 2, "lora_rank": 8,
             "kl_coef": 0.0, "kl_target": 6.0, "response_length": 16, "temperature": 1.0,
             "rollout_batch_size": 8, "ppo_epochs": 2, "guard_every": 3, "guard_prompts": 16,
@@ -463,9 +463,11 @@ def test_core_config_takes_the_data_lengths_below_typed_fields_and_overrides(tmp
 
 
 # the engines' from-scratch defaults (ppo_core.sft / reward / ppo) and what a pretrained start turns them into
-SCRATCH = {"sft": {"learning_rate": 1e-3, "num_epochs": 10.0}, "reward": {"learning_rate": 5e-4, "num_epochs": 4.0},
+SCRATCH = {"sft": {"learning_rate": 1e-3, "num_epochs": 10.0},
+           "reward": {"learning_rate": 1e-3, "num_epochs": 4.0, "kind": "implicit"},
            "ppo": {"learning_rate": 1e-4, "critic_learning_rate": 3e-4}}
-PRETRAINED = {"sft": {"learning_rate": 2e-5, "num_epochs": 3.0}, "reward": {"learning_rate": 9e-6, "num_epochs": 1.0},
+PRETRAINED = {"sft": {"learning_rate": 2e-5, "num_epochs": 3.0},
+              "reward": {"learning_rate": 9e-6, "num_epochs": 1.0, "kind": "scalar"},
               "ppo": {"learning_rate": 3e-6, "critic_learning_rate": 9e-6}}
 
 

@@ -524,3 +524,62 @@ def test_an_ensemble_run_resumes_with_its_member_statistics(tiny_run, tmp_path):
                         **{**over, "reward_model_path": rms[::-1]}), [Recorder()])
     with pytest.raises(ConfigError, match="empty list"):
         small_cfg(tiny_run, tmp_path / "d", reward_model_path=[])
+
+
+def _implicit_rm(tiny_run, reference: str) -> str:
+    """An implicit reward model: another tiny LM on the policy's tokenizer, whose
+    implicit_reward.json names ``reference`` and beta 0.5."""
+    path = Path(tiny_run["root"]) / f"implicit_{Path(reference).name}"
+    if not path.is_dir():
+        tok = load_tokenizer(tiny_run["policy_path"])
+        torch.manual_seed(3)
+        build_tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2, n_positions=128).save_pretrained(path)
+        tok.save_pretrained(path)
+        (path / "implicit_reward.json").write_text(json.dumps({"beta": 0.5, "reference_model": reference}))
+    return str(path)
+
+
+def test_an_implicit_reward_model_scores_the_response_log_ratio(tiny_run, tmp_path):
+    """PPO scores beta x (log p_rm - log p_ref) over each response's own tokens, row by row as
+    an unpadded forward computes it; the reference is PPO's own when the paths agree, and the
+    critic starts from the policy (there is no scalar head to start from)."""
+    from ppo_core.models import load_causal_lm
+    from ppo_core.rewards import ImplicitReward
+
+    policy = tiny_run["policy_path"]
+    rm = _implicit_rm(tiny_run, str(Path(policy).resolve()))
+    cfg = small_cfg(tiny_run, tmp_path / "i", reward_model_path=rm, guard_reward_model_path=rm)
+    trainer = PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy))
+    assert isinstance(trainer.reward, ImplicitReward) and trainer.reward.ref is trainer.ref
+    assert isinstance(trainer.guard_rm, ImplicitReward) and trainer.reward_members() == []
+    head = [v for k, v in trainer.critic.module.state_dict().items() if k.startswith("score")][0]
+    assert head.std() < 1.5 / 32 ** 0.5  # a fresh head (std 1/sqrt(h+1)), not a trained one
+    ro = _ragged_rollout(trainer)
+    raw, _ = trainer.raw_scores(["p"] * 8, ro.gen)
+    lm, ref = load_causal_lm(rm).eval(), load_causal_lm(policy).eval()
+    expected = []
+    for row in range(8):
+        real = ro.gen.sequences[row][ro.gen.attention_mask[row].bool()]
+        n_resp = int(ro.gen.response_mask[row].sum())
+        with torch.no_grad():
+            lp = [torch.log_softmax(m(real[None]).logits[0, :-1], -1).gather(1, real[1:, None])[-n_resp:].sum()
+                  for m in (lm, ref)]
+        expected.append(0.5 * float(lp[0] - lp[1]))
+    torch.testing.assert_close(raw, torch.tensor(expected), atol=1e-4, rtol=1e-4)
+    # another reference directory: a model of its own
+    other = Path(tiny_run["root"]) / "ref_copy"
+    if not other.is_dir():
+        shutil.copytree(policy, other)
+    cfg = small_cfg(tiny_run, tmp_path / "o", reward_model_path=_implicit_rm(tiny_run, str(other)))
+    assert PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy)).reward.ref is not None
+    with pytest.raises(ConfigError, match="scores alone"):
+        cfg = small_cfg(tiny_run, tmp_path / "e", reward_model_path=[rm, tiny_run["reward_model_path"]])
+        PPOTrainer(cfg, DeepSpeedStrategy(cfg.strategy))
+
+
+def test_an_implicit_reward_run_trains_and_guards(tiny_run, tmp_path):
+    rm = _implicit_rm(tiny_run, str(Path(tiny_run["policy_path"]).resolve()))
+    summary = train(small_cfg(tiny_run, tmp_path / "r", reward_model_path=rm, guard_reward_model_path=rm,
+                              guard_every=1, guard_prompts=8))
+    assert summary["step"] == 2 and (Path(summary["final_dir"]) / "model.safetensors").is_file()
+    assert summary["reward_norm/std"] > 0 and summary["guard/evaluations"] == 3  # steps 0, 1, 2

@@ -3,6 +3,7 @@ and load ``models:/NAME@champion`` as a pipeline that generates."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,25 @@ def test_each_member_of_a_reward_ensemble_is_registered_once(store: dict, tmp_pa
     assert reward_versions_text({"reward_model_version": None}) == "not registered"
     with pytest.raises(FileNotFoundError, match="missing"):
         register_reward_models(client, resource, name, run_id, {"model_path": str(tmp_path / "missing")}, match, match)
+
+
+def test_an_implicit_reward_model_is_logged_as_a_causal_lm_with_its_spec(store: dict, tmp_path: Path) -> None:
+    """An implicit reward model (ppo_core.models.IMPLICIT_REWARD_FILE beside the weights) is a
+    causal LM: it is logged for text generation, and its beta and reference model travel in the
+    logged model's metadata, since scoring with it needs both."""
+    import mlflow
+
+    from assets.registry import register_reward_models
+    from resources.mlflow_models import process_uris
+
+    resource, client = store["resource"], store["client"]
+    run_id = client.create_run(resource.experiment_id()).info.run_id
+    rm = tiny_model_dir(tmp_path / "implicit" / "final")
+    spec = {"beta": 0.1, "reference_model": "/models/sft/final"}
+    (rm / "implicit_reward.json").write_text(json.dumps(spec))
+    [version] = register_reward_models(client, resource, f"{NAME}-implicit", run_id, {"model_path": str(rm)},
+                                       {"evaluation.mlflow_run_id": "eval-implicit"}, {})
+    with process_uris(store["uri"]):
+        info = mlflow.models.get_model_info(f"models:/{version_model_id(version)}")
+    assert info.flavors["transformers"]["task"] == "text-generation"
+    assert info.metadata == {"implicit_reward": spec}

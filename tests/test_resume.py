@@ -318,7 +318,7 @@ def test_checkpoints_of_other_inputs_are_neither_resumed_nor_overwritten(rlhf_ho
     # where it writes and how it starts are not inputs
     assert stage_inputs(RewardConfig(**{**vars(cfg), "output_dir": "/x", "resume_from": "latest"}),
                         "dv1", paths) == inputs
-    assert stage_inputs(RewardConfig(**{**vars(cfg), "learning_rate": 1e-3}), "dv1", paths)["config"] != inputs["config"]
+    assert stage_inputs(RewardConfig(**{**vars(cfg), "learning_rate": 2e-3}), "dv1", paths)["config"] != inputs["config"]
     assert stage_inputs(cfg, "dv2", paths)["data_version"] == "dv2"
 
     root = settings.models_root() / "reward_model"

@@ -64,7 +64,8 @@ def sft_model(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 def _cfg(data_dir: Path, out: Path, model: Path, **kw: Any) -> RewardConfig:
     fields = {"data_dir": str(data_dir), "output_dir": str(out), "model_name_or_path": str(model),
               "batch_size": 16, "micro_batch_size": 8, "learning_rate": 3e-3, "num_epochs": 3,
-              "eval_steps": 6, "save_steps": 0, "strategy": {"zero_stage": 2}, "mismatched_negatives": 0.0}
+              "eval_steps": 6, "save_steps": 0, "strategy": {"zero_stage": 2}, "mismatched_negatives": 0.0,
+              "kind": "scalar"}
     fields.update(kw)
     return from_dict(RewardConfig, fields)
 
@@ -117,6 +118,59 @@ def test_dropout_is_live_in_training_only(tmp_path: Path, data_dir: Path, sft_mo
     gap = _eval_gaps(final, data_dir)
     assert math.isclose(float(gap.mean()), summary["eval/margin_mean"], rel_tol=1e-3, abs_tol=1e-4)
     assert math.isclose(float((gap > 0).float().mean()), summary["eval/accuracy"], abs_tol=1e-9)
+
+
+def test_implicit_reward_model_saves_an_lm_that_scores_as_it_trained(tmp_path: Path, data_dir: Path,
+                                                                      sft_model: Path) -> None:
+    """kind implicit: the SFT LM trains on beta x its log-ratio to SFT; final/ is that LM plus
+    implicit_reward.json, and the report's scorer (assets.evaluation.rm_scores, as PPO scores)
+    reproduces the eval margin and accuracy the run reported. Before any step every score is 0
+    (the model is its own reference; the reference's log-probs are computed once, in other
+    batches, so to float precision), so the first step's loss is log 2."""
+    import pandas as pd
+
+    from assets.evaluation import rm_scores
+    from ppo_core.data import encode_response
+
+    cfg = _cfg(data_dir, tmp_path / "rm", sft_model, kind="implicit", beta=0.5, learning_rate=None,
+               center_coef=None, num_epochs=2, eval_steps=0)
+    assert (cfg.learning_rate, cfg.center_coef) == (1e-3, 0.0)  # the implicit defaults
+    assert (_cfg(data_dir, tmp_path, sft_model, learning_rate=None, center_coef=None).learning_rate,
+            _cfg(data_dir, tmp_path, sft_model, center_coef=None).center_coef) == (5e-4, 0.01)
+    rec = Recorder()
+    summary = train(cfg, [rec])
+    assert abs(rec.logs[0]["train/margin_mean"]) < 1e-5
+    final = tmp_path / "rm" / "final"
+    assert json.loads((final / "implicit_reward.json").read_text()) == {
+        "beta": 0.5, "reference_model": str(sft_model.resolve())}
+    assert json.loads((final / "config.json").read_text())["architectures"][0].endswith("ForCausalLM")
+    tok = load_tokenizer(final)
+    df = pd.read_parquet(data_dir / "rm_eval.parquet")
+    prompts = df.prompt.tolist()
+
+    def scores(col: str) -> torch.Tensor:
+        ids = [encode_response(tok, p, r) for p, r in zip(prompts, df[col])]
+        return torch.tensor(rm_scores(str(final), prompts, ids, 16))
+
+    gap = scores("chosen") - scores("rejected")
+    assert math.isclose(float(gap.mean()), summary["eval/margin_mean"], rel_tol=1e-3, abs_tol=1e-4)
+    assert math.isclose(float((gap > 0).float().mean()), summary["eval/accuracy"], abs_tol=1e-9)
+    assert rec.logs[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)  # every gap 0
+    assert sum(m["train/loss"] for m in rec.logs[-3:]) < sum(m["train/loss"] for m in rec.logs[:3])
+
+
+def test_an_implicit_reward_model_continues_from_another_with_its_reference(tmp_path: Path, data_dir: Path,
+                                                                           sft_model: Path) -> None:
+    """A later round starts from the previous implicit reward model: the reward is still measured
+    from SFT. A scalar reward model is no start for an implicit one (no trained LM head)."""
+    first = train(_cfg(data_dir, tmp_path / "a", sft_model, kind="implicit", max_steps=2, eval_steps=0))
+    second = _cfg(data_dir, tmp_path / "b", first["final_model_dir"], kind="implicit", max_steps=2, eval_steps=0)
+    train(second)
+    spec = json.loads((tmp_path / "b" / "final" / "implicit_reward.json").read_text())
+    assert spec["reference_model"] == str(sft_model.resolve())
+    scalar = train(_cfg(data_dir, tmp_path / "s", sft_model, max_steps=2, eval_steps=0))
+    with pytest.raises(ConfigError, match="is a scalar reward model"):
+        train(_cfg(data_dir, tmp_path / "c", scalar["final_model_dir"], kind="implicit", max_steps=2))
 
 
 def test_mismatched_pairs_pair_each_prompt_with_another_prompts_chosen() -> None:
@@ -209,7 +263,7 @@ def test_candidate_selection_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(reward.RewardTrainer, "__init__", fake_init)
     monkeypatch.setattr(reward.RewardTrainer, "train", fake_train)
     monkeypatch.setattr(reward, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
-    cfg = RewardConfig(data_dir="d", output_dir=str(tmp_path / "rm"), model_name_or_path="m",
+    cfg = RewardConfig(data_dir="d", output_dir=str(tmp_path / "rm"), model_name_or_path="m", kind="scalar",
                        mismatched_negatives=(0.5, 0.0, 1.0), stopping=from_dict(
                            reward.StoppingConfig, {"patience": 0, "keep_best": False, "max_seconds": 3000}))
     summary = train(cfg)
@@ -245,10 +299,11 @@ def test_candidates_resume_without_training_a_finished_one_again(tmp_path: Path,
 def test_candidate_values_are_checked() -> None:
     for bad in ((), (0.5, 0.5), (0.5, -1.0), (0.1, 0.1000001)):  # the last two name one folder
         with pytest.raises(ConfigError, match="mismatched_negatives"):
-            RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", mismatched_negatives=bad)
+            RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", mismatched_negatives=bad,
+                         kind="scalar")
     with pytest.raises(ConfigError, match="resume with 'latest'"):
         RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", mismatched_negatives=(0.5, 0.0),
-                     resume_from="o/checkpoints/step_3")
+                     resume_from="o/checkpoints/step_3", kind="scalar")
     assert from_dict(RewardConfig, {"data_dir": "d", "output_dir": "o", "model_name_or_path": "m",
                                     "mismatched_negatives": 0.25}).mismatched_negatives == 0.25
 
@@ -309,6 +364,13 @@ def test_bad_configs_fail_before_training(tmp_path: Path, data_dir: Path, sft_mo
         RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", label_smoothing=-0.1)
     with pytest.raises(ConfigError, match=r"dropout=1.0 must be in \[0, 1\)"):
         RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", dropout=1.0)
+    with pytest.raises(ConfigError, match="kind='dpo': one of scalar, implicit"):
+        RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", kind="dpo")
+    with pytest.raises(ConfigError, match="beta=0.0 must be > 0"):
+        RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", kind="implicit", beta=0.0)
+    with pytest.raises(ConfigError, match="implicit reward model scores alone"):
+        RewardConfig(data_dir="d", output_dir="o", model_name_or_path="m", kind="implicit",
+                     mismatched_negatives=(0.5, 0.0))
 
 
 def test_missing_column_names_the_file(tmp_path: Path, data_dir: Path, sft_model: Path) -> None:

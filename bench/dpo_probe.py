@@ -1,0 +1,174 @@
+"""Implicit (DPO) reward-model probe on a finished lineage's splits.
+
+The reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)) summed over its tokens
+(Rafailov et al. 2023, "Direct Preference Optimization", eq. 5), where pi starts as the lineage's
+SFT model and pi_ref is that SFT model frozen; pi is trained with the Bradley-Terry loss on
+``rm_train.parquet`` (the DPO loss). The scalar reward model of ``bench/rm_probe.py`` learns one
+number at the last token from a fresh head; this one learns through every response token's
+next-token distribution, which SFT has already shaped. Prints, twice per epoch, the eval-split
+loss and accuracy and the gold-order agreement on ``test_pairs.parquet``; the last line is a
+JSON summary, the same keys as ``rm_probe``'s for ``/tmp``-style tables.
+
+    .venv/bin/python bench/dpo_probe.py --home RLHF_HOME --task facts --mismatch 0.5 --beta 0.1
+
+``--norm mean`` divides each sequence's log-ratio by its response length; ``--ref-free`` drops
+pi_ref (SimPO, Meng et al. 2024, with ``--norm mean``).
+"""
+import argparse, glob, importlib, json, math, sys, time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ppo_core.data import encode_prompt, encode_prompt_response, pad_sequences
+from ppo_core.models import load_tokenizer, training_dropout
+from ppo_core.reward import mismatched_pairs
+
+p = argparse.ArgumentParser()
+p.add_argument("--home", required=True)
+p.add_argument("--task", required=True)
+p.add_argument("--epochs", type=float, default=4)
+p.add_argument("--lr", type=float, default=1e-4)
+p.add_argument("--beta", type=float, default=0.1)
+p.add_argument("--seed", type=int, default=1)
+p.add_argument("--bs", type=int, default=32)
+p.add_argument("--mismatch", type=float, default=0.0)
+p.add_argument("--norm", choices=("sum", "mean"), default="sum")
+p.add_argument("--ref-free", action="store_true")
+p.add_argument("--sft-coef", type=float, default=0.0, help="NLL on the chosen response (RPO, Pang et al. 2024)")
+p.add_argument("--dropout", type=float, default=0.0)
+p.add_argument("--train-file", default="rm_train.parquet")
+p.add_argument("--save", default="", help="save the trained policy here (save_pretrained), for bench/implicit_reward.py")
+args = p.parse_args()
+torch.set_num_threads(1)
+torch.manual_seed(args.seed)
+home = Path(args.home)
+split = Path(glob.glob(str(home / "data/splits/*/manifest.json"))[0]).parent
+sft = glob.glob(str(home / "models/sft_model/*/final"))[0]
+if ":" in args.task:
+    _m, _f = args.task.split(":")
+    gold = getattr(importlib.import_module(_m), _f)
+else:
+    gold = getattr(importlib.import_module(f"bench.tasks.{args.task}"), "gold_score_batch")
+tok = load_tokenizer(sft)
+train = pd.read_parquet(split / args.train_file)
+records = train[["prompt", "chosen", "rejected"]].to_dict("records")
+if args.mismatch > 0:
+    extra = mismatched_pairs(records, args.mismatch, args.seed)
+    train = pd.concat([train, pd.DataFrame(extra)[["prompt", "chosen", "rejected"]]], ignore_index=True)
+print("train pairs", len(train), flush=True)
+ev = pd.read_parquet(split / "rm_eval.parquet")
+test = pd.read_parquet(split / "test_pairs.parquet")
+
+
+def enc(df):
+    out = []
+    for r in df.itertuples():
+        pl = len(encode_prompt(tok, r.prompt))
+        c = encode_prompt_response(tok, r.prompt, r.chosen, 128).input_ids
+        j = encode_prompt_response(tok, r.prompt, r.rejected, 128).input_ids
+        out.append((c, j, pl))
+    return out
+
+
+tr, evd, ted = enc(train), enc(ev), enc(test)
+g_c = gold(test.prompt.tolist(), test.chosen.tolist())
+g_r = gold(test.prompt.tolist(), test.rejected.tolist())
+policy = AutoModelForCausalLM.from_pretrained(sft)
+ref = AutoModelForCausalLM.from_pretrained(sft).eval().requires_grad_(False)
+if args.dropout > 0:
+    training_dropout(policy, args.dropout)
+
+
+def seq_logps(model, batch):  # -> (2b,) summed (or mean) response log-probs, chosen then rejected
+    seqs = [b[0] for b in batch] + [b[1] for b in batch]
+    pls = torch.tensor([b[2] for b in batch] * 2)
+    ids, mask = pad_sequences(seqs, tok.pad_token_id)  # (2b, t)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]
+    lp = torch.log_softmax(logits.float(), -1).gather(2, ids[:, 1:, None]).squeeze(-1)  # (2b, t-1)
+    t = torch.arange(1, ids.shape[1])[None]
+    resp = ((t >= pls[:, None]) & mask[:, 1:].bool()).float()
+    s = (lp * resp).sum(1)
+    return s / resp.sum(1) if args.norm == "mean" else s
+
+
+@torch.no_grad()
+def ref_logps(data):
+    if args.ref_free:
+        return torch.zeros(2 * len(data))
+    out = [seq_logps(ref, data[i:i + 64]) for i in range(0, len(data), 64)]
+    b = [o.shape[0] // 2 for o in out]
+    return torch.cat([o[:k] for o, k in zip(out, b)] + [o[k:] for o, k in zip(out, b)])  # chosen all, then rejected all
+
+
+t0 = time.time()
+ref_tr, ref_ev, ref_te = ref_logps(tr), ref_logps(evd), ref_logps(ted)
+print(f"reference log-probs ({time.time()-t0:.0f}s)", flush=True)
+
+
+@torch.no_grad()
+def rewards(data, refs):
+    policy.eval()
+    out = [seq_logps(policy, data[i:i + 64]) for i in range(0, len(data), 64)]
+    policy.train()
+    b = [o.shape[0] // 2 for o in out]
+    pol = torch.cat([o[:k] for o, k in zip(out, b)] + [o[k:] for o, k in zip(out, b)])
+    r = args.beta * (pol - refs)
+    n = len(data)
+    return r[:n], r[n:]
+
+
+def agreement(c, r):
+    n = ok = 0
+    for a, b, ga, gb in zip(c.tolist(), r.tolist(), g_c, g_r):
+        if ga == gb:
+            continue
+        n += 1
+        ok += (a > b) == (ga > gb)
+    return ok / n
+
+
+bs = args.bs
+steps_per_epoch = len(tr) // bs
+total = int(steps_per_epoch * args.epochs)
+opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+sched = get_cosine_schedule_with_warmup(opt, int(0.03 * total), total)
+g = torch.Generator().manual_seed(args.seed)
+n_tr = len(tr)
+best, hist, step = (float("inf"), None), [], 0
+policy.train()
+for ep in range(math.ceil(args.epochs)):
+    perm = torch.randperm(n_tr, generator=g).tolist()
+    for k in range(steps_per_epoch):
+        if step >= total:
+            break
+        idx = perm[k * bs:(k + 1) * bs]
+        s = seq_logps(policy, [tr[i] for i in idx])
+        b = len(idx)
+        it = torch.tensor(idx)
+        rc = args.beta * (s[:b] - ref_tr[it])
+        rr = args.beta * (s[b:] - ref_tr[n_tr + it])
+        loss = -F.logsigmoid(rc - rr).mean()
+        if args.sft_coef > 0:  # NLL per token of the chosen response
+            loss = loss - args.sft_coef * s[:b].mean() / (1 if args.norm == "mean" else 16)
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step(); sched.step(); step += 1
+        if step % max(1, steps_per_epoch // 2) == 0 or step == total:
+            c, r = rewards(evd, ref_ev)
+            el = float(-F.logsigmoid(c - r).mean()); ea = float((c > r).float().mean())
+            ag = agreement(*rewards(ted, ref_te))
+            hist.append((step, round(el, 4), round(ea, 3), round(ag, 3)))
+            print(f"step {step} eval_loss {el:.4f} eval_acc {ea:.3f} gold_agree {ag:.3f} ({time.time()-t0:.0f}s)", flush=True)
+            if el < best[0]:
+                best = (el, (step, ag))
+print(json.dumps({"kind": "dpo", "beta": args.beta, "lr": args.lr, "norm": args.norm, "ref_free": args.ref_free,
+                  "mismatch": args.mismatch, "seed": args.seed, "epochs": args.epochs, "sft_coef": args.sft_coef,
+                  "dropout": args.dropout, "best_step": best[1][0], "gold_agree_at_best": best[1][1],
+                  "final": hist[-1][3]}))
+if args.save:
+    policy.save_pretrained(args.save); tok.save_pretrained(args.save)
