@@ -62,8 +62,8 @@ BUILT_SIZES = ("auto", "tiny", "small")
 # (or to the shared trainer / strategy) changes the weights it produces for the same inputs.
 BASE_MODEL_VERSION = "3"
 SFT_MODEL_VERSION = "2"
-REWARD_MODEL_VERSION = "5"  # reward_model and heldout_reward_model (same engine)
-PPO_POLICY_VERSION = "5"
+REWARD_MODEL_VERSION = "6"  # reward_model and heldout_reward_model (same engine)
+PPO_POLICY_VERSION = "6"
 
 
 # ---------------------------------------------------------------- configs an operator changes

@@ -182,7 +182,7 @@ def register_reward_models(client: Any, mlflow: MLflowResource, name: str, run_i
                                         "re-materialize the reward model")
             uri = registrable_model_uri(mlflow, run_id, None if member else reward_model.get("mlflow_model_id"), path,
                                         f"reward_model_{i + 1}" if member else "reward_model", "text-classification")
-            # 'challenger' names one version: the first member, whose weights the critic started from
+            # 'challenger' names one version: the first member (a scalar one's weights are the critic's start)
             version = register_version(client, name, uri, run_id, {**tags, **member, "source_dir": path},
                                        alias=CHALLENGER if i == 0 else None)
         versions.append(version)

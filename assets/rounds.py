@@ -45,6 +45,7 @@ from assets.plots import png_markdown, rounds_plot
 from assets.schemas import validate_pairs
 from ops.registry import REGISTRY_POOL
 from ppo_core.lengths import MIN_RESPONSE_LENGTH, recorded_length
+from ppo_core.models import implicit_reward_spec
 from resources import settings
 from resources.launcher import TrainingLauncher
 from resources.mlflow_models import EVAL, TRAINING, log_datasets, model_metrics, split_inputs
@@ -342,7 +343,7 @@ def _latest_reward_model(context: dg.AssetExecutionContext, base: dict) -> tuple
 # Checks of partitioned assets run inside the asset (check_specs): a separate @asset_check is
 # not partitioned and cannot load one round's manifest.
 @dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          code_version="3", description="The reward model refreshed on the cumulative pairs of this round.",
+          code_version="4", description="The reward model refreshed on the cumulative pairs of this round.",
           check_specs=[dg.AssetCheckSpec("round_reward_model_accuracy", asset="round_reward_model", blocking=True,
                                          description="The refreshed reward model keeps its accuracy on the fixed "
                                          "RM eval split (blocks PPO on a broken reward model).")])
@@ -354,7 +355,11 @@ def round_reward_model(context: dg.AssetExecutionContext, config: RoundRewardMod
                          allow_retries=False)
     init, init_from = ((str(sft_model["model_path"]), "sft_model") if config.init == "sft"
                        else _latest_reward_model(context, reward_model))
-    context.log.info(f"round reward model from {init_from}")
+    if config.init == "previous" and config.kind is None:
+        # a warm start continues the model it starts from: the kind comes with it
+        config = config.model_copy(update={"kind": "implicit" if implicit_reward_spec(init) is not None
+                                           else "scalar"})
+    context.log.info(f"round reward model from {init_from} (kind {config.kind or 'the default'})")
     result = train_stage(context, asset="round_reward_model", stage="reward", cfg=config, mlflow=mlflow,
                          launcher=launcher, data_version=round_preferences["data_version"],
                          paths={"model_name_or_path": init, "data_dir": round_preferences["split_dir"]},
@@ -391,7 +396,7 @@ class RoundPolicyConfig(PPOPolicyConfig):
 
 
 @dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          code_version="4", description="PPO from the current champion against the refreshed reward model; "
+          code_version="5", description="PPO from the current champion against the refreshed reward model; "
           "heldout_reward_model guards it.")
 def round_policy(context: dg.AssetExecutionContext, config: RoundPolicyConfig, mlflow: MLflowResource,
                  launcher: TrainingLauncher, dataset_splits: dict, round_preferences: dict, round_reward_model: dict,

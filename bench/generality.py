@@ -104,7 +104,8 @@ class TRLRecipe:
     """TRL's 2e-5 fine-tunes pretrained models; a from-scratch 0.6M-parameter model needs ~1e-3
     (configs/user_dataset.yaml's SFT LR)"""
     rm_learning_rate: float = 5e-4
-    """ppo_core's RewardConfig default, for the same reason"""
+    """ppo_core's RewardConfig default for a scalar reward model (TRL's RewardTrainer trains one),
+    for the same reason"""
     ppo_learning_rate: float = 1e-4
     """one AdamW for policy and value model; ppo_core's policy LR default (TRL's 3e-6 is tuned
     for 1B-parameter models)"""

@@ -3,8 +3,8 @@
 * Policy / reference: any ``AutoModelForCausalLM``.
 * Reward model / critic: ``AutoModelForSequenceClassification`` with ``num_labels=1`` on a
   causal-LM trunk. :func:`token_values` returns the head's output at *every* position (the
-  critic's values); :func:`last_token_scores` picks the one at the last non-pad token (the
-  reward model's score). Both use the attention mask, not ``pad_token_id``, so a tokenizer whose
+  critic's values); :func:`last_token_scores` picks the one at the last non-pad token (a
+  scalar reward model's score). Both use the attention mask, not ``pad_token_id``, so a tokenizer whose
   pad token equals its EOS token still scores at the EOS.
 * Implicit reward model: a causal LM saved with :data:`IMPLICIT_REWARD_FILE` (its beta and
   reference model) beside the weights; :func:`sequence_logprobs` gives the log-probs it needs.
@@ -572,12 +572,20 @@ def sequence_logprobs(
 
     ``input_ids`` / ``attention_mask`` / ``score_mask``: (b, t), any padding side. A token counts
     when it and the token before it are real and ``score_mask`` is True on it (a response's
-    tokens: the first real token has nothing to be predicted from).
+    tokens: the first real token has nothing to be predicted from). The LM head runs only from
+    the first scored column on (``logits_to_keep``): with a large vocabulary the logits of the
+    prompts would dominate memory.
     """
+    columns = score_mask.bool().any(0).nonzero()
+    t = input_ids.shape[1]
+    if len(columns) == 0:
+        return torch.zeros(input_ids.shape[0], device=input_ids.device)
+    first = max(int(columns[0]), 1)  # the first scored token; it is predicted at first - 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits[:, :-1]
-    logp = logprobs_from_logits(logits, input_ids[:, 1:])  # (b, t-1): token j predicted at j - 1
-    keep = score_mask[:, 1:].bool() & attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                   logits_to_keep=t - first + 1).logits[:, :-1]  # (b, t - first, V)
+    logp = logprobs_from_logits(logits, input_ids[:, first:])  # token j predicted at j - 1
+    keep = score_mask[:, first:].bool() & attention_mask[:, first:].bool() & attention_mask[:, first - 1:-1].bool()
     return (logp * keep).sum(1)
 
 

@@ -801,8 +801,9 @@ class PPOTrainer:
 
     def raw_scores(self, prompts: list[str], gen: GenerationOutput,
                    layout: Layout | None = None) -> tuple[torch.Tensor, list[str]]:
-        """Reward-source scores (B,) and the decoded responses; a reward model scores in
-        ``layout`` (the score at each episode's last token), a function gets the whole batch."""
+        """Reward-source scores (B,) and the decoded responses; a scalar reward model scores in
+        ``layout`` (the score at each episode's last token), a function or an implicit reward
+        model gets the whole batch."""
         texts = self.decode(gen.responses, gen.response_mask)
         if not self.reward_members():
             # a function scores on the CPU; the rollout's tensors live on the model's device.

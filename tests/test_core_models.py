@@ -277,10 +277,11 @@ class _ConstantLM(torch.nn.Module):
         super().__init__()
         self.logits = torch.tensor(logits)
 
-    def forward(self, input_ids: torch.Tensor, **_: object) -> object:
+    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **_: object) -> object:
         from types import SimpleNamespace
 
-        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+        self.kept = logits_to_keep
+        return SimpleNamespace(logits=self.logits.expand(input_ids.shape[0], logits_to_keep or input_ids.shape[1], -1))
 
 
 def test_sequence_logprobs_by_hand() -> None:
@@ -296,6 +297,13 @@ def test_sequence_logprobs_by_hand() -> None:
                 math.log(0.25) + math.log(0.5),         # row 1: tokens 1, 2
                 2 * math.log(0.5)]                      # row 2: the first real token is skipped
     torch.testing.assert_close(sequence_logprobs(lm, ids, mask, score), torch.tensor(expected))
+    assert lm.kept == 4  # the first scored column is 1: logits of positions 0-3
+    # scoring from column 2 on: the head runs on positions 1-3 only, the sums are those of columns 2-3
+    late = score & (torch.arange(4) >= 2)
+    expected = [math.log(0.5), math.log(0.25) + math.log(0.5), 2 * math.log(0.5)]  # row 0: column 2 only
+    torch.testing.assert_close(sequence_logprobs(lm, ids, mask, late), torch.tensor(expected))
+    assert lm.kept == 3
+    assert sequence_logprobs(lm, ids, mask, torch.zeros_like(score)).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_implicit_reward_by_hand_and_its_spec(tmp_path: Path) -> None:

@@ -96,6 +96,11 @@ def test_each_round_is_a_partition_with_its_own_lineage_and_cumulative_pairs(rou
         manifest = json.loads((home / "manifests" / "round_reward_model" / "partitions" / f"{k}.json").read_text())
         assert (record.asset_materialization.tags["dagster/data_version"]
                 == model_dir_version(Path(manifest["model_path"])))
+        # the default implicit reward model, warm-started round after round: its reward is
+        # still measured from SFT, not from the previous round's model
+        spec = json.loads((Path(manifest["model_path"]) / "implicit_reward.json").read_text())
+        sft = json.loads((home / "manifests" / "sft_model.json").read_text())["model_path"]
+        assert spec["reference_model"] == str(Path(sft).resolve())
     # every round's simulated labels come from the champion the round started from
     meta = json.loads((home / "manifests" / "round_preferences" / "partitions" / "round-0002.json").read_text())
     assert meta["champion_version"] == rounds["first"]["rounds"][0]["champion_version_after"]
