@@ -14,7 +14,7 @@ JSON summary, the same keys as ``rm_probe``'s for ``/tmp``-style tables.
 ``--norm mean`` divides each sequence's log-ratio by its response length; ``--ref-free`` drops
 pi_ref (SimPO, Meng et al. 2024, with ``--norm mean``).
 """
-import argparse, glob, importlib, json, math, sys, time
+import argparse, json, math, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ppo_core.data import encode_prompt, encode_prompt_response, pad_sequences
+from ppo_core.data import pad_sequences
 from ppo_core.models import load_tokenizer, training_dropout
 from ppo_core.reward import mismatched_pairs
+from bench.guard_replay import gold_scorer
+from bench.probe_data import encoded_sets, gold_agreement, lineage_dirs
 
 p = argparse.ArgumentParser()
 p.add_argument("--home", required=True)
@@ -45,14 +47,8 @@ p.add_argument("--save", default="", help="save the trained policy here (save_pr
 args = p.parse_args()
 torch.set_num_threads(1)
 torch.manual_seed(args.seed)
-home = Path(args.home)
-split = Path(glob.glob(str(home / "data/splits/*/manifest.json"))[0]).parent
-sft = glob.glob(str(home / "models/sft_model/*/final"))[0]
-if ":" in args.task:
-    _m, _f = args.task.split(":")
-    gold = getattr(importlib.import_module(_m), _f)
-else:
-    gold = getattr(importlib.import_module(f"bench.tasks.{args.task}"), "gold_score_batch")
+split, sft = lineage_dirs(args.home)
+gold = gold_scorer(args.task)
 tok = load_tokenizer(sft)
 train = pd.read_parquet(split / args.train_file)
 records = train[["prompt", "chosen", "rejected"]].to_dict("records")
@@ -60,23 +56,7 @@ if args.mismatch > 0:
     extra = mismatched_pairs(records, args.mismatch, args.seed)
     train = pd.concat([train, pd.DataFrame(extra)[["prompt", "chosen", "rejected"]]], ignore_index=True)
 print("train pairs", len(train), flush=True)
-ev = pd.read_parquet(split / "rm_eval.parquet")
-test = pd.read_parquet(split / "test_pairs.parquet")
-
-
-def enc(df):
-    out = []
-    for r in df.itertuples():
-        pl = len(encode_prompt(tok, r.prompt))
-        c = encode_prompt_response(tok, r.prompt, r.chosen, 128).input_ids
-        j = encode_prompt_response(tok, r.prompt, r.rejected, 128).input_ids
-        out.append((c, j, pl))
-    return out
-
-
-tr, evd, ted = enc(train), enc(ev), enc(test)
-g_c = gold(test.prompt.tolist(), test.chosen.tolist())
-g_r = gold(test.prompt.tolist(), test.rejected.tolist())
+tr, evd, ted, g_c, g_r = encoded_sets(tok, split, train, gold)
 policy = AutoModelForCausalLM.from_pretrained(sft)
 ref = AutoModelForCausalLM.from_pretrained(sft).eval().requires_grad_(False)
 if args.dropout > 0:
@@ -123,13 +103,7 @@ def rewards(data, refs):
 
 
 def agreement(c, r):
-    n = ok = 0
-    for a, b, ga, gb in zip(c.tolist(), r.tolist(), g_c, g_r):
-        if ga == gb:
-            continue
-        n += 1
-        ok += (a > b) == (ga > gb)
-    return ok / n
+    return gold_agreement(c.tolist(), r.tolist(), g_c, g_r)
 
 
 bs = args.bs

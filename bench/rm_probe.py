@@ -24,7 +24,7 @@ before the residual add / on the hidden state the score head reads), ``--save DI
 
 ``--task`` is a generality task name or a gold scorer ``module:function``.
 """
-import argparse, glob, importlib, json, math, sys, time
+import argparse, importlib, json, math, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -33,9 +33,11 @@ import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ppo_core.data import encode_prompt, encode_prompt_response, pad_sequences
+from ppo_core.data import pad_sequences
 from ppo_core.models import build_scorer_from_causal_lm, load_tokenizer, trunk_of, score_head, set_attention_dropout, training_dropout
 from ppo_core.reward import bradley_terry_loss, mismatched_pairs
+from bench.guard_replay import gold_scorer
+from bench.probe_data import encoded_sets, gold_agreement, lineage_dirs
 from bench.repeat_negatives import repeated_segment_pairs
 
 
@@ -86,14 +88,9 @@ args = p.parse_args()
 if args.smooth_on == "mismatched" and not args.mismatch > 0:
     p.error("--smooth-on mismatched smooths the mismatched negatives: set --mismatch F > 0")
 torch.set_num_threads(1)
-home = Path(args.home)
-split = Path(glob.glob(str(home / "data/splits/*/manifest.json"))[0]).parent
-sft = args.sft or glob.glob(str(home / "models/sft_model/*/final"))[0]
-if ":" in args.task:
-    _m, _f = args.task.split(":")
-    gold = getattr(importlib.import_module(_m), _f)
-else:
-    gold = getattr(importlib.import_module(f"bench.tasks.{args.task}"), "gold_score_batch")
+split, sft = lineage_dirs(args.home)
+sft = args.sft or sft
+gold = gold_scorer(args.task)
 tok = load_tokenizer(sft)
 train = pd.read_parquet(split / args.train_file)
 if args.all_pairs:
@@ -125,23 +122,7 @@ n_mismatched = len(train) - n_real
 if args.repeat > 0:
     train = pd.concat([train, pd.DataFrame(rep)[["prompt", "chosen", "rejected"]]], ignore_index=True)
 print("train pairs", len(train), flush=True)
-ev = pd.read_parquet(split / "rm_eval.parquet")
-test = pd.read_parquet(split / "test_pairs.parquet")
-
-
-def enc(df):
-    out = []
-    for r in df.itertuples():
-        pl = len(encode_prompt(tok, r.prompt))
-        c = encode_prompt_response(tok, r.prompt, r.chosen, 128).input_ids
-        j = encode_prompt_response(tok, r.prompt, r.rejected, 128).input_ids
-        out.append((c, j, pl))
-    return out
-
-
-tr, evd, ted = enc(train), enc(ev), enc(test)
-g_c = gold(test.prompt.tolist(), test.chosen.tolist())
-g_r = gold(test.prompt.tolist(), test.rejected.tolist())
+tr, evd, ted, g_c, g_r = encoded_sets(tok, split, train, gold)
 if args.lm_coef > 0:
     from transformers import AutoModelForCausalLM
     torch.manual_seed(args.seed)
@@ -214,13 +195,7 @@ def evaluate(data):
 
 
 def agreement(c, r):
-    n = ok = 0
-    for a, b, ga, gb in zip(c.tolist(), r.tolist(), g_c, g_r):
-        if ga == gb:
-            continue
-        n += 1
-        ok += (a > b) == (ga > gb)
-    return ok / n
+    return gold_agreement(c.tolist(), r.tolist(), g_c, g_r)
 
 
 bs = args.bs

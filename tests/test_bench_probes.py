@@ -124,3 +124,12 @@ def test_recipe_anatomy_counts_by_hand() -> None:
     assert (t["unused"], t["no_period"], t["manner_quality"]) == (2, 1, 1.0)
     # +2 (leek gently) -1 (leek again) -1.5 (rice) -0.5 (gently again) -2 (tofu, corn) -1 (period)
     assert t["gold"] == pytest.approx(-4.0)
+
+
+def test_gold_agreement_by_hand() -> None:
+    """Pairs gold ties are left out; a score tie counts as the wrong order."""
+    from bench.probe_data import gold_agreement
+
+    # pair 1 agrees, pair 2 disagrees, pair 3 is a gold tie (left out), pair 4 a score tie where
+    # gold prefers the chosen answer (wrong order)
+    assert gold_agreement([2, 0, 5, 1], [1, 1, 0, 1], [1, 2, 3, 2], [0, 1, 3, 1]) == 1 / 3
