@@ -103,9 +103,9 @@ class RewardConfig:
     0.78-0.83 -> 0.86-0.91). Measured on models built from scratch only: a pretrained base
     model keeps ``scalar`` (``assets.models.PRETRAINED_DEFAULTS``)."""
     beta: float = 0.1
-    """``implicit``: the scale of the log-ratio (DPO's beta; TRL's ``DPOConfig`` and the DPO paper
-    use 0.1). PPO normalises the reward on reference samples, so it mostly sets how fast the
-    sigmoid saturates in training."""
+    """``implicit``: the scale of the log-ratio (DPO's beta; TRL's ``DPOConfig`` default 0.1). PPO
+    normalises the reward on reference samples, so it mostly sets how fast the sigmoid
+    saturates in training."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the hub (off: safe default)."""
     max_length: int = 128
