@@ -246,6 +246,7 @@ def rm_scores(rm_dir: str, prompts: list[str], response_ids: list[list[int]], ba
     import torch
 
     from ppo_core import models, rewards
+    from ppo_core.data import mask_from_starts
 
     tok = models.load_tokenizer(rm_dir)
     spec = models.implicit_reward_spec(rm_dir)
@@ -258,7 +259,7 @@ def rm_scores(rm_dir: str, prompts: list[str], response_ids: list[list[int]], ba
     out: list[float] = []
     for ids, mask, starts, _ in _prompt_response_batches(tok, prompts, response_ids, batch_size):
         n = ids.size(0)
-        response = (torch.arange(ids.size(1))[None, :] >= torch.tensor(starts)[:, None]) & mask.bool()
+        response = mask_from_starts(torch.tensor(starts), mask)
         with torch.inference_mode():
             # the models read the token ids only; the text arguments serve function rewards
             out += scorer([""] * n, [""] * n, ids, mask, response_mask=response).tolist()

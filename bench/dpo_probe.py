@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ppo_core.data import pad_sequences
-from ppo_core.models import load_tokenizer, training_dropout
+from ppo_core.data import mask_from_starts, pad_sequences
+from ppo_core.models import load_tokenizer, sequence_logprobs, training_dropout
 from ppo_core.reward import mismatched_pairs
 from bench.guard_replay import gold_scorer
 from bench.probe_data import encoded_sets, gold_agreement, lineage_dirs
@@ -65,15 +65,10 @@ if args.dropout > 0:
 
 def seq_logps(model, batch):  # -> (2b,) summed (or mean) response log-probs, chosen then rejected
     seqs = [b[0] for b in batch] + [b[1] for b in batch]
-    pls = torch.tensor([b[2] for b in batch] * 2)
     ids, mask = pad_sequences(seqs, tok.pad_token_id)  # (2b, t)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]
-    lp = torch.log_softmax(logits.float(), -1).gather(2, ids[:, 1:, None]).squeeze(-1)  # (2b, t-1)
-    t = torch.arange(1, ids.shape[1])[None]
-    resp = ((t >= pls[:, None]) & mask[:, 1:].bool()).float()
-    s = (lp * resp).sum(1)
-    return s / resp.sum(1) if args.norm == "mean" else s
+    resp = mask_from_starts(torch.tensor([b[2] for b in batch] * 2), mask)
+    s = sequence_logprobs(model, ids, mask, resp)
+    return s / resp[:, 1:].sum(1) if args.norm == "mean" else s
 
 
 @torch.no_grad()

@@ -232,6 +232,13 @@ def encode_pair(
                        (c.labels.count(IGNORE_INDEX), r.labels.count(IGNORE_INDEX)))
 
 
+def mask_from_starts(starts: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(b, t) bool, True on each row's real tokens from column ``starts[i]`` on: in right-padded
+    prompt + response rows whose prompts are ``starts`` long, the response tokens (EOS included)."""
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (columns[None, :] >= starts.to(attention_mask.device)[:, None]) & attention_mask.bool()
+
+
 def collate_pairs(pairs: Sequence[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one right-padded batch, so one forward scores both.
 
@@ -241,7 +248,7 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_token_id: int) -> dict[str, 
     seqs = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     ids, mask = pad_sequences(seqs, pad_token_id)
     starts = torch.tensor([p.prompt_lengths[0] for p in pairs] + [p.prompt_lengths[1] for p in pairs])
-    response = (torch.arange(ids.shape[1])[None, :] >= starts[:, None]) & mask.bool()
+    response = mask_from_starts(starts, mask)
     margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
     return {"input_ids": ids, "attention_mask": mask, "response_mask": response, "margin": margin}
 
