@@ -269,6 +269,6 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
 
 
 if __name__ == "__main__":
-    from ppo_core.strategy import exit_code_after_shutdown
+    from ppo_core.strategy import exit_after_shutdown
 
-    sys.exit(exit_code_after_shutdown(main()))
+    exit_after_shutdown(main())

@@ -12,16 +12,18 @@ optimizer step = ``micro_batch_size`` x ``world_size`` x ``gradient_accumulation
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import shutil
 import socket
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -554,20 +556,31 @@ class DeepSpeedStrategy:
             raise FileNotFoundError(f"no DeepSpeed engine state under {ckpt_dir}")
 
 
-def exit_code_after_shutdown(code: int) -> int:
-    """``code``, after tearing down torch.distributed when the stage succeeded.
+def exit_after_shutdown(code: int) -> NoReturn:
+    """Exit with ``code``, tearing down torch.distributed first when the stage succeeded.
 
-    The ``__main__`` of every engine calls this on its way out. A process that exits without
+    The ``__main__`` of every engine ends here. A rank that leaves without
     ``destroy_process_group`` can abort in interpreter finalization while gloo's worker threads
-    still hold tensors ("terminate called without an active exception", pytorch/pytorch#190489;
-    seen here on a 2-rank ZeRO-3 run under load after its model was saved). Only after success:
-    a rank that failed would wait in the barrier for peers that may never arrive (torchtitan
-    #1342 does the same).
+    still hold tensors ("terminate called without an active exception", pytorch/pytorch#190489).
+    Tearing down is not enough on its own: tests/test_ppo.py's 2-rank ZeRO-3 PPO run, looped on a
+    loaded machine, still aborted so in 3 of about 67 runs, after both ranks had passed
+    ``destroy_process_group`` (the project's CI lost a run to it); with ``os._exit``, 0 of 100.
+    So a successful rank of a multi-rank run flushes its streams and logs and leaves with
+    ``os._exit``, skipping the C++ static destructors. By then its outputs are on disk, and the
+    Pipes launcher has closed its Dagster Pipes context and flushed its MLflow metrics.
+    Teardown runs only after success: a rank that failed would wait in the barrier for peers
+    that may never arrive (torchtitan #1342 does the same).
     """
     if code == 0 and dist.is_available() and dist.is_initialized():
+        multi_rank = dist.get_world_size() > 1
         dist.barrier()
         dist.destroy_process_group()
-    return code
+        if multi_rank:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+    sys.exit(code)
 
 
 def get_rank() -> int:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +26,7 @@ from ppo_core.checkpoint import (
 )
 from ppo_core.config import ConfigError
 from ppo_core.models import build_tiny_causal_lm, load_causal_lm, train_tokenizer
-from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, resolve_cpu_threads
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, exit_after_shutdown, resolve_cpu_threads
 
 torch.set_num_threads(1)
 
@@ -222,3 +227,46 @@ def test_step_clips_like_torch_and_reports_the_norm(stage: int) -> None:
     full = strategy.full_state_dict(engine)
     for k, v in twin.state_dict().items():
         torch.testing.assert_close(full[k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_exit_after_shutdown_returns_the_code_of_a_failed_stage() -> None:
+    """A failed stage exits with its code and no teardown (no barrier peers may never reach)."""
+    with pytest.raises(SystemExit) as exc:
+        exit_after_shutdown(2)
+    assert exc.value.code == 2
+
+
+def test_exit_after_shutdown_skips_finalization_and_loses_no_output(tmp_path: Path) -> None:
+    """Two gloo ranks (plain processes, so stdout is a block-buffered pipe, as under launchers
+    that do not pass ``-u``) leave through ``os._exit``: what each printed without a newline
+    and logged still arrives, while atexit handlers, where finalization aborts start, do not
+    run, and neither does code after the call."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent("""
+        import atexit, logging, sys
+        import torch.distributed as dist
+        from ppo_core.strategy import exit_after_shutdown
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        logging.basicConfig(filename=f"{sys.argv[1]}.{rank}", level=logging.INFO)
+        logging.info("logged by rank %d", rank)
+        atexit.register(print, "<finalized>")
+        print(f"<printed by rank {rank}>", end="")
+        exit_after_shutdown(0)
+        print("<after the exit>")
+    """))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")
+    log = tmp_path / "log"
+    procs = [subprocess.Popen([sys.executable, str(script), str(log)], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for rank, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, err[-3000:]
+        assert out == f"<printed by rank {rank}>"
+        assert f"logged by rank {rank}" in Path(f"{log}.{rank}").read_text()

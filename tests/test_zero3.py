@@ -254,9 +254,9 @@ def test_training_works_after_gathered_generation(zero3_run):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    from ppo_core.strategy import exit_code_after_shutdown
+    from ppo_core.strategy import exit_after_shutdown
 
     worker(*sys.argv[2:6])
-    # as every engine's __main__ does: a rank leaving without destroy_process_group can abort in
-    # interpreter finalization ("terminate called without an active exception"; CI34 did)
-    sys.exit(exit_code_after_shutdown(0))
+    # as every engine's __main__ does: a rank leaving through interpreter finalization can
+    # abort there ("terminate called without an active exception"; CI34 did)
+    exit_after_shutdown(0)
