@@ -63,7 +63,7 @@ BUILT_SIZES = ("auto", "tiny", "small")
 BASE_MODEL_VERSION = "3"
 SFT_MODEL_VERSION = "2"
 REWARD_MODEL_VERSION = "6"  # reward_model and heldout_reward_model (same engine)
-PPO_POLICY_VERSION = "6"
+PPO_POLICY_VERSION = "7"
 
 
 # ---------------------------------------------------------------- configs an operator changes
@@ -186,7 +186,8 @@ class PPOPolicyConfig(StageConfig):
 
     kl_coef: Optional[float] = Field(
         default=None, description="KL penalty coefficient beta (the initial one when kl_target is set); "
-        "None keeps the engine default, 0 turns the penalty (and the KL ceiling) off.")
+        "None keeps the engine default (0.1 against an implicit reward model, 0.05 otherwise), 0 turns the "
+        "penalty (and the KL ceiling) off.")
     kl_target: Optional[float] = Field(
         default=None, description="Adapt beta so the KL per episode approaches this value (adaptive "
         "controller, Ziegler et al. 2019); None keeps the engine default (no target: a fixed beta that "

@@ -396,7 +396,7 @@ class RoundPolicyConfig(PPOPolicyConfig):
 
 
 @dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          code_version="5", description="PPO from the current champion against the refreshed reward model; "
+          code_version="6", description="PPO from the current champion against the refreshed reward model; "
           "heldout_reward_model guards it.")
 def round_policy(context: dg.AssetExecutionContext, config: RoundPolicyConfig, mlflow: MLflowResource,
                  launcher: TrainingLauncher, dataset_splits: dict, round_preferences: dict, round_reward_model: dict,

@@ -539,6 +539,18 @@ def _implicit_rm(tiny_run, reference: str) -> str:
     return str(path)
 
 
+def test_kl_coef_default_follows_the_reward_model_kind(tiny_run, tmp_path):
+    """Left unset, kl_coef is TRL's 0.05 for a scalar reward model or a reward function and 0.1
+    for an implicit one; a value the user sets is kept whatever the kind."""
+    implicit = _implicit_rm(tiny_run, str(Path(tiny_run["policy_path"]).resolve()))
+    assert small_cfg(tiny_run, tmp_path / "s").kl_coef == 0.05
+    assert small_cfg(tiny_run, tmp_path / "i", reward_model_path=implicit).kl_coef == 0.1
+    assert small_cfg(tiny_run, tmp_path / "u", reward_model_path=implicit, kl_coef=0.02).kl_coef == 0.02
+    assert small_cfg(tiny_run, tmp_path / "z", reward_model_path=implicit, kl_coef=0.0).kl_coef == 0.0
+    assert small_cfg(tiny_run, tmp_path / "f", reward_model_path=None,
+                     reward_function="assets.bundled_task:gold_score_batch").kl_coef == 0.05
+
+
 def test_an_implicit_reward_model_scores_the_response_log_ratio(tiny_run, tmp_path):
     """PPO scores beta x (log p_rm - log p_ref) over each response's own tokens, row by row as
     an unpadded forward computes it; the reference is PPO's own when the paths agree, and the
