@@ -116,7 +116,7 @@ class TRLRecipe:
     num_ppo_epochs: int = 4
     """TRL default"""
     kl_coef: float = 0.05
-    """TRL default (and ppo_core's)"""
+    """TRL default (and ppo_core's for a scalar reward model, which TRL's side trains)"""
     missing_eos_penalty: float = 1.0
     """TRL's PPO example script"""
     response_length: int = 32

@@ -222,7 +222,7 @@ class PPOConfig:
     reward function, 0.1 when ``reward_model_path`` is an implicit reward model. Its score is
     itself a log-ratio to the reference, and at 0.05 PPO against it ran to 2.5-3.9 nats on the
     style task and kept early checkpoints. Eight PPO reruns on five suite tasks (BENCHMARKS.md,
-    "A KL coefficient for implicit reward models") at 0.1 against 0.05 gained +0.032 +- 0.014
+    "A KL coefficient for implicit reward models") at 0.1 against 0.05 gained +0.032 +- 0.013
     gold win rate, lost on none, and had equal or less KL on every one."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """per-token KL estimator (TRL ``kl_estimator`` default k1; k3 is unbiased and >= 0)"""
@@ -355,7 +355,8 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         if self.kl_coef is None:  # resolved here, so the stage's saved config records the value
-            implicit = isinstance(self.reward_model_path, str) and implicit_reward_spec(self.reward_model_path)
+            paths = as_paths(self.reward_model_path)  # a one-element list is the single model too
+            implicit = len(paths) == 1 and implicit_reward_spec(paths[0]) is not None
             object.__setattr__(self, "kl_coef", KL_COEF_IMPLICIT if implicit else KL_COEF_SCALAR)
         errors = _validate(self)
         if errors:

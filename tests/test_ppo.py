@@ -545,6 +545,7 @@ def test_kl_coef_default_follows_the_reward_model_kind(tiny_run, tmp_path):
     implicit = _implicit_rm(tiny_run, str(Path(tiny_run["policy_path"]).resolve()))
     assert small_cfg(tiny_run, tmp_path / "s").kl_coef == 0.05
     assert small_cfg(tiny_run, tmp_path / "i", reward_model_path=implicit).kl_coef == 0.1
+    assert small_cfg(tiny_run, tmp_path / "l", reward_model_path=[implicit]).kl_coef == 0.1
     assert small_cfg(tiny_run, tmp_path / "u", reward_model_path=implicit, kl_coef=0.02).kl_coef == 0.02
     assert small_cfg(tiny_run, tmp_path / "z", reward_model_path=implicit, kl_coef=0.0).kl_coef == 0.0
     assert small_cfg(tiny_run, tmp_path / "f", reward_model_path=None,
