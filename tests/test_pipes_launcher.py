@@ -236,8 +236,9 @@ def test_two_nodes_static_rendezvous_end_to_end(tmp_path: Path, mlflow_res: MLfl
     for node 1. They meet at the static rendezvous; global rank 0 is on the Dagster side, so its
     summary (world size 2) arrives through Pipes."""
     import os
-    import socket
     import subprocess
+
+    from ppo_core.strategy import free_port
 
     repo = Path(__file__).resolve().parents[1]
     (tmp_path / "fake_pkg").mkdir()
@@ -245,9 +246,7 @@ def test_two_nodes_static_rendezvous_end_to_end(tmp_path: Path, mlflow_res: MLfl
     (tmp_path / "fake_pkg" / "stage.py").write_text(FAKE_STAGE)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"max_steps": 3, "output_dir": str(tmp_path / "out")}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     launcher = TrainingLauncher(nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", omp_num_threads=1,
                                 extra_env={"PYTHONPATH": f"{tmp_path}:{repo}"})
 

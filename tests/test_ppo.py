@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from ppo_core import ppo_utils as U
 from ppo_core.generation import GenerationOutput
 from ppo_core.ppo import (PPOConfig, PPOTrainer, Rollout, _select, main,
                           plan_length_groups, train)
-from ppo_core.strategy import DeepSpeedStrategy
+from ppo_core.strategy import DeepSpeedStrategy, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -379,9 +378,7 @@ def test_torchrun_two_ranks(tiny_run, tmp_path, stage):
     path.write_text(json.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    with socket.socket() as s:  # torchrun passes --master-port 0 to the workers verbatim
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())  # torchrun passes --master-port 0 to the workers verbatim
     proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", port, "-m",
                            "ppo_core.ppo", "--config", str(path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from ppo_core.callbacks import Callback
 from ppo_core.config import ConfigError, from_dict
 from ppo_core.models import ModelLoadError, build_tiny_causal_lm, load_causal_lm, train_tokenizer
 from ppo_core.sft import SFTConfig, main, response_correct, response_nll, train
+from ppo_core.strategy import free_port
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -219,9 +219,7 @@ def test_torchrun_two_ranks_zero2(tmp_path: Path, data_dir: Path, base_model: Pa
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # this pytest process may have set them for its own in-process runs
-    with socket.socket() as sock:  # torchrun's --master-port 0 is not resolved for the env rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())  # torchrun's --master-port 0 is not resolved for the env rendezvous
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
            "-m", "ppo_core.sft", "--config", str(cfg)]
     # Own process group, so a hang kills the workers too, not only the torchrun agent.

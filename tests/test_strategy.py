@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,7 @@ from ppo_core.checkpoint import (
 )
 from ppo_core.config import ConfigError
 from ppo_core.models import build_tiny_causal_lm, load_causal_lm, train_tokenizer
-from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, exit_after_shutdown, resolve_cpu_threads
+from ppo_core.strategy import DeepSpeedStrategy, StrategyConfig, exit_after_shutdown, free_port, resolve_cpu_threads
 
 torch.set_num_threads(1)
 
@@ -256,9 +255,7 @@ def test_exit_after_shutdown_skips_finalization_and_loses_no_output(tmp_path: Pa
         exit_after_shutdown(0)
         print("<after the exit>")
     """))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +159,7 @@ def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
     from assets import bundled_task as bt
     from ppo_core.models import build_scorer_from_causal_lm, build_tiny_causal_lm, train_tokenizer
+    from ppo_core.strategy import free_port
 
     root = tmp_path_factory.mktemp("zero3")
     prompts = bt.all_prompts()
@@ -174,9 +174,7 @@ def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     pd.DataFrame({"prompt": prompts[:16]}).to_parquet(root / "train.parquet")
     out = root / "out"
     out.mkdir()
-    with socket.socket() as s:  # torchrun passes --master-port 0 to the workers verbatim
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())  # torchrun passes --master-port 0 to the workers verbatim
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
