@@ -11,7 +11,7 @@ JSON summary, the same keys as ``rm_probe``'s for ``/tmp``-style tables.
 
     .venv/bin/python bench/dpo_probe.py --home RLHF_HOME --task facts --mismatch 0.5 --beta 0.1
 
-``--norm mean`` divides each sequence's log-ratio by its response length; ``--ref-free`` drops
+``--dump F`` writes the test pairs' scores for ``bench/rm_ensemble.py scores``. ``--norm mean`` divides each sequence's log-ratio by its response length; ``--ref-free`` drops
 pi_ref (SimPO, Meng et al. 2024, with ``--norm mean``).
 """
 import argparse, json, math, sys, time
@@ -44,6 +44,7 @@ p.add_argument("--sft-coef", type=float, default=0.0, help="NLL on the chosen re
 p.add_argument("--dropout", type=float, default=0.0)
 p.add_argument("--train-file", default="rm_train.parquet")
 p.add_argument("--save", default="", help="save the trained policy here (save_pretrained), for bench/implicit_reward.py")
+p.add_argument("--dump", default="", help="write the test pairs' scores (final and at the best eval loss) here, .pt, for bench/rm_ensemble.py scores")
 args = p.parse_args()
 torch.set_num_threads(1)
 torch.manual_seed(args.seed)
@@ -130,14 +131,19 @@ for ep in range(math.ceil(args.epochs)):
         if step % max(1, steps_per_epoch // 2) == 0 or step == total:
             c, r = rewards(evd, ref_ev)
             el = float(-F.logsigmoid(c - r).mean()); ea = float((c > r).float().mean())
-            ag = agreement(*rewards(ted, ref_te))
+            tc, trr = rewards(ted, ref_te)
+            ag = agreement(tc, trr)
+            last_scores = (tc, trr)
             hist.append((step, round(el, 4), round(ea, 3), round(ag, 3)))
             print(f"step {step} eval_loss {el:.4f} eval_acc {ea:.3f} gold_agree {ag:.3f} ({time.time()-t0:.0f}s)", flush=True)
             if el < best[0]:
                 best = (el, (step, ag))
+                best_scores = (tc, trr)
 print(json.dumps({"kind": "dpo", "beta": args.beta, "lr": args.lr, "norm": args.norm, "ref_free": args.ref_free,
                   "mismatch": args.mismatch, "seed": args.seed, "epochs": args.epochs, "sft_coef": args.sft_coef,
                   "dropout": args.dropout, "best_step": best[1][0], "gold_agree_at_best": best[1][1],
                   "final": hist[-1][3]}))
+if args.dump:
+    torch.save({"best": best_scores, "final": last_scores, "gold": (g_c, g_r)}, args.dump)
 if args.save:
     policy.save_pretrained(args.save); tok.save_pretrained(args.save)
