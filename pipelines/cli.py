@@ -93,6 +93,55 @@ def load_run_config(path: str | None) -> dict[str, Any]:
     return data
 
 
+SPEC_KEYS = ("gold_scorer", "reward_function")
+"""Op config fields holding a ``"module:function"`` the run imports: the evaluation's gold scorer
+(imported only after every training stage) and a rule-based reward set through ``overrides``."""
+
+
+def import_specs(run_config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(where, spec)`` for every ``module:function`` the run config names, e.g.
+    ``("evaluation_report.gold_scorer", "my_scorer:score")``; ``''`` and ``none`` name none."""
+    found = []
+    for op, entry in ((run_config or {}).get("ops") or {}).items():
+        config = (entry or {}).get("config") if isinstance(entry, Mapping) else None
+        if not isinstance(config, Mapping):
+            continue
+        for scope, fields in (("", config), ("overrides.", config.get("overrides"))):
+            for key in SPEC_KEYS if isinstance(fields, Mapping) else ():
+                spec = fields.get(key)
+                if isinstance(spec, str) and spec.strip() and spec.strip().lower() != "none":
+                    found.append((f"{op}.{scope}{key}", spec.strip()))
+    return found
+
+
+def preflight(run_config: Mapping[str, Any]) -> list[str]:
+    """Import every ``module:function`` the config names before anything runs. The gold scorer is
+    first used by ``evaluation_report``, after every training stage: a typo there would otherwise
+    fail the run minutes in, with every model trained and none evaluated."""
+    specs = import_specs(run_config)
+    if not specs:
+        return []
+    from ppo_core.rewards import load_function
+
+    errors = []
+    for where, spec in specs:
+        try:
+            load_function(spec)
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}; the working directory ({os.getcwd()}) is on the import path")
+    return errors
+
+
+def refuse_unimportable(run_config: Mapping[str, Any], command: str) -> bool:
+    """Print why and return True when :func:`preflight` finds a spec that does not import."""
+    errors = preflight(run_config)
+    for error in errors:
+        print(f"{command}: {error}", file=sys.stderr)
+    if errors:
+        print(f"{command}: nothing was run", file=sys.stderr)
+    return bool(errors)
+
+
 # ---------------------------------------------------------------- summary
 def read_manifest(asset: str, run_id: str | None = None) -> dict[str, Any] | None:
     """The JSON manifest an asset wrote (for ``run_id`` when given, else the latest)."""
@@ -572,13 +621,21 @@ def main(argv: list[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     if args.command == "run":
-        return run_lineage(load_run_config(args.config), promote=not args.no_promote)
+        config = load_run_config(args.config)
+        if refuse_unimportable(config, "rlhf run"):
+            return 2
+        return run_lineage(config, promote=not args.no_promote)
     if args.command == "annotate":
         return export_annotation_batch(args.prompts, args.seed, args.model_name)
     if args.command == "rounds":
         if args.rounds < 1:
             raise SystemExit("rlhf rounds: --rounds must be >= 1")
-        return run_rounds(args.rounds, load_run_config(args.config), load_run_config(args.lineage_config),
+        config, lineage_config = load_run_config(args.config), load_run_config(args.lineage_config)
+        refused = [refuse_unimportable(c, f"rlhf rounds {flag}")
+                   for c, flag in ((config, "--config"), (lineage_config, "--lineage-config"))]
+        if any(refused):
+            return 2
+        return run_rounds(args.rounds, config, lineage_config,
                           [str(Path(f).resolve()) for f in args.files], args.start_from_sft)
     return run_ui(args.host, args.dagster_port, args.mlflow_port)
 

@@ -47,6 +47,46 @@ def test_load_run_config_errors_name_the_file(tmp_path: Path) -> None:
     assert cli.load_run_config(str(good))["ops"]["raw_preferences"]["config"]["n_pairs"] == 10
 
 
+def test_import_specs_lists_every_module_function_the_config_names() -> None:
+    config = {"ops": {
+        "evaluation_report": {"config": {"gold_scorer": " my_scorer:score ", "max_prompts": 96}},
+        "ppo_policy": {"config": {"overrides": {"reward_function": "rules:reward"}}},
+        "round_annotation": {"config": {"gold_scorer": "none"}},
+        "sft_model": {"config": {}}, "reward_model": None,
+    }}
+    assert cli.import_specs(config) == [("evaluation_report.gold_scorer", "my_scorer:score"),
+                                        ("ppo_policy.overrides.reward_function", "rules:reward")]
+    assert cli.import_specs({}) == [] and cli.preflight({"ops": {"evaluation_report": {"config": {"gold_scorer": ""}}}}) == []
+
+
+def test_preflight_imports_from_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "my_scorer_mod.py").write_text("def score(prompts, responses):\n    return [0.0] * len(prompts)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = {"ops": {"evaluation_report": {"config": {"gold_scorer": "my_scorer_mod:score"}}}}
+    assert cli.preflight(config) == []
+    config["ops"]["evaluation_report"]["config"]["gold_scorer"] = "my_scorer_mod:scor"
+    (error,) = cli.preflight(config)
+    assert error.startswith("evaluation_report.gold_scorer: ") and "has no callable 'scor'" in error
+
+
+def test_rlhf_run_refuses_an_unimportable_gold_scorer_before_anything_runs(rlhf_home: Path, tmp_path: Path,
+                                                                         monkeypatch, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"ops": {
+        "raw_preferences": {"config": {"source": "bundled", "n_pairs": 300}},
+        "evaluation_report": {"config": {"gold_scorer": "no_such_scorer_module:score"}},
+    }}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the working directory on it
+    assert cli.main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("rlhf run: evaluation_report.gold_scorer: reward function 'no_such_scorer_module:score': "
+                             "cannot import module 'no_such_scorer_module'")
+    assert f"the working directory ({tmp_path}) is on the import path" in err[0]
+    assert err[1:] == ["rlhf run: nothing was run"]
+    assert not (rlhf_home / "logs").exists() and not (rlhf_home / "summary.json").exists()
+
+
 def write_manifest(home: Path, asset: str, run_id: str, value: dict) -> None:
     path = home / "manifests" / asset / "runs" / f"{run_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
