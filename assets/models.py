@@ -61,8 +61,8 @@ BUILT_SIZES = ("auto", "tiny", "small")
 # includes its ppo_core engine: bump the stage's constant when a change to ppo_core/<stage>.py
 # (or to the shared trainer / strategy) changes the weights it produces for the same inputs.
 BASE_MODEL_VERSION = "3"
-SFT_MODEL_VERSION = "2"
-REWARD_MODEL_VERSION = "6"  # reward_model and heldout_reward_model (same engine)
+SFT_MODEL_VERSION = "3"
+REWARD_MODEL_VERSION = "7"  # reward_model and heldout_reward_model (same engine)
 PPO_POLICY_VERSION = "7"
 
 

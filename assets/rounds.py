@@ -343,7 +343,7 @@ def _latest_reward_model(context: dg.AssetExecutionContext, base: dict) -> tuple
 # Checks of partitioned assets run inside the asset (check_specs): a separate @asset_check is
 # not partitioned and cannot load one round's manifest.
 @dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          code_version="4", description="The reward model refreshed on the cumulative pairs of this round.",
+          code_version="5", description="The reward model refreshed on the cumulative pairs of this round.",
           check_specs=[dg.AssetCheckSpec("round_reward_model_accuracy", asset="round_reward_model", blocking=True,
                                          description="The refreshed reward model keeps its accuracy on the fixed "
                                          "RM eval split (blocks PPO on a broken reward model).")])
