@@ -111,7 +111,7 @@ class StageConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of data order, init and sampling.")
     zero_stage: Optional[int] = Field(
         default=None, description="DeepSpeed ZeRO stage 0-3 (strategy.zero_stage); None keeps the engine "
-        "default (2 for SFT and reward models, 0 for PPO).")
+        "default (0 for every stage: plain data parallel; 2 or 3 shard optimizer states over ranks).")
     lora_rank: int = Field(
         default=0, description="Rank of LoRA adapters (peft) instead of training every weight; the merged "
         "model is saved. 0 keeps the engine default (every weight trained).")

@@ -93,31 +93,24 @@ def load_run_config(path: str | None) -> dict[str, Any]:
     return data
 
 
-SPEC_KEYS = ("gold_scorer", "reward_function")
-"""Op config fields holding a ``"module:function"`` the run imports: the evaluation's gold scorer
-(imported only after every training stage) and a rule-based reward set through ``overrides``."""
-
-
 def import_specs(run_config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(where, spec)`` for every ``module:function`` the run config names, e.g.
-    ``("evaluation_report.gold_scorer", "my_scorer:score")``; ``''`` and ``none`` name none."""
+    """``(where, spec)`` for every gold scorer (``"module:function"``) the run config names, e.g.
+    ``("evaluation_report.gold_scorer", "my_scorer:score")``; ``''`` and ``none`` name none.
+    (PPO's rule-based ``reward_function`` is not a lineage option: its stages always optimise a
+    trained reward model.)"""
     found = []
     for op, entry in ((run_config or {}).get("ops") or {}).items():
-        config = (entry or {}).get("config") if isinstance(entry, Mapping) else None
-        if not isinstance(config, Mapping):
-            continue
-        for scope, fields in (("", config), ("overrides.", config.get("overrides"))):
-            for key in SPEC_KEYS if isinstance(fields, Mapping) else ():
-                spec = fields.get(key)
-                if isinstance(spec, str) and spec.strip() and spec.strip().lower() != "none":
-                    found.append((f"{op}.{scope}{key}", spec.strip()))
+        config = entry.get("config") if isinstance(entry, Mapping) else None
+        spec = config.get("gold_scorer") if isinstance(config, Mapping) else None
+        if isinstance(spec, str) and spec.strip() and spec.strip().lower() != "none":
+            found.append((f"{op}.gold_scorer", spec.strip()))
     return found
 
 
 def preflight(run_config: Mapping[str, Any]) -> list[str]:
-    """Import every ``module:function`` the config names before anything runs. The gold scorer is
-    first used by ``evaluation_report``, after every training stage: a typo there would otherwise
-    fail the run minutes in, with every model trained and none evaluated."""
+    """Import every gold scorer the config names before anything runs. It is first used by
+    ``evaluation_report``, after every training stage: a typo there would otherwise fail the run
+    minutes in, with every model trained and none evaluated."""
     specs = import_specs(run_config)
     if not specs:
         return []
@@ -129,6 +122,8 @@ def preflight(run_config: Mapping[str, Any]) -> list[str]:
             load_function(spec)
         except ValueError as exc:
             errors.append(f"{where}: {exc}; the working directory ({os.getcwd()}) is on the import path")
+        except Exception as exc:  # the module imports but fails while loading: a syntax error, its own imports
+            errors.append(f"{where}: importing {spec!r} raised {type(exc).__name__}: {exc}")
     return errors
 
 
@@ -430,6 +425,8 @@ def run_rounds(n: int, round_config: Mapping[str, Any], lineage_config: Mapping[
     start = time.monotonic()
     bootstrap = None
     if not has_champion(MLflowResource()):
+        if refuse_unimportable(lineage_config, "rlhf rounds --lineage-config"):
+            return 2
         print("no champion yet: running the lineage first (rlhf run)", flush=True)
         code = run_lineage(lineage_config)
         bootstrap = round(time.monotonic() - start, 1)
@@ -631,9 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rounds < 1:
             raise SystemExit("rlhf rounds: --rounds must be >= 1")
         config, lineage_config = load_run_config(args.config), load_run_config(args.lineage_config)
-        refused = [refuse_unimportable(c, f"rlhf rounds {flag}")
-                   for c, flag in ((config, "--config"), (lineage_config, "--lineage-config"))]
-        if any(refused):
+        if refuse_unimportable(config, "rlhf rounds --config"):
             return 2
         return run_rounds(args.rounds, config, lineage_config,
                           [str(Path(f).resolve()) for f in args.files], args.start_from_sft)
