@@ -344,9 +344,9 @@ class PPOConfig:
     uses a second core; each model's arithmetic is unchanged).
     Single process only; on tiny models one more core does more this way than as a second
     intra-op thread. Off by default: it doubles the cores a run takes"""
-    strategy: StrategyConfig = field(default_factory=lambda: StrategyConfig(zero_stage=0))
-    """DeepSpeed options (ZeRO stage, offload, clipping, bf16). Stage 0 by default: on one CPU
-    rank ZeRO only adds bookkeeping; use 2 under torchrun (DeepSpeed-Chat's training default).
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    """DeepSpeed options (ZeRO stage, offload, clipping, bf16; ``StrategyConfig.zero_stage`` says
+    why stage 0 is the default).
     ``bf16: true`` is OpenRLHF's and DeepSpeed-Chat's ``--bf16``: actor and critic are DeepSpeed
     bf16 engines (bf16 weights, fp32 master copies in the optimizer), the reference, reward and
     guard models are cast to bf16, and log-probs, entropies, values, scores, rewards and

@@ -219,12 +219,8 @@ class RewardConfig:
     BENCHMARKS.md "Reward models: the last weights"), the last weights agreed with the gold order as
     well as or better than those early stopping on the eval loss kept (patience 3), by up to
     0.04. Set ``{patience: 3, keep_best: true}`` to stop on the eval loss instead."""
-    strategy: StrategyConfig = field(default_factory=lambda: StrategyConfig(zero_stage=0))
-    """DeepSpeed options (ZeRO stage, offload, bf16, clipping, seed). Stage 0 by default, as PPO's:
-    ZeRO partitions over the ranks, so on one rank it saves no memory and adds bookkeeping (the
-    recipe task, one thread, stage 0 against 2: SFT 28.7 s against 32.2 s for 300 steps, the
-    implicit reward model 54.3 s against 56.2 s for 200, the same losses). Use 2
-    under torchrun (DeepSpeed-Chat's training default) or when the optimizer states do not fit."""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    """DeepSpeed options (ZeRO stage, offload, bf16, clipping, seed)."""
 
     def __post_init__(self) -> None:
         # the defaults that depend on kind; the stage's saved config records the resolved values

@@ -42,8 +42,12 @@ if not torch.cuda.is_available():
 class StrategyConfig:
     """DeepSpeed options shared by every stage (the ``strategy`` block of a stage config)."""
 
-    zero_stage: int = 2
-    """ZeRO stage 0-3 (0 = plain data parallel). Default 2, DeepSpeed-Chat's training default."""
+    zero_stage: int = 0
+    """ZeRO stage 0-3 (0 = plain data parallel). Default 0 for every stage: ZeRO partitions
+    optimizer states and gradients over the ranks, so on one rank it saves no memory and only adds
+    bookkeeping (the recipe task, one thread, stage 0 against 2: SFT 28.7 s against 32.2 s for
+    300 steps, the implicit reward model 54.3 s against 56.2 s for 200, the same losses). Use 2
+    (DeepSpeed-Chat's training default) or 3 under torchrun when optimizer states do not fit."""
     offload_optimizer: bool = False
     """Keep optimizer states in CPU memory (ZeRO-Offload); needs zero_stage >= 1."""
     offload_params: bool = False
