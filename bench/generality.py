@@ -29,7 +29,8 @@ one line per task and stage.
 is YAML, 1e-3 included; a dotted FIELD reaches into a nested mapping such as ``overrides``),
 for A/B runs of the user path: ``--set base_model.n_layer=4 --set reward_model.center_coef=0``.
 TRL's side follows only what our run hands it (splits, base model), so it runs again when
-those change.
+those change. A second training seed for one cell: ``--set OP.seed=1`` for each of our stages and
+``--trl-seed 1`` for TRL's three trainers.
 """
 
 from __future__ import annotations
@@ -716,6 +717,13 @@ def apply_sets(config: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     return out
 
 
+def trl_recipe(args: argparse.Namespace) -> TRLRecipe:
+    """TRL's budgets for this run: the smoke budgets with ``--tiny``, the issue's otherwise,
+    at ``--trl-seed`` when given."""
+    recipe = TINY_RECIPE if args.tiny else TRLRecipe()
+    return recipe if args.trl_seed is None else replace(recipe, seed=args.trl_seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
@@ -732,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipe are the same (TRL runs again where they are not)")
     p.add_argument("--set", action="append", default=[], metavar="OP.FIELD=VALUE",
                    help="change one setting of our run config (repeatable), e.g. base_model.n_layer=4")
+    p.add_argument("--trl-seed", type=int, default=None,
+                   help="training seed of TRL's three trainers (default: TRLRecipe.seed, 0); with --set "
+                        "OP.seed=N on our side, a second training seed per cell")
     p.add_argument("--trl-worker", default="", help=argparse.SUPPRESS)
     return p
 
@@ -747,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.n_pairs is None:
         args.n_pairs = 300 if args.tiny else 6000
-    recipe = TINY_RECIPE if args.tiny else TRLRecipe()
+    recipe = trl_recipe(args)
     if args.threads > 0:
         import torch
 

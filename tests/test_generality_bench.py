@@ -141,6 +141,30 @@ def test_trl_side_reused_only_from_the_same_inputs(tmp_path: Path) -> None:
     assert reusable_trl(str(report), TASK, 0, trl_inputs(str(split), str(base), longer)) is None
 
 
+def test_trl_seed_reaches_the_recipe_and_reruns_trl(tmp_path: Path) -> None:
+    """--trl-seed changes only TRL's training seed, and a report from another seed is not reused."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from bench.generality import TINY_RECIPE, TRLRecipe, build_parser, reusable_trl, trl_inputs, trl_recipe
+
+    assert trl_recipe(build_parser().parse_args([])) == TRLRecipe()
+    assert trl_recipe(build_parser().parse_args(["--tiny"])) == TINY_RECIPE
+    seeded = trl_recipe(build_parser().parse_args(["--trl-seed", "2"]))
+    assert seeded.seed == 2 and seeded == TRLRecipe(seed=2)
+    assert trl_recipe(build_parser().parse_args(["--tiny", "--trl-seed", "3"])).ppo_episodes == TINY_RECIPE.ppo_episodes
+
+    split, base = tmp_path / "splits" / "abc123", tmp_path / "base"
+    split.mkdir(parents=True)
+    base.mkdir()
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"tasks": {TASK: {"runs": [
+        {"seed": 0, "trl_inputs": trl_inputs(str(split), str(base), TRLRecipe()), "trl": {"eval": {}},
+         "ours": {"paths": {}}}]}}}))
+    assert reusable_trl(str(report), TASK, 0, trl_inputs(str(split), str(base), seeded)) is None
+    assert reusable_trl(str(report), TASK, 0, trl_inputs(str(split), str(base), TRLRecipe())) is not None
+
+
 def test_set_writes_one_field_per_item() -> None:
     import sys
 
