@@ -32,6 +32,7 @@ import pandas as pd
 from pydantic import Field
 
 from assets.plots import png_markdown, training_plots
+from assets.preflight import fail_on_unimportable_gold_scorers
 from resources import settings
 from resources.mlflow_models import (
     EVAL,
@@ -575,6 +576,7 @@ def train_stage(
     carries them on): its measured sequence lengths and whether it is pretrained
     (:func:`start_defaults`); this stage's manifest carries both on to the stages after it.
     """
+    fail_on_unimportable_gold_scorers(context)
     start = start or {}
     seq, pretrained = start.get("lengths"), is_pretrained(start)
     if pretrained:

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from assets.preflight import gold_scorer_errors
 from pipelines.io_managers import manifest_path
 from resources import settings
 from resources.redact import strip_credentials
@@ -93,43 +94,10 @@ def load_run_config(path: str | None) -> dict[str, Any]:
     return data
 
 
-def import_specs(run_config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(where, spec)`` for every gold scorer (``"module:function"``) the run config names, e.g.
-    ``("evaluation_report.gold_scorer", "my_scorer:score")``; ``''`` and ``none`` name none.
-    (PPO's rule-based ``reward_function`` is not a lineage option: its stages always optimise a
-    trained reward model.)"""
-    found = []
-    for op, entry in ((run_config or {}).get("ops") or {}).items():
-        config = entry.get("config") if isinstance(entry, Mapping) else None
-        spec = config.get("gold_scorer") if isinstance(config, Mapping) else None
-        if isinstance(spec, str) and spec.strip() and spec.strip().lower() != "none":
-            found.append((f"{op}.gold_scorer", spec.strip()))
-    return found
-
-
-def preflight(run_config: Mapping[str, Any]) -> list[str]:
-    """Import every gold scorer the config names before anything runs. It is first used by
-    ``evaluation_report``, after every training stage: a typo there would otherwise fail the run
-    minutes in, with every model trained and none evaluated."""
-    specs = import_specs(run_config)
-    if not specs:
-        return []
-    from ppo_core.rewards import load_function
-
-    errors = []
-    for where, spec in specs:
-        try:
-            load_function(spec)
-        except ValueError as exc:
-            errors.append(f"{where}: {exc}; the working directory ({os.getcwd()}) is on the import path")
-        except Exception as exc:  # the module imports but fails while loading: a syntax error, its own imports
-            errors.append(f"{where}: importing {spec!r} raised {type(exc).__name__}: {exc}")
-    return errors
-
-
 def refuse_unimportable(run_config: Mapping[str, Any], command: str) -> bool:
-    """Print why and return True when :func:`preflight` finds a spec that does not import."""
-    errors = preflight(run_config)
+    """Print why and return True when a gold scorer the config names does not import
+    (:func:`assets.preflight.gold_scorer_errors`)."""
+    errors = gold_scorer_errors(run_config)
     for error in errors:
         print(f"{command}: {error}", file=sys.stderr)
     if errors:

@@ -47,33 +47,6 @@ def test_load_run_config_errors_name_the_file(tmp_path: Path) -> None:
     assert cli.load_run_config(str(good))["ops"]["raw_preferences"]["config"]["n_pairs"] == 10
 
 
-def test_import_specs_lists_every_gold_scorer_the_config_names() -> None:
-    config = {"ops": {
-        "evaluation_report": {"config": {"gold_scorer": " my_scorer:score ", "max_prompts": 96}},
-        "round_preferences": {"config": {"gold_scorer": "other.mod:gold"}},
-        "round_evaluation": {"config": {"gold_scorer": "none"}},
-        "ppo_policy": {"config": {"overrides": {"reward_function": "rules:reward"}}},
-        "sft_model": {"config": None}, "reward_model": None, "base_model": "tiny",
-    }}
-    assert cli.import_specs(config) == [("evaluation_report.gold_scorer", "my_scorer:score"),
-                                        ("round_preferences.gold_scorer", "other.mod:gold")]
-    assert cli.import_specs({}) == [] and cli.preflight({"ops": {"evaluation_report": {"config": {"gold_scorer": ""}}}}) == []
-
-
-def test_preflight_imports_from_the_working_directory(tmp_path: Path, monkeypatch) -> None:
-    (tmp_path / "my_scorer_mod.py").write_text("def score(prompts, responses):\n    return [0.0] * len(prompts)\n")
-    (tmp_path / "broken_scorer_mod.py").write_text("def score(:\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = {"ops": {"evaluation_report": {"config": {"gold_scorer": "my_scorer_mod:score"}}}}
-    assert cli.preflight(config) == []
-    config["ops"]["evaluation_report"]["config"]["gold_scorer"] = "my_scorer_mod:scor"
-    (error,) = cli.preflight(config)
-    assert error.startswith("evaluation_report.gold_scorer: ") and "has no callable 'scor'" in error
-    config["ops"]["evaluation_report"]["config"]["gold_scorer"] = "broken_scorer_mod:score"
-    (error,) = cli.preflight(config)
-    assert error.startswith("evaluation_report.gold_scorer: importing 'broken_scorer_mod:score' raised SyntaxError: ")
-
-
 def test_rlhf_run_refuses_an_unimportable_gold_scorer_before_anything_runs(rlhf_home: Path, tmp_path: Path,
                                                                          monkeypatch, capsys) -> None:
     config = tmp_path / "run.yaml"
