@@ -133,3 +133,19 @@ def test_gold_agreement_by_hand() -> None:
     # pair 1 agrees, pair 2 disagrees, pair 3 is a gold tie (left out), pair 4 a score tie where
     # gold prefers the chosen answer (wrong order)
     assert gold_agreement([2, 0, 5, 1], [1, 1, 0, 1], [1, 2, 3, 2], [0, 1, 3, 1]) == 1 / 3
+
+
+def test_arithmetic_anatomy_cases_are_the_offsets_gold_prices() -> None:
+    """The probe's wrong answers are off by exactly the offset and never negative, and gold prices
+    the template at 3 (right), 1 (off by 1), 0.5 (off by 2) and -1 (off by 5)."""
+    from bench.arithmetic_anatomy import OFFSETS, prompts, wrong
+    from bench.tasks.arithmetic import gold_reward
+
+    assert [wrong(7, k) for k in OFFSETS] == [7, 6, 5, 2]
+    assert [wrong(1, k) for k in OFFSETS] == [1, 0, 3, 6]      # below the offset: moved up instead
+    items = prompts(50, seed=0)
+    assert len(items) == 50 and items == prompts(50, seed=0)
+    for prompt, answer in items:
+        golds = [gold_reward(prompt, f"the answer is {wrong(answer, k)} .") for k in OFFSETS]
+        assert golds == [3.0, 1.0, 0.5, -1.0]
+        assert all(wrong(answer, k) >= 0 and abs(wrong(answer, k) - answer) == k for k in OFFSETS)
