@@ -42,6 +42,7 @@ from assets.ingest import IngestError, content_hash, load_preferences
 from assets.models import (TRAINING_POOL, PPOPolicyConfig, RewardModelConfig, reward_accuracy_result, reward_model_paths,
                            train_stage)
 from assets.plots import png_markdown, rounds_plot
+from assets.preflight import gold_scorer_error
 from assets.schemas import validate_pairs
 from ops.registry import REGISTRY_POOL
 from ppo_core.lengths import MIN_RESPONSE_LENGTH, recorded_length
@@ -264,6 +265,12 @@ def round_preferences(context: dg.AssetExecutionContext, config: RoundPreference
     scorer = resolve_gold_scorer(config.gold_scorer, raw_preferences.get("source"))
     if scorer is None and not config.gold_scorer.strip():
         scorer = evaluation_report.get("gold_scorer")
+    # round_evaluation scores with it after both round models trained, labelled files or not;
+    # a sensor's run may start elsewhere than the lineage whose evaluation named it
+    error = scorer and gold_scorer_error(
+        "round_preferences.gold_scorer" if config.gold_scorer.strip() else "evaluation_report's gold scorer", scorer)
+    if error:
+        raise dg.Failure(description=f"{error}; nothing of this round was trained", allow_retries=False)
     if config.files:
         try:
             raw = pd.concat([load_preferences(f, "auto").frame for f in config.files], ignore_index=True)

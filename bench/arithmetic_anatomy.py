@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.tasks.arithmetic import MAX_OPERAND, gold_reward, sample_prompt  # noqa: E402
@@ -50,27 +51,31 @@ def wrong(answer: int, offset: int) -> int:
     return answer + offset if answer - offset < 0 else answer - offset
 
 
-def encode(tok, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode(tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids (b, t), attention mask (b, t) and response-token mask (b, t) of ``pairs``."""
     enc = [encode_prompt_response(tok, p, " " + r, 128) for p, r in pairs]
     ids, mask = pad_sequences([e.input_ids for e in enc], tok.pad_token_id)
     labels, _ = pad_sequences([e.labels for e in enc], IGNORE_INDEX)
     return ids, mask, (labels != IGNORE_INDEX) & mask.bool()
 
 
-@torch.no_grad()
-def rm_scores(model_dir: str, pairs: list[tuple[str, str]]) -> torch.Tensor:
-    tok = load_tokenizer(model_dir)
+def load_reward(model_dir: str) -> ImplicitReward | ModelReward:
+    """A scalar reward model, or an implicit one with the reference model it names."""
     spec = implicit_reward_spec(model_dir)
-    scorer = (ImplicitReward(load_causal_lm(model_dir), load_causal_lm(spec["reference_model"]), spec["beta"])
-              if spec else ModelReward(load_sequence_scorer(model_dir)))
-    ids, mask, response = encode(tok, pairs)
-    return scorer([p for p, _ in pairs], [r for _, r in pairs], ids, mask, response).float()
+    if spec:
+        return ImplicitReward(load_causal_lm(model_dir), load_causal_lm(spec["reference_model"]), spec["beta"])
+    return ModelReward(load_sequence_scorer(model_dir))
 
 
+@torch.no_grad()
 def rm_view(model_dir: str, n: int, seed: int) -> None:
+    tok, reward = load_tokenizer(model_dir), load_reward(model_dir)
     items = prompts(n, seed)
     cases = {off: [(p, f"the answer is {wrong(a, off)} .") for p, a in items] for off in OFFSETS}
-    scores = {off: rm_scores(model_dir, pairs) for off, pairs in cases.items()}
+    scores = {}
+    for off, pairs in cases.items():
+        ids, mask, response = encode(tok, pairs)
+        scores[off] = reward([p for p, _ in pairs], [r for _, r in pairs], ids, mask, response).float()  # (n,)
     print(f"{model_dir} ({n} prompts)\n  {'answer':16s} {'gold':>6s} {'RM':>8s} {'right scores higher':>20s}")
     for off in OFFSETS:
         gold = statistics.fmean(gold_reward(p, r) for p, r in cases[off])

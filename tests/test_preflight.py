@@ -29,24 +29,33 @@ def test_errors_say_what_failed_and_whether_the_working_directory_is_importable(
                                                                               monkeypatch) -> None:
     (tmp_path / "my_scorer_mod.py").write_text("def score(prompts, responses):\n    return [0.0] * len(prompts)\n")
     (tmp_path / "broken_scorer_mod.py").write_text("def score(:\n")
+    (tmp_path / "dep_scorer_mod.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     config = {"ops": {"evaluation_report": {"config": {"gold_scorer": "my_scorer_mod:score"}}}}
     assert gold_scorer_errors(config) == []
-    config["ops"]["evaluation_report"]["config"]["gold_scorer"] = "my_scorer_mod:scor"
-    (error,) = gold_scorer_errors(config)
-    assert error.startswith("evaluation_report.gold_scorer: ") and "has no callable 'scor'" in error
-    assert error.endswith(f"the working directory ({tmp_path}) is on the import path")
-    config["ops"]["evaluation_report"]["config"]["gold_scorer"] = "broken_scorer_mod:score"
-    (error,) = gold_scorer_errors(config)
-    assert error.startswith("evaluation_report.gold_scorer: importing 'broken_scorer_mod:score' raised SyntaxError: ")
+
+    def error(spec: str) -> str:
+        config["ops"]["evaluation_report"]["config"]["gold_scorer"] = spec
+        (only,) = gold_scorer_errors(config)
+        assert only.startswith("evaluation_report.gold_scorer: ")
+        return only
+
+    # only a missing module (or package above it) is a question of where Python looks
+    assert error("not_a_scorer_module:score").endswith(f"the working directory ({tmp_path}) is on the import path")
+    assert error("not_a_scorer_pkg.sub:score").endswith("is on the import path")
+    missing_callable = error("my_scorer_mod:scor")
+    assert "has no callable 'scor'" in missing_callable and "working directory" not in missing_callable
+    assert error("broken_scorer_mod:score").startswith(
+        "evaluation_report.gold_scorer: importing 'broken_scorer_mod:score' raised SyntaxError: ")
+    assert error("dep_scorer_mod:score") == ("evaluation_report.gold_scorer: importing 'dep_scorer_mod:score' "
+                                             "raised ModuleNotFoundError: No module named 'no_such_dependency_xyz'")
+    assert "must look like 'package.module:function'" in error("no_colon")
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    config["ops"]["evaluation_report"]["config"]["gold_scorer"] = "not_a_scorer_module:score"
-    (error,) = gold_scorer_errors(config)
-    assert error.endswith(f"the working directory ({elsewhere}) is not on the import path")
+    assert error("not_a_scorer_module:score").endswith(f"the working directory ({elsewhere}) is not on the import path")
 
 
 def test_a_run_from_the_ui_fails_at_its_first_training_step_without_retrying(tmp_path: Path) -> None:

@@ -279,3 +279,21 @@ def test_the_uis_show_rounds_staleness_and_the_registered_lineage(rounds: dict, 
             raise
         finally:
             browser.close()
+
+
+def test_a_round_whose_gold_scorer_does_not_import_trains_nothing(rounds: dict) -> None:
+    """Labelled files need no scorer, but round_evaluation scores with it after both round models
+    trained: round_preferences imports it first, so the round fails before any training. (Last in
+    this file: the failed round must not shift the round keys the tests above expect.)"""
+    home = rounds["home"]
+    config = yaml.safe_load((REPO / "configs" / "tiny_round.yaml").read_text())
+    config["ops"]["round_preferences"]["config"]["gold_scorer"] = "no_such_scorer_module:score"
+    labelled = str(REPO / "configs" / "examples" / "user_pairs.jsonl")
+    assert cli.run_rounds(1, config, {}, files=[labelled]) == 1
+    (row,) = json.loads((home / "rounds_summary.json").read_text())["rounds"]
+    assert row["status"] != "succeeded"
+    errors = " ".join(row["errors"])
+    assert "round_preferences.gold_scorer: reward function 'no_such_scorer_module:score': cannot import" in errors
+    assert "nothing of this round was trained" in errors
+    for asset in ("round_preferences", "round_reward_model", "round_policy"):
+        assert not (home / "manifests" / asset / "partitions" / f"{row['round']}.json").exists()
