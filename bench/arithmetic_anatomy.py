@@ -23,22 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from assets.evaluation import rm_scores, sequence_logprobs  # noqa: E402
 from bench.tasks.arithmetic import MAX_OPERAND, gold_reward, sample_prompt  # noqa: E402
-from ppo_core.data import IGNORE_INDEX, encode_prompt_response, pad_sequences  # noqa: E402
-from ppo_core.models import (  # noqa: E402
-    implicit_reward_spec,
-    load_causal_lm,
-    load_sequence_scorer,
-    load_tokenizer,
-    sequence_logprobs,
-)
-from ppo_core.rewards import ImplicitReward, ModelReward  # noqa: E402
+from ppo_core.data import encode_response  # noqa: E402
+from ppo_core.models import load_tokenizer  # noqa: E402
 
 OFFSETS = (0, 1, 2, 5)
 NUMBERS = range(0, 2 * MAX_OPERAND + 1)
+BATCH = 256  # sequences per forward pass: the template answers are under 20 tokens
 
 
 def prompts(n: int, seed: int) -> list[tuple[str, int]]:
@@ -51,31 +45,19 @@ def wrong(answer: int, offset: int) -> int:
     return answer + offset if answer - offset < 0 else answer - offset
 
 
-def encode(tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids (b, t), attention mask (b, t) and response-token mask (b, t) of ``pairs``."""
-    enc = [encode_prompt_response(tok, p, " " + r, 128) for p, r in pairs]
-    ids, mask = pad_sequences([e.input_ids for e in enc], tok.pad_token_id)
-    labels, _ = pad_sequences([e.labels for e in enc], IGNORE_INDEX)
-    return ids, mask, (labels != IGNORE_INDEX) & mask.bool()
+def response_ids(model_dir: str, pairs: list[tuple[str, str]]) -> list[list[int]]:
+    """Each response's token ids and EOS, as the stages encode a response (``ppo_core.data``)."""
+    tok = load_tokenizer(model_dir)
+    return [encode_response(tok, p, r) for p, r in pairs]
 
 
-def load_reward(model_dir: str) -> ImplicitReward | ModelReward:
-    """A scalar reward model, or an implicit one with the reference model it names."""
-    spec = implicit_reward_spec(model_dir)
-    if spec:
-        return ImplicitReward(load_causal_lm(model_dir), load_causal_lm(spec["reference_model"]), spec["beta"])
-    return ModelReward(load_sequence_scorer(model_dir))
-
-
-@torch.no_grad()
 def rm_view(model_dir: str, n: int, seed: int) -> None:
-    tok, reward = load_tokenizer(model_dir), load_reward(model_dir)
     items = prompts(n, seed)
     cases = {off: [(p, f"the answer is {wrong(a, off)} .") for p, a in items] for off in OFFSETS}
-    scores = {}
-    for off, pairs in cases.items():
-        ids, mask, response = encode(tok, pairs)
-        scores[off] = reward([p for p, _ in pairs], [r for _, r in pairs], ids, mask, response).float()  # (n,)
+    pairs = [pair for off in OFFSETS for pair in cases[off]]
+    # scored as the evaluation report scores, scalar or implicit, in one load of the model(s)
+    flat = torch.tensor(rm_scores(model_dir, [p for p, _ in pairs], response_ids(model_dir, pairs), BATCH))
+    scores = dict(zip(OFFSETS, flat.view(len(OFFSETS), n)))                    # offset -> (n,)
     print(f"{model_dir} ({n} prompts)\n  {'answer':16s} {'gold':>6s} {'RM':>8s} {'right scores higher':>20s}")
     for off in OFFSETS:
         gold = statistics.fmean(gold_reward(p, r) for p, r in cases[off])
@@ -83,19 +65,16 @@ def rm_view(model_dir: str, n: int, seed: int) -> None:
         print(f"  {'right' if off == 0 else f'off by {off}':16s} {gold:+6.2f} {float(scores[off].mean()):+8.3f} {above:>20s}")
 
 
-@torch.no_grad()
 def policy_view(model_dir: str, n: int, seed: int) -> None:
-    tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
     items = prompts(n, seed)
-    p_right, top = [], []
-    for p, a in items:
-        ids, mask, response = encode(tok, [(p, f"the answer is {x} .") for x in NUMBERS])
-        logp = sequence_logprobs(model, ids, mask, response)             # (numbers,)
-        probs = torch.softmax(logp, dim=0)
-        p_right.append(float(probs[a]))
-        top.append(int(probs.argmax()) == a)
-    print(f"{model_dir} ({n} prompts): P(right number | template) {statistics.fmean(p_right):.3f}, "
-          f"right number most likely {statistics.fmean(top):.3f}")
+    pairs = [(p, f"the answer is {x} .") for p, _ in items for x in NUMBERS]
+    per_token = sequence_logprobs(model_dir, [p for p, _ in pairs], response_ids(model_dir, pairs), BATCH)
+    logp = torch.tensor([sum(t) for t in per_token]).view(n, len(NUMBERS))    # (prompts, numbers)
+    probs = torch.softmax(logp, dim=1)
+    right = torch.tensor([a for _, a in items])
+    p_right = float(probs[torch.arange(n), right].mean())
+    top = float((probs.argmax(dim=1) == right).float().mean())
+    print(f"{model_dir} ({n} prompts): P(right number | template) {p_right:.3f}, right number most likely {top:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
