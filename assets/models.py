@@ -61,10 +61,10 @@ BUILT_SIZES = ("auto", "tiny", "small")
 # Code versions, bumped by hand as described in assets/data.py. A training asset's logic
 # includes its ppo_core engine: bump the stage's constant when a change to ppo_core/<stage>.py
 # (or to the shared trainer / strategy) changes the weights it produces for the same inputs.
-BASE_MODEL_VERSION = "3"
+BASE_MODEL_VERSION = "4"
 SFT_MODEL_VERSION = "3"
 REWARD_MODEL_VERSION = "7"  # reward_model and heldout_reward_model (same engine)
-PPO_POLICY_VERSION = "7"
+PPO_POLICY_VERSION = "8"
 
 
 # ---------------------------------------------------------------- configs an operator changes
@@ -317,7 +317,7 @@ def _check_no_conflict(stage: str, cfg: StageConfig) -> None:
 
 # Which of base_model's measured sequence lengths (ppo_core.lengths) each stage takes.
 LENGTH_FIELDS: dict[str, tuple[str, ...]] = {
-    "sft": ("max_length",), "reward": ("max_length",), "ppo": ("max_prompt_length", "response_length"),
+    "sft": ("max_length",), "reward": ("max_length",), "ppo": ("max_prompt_length", "response_length", "min_response_length"),
 }
 
 

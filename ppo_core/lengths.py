@@ -14,7 +14,10 @@ chosen on; :func:`length_settings` derives all three from the token lengths of t
 * ``max_length`` holds the longest prompt and that response;
 * PPO's ``response_length`` stops at ``MAX_RESPONSE_LENGTH`` even when the data's answers run
   longer: every rollout pays for every sampled token, while SFT and the reward models still
-  train on the whole 99th percentile.
+  train on the whole 99th percentile;
+* PPO's ``min_response_length`` is the data's shortest response, EOS included: the reward
+  models have never scored a shorter one, so PPO does not trust their score for it
+  (``ppo_core.ppo_utils.floor_short_responses``).
 
 Each is rounded up to a multiple of 8 and never set below the engines' own defaults (the
 ``MIN_*`` floors, the values of ``PPOConfig`` and ``SFTConfig``/``RewardConfig``), so data
@@ -71,8 +74,9 @@ def token_lengths(tokenizer: Any, prompts: Sequence[str], responses: Sequence[st
 
 
 def length_settings(prompt_lengths: Sequence[int], response_lengths: Sequence[int]) -> dict[str, int]:
-    """``max_prompt_length`` / ``response_length`` (PPO) and ``max_length`` (SFT, reward models)
-    for data with these token lengths (see the module docstring for the rules)."""
+    """``max_prompt_length`` / ``response_length`` / ``min_response_length`` (PPO) and
+    ``max_length`` (SFT, reward models) for data with these token lengths (see the module
+    docstring for the rules)."""
     if not prompt_lengths or not response_lengths:
         raise ValueError("length_settings: no prompts or no responses to measure")
     prompt = max(prompt_lengths)
@@ -81,6 +85,7 @@ def length_settings(prompt_lengths: Sequence[int], response_lengths: Sequence[in
         "max_prompt_length": max(MIN_PROMPT_LENGTH, round_up(prompt)),
         "response_length": min(MAX_RESPONSE_LENGTH, max(MIN_RESPONSE_LENGTH, round_up(response))),
         "max_length": max(MIN_MAX_LENGTH, round_up(prompt + response)),
+        "min_response_length": min(response_lengths),
         "longest_prompt": prompt,
         "response_p99": response,
         "longest_response": max(response_lengths),
@@ -98,6 +103,8 @@ def fit_context(settings: dict[str, int], context: int) -> dict[str, int]:
         raise ValueError(f"the longest prompt has {out['longest_prompt']} tokens: a model with {context} positions "
                          f"leaves fewer than {MIN_RESPONSE_ROOM} for the answer; use a model with a longer context")
     out["response_length"] = min(out["response_length"], room)
+    if "min_response_length" in out:
+        out["min_response_length"] = min(out["min_response_length"], out["response_length"])
     out["max_length"] = min(out["max_length"], context)
     return out
 

@@ -265,6 +265,11 @@ class PPOConfig:
     missing_eos_penalty: float | None = 1.0
     """subtracted from the score of responses cut without EOS (TRL option; its PPO example
     script uses 1.0)"""
+    min_response_length: int = 1
+    """responses with fewer tokens (EOS included) score as the rollout's worst other response,
+    less ``missing_eos_penalty`` (:func:`ppo_utils.floor_short_responses`). The lineage sets it
+    to the data's shortest response (``ppo_core.lengths``): a reward model's score for a shorter
+    one, such as an empty answer, is extrapolation, and PPO finds it. 1 (the default) is off"""
     reward_clip: float | None = 10.0
     """clip the (normalised) score to +-this (OpenRLHF ``reward_clip_range`` (-10, 10)); None off"""
 
@@ -392,9 +397,13 @@ def _validate(cfg: PPOConfig) -> list[str]:
     if cfg.reward_function is not None and ":" not in cfg.reward_function:
         e.append(f"reward_function {cfg.reward_function!r} must look like 'package.module:function'")
     for name in ("num_steps", "rollout_batch_size", "num_mini_batches", "ppo_epochs",
-                 "response_length", "max_prompt_length", "kl_horizon", "kl_ceiling_horizon", "log_every"):
+                 "response_length", "max_prompt_length", "kl_horizon", "kl_ceiling_horizon", "log_every",
+                 "min_response_length"):
         if getattr(cfg, name) < 1:
             e.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.min_response_length > cfg.response_length:
+        e.append(f"min_response_length {cfg.min_response_length} > response_length {cfg.response_length}: "
+                 "every sampled response would count as too short; lower it")
     if cfg.num_mini_batches >= 1 and cfg.rollout_batch_size % cfg.num_mini_batches:
         e.append(f"rollout_batch_size {cfg.rollout_batch_size} is not divisible by num_mini_batches "
                  f"{cfg.num_mini_batches}: change one so each mini-batch has the same size")
@@ -840,11 +849,14 @@ class PPOTrainer:
             m([], [], sub.sequences, sub.attention_mask).float() for m in self.reward_members()))
         return torch.stack([t for t in scores if t is not None])
 
-    def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
-        """Normalise, penalise missing EOS, clip (in that order, so the penalty is in units
-        of the normalised score as in TRL, where RM scores are ~unit scale)."""
+    def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Normalise, penalise missing EOS, floor responses shorter than the data's, clip (in
+        that order, so the penalties are in units of the normalised score as in TRL, where RM
+        scores are ~unit scale). ``lengths``: (B,) response tokens, EOS included."""
         scores = self.normalizer(raw) if self.normalizer is not None else raw.clone()
         scores = U.apply_missing_eos_penalty(scores, ended, self.cfg.missing_eos_penalty)
+        scores = U.floor_short_responses(scores, lengths < self.cfg.min_response_length,
+                                         self.cfg.missing_eos_penalty or 0.0)
         if self.cfg.reward_clip is not None:
             scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         return scores
@@ -969,7 +981,7 @@ class PPOTrainer:
         ref_logprobs = ref_logprobs * m
         raw, texts = self.raw_scores(prompts, gen, layout)
         values = (critic.result() if critic else self.critic_values(self.critic.module, gen, layout)) * m
-        scores = self.shape_scores(raw, gen.ended)
+        scores = self.shape_scores(raw, gen.ended, m.sum(1))
         kl = U.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * m
         rewards = U.place_score_at_last_token(-self.kl_ctl.value * kl, scores, m)
         if cfg.whiten_rewards:
@@ -1068,6 +1080,7 @@ class PPOTrainer:
             "val/num_eos_tokens": float(ro.gen.ended.sum()),
             "val/ended_frac": float(ro.gen.ended.float().mean()),
             "val/response_length": float(lengths.mean()),
+            "val/short_frac": float((lengths < self.cfg.min_response_length).float().mean()),
         }
 
     def train_step(self) -> dict[str, float]:

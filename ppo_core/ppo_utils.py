@@ -196,6 +196,21 @@ def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor,
     return scores - penalty * (~ended).to(scores.dtype)
 
 
+def floor_short_responses(scores: torch.Tensor, short: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``short`` responses (B,) bool, shorter than any in the preference data, score no more
+    than the lowest score of the others, less ``penalty``; the rest are unchanged. A reward
+    model never saw such a response, so its score is extrapolation: an implicit (DPO) reward
+    model rates the empty answer above the policy's real ones once its training has moved
+    probability off the answers it saw, and PPO learns to answer nothing. Against the batch's
+    own worst answer, never a constant, so the floor is in the scores' current units. With
+    every response short there is nothing to compare: the scores only lose ``penalty``.
+    Returns a new tensor."""
+    if not bool(short.any()):
+        return scores.clone()
+    floor = scores[~short].min() if bool((~short).any()) else scores.max()
+    return torch.where(short, torch.minimum(scores, floor) - penalty, scores)
+
+
 # ---------------------------------------------------------------------------------------------
 # advantages and losses
 # ---------------------------------------------------------------------------------------------

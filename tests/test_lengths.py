@@ -32,6 +32,7 @@ def test_short_data_keeps_the_engine_defaults() -> None:
     s = L.length_settings([10, 11, 11], list(range(6, 29)))
     assert (s["max_prompt_length"], s["response_length"], s["max_length"]) == (64, 32, 128)
     assert (s["longest_prompt"], s["longest_response"]) == (11, 28)
+    assert s["min_response_length"] == 6          # the shortest response, EOS included
 
 
 def test_long_data_moves_every_setting() -> None:
@@ -54,6 +55,9 @@ def test_fit_context_shortens_the_answer_first() -> None:
     # the prompt limit keeps the longest prompt (101), the answer gets the rest (155)
     assert (fitted["max_prompt_length"], fitted["response_length"], fitted["max_length"]) == (101, 155, 256)
     assert L.fit_context(s, 1024) == s           # room enough: nothing changes
+    # the shortest response never exceeds the room left for an answer
+    assert L.fit_context({**s, "min_response_length": 180}, 256)["min_response_length"] == 155
+    assert fitted["min_response_length"] == 1
     with pytest.raises(ValueError, match="longer context"):
         L.fit_context(s, 105)                     # 101-token prompts leave 4 < 8 tokens
 

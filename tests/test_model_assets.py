@@ -445,13 +445,14 @@ def test_kept_metadata_says_when_the_guard_kept_a_step_other_than_the_best() -> 
 def test_core_config_takes_the_data_lengths_below_typed_fields_and_overrides(tmp_path: Path) -> None:
     from assets.models import length_defaults
 
-    seq = {"max_prompt_length": 104, "response_length": 200, "max_length": 304, "longest_prompt": 101}
-    assert length_defaults("ppo", seq) == {"max_prompt_length": 104, "response_length": 200}
+    seq = {"max_prompt_length": 104, "response_length": 200, "max_length": 304, "longest_prompt": 101,
+           "min_response_length": 3}
+    assert length_defaults("ppo", seq) == {"max_prompt_length": 104, "response_length": 200, "min_response_length": 3}
     assert length_defaults("sft", seq) == {"max_length": 304} == length_defaults("reward", seq)
     assert length_defaults("ppo", None) == {}        # a manifest from before lengths were measured
     _, paths = stage_case("ppo", tmp_path)
     core = core_config("ppo", PPOPolicyConfig(), length_defaults("ppo", seq), **paths)
-    assert (core.max_prompt_length, core.response_length) == (104, 200)
+    assert (core.max_prompt_length, core.response_length, core.min_response_length) == (104, 200, 3)
     typed = core_config("ppo", PPOPolicyConfig(response_length=16), length_defaults("ppo", seq), **paths)
     assert (typed.max_prompt_length, typed.response_length) == (104, 16)
     over = core_config("ppo", PPOPolicyConfig(overrides={"max_prompt_length": 128}), length_defaults("ppo", seq),

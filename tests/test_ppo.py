@@ -481,8 +481,9 @@ def test_an_ensemble_standardises_each_member_on_reference_samples(tiny_run, tmp
     raw = single.raw_scores([], ro.gen)[0]
     ended = torch.ones_like(raw, dtype=torch.bool)
     # standardising a member, then normalising the result, is normalising it once
-    torch.testing.assert_close(twice.shape_scores(twice.raw_scores([], ro.gen)[0], ended),
-                               single.shape_scores(raw, ended), atol=1e-5, rtol=1e-5)
+    lengths = ro.gen.response_mask.sum(1)
+    torch.testing.assert_close(twice.shape_scores(twice.raw_scores([], ro.gen)[0], ended, lengths),
+                               single.shape_scores(raw, ended, lengths), atol=1e-5, rtol=1e-5)
     members = pair.member_scores(ro.gen)                                 # (2, B)
     torch.testing.assert_close(members[0], raw)
     mean, std = pair.reward.mean.float(), pair.reward.std.float()

@@ -114,6 +114,21 @@ def test_truncate_at_eos_and_missing_eos_penalty():
     assert U.apply_missing_eos_penalty(scores, ended, None).tolist() == [3.0, 3.0, 3.0]
 
 
+def test_short_responses_score_below_every_other_response():
+    scores = t([2.0, -0.5, 1.5, 0.25])
+    # the first (2.0, the best) and third are shorter than the data's shortest response: each
+    # gets min(own, -0.5 = the worst other) - 1
+    short = torch.tensor([True, False, True, False])
+    assert U.floor_short_responses(scores, short, 1.0).tolist() == [-1.5, -0.5, -1.5, 0.25]
+    # a short response already below the others keeps its own score, less the penalty
+    assert U.floor_short_responses(t([-3.0, 1.0]), torch.tensor([True, False]), 0.5).tolist() == [-3.5, 1.0]
+    # none short: unchanged (a copy); all short: nothing to compare, only the penalty
+    none = torch.zeros(4, dtype=torch.bool)
+    out = U.floor_short_responses(scores, none, 1.0)
+    assert out.tolist() == scores.tolist() and out is not scores
+    assert U.floor_short_responses(scores, ~none, 1.0).tolist() == [1.0, -1.5, 0.5, -0.75]
+
+
 def test_logprobs_with_temperature_and_entropy():
     logits = t([[[0.0, math.log(3.0)]]])
     # temperature 1: p(token 1) = 3/4; temperature 2: logits/2 -> p = sqrt3 / (1 + sqrt3)

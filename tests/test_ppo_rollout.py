@@ -111,6 +111,21 @@ def test_rollout_rewards_advantages_returns_by_hand():
     torch.testing.assert_close(ro.ref_logprobs, torch.tensor([[-1.5, -0.5, 0.0], [-0.2, -0.9, -0.1]]))
 
 
+def test_rollout_floors_responses_shorter_than_the_data():
+    """min_response_length 3: row 0 (2 tokens, EOS included) is shorter than any response in
+    the data. Normalised it scores 2.5, above row 1's 1.0 (after row 1's missing-EOS penalty);
+    floored it gets min(2.5, 1.0) - 1 = 0.0. Row 1 (3 tokens) is unchanged, and the metrics
+    count one short response of two."""
+    trainer = _stub_trainer(_cfg(min_response_length=3))
+    ro = trainer.rollout()
+    assert ro.scores.tolist() == pytest.approx([0.0, 1.0])
+    # the score lands on row 0's last real token (the EOS, t=1) beside its KL reward
+    torch.testing.assert_close(ro.rewards, torch.tensor([[-0.05, 0.0, 0.0], [0.0, -0.05, 1.05]]))
+    assert trainer.rollout_metrics(ro)["val/short_frac"] == 0.5
+    # the default (1) never floors: a response has at least one token
+    assert _stub_trainer(_cfg()).rollout().scores.tolist() == pytest.approx(SCORES)
+
+
 def test_rollout_metrics_by_hand():
     trainer = _stub_trainer(_cfg())
     m = trainer.rollout_metrics(trainer.rollout())
@@ -122,6 +137,7 @@ def test_rollout_metrics_by_hand():
     assert m["objective/entropy"] == pytest.approx((1.5 + 1.2) / 2)       # -sum of log-probs
     assert m["val/ended_frac"] == 0.5 and m["val/num_eos_tokens"] == 1.0
     assert m["val/response_length"] == pytest.approx(2.5)
+    assert m["val/short_frac"] == 0.0
 
 
 def test_rollout_k3_estimator():
