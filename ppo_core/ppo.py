@@ -1192,7 +1192,7 @@ class PPOTrainer:
         mine = [i % len(self.eval_ids) for i in range(self.rank, n, self.world)]
         per_rank = math.ceil(n / self.world)   # same batch count on every rank (ZeRO-3)
         padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
-        proxy, held, kl, rows = [], [], [], []
+        proxy, held, kl, lengths, rows = [], [], [], [], []
         for start in range(0, per_rank, cfg.rollout_batch_size):
             idx = padded[start:start + cfg.rollout_batch_size]
             valid = max(0, min(len(mine) - start, len(idx)))
@@ -1210,11 +1210,12 @@ class PPOTrainer:
             proxy += scores[:valid].tolist()
             held += held_raw[:valid].tolist()
             kl += seq_kl[:valid].tolist()
+            lengths += m.sum(1)[:valid].tolist()
             rows += [{"prompt": p, "response": t} for p, t in zip(prompts[:valid], texts[:valid])]
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, (proxy, held, kl, rows))
-            proxy, held, kl, rows = ([x for g in gathered for x in g[i]] for i in range(4))
+            dist.all_gather_object(gathered, (proxy, held, kl, lengths, rows))
+            proxy, held, kl, lengths, rows = ([x for g in gathered for x in g[i]] for i in range(5))
         held_t = torch.tensor(held, dtype=torch.float64)
         if self.guard_normalizer is None:
             # the held-out model's scale is its own: measure it on the first point's samples,
@@ -1222,7 +1223,12 @@ class PPOTrainer:
             # reference, which is the same policy unless PPO starts from another one (a round
             # from the champion): then guard/proxy and guard/heldout are on different scales
             self.guard_normalizer = RewardNormalizer.fit(held_t)
-        held_n = self.guard_normalizer(held_t)
+        # a response shorter than the data's is judged as PPO's reward judges it (shape_scores):
+        # the held-out model is an implicit one too, and rates the empty answer as highly
+        short = torch.tensor(lengths) < cfg.min_response_length
+        penalty = cfg.missing_eos_penalty or 0.0
+        held_n = U.floor_short_responses(self.guard_normalizer(held_t), short, penalty)
+        proxy = U.floor_short_responses(torch.tensor(proxy, dtype=torch.float64), short, penalty).tolist()
         for row, p, h, k in zip(rows, proxy, held_n.tolist(), kl):
             row.update({"step": self.step, "proxy": p, "heldout": h, "kl": k})
         point = GuardPoint(step=self.step, proxy=float(np.mean(proxy)), heldout=float(held_n.mean()),

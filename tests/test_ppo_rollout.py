@@ -168,3 +168,43 @@ def test_filtered_sampling_refused(over):
     with pytest.raises(ConfigError, match="top_k 0, top_p 1.0"):
         _cfg(**over)
     _cfg(top_k=0, top_p=1.0)   # the defaults stay valid (stored stage configs carry them)
+
+
+def test_guard_point_floors_responses_shorter_than_the_data():
+    """The guard judges a short response as PPO's reward does. Three guard prompts, the batch
+    above plus a row: row 0 (2 tokens) is short at min_response_length 3. Held-out raw scores
+    (4, 1, 2) normalise with mean 1, std 2 to (1.5, 0, 0.5); row 0 floors to min(1.5, 0) - 1 =
+    -1. Proxy raw (6, 5, 3) normalise to (2.5, 2, 1); row 0 floors to min(2.5, 1) - 1 = 0."""
+    responses = torch.tensor([[5, EOS, PAD], [6, 7, 8], [6, 7, EOS]])
+    mask = torch.tensor([[True, True, False], [True] * 3, [True] * 3])
+    prompt = torch.tensor([[PAD, 3, 4], [3, 4, 4], [3, 4, 4]])
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]])
+    gen = GenerationOutput(
+        sequences=torch.cat([prompt, responses], 1),
+        attention_mask=torch.cat([prompt_mask, mask.long()], 1),
+        responses=responses, response_mask=mask, ended=torch.tensor([True, False, True]),
+        logprobs=torch.zeros(3, 3), prompt_length=3)
+    trainer = PPOTrainer.__new__(PPOTrainer)
+    trainer.cfg = _cfg(min_response_length=3, guard_prompts=3, rollout_batch_size=3)
+    trainer.normalizer = RewardNormalizer(mean=1.0, std=2.0)
+    trainer.guard_normalizer = RewardNormalizer(mean=1.0, std=2.0)
+    trainer.strategy = SimpleNamespace(device=torch.device("cpu"))
+    trainer.rank, trainer.world, trainer.step = 0, 1, 5
+    trainer.eval_ids, trainer.eval_prompts = [[3, 4]] * 3, ["p0", "p1", "p2"]
+    trainer.prompt_batch = lambda ids: (prompt, prompt_mask)
+    trainer.generate = lambda ids, mask, generator=None: gen
+    trainer.layout = lambda g: "layout"
+    trainer.policy_logprobs = lambda model, g, layout=None: (torch.zeros(3, 3), None)
+    trainer.ref = object()
+    trainer.raw_scores = lambda prompts, g, layout=None: (torch.tensor([6.0, 5.0, 3.0]), ["a", "b", "c"])
+    trainer.guard_rm = lambda *args, **kw: torch.tensor([4.0, 1.0, 2.0])
+    point, rows = trainer.guard_point()
+    assert point.heldout_values == pytest.approx((-1.0, 0.0, 0.5))
+    assert point.heldout == pytest.approx(-0.5 / 3)
+    assert [r["proxy"] for r in rows] == pytest.approx([0.0, 2.0, 1.0])
+    assert point.proxy == pytest.approx(1.0)
+    # without the floor (the default, 1) the same samples score as the models say
+    trainer.cfg = _cfg(guard_prompts=3, rollout_batch_size=3)
+    point, rows = trainer.guard_point()
+    assert point.heldout_values == pytest.approx((1.5, 0.0, 0.5))
+    assert [r["proxy"] for r in rows] == pytest.approx([2.5, 2.0, 1.0])
