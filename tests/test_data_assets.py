@@ -204,6 +204,8 @@ def test_real_hh_dialogues_get_sequence_lengths_that_fit_them(rlhf_home: Path, h
     assert seq["longest_prompt"] > lengths.MIN_PROMPT_LENGTH
     assert seq["max_prompt_length"] == lengths.round_up(seq["longest_prompt"])
     assert seq["longest_response"] >= seq["response_p99"] and seq["response_length"] >= lengths.MIN_RESPONSE_LENGTH
+    # every HH answer has a token and its EOS; the shortest is what PPO floors below
+    assert 2 <= seq["min_response_length"] <= seq["response_p99"]
     tok = models.load_tokenizer(str(model_dir))
     prompts = pd.read_parquet(Path(splits["split_dir"]) / "ppo_train.parquet")["prompt"].tolist()
     with pytest.raises(ConfigError, match="exceed max_prompt_length=64"):
