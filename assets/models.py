@@ -372,6 +372,7 @@ def core_config(stage: str, cfg: StageConfig, defaults: dict[str, Any] | None = 
     strict loader rejects an unknown name or a wrong type, naming the valid ones.
     """
     from ppo_core.config import from_dict
+    from ppo_core.lengths import shortest_or_off
 
     cls = core_config_class(stage)
     _check_no_conflict(stage, cfg)
@@ -379,6 +380,12 @@ def core_config(stage: str, cfg: StageConfig, defaults: dict[str, Any] | None = 
     _merge(values, dict(defaults or {}))
     _merge(values, typed_values(stage, cfg))
     _merge(values, dict(cfg.overrides))
+    if "min_response_length" in values and "min_response_length" not in _flatten(dict(cfg.overrides)):
+        # the data's shortest answer must fit under the response_length the operator may have
+        # lowered; when it does not, the floor is off rather than the stage refused
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == "response_length")
+        values["min_response_length"] = shortest_or_off(int(values["min_response_length"]),
+                                                        int(values.get("response_length", default)))
     _merge(values, paths)
     core = from_dict(cls, values, where=f"{stage} stage config (asset config + resolved paths)")
     check = getattr(importlib.import_module(STAGE_CONFIG_CLASSES[stage][0]), "check_inputs", None)
@@ -761,6 +768,18 @@ def data_lengths(splits: dict, model_dir: Path) -> dict[str, int]:
     return lengths.length_settings(p, r)
 
 
+def with_min_response_length(start: dict, splits: dict) -> dict:
+    """``start`` (the SFT manifest PPO starts from) with ``lengths.min_response_length`` measured
+    on the splits when the manifest was written before base_model measured it, so PPO's
+    short-answer floor (``ppo_core.lengths``) is on for lineages trained before it existed too.
+    A manifest without measured lengths keeps the engine's defaults, as before."""
+    seq = start.get("lengths")
+    if not seq or "min_response_length" in seq:
+        return start
+    measured = data_lengths(splits, Path(start["model_path"]))["min_response_length"]
+    return {**start, "lengths": {**seq, "min_response_length": measured}}
+
+
 @dg.asset(group_name="models", kinds={"pytorch"}, code_version=BASE_MODEL_VERSION,
           description="Tokenizer and starting weights: built tiny from the training texts, or a hub id / local path; "
           "the sequence lengths the stages use, measured on the data.")
@@ -942,7 +961,7 @@ def ppo_policy(context: dg.AssetExecutionContext, config: PPOPolicyConfig, mlflo
                "train_file": _split(dataset_splits, "ppo_train.parquet"),
                "eval_file": _split(dataset_splits, "ppo_eval.parquet")},
         datasets=split_inputs(dataset_splits, {"ppo_train": TRAINING, "ppo_eval": EVAL}),
-        start=sft_model,
+        start=with_min_response_length(sft_model, dataset_splits),
     )
 
 

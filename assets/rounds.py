@@ -40,7 +40,7 @@ from assets import annotation
 from assets.evaluation import SamplingConfig
 from assets.ingest import IngestError, content_hash, load_preferences
 from assets.models import (TRAINING_POOL, PPOPolicyConfig, RewardModelConfig, reward_accuracy_result, reward_model_paths,
-                           train_stage)
+                           train_stage, with_min_response_length)
 from assets.plots import png_markdown, rounds_plot
 from assets.preflight import gold_scorer_error
 from assets.schemas import validate_pairs
@@ -403,7 +403,7 @@ class RoundPolicyConfig(PPOPolicyConfig):
 
 
 @dg.asset(group_name=GROUP, partitions_def=ROUNDS, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          code_version="6", description="PPO from the current champion against the refreshed reward model; "
+          code_version="7", description="PPO from the current champion against the refreshed reward model; "
           "heldout_reward_model guards it.")
 def round_policy(context: dg.AssetExecutionContext, config: RoundPolicyConfig, mlflow: MLflowResource,
                  launcher: TrainingLauncher, dataset_splits: dict, round_preferences: dict, round_reward_model: dict,
@@ -423,7 +423,7 @@ def round_policy(context: dg.AssetExecutionContext, config: RoundPolicyConfig, m
                **({"guard_reward_model_path": guard} if guard else {}),
                "train_file": str(split / "ppo_train.parquet"), "eval_file": str(split / "ppo_eval.parquet")},
         datasets=split_inputs(dataset_splits, {"ppo_train": TRAINING, "ppo_eval": EVAL}),
-        start=sft_model)
+        start=with_min_response_length(sft_model, dataset_splits))
 
 
 # ---------------------------------------------------------------- 4. evaluation

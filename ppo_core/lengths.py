@@ -17,7 +17,9 @@ chosen on; :func:`length_settings` derives all three from the token lengths of t
   train on the whole 99th percentile;
 * PPO's ``min_response_length`` is the data's shortest response, EOS included: the reward
   models have never scored a shorter one, so PPO does not trust their score for it
-  (``ppo_core.ppo_utils.floor_short_responses``).
+  (``ppo_core.ppo_utils.floor_short_responses``). It is not rounded and has no floor; when
+  it does not fit under ``response_length`` (every answer of the data longer than PPO may
+  sample) it is 1, off: otherwise every answer that ends would count as short.
 
 Each is rounded up to a multiple of 8 and never set below the engines' own defaults (the
 ``MIN_*`` floors, the values of ``PPOConfig`` and ``SFTConfig``/``RewardConfig``), so data
@@ -81,15 +83,22 @@ def length_settings(prompt_lengths: Sequence[int], response_lengths: Sequence[in
         raise ValueError("length_settings: no prompts or no responses to measure")
     prompt = max(prompt_lengths)
     response = quantile(response_lengths, RESPONSE_QUANTILE)
+    response_cap = min(MAX_RESPONSE_LENGTH, max(MIN_RESPONSE_LENGTH, round_up(response)))
     return {
         "max_prompt_length": max(MIN_PROMPT_LENGTH, round_up(prompt)),
-        "response_length": min(MAX_RESPONSE_LENGTH, max(MIN_RESPONSE_LENGTH, round_up(response))),
+        "response_length": response_cap,
         "max_length": max(MIN_MAX_LENGTH, round_up(prompt + response)),
-        "min_response_length": min(response_lengths),
+        "min_response_length": shortest_or_off(min(response_lengths), response_cap),
         "longest_prompt": prompt,
         "response_p99": response,
         "longest_response": max(response_lengths),
     }
+
+
+def shortest_or_off(shortest: int, response_length: int) -> int:
+    """PPO's ``min_response_length``: the data's shortest response when it is below
+    ``response_length``, else 1 (off)."""
+    return shortest if shortest < response_length else 1
 
 
 def fit_context(settings: dict[str, int], context: int) -> dict[str, int]:
@@ -104,7 +113,7 @@ def fit_context(settings: dict[str, int], context: int) -> dict[str, int]:
                          f"leaves fewer than {MIN_RESPONSE_ROOM} for the answer; use a model with a longer context")
     out["response_length"] = min(out["response_length"], room)
     if "min_response_length" in out:
-        out["min_response_length"] = min(out["min_response_length"], out["response_length"])
+        out["min_response_length"] = shortest_or_off(out["min_response_length"], out["response_length"])
     out["max_length"] = min(out["max_length"], context)
     return out
 

@@ -266,10 +266,11 @@ class PPOConfig:
     """subtracted from the score of responses cut without EOS (TRL option; its PPO example
     script uses 1.0)"""
     min_response_length: int = 1
-    """responses with fewer tokens (EOS included) score as the rollout's worst other response,
-    less ``missing_eos_penalty`` (:func:`ppo_utils.floor_short_responses`). The lineage sets it
-    to the data's shortest response (``ppo_core.lengths``): a reward model's score for a shorter
-    one, such as an empty answer, is extrapolation, and PPO finds it. 1 (the default) is off"""
+    """responses with fewer tokens (EOS included) score no more than the worst other response
+    of the rank's rollout, less ``missing_eos_penalty`` (:func:`ppo_utils.floor_short_responses`).
+    The lineage sets it to the data's shortest response (``ppo_core.lengths``): a reward
+    model's score for a shorter one, such as an empty answer, is extrapolation, and PPO finds
+    it. 1 (the default) is off; it must stay below ``response_length``"""
     reward_clip: float | None = 10.0
     """clip the (normalised) score to +-this (OpenRLHF ``reward_clip_range`` (-10, 10)); None off"""
 
@@ -401,9 +402,9 @@ def _validate(cfg: PPOConfig) -> list[str]:
                  "min_response_length"):
         if getattr(cfg, name) < 1:
             e.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.min_response_length > cfg.response_length:
-        e.append(f"min_response_length {cfg.min_response_length} > response_length {cfg.response_length}: "
-                 "every sampled response would count as too short; lower it")
+    if cfg.min_response_length > 1 and cfg.min_response_length >= cfg.response_length:
+        e.append(f"min_response_length {cfg.min_response_length} >= response_length {cfg.response_length}: "
+                 "every response that ends would count as too short; lower it, or 1 turns it off")
     if cfg.num_mini_batches >= 1 and cfg.rollout_batch_size % cfg.num_mini_batches:
         e.append(f"rollout_batch_size {cfg.rollout_batch_size} is not divisible by num_mini_batches "
                  f"{cfg.num_mini_batches}: change one so each mini-batch has the same size")
@@ -1223,8 +1224,9 @@ class PPOTrainer:
             # reference, which is the same policy unless PPO starts from another one (a round
             # from the champion): then guard/proxy and guard/heldout are on different scales
             self.guard_normalizer = RewardNormalizer.fit(held_t)
-        # a response shorter than the data's is judged as PPO's reward judges it (shape_scores):
-        # the held-out model is an implicit one too, and rates the empty answer as highly
+        # a response shorter than the data's is floored as in PPO's reward (shape_scores; here
+        # without its EOS penalty and clip): the held-out model is an implicit one too, and
+        # rates the empty answer as highly
         short = torch.tensor(lengths) < cfg.min_response_length
         penalty = cfg.missing_eos_penalty or 0.0
         held_n = U.floor_short_responses(self.guard_normalizer(held_t), short, penalty)

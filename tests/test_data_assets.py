@@ -191,7 +191,7 @@ def test_broken_source_fails_with_named_error(
 def test_real_hh_dialogues_get_sequence_lengths_that_fit_them(rlhf_home: Path, hh_sample: Path, tmp_path: Path) -> None:
     """HH-RLHF prompts are whole dialogues: PPO's default prompt limit (64 tokens) refuses them;
     the lengths base_model measures fit every prompt, and a model built for them has the positions."""
-    from assets.models import data_lengths
+    from assets.models import data_lengths, with_min_response_length
     from ppo_core import lengths, models
     from ppo_core.config import ConfigError
     from ppo_core.ppo import encode_prompts
@@ -206,6 +206,12 @@ def test_real_hh_dialogues_get_sequence_lengths_that_fit_them(rlhf_home: Path, h
     assert seq["longest_response"] >= seq["response_p99"] and seq["response_length"] >= lengths.MIN_RESPONSE_LENGTH
     # every HH answer has a token and its EOS; the shortest is what PPO floors below
     assert 2 <= seq["min_response_length"] <= seq["response_p99"]
+    # an SFT manifest from before it was measured gets it measured for PPO; others are kept
+    older = {"model_path": str(model_dir), "lengths": {k: v for k, v in seq.items() if k != "min_response_length"}}
+    assert with_min_response_length(older, splits)["lengths"] == seq
+    current = {"model_path": str(model_dir), "lengths": seq}
+    assert with_min_response_length(current, splits) is current
+    assert with_min_response_length({"model_path": str(model_dir)}, splits) == {"model_path": str(model_dir)}
     tok = models.load_tokenizer(str(model_dir))
     prompts = pd.read_parquet(Path(splits["split_dir"]) / "ppo_train.parquet")["prompt"].tolist()
     with pytest.raises(ConfigError, match="exceed max_prompt_length=64"):

@@ -44,8 +44,11 @@ def test_long_data_moves_every_setting() -> None:
     assert s["response_length"] == 200            # 198 -> 200
     assert s["max_length"] == 304                 # 101 + 198 = 299 -> 304
     assert s["response_p99"] == 198 and s["longest_response"] == 200
-    # a very long tail is capped: rollouts cost time per sampled token
-    assert L.length_settings([5], [4000] * 10)["response_length"] == L.MAX_RESPONSE_LENGTH
+    # a very long tail is capped: rollouts cost time per sampled token; with every answer
+    # longer than the cap, the short-answer floor is off
+    capped = L.length_settings([5], [4000] * 10)
+    assert (capped["response_length"], capped["min_response_length"]) == (L.MAX_RESPONSE_LENGTH, 1)
+    assert L.length_settings([5], [40, 600])["min_response_length"] == 40
 
 
 def test_fit_context_shortens_the_answer_first() -> None:
@@ -55,8 +58,10 @@ def test_fit_context_shortens_the_answer_first() -> None:
     # the prompt limit keeps the longest prompt (101), the answer gets the rest (155)
     assert (fitted["max_prompt_length"], fitted["response_length"], fitted["max_length"]) == (101, 155, 256)
     assert L.fit_context(s, 1024) == s           # room enough: nothing changes
-    # the shortest response never exceeds the room left for an answer
-    assert L.fit_context({**s, "min_response_length": 180}, 256)["min_response_length"] == 155
+    # a shortest response that no longer fits under the answer's room turns the floor off (1):
+    # else every answer that ends would count as short
+    assert L.fit_context({**s, "min_response_length": 150}, 256)["min_response_length"] == 150
+    assert L.fit_context({**s, "min_response_length": 180}, 256)["min_response_length"] == 1
     assert fitted["min_response_length"] == 1
     with pytest.raises(ValueError, match="longer context"):
         L.fit_context(s, 105)                     # 101-token prompts leave 4 < 8 tokens

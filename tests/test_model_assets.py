@@ -454,7 +454,19 @@ def test_core_config_takes_the_data_lengths_below_typed_fields_and_overrides(tmp
     core = core_config("ppo", PPOPolicyConfig(), length_defaults("ppo", seq), **paths)
     assert (core.max_prompt_length, core.response_length, core.min_response_length) == (104, 200, 3)
     typed = core_config("ppo", PPOPolicyConfig(response_length=16), length_defaults("ppo", seq), **paths)
-    assert (typed.max_prompt_length, typed.response_length) == (104, 16)
+    assert (typed.max_prompt_length, typed.response_length, typed.min_response_length) == (104, 16, 3)
+    # an operator's response_length at or below the data's shortest answer turns the floor
+    # off instead of refusing the stage; set by the operator, it is theirs (and validated)
+    assert core_config("ppo", PPOPolicyConfig(response_length=3), length_defaults("ppo", seq),
+                       **paths).min_response_length == 1
+    assert core_config("ppo", PPOPolicyConfig(overrides={"response_length": 2}), length_defaults("ppo", seq),
+                       **paths).min_response_length == 1
+    assert core_config("ppo", PPOPolicyConfig(overrides={"min_response_length": 5}), length_defaults("ppo", seq),
+                       **paths).min_response_length == 5
+    from ppo_core.config import ConfigError
+    with pytest.raises(ConfigError, match="min_response_length 5 >= response_length 4"):
+        core_config("ppo", PPOPolicyConfig(response_length=4, overrides={"min_response_length": 5}),
+                    length_defaults("ppo", seq), **paths)
     over = core_config("ppo", PPOPolicyConfig(overrides={"max_prompt_length": 128}), length_defaults("ppo", seq),
                        **paths)
     assert over.max_prompt_length == 128
